@@ -1,0 +1,65 @@
+//! The admin listener, kept apart from the token listeners so probes and scrapes never compete
+//! with apps and it can stay on loopback: liveness, readiness and Prometheus metrics.
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::body::{Body, full};
+use crate::metrics::Metrics;
+
+/// What the admin endpoints report.
+#[derive(Debug)]
+pub struct AdminState {
+    /// True once every listener is bound, false from the moment draining starts.
+    pub ready: AtomicBool,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Answers one admin request.
+pub async fn handle(
+    state: Arc<AdminState>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => {
+            (StatusCode::OK, "text/plain", "ok\n".to_owned())
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            if state.ready.load(Ordering::Acquire) {
+                (StatusCode::OK, "text/plain", "ready\n".to_owned())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "draining\n".to_owned(),
+                )
+            }
+        }
+        (&Method::GET | &Method::HEAD, "/metrics") => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        ),
+        (_, "/healthz" | "/readyz" | "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".to_owned(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz, /readyz or /metrics\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    Ok(response)
+}

@@ -1,0 +1,796 @@
+//! Typed configuration: defaults, the TOML file, `TOKEN_SIDECAR_*` environment variables and
+//! command-line flags, layered in that order (flag beats env beats file beats default), then
+//! validated. Every error names the key or flag at fault.
+//!
+//! The environment is read through an injected lookup so tests never touch the process's own.
+
+use http::Uri;
+use http::uri::{Authority, Scheme};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The admin listener (health, readiness, metrics).
+    pub admin: SocketAddr,
+    /// How long in-flight requests and upstream calls may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Log format and filter.
+    pub log: LogConfig,
+    /// Connection limits shared by every listener.
+    pub limits: Limits,
+    /// One entry per listener and upstream.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; the `RUST_LOG` variable wins when set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Limits that keep a hostile or broken client from exhausting the sidecar.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest token request body accepted; larger ones get 413.
+    pub max_request_body: usize,
+    /// Largest token response read from the provider; larger ones are a 502 and never cached.
+    pub max_token_response: usize,
+    /// Most request headers per request.
+    pub max_headers: usize,
+    /// Largest request head (request line plus headers), in bytes.
+    pub max_header_bytes: usize,
+    /// A connection that has not sent a complete request head within this time is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Most open client connections per listener; further ones wait in the accept backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_body: 16 * 1024,
+            max_token_response: 256 * 1024,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// One route: a listener, the provider behind it, and how its tokens are cached.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// A short name for logs and metric labels.
+    pub name: String,
+    /// Where local apps connect.
+    pub listen: SocketAddr,
+    /// The provider's base URL.
+    pub upstream: UpstreamUrl,
+    /// Paths that are token endpoints; everything else is forwarded.
+    pub token_paths: Vec<String>,
+    /// Send the caller's `Host` upstream instead of the upstream's own.
+    pub preserve_host: bool,
+    /// Token cache tuning.
+    pub token: TokenConfig,
+    /// HTTP client settings towards the provider.
+    pub client: ClientConfig,
+}
+
+/// A validated upstream base URL: scheme and authority, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and optional port.
+    pub authority: Authority,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+impl UpstreamUrl {
+    /// Parses `scheme://host[:port]`, allowing a trailing `/`.
+    pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("{text:?} has no scheme; use http:// or https://"))?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!("{text:?}: scheme must be http or https"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{text:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "{text:?}: credentials in the URL are not supported"
+            ));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("{text:?} has no host"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "{text:?}: give only scheme://host[:port]; request paths are forwarded as they come"
+            ));
+        }
+        Ok(UpstreamUrl { scheme, authority })
+    }
+}
+
+/// Token cache tuning for one route. Durations are written like `"30s"` or `"5m"`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Upper bound of the safety margin: a token is not served in its last `min(this, ratio × L)`.
+    #[serde(with = "humantime_serde")]
+    pub safety_margin_max: Duration,
+    /// The safety margin as a share of the lifetime L.
+    pub safety_margin_ratio: f64,
+    /// Share of the lifetime after which the next request starts a background refresh.
+    pub refresh_at: f64,
+    /// Up to this share of L is taken off `refresh_at` at random per token, to spread refreshes.
+    pub refresh_jitter: f64,
+    /// Longest cool-down a `Retry-After` can impose.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_max: Duration,
+    /// First backoff ceiling after a failure without `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Largest backoff ceiling.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How long a 400/401/403 answer is remembered for its exact key.
+    #[serde(with = "humantime_serde")]
+    pub error_ttl: Duration,
+    /// How long a refresh-token answer is kept for late duplicates of the same request.
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
+    /// Longest lifetime believed from `expires_in`.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Longest a caller waits for a shared upstream call before getting 504.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Most cached keys; past it the least recently used are evicted.
+    pub max_entries: usize,
+    /// A key nobody asked for within this time is dropped (and so never refreshed again).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            safety_margin_max: Duration::from_secs(30),
+            safety_margin_ratio: 0.1,
+            refresh_at: 0.8,
+            refresh_jitter: 0.05,
+            retry_after_max: Duration::from_secs(600),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            error_ttl: Duration::from_secs(5),
+            refresh_token_ttl: Duration::from_secs(30),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            wait_timeout: Duration::from_secs(30),
+            max_entries: 100_000,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The HTTP client towards one provider.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// TCP (and TLS) connect timeout.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time for the provider to answer a token call, body included; for forwarded requests, time
+    /// to the response head (bodies stream for as long as they need).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Extra CA certificates (PEM) trusted besides the system roots, for private PKI.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mTLS to the provider.
+    pub client_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+            pool_idle_timeout: Duration::from_secs(90),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+        }
+    }
+}
+
+/// The file as written: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    admin: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    limits: Limits,
+    // The one-route shortcut, mirrored by the flags.
+    upstream: Option<String>,
+    listen: Option<SocketAddr>,
+    token_paths: Option<Vec<String>>,
+    preserve_host: Option<bool>,
+    token: Option<TokenConfig>,
+    client: Option<ClientConfig>,
+    #[serde(default)]
+    routes: Vec<FileRoute>,
+}
+
+/// A `[[routes]]` table; `token` and `client` fall back to the top-level tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    name: Option<String>,
+    listen: SocketAddr,
+    upstream: String,
+    token_paths: Option<Vec<String>>,
+    preserve_host: Option<bool>,
+    token: Option<TokenConfig>,
+    client: Option<ClientConfig>,
+}
+
+/// Values given on the command line; `None` where a flag was not given.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub upstream: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub config: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Default listener of the one-route shortcut.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+/// Default token path.
+pub const DEFAULT_TOKEN_PATH: &str = "/oauth/token";
+
+/// A configuration problem, worded for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+impl Config {
+    /// Builds the configuration from flags, an environment lookup, and the file the flags or the
+    /// environment name (read with `read_file`).
+    pub fn load(
+        flags: Overrides,
+        env: impl Fn(&str) -> Option<String>,
+        read_file: impl Fn(&std::path::Path) -> std::io::Result<String>,
+    ) -> Result<Config, ConfigError> {
+        let env_addr = |name: &str| -> Result<Option<SocketAddr>, ConfigError> {
+            env(name)
+                .map(|v| {
+                    v.parse().map_err(|_| {
+                        err(format!(
+                            "{name}={v:?} is not an address like 127.0.0.1:8080"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let config_path = flags
+            .config
+            .clone()
+            .or_else(|| env("TOKEN_SIDECAR_CONFIG").map(PathBuf::from));
+        let file = match &config_path {
+            Some(path) => {
+                let text = read_file(path)
+                    .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| {
+                    err(
+                        format!("config file {}: {}", path.display(), e.message().trim_end())
+                            + &e.span()
+                                .map(|s| format!(" (at {})", line_col(&text, s.start)))
+                                .unwrap_or_default(),
+                    )
+                })?
+            }
+            None => FileConfig::default(),
+        };
+
+        let upstream = flags
+            .upstream
+            .clone()
+            .or_else(|| env("TOKEN_SIDECAR_UPSTREAM"))
+            .map(|v| {
+                (
+                    v,
+                    if flags.upstream.is_some() {
+                        "--upstream"
+                    } else {
+                        "TOKEN_SIDECAR_UPSTREAM"
+                    },
+                )
+            });
+        let listen = match flags.listen {
+            Some(addr) => Some(addr),
+            None => env_addr("TOKEN_SIDECAR_LISTEN")?,
+        };
+        let admin = match flags.admin {
+            Some(addr) => addr,
+            None => env_addr("TOKEN_SIDECAR_ADMIN")?
+                .or(file.admin)
+                .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid default")),
+        };
+        let mut log = file.log.clone();
+        if let Some(format) = env("TOKEN_SIDECAR_LOG_FORMAT") {
+            log.format = match format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(err(format!(
+                        "TOKEN_SIDECAR_LOG_FORMAT={format:?}: use text or json"
+                    )));
+                }
+            };
+        }
+        if let Some(format) = flags.log_format {
+            log.format = format;
+        }
+
+        let top_token = file.token.clone().unwrap_or_default();
+        let top_client = file.client.clone().unwrap_or_default();
+        let mut routes = Vec::new();
+        if file.routes.is_empty() {
+            let (upstream, source) = match (upstream, &file.upstream) {
+                (Some(u), _) => u,
+                (None, Some(u)) => (u.clone(), "upstream"),
+                (None, None) => {
+                    return Err(err(
+                        "no upstream: give --upstream URL, TOKEN_SIDECAR_UPSTREAM, or `upstream` in the config file",
+                    ));
+                }
+            };
+            routes.push(RouteConfig {
+                name: "default".into(),
+                listen: listen
+                    .or(file.listen)
+                    .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+                upstream: UpstreamUrl::parse(&upstream)
+                    .map_err(|e| err(format!("{source}: {e}")))?,
+                token_paths: file
+                    .token_paths
+                    .clone()
+                    .unwrap_or_else(|| vec![DEFAULT_TOKEN_PATH.into()]),
+                preserve_host: file.preserve_host.unwrap_or(false),
+                token: top_token,
+                client: top_client,
+            });
+        } else {
+            if file.upstream.is_some() || file.listen.is_some() || file.token_paths.is_some() {
+                return Err(err(
+                    "config file: top-level upstream/listen/token_paths cannot be combined with [[routes]]; move them into a route",
+                ));
+            }
+            if file.routes.len() > 1 && (upstream.is_some() || listen.is_some()) {
+                return Err(err(
+                    "--upstream/--listen (or their TOKEN_SIDECAR_* variables) set a single route, but the config file defines several [[routes]]",
+                ));
+            }
+            for (i, route) in file.routes.into_iter().enumerate() {
+                let name = route.name.unwrap_or_else(|| format!("route{i}"));
+                let (url, source) = match &upstream {
+                    Some((u, source)) => (u.clone(), source.to_string()),
+                    None => (route.upstream, format!("routes[{i}].upstream")),
+                };
+                routes.push(RouteConfig {
+                    listen: listen.unwrap_or(route.listen),
+                    upstream: UpstreamUrl::parse(&url)
+                        .map_err(|e| err(format!("{source}: {e}")))?,
+                    token_paths: route
+                        .token_paths
+                        .unwrap_or_else(|| vec![DEFAULT_TOKEN_PATH.into()]),
+                    preserve_host: route.preserve_host.unwrap_or(false),
+                    token: route.token.unwrap_or_else(|| top_token.clone()),
+                    client: route.client.unwrap_or_else(|| top_client.clone()),
+                    name,
+                });
+            }
+        }
+
+        let config = Config {
+            admin,
+            shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(10)),
+            log,
+            limits: file.limits,
+            routes,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges, uniqueness, paths.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut addresses = vec![("admin", self.admin)];
+        let mut names = Vec::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = |key: &str| format!("routes[{i}] ({}).{key}", route.name);
+            if route.name.is_empty()
+                || !route
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(err(format!("{}: use letters, digits, - and _", at("name"))));
+            }
+            if names.contains(&&route.name) {
+                return Err(err(format!(
+                    "{}: {:?} is used twice",
+                    at("name"),
+                    route.name
+                )));
+            }
+            names.push(&route.name);
+            if route.token_paths.is_empty() {
+                return Err(err(format!(
+                    "{}: give at least one path",
+                    at("token_paths")
+                )));
+            }
+            for path in &route.token_paths {
+                if !path.starts_with('/') || path.contains('?') || path.contains('#') {
+                    return Err(err(format!(
+                        "{}: {path:?} must be a path starting with /",
+                        at("token_paths")
+                    )));
+                }
+            }
+            route.token.validate(&at("token"))?;
+            route.client.validate(&at("client"))?;
+            addresses.push(("listen", route.listen));
+        }
+        for (i, (what, addr)) in addresses.iter().enumerate() {
+            if let Some((other, _)) = addresses[..i]
+                .iter()
+                .find(|(_, a)| a == addr && addr.port() != 0)
+            {
+                return Err(err(format!("{what} {addr} is also used by {other}")));
+            }
+        }
+        let limits = &self.limits;
+        for (key, value) in [
+            ("limits.max_request_body", limits.max_request_body),
+            ("limits.max_token_response", limits.max_token_response),
+            ("limits.max_headers", limits.max_headers),
+            ("limits.max_header_bytes", limits.max_header_bytes),
+            ("limits.max_connections", limits.max_connections),
+        ] {
+            if value == 0 {
+                return Err(err(format!("{key} must be greater than 0")));
+            }
+        }
+        if limits.max_header_bytes < 8192 {
+            return Err(err("limits.max_header_bytes must be at least 8192"));
+        }
+        if limits.header_read_timeout.is_zero() {
+            return Err(err("limits.header_read_timeout must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+impl TokenConfig {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let share = |key: &str, value: f64, lo: f64, hi: f64| {
+            if value.is_finite() && value >= lo && value <= hi {
+                Ok(())
+            } else {
+                Err(err(format!(
+                    "{at}.{key} = {value}: must be between {lo} and {hi}"
+                )))
+            }
+        };
+        share("safety_margin_ratio", self.safety_margin_ratio, 0.0, 0.5)?;
+        share("refresh_at", self.refresh_at, 0.1, 1.0)?;
+        share(
+            "refresh_jitter",
+            self.refresh_jitter,
+            0.0,
+            self.refresh_at - 0.05,
+        )?;
+        if self.refresh_at > 1.0 - self.safety_margin_ratio + f64::EPSILON {
+            return Err(err(format!(
+                "{at}.refresh_at = {}: must not be later than the safety margin (1 - safety_margin_ratio = {})",
+                self.refresh_at,
+                1.0 - self.safety_margin_ratio
+            )));
+        }
+        for (key, value) in [
+            ("retry_after_max", self.retry_after_max),
+            ("backoff_base", self.backoff_base),
+            ("backoff_max", self.backoff_max),
+            ("max_lifetime", self.max_lifetime),
+            ("wait_timeout", self.wait_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(err(format!("{at}.{key} must be greater than 0")));
+            }
+        }
+        if self.backoff_base > self.backoff_max {
+            return Err(err(format!(
+                "{at}.backoff_base must not exceed backoff_max"
+            )));
+        }
+        if self.max_entries == 0 {
+            return Err(err(format!("{at}.max_entries must be greater than 0")));
+        }
+        Ok(())
+    }
+}
+
+impl ClientConfig {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err(err(format!(
+                "{at}: connect_timeout and request_timeout must be greater than 0"
+            )));
+        }
+        if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            return Err(err(format!(
+                "{at}: client_cert_file and client_key_file go together"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `line L, column C` of a byte offset, for error messages.
+fn line_col(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {col}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(
+        flags: Overrides,
+        env: &[(&str, &str)],
+        file: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let file = file.map(str::to_owned);
+        Config::load(
+            flags,
+            |k| env.get(k).cloned(),
+            |_| {
+                file.clone().ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
+                })
+            },
+        )
+    }
+
+    fn with_file() -> Overrides {
+        Overrides {
+            config: Some("t.toml".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let file =
+            "upstream = \"http://file:1\"\nlisten = \"127.0.0.1:7001\"\nadmin = \"127.0.0.1:7002\"";
+        let c = load(with_file(), &[], Some(file)).unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "http://file:1");
+        assert_eq!(c.routes[0].listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.admin, "127.0.0.1:7002".parse().unwrap());
+
+        let env = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://env:2"),
+            ("TOKEN_SIDECAR_ADMIN", "127.0.0.1:7003"),
+        ];
+        let c = load(with_file(), &env, Some(file)).unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "http://env:2");
+        assert_eq!(c.admin, "127.0.0.1:7003".parse().unwrap());
+
+        let flags = Overrides {
+            upstream: Some("https://flag:3/".into()),
+            ..with_file()
+        };
+        let c = load(flags, &env, Some(file)).unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "https://flag:3");
+
+        let c = load(
+            Overrides {
+                upstream: Some("http://x".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(c.routes[0].token_paths, vec![DEFAULT_TOKEN_PATH]);
+        assert_eq!(c.routes[0].token, TokenConfig::default());
+    }
+
+    #[test]
+    fn config_path_can_come_from_the_environment() {
+        let c = load(
+            Overrides::default(),
+            &[("TOKEN_SIDECAR_CONFIG", "x.toml")],
+            Some("upstream = \"http://f\""),
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "http://f");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = load(Overrides::default(), &[], None).unwrap_err();
+        assert!(e.0.contains("no upstream"), "{e}");
+        let e = load(
+            Overrides {
+                upstream: Some("ftp://x".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("--upstream") && e.0.contains("scheme"), "{e}");
+        let e = load(
+            Overrides {
+                upstream: Some("http://x/path".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("scheme://host"), "{e}");
+        let e = load(with_file(), &[], None).unwrap_err();
+        assert!(e.0.contains("cannot read config file"), "{e}");
+        let e = load(with_file(), &[], Some("upstream = \"http://x\"\nbogus = 1")).unwrap_err();
+        assert!(e.0.contains("bogus") && e.0.contains("line 2"), "{e}");
+        let e = load(
+            with_file(),
+            &[],
+            Some("upstream = \"http://x\"\n[token]\nrefresh_at = \"high\""),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("refresh_at") || e.0.contains("line 3"), "{e}");
+        let e = load(
+            with_file(),
+            &[],
+            Some("upstream = \"http://x\"\n[token]\nrefresh_at = 0.95"),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("token.refresh_at"), "{e}");
+        let e = load(
+            with_file(),
+            &[],
+            Some("upstream = \"http://x\"\n[token]\nerror_ttl = \"5 parsecs\""),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("error_ttl") || e.0.contains("line 3"), "{e}");
+        let e = load(
+            Overrides::default(),
+            &[
+                ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
+                ("TOKEN_SIDECAR_LISTEN", "nope"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("TOKEN_SIDECAR_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn routes_inherit_top_level_tables_and_need_distinct_listeners() {
+        let file = r#"
+            [token]
+            error_ttl = "7s"
+            [[routes]]
+            name = "eu"
+            listen = "127.0.0.1:7101"
+            upstream = "https://eu.example"
+            [[routes]]
+            name = "us"
+            listen = "127.0.0.1:7102"
+            upstream = "https://us.example"
+            token_paths = ["/oauth/token", "/v1/token"]
+            [routes.token]
+            error_ttl = "1s"
+        "#;
+        let c = load(with_file(), &[], Some(file)).unwrap();
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].token.error_ttl, Duration::from_secs(7));
+        assert_eq!(c.routes[1].token.error_ttl, Duration::from_secs(1));
+        assert_eq!(c.routes[1].token_paths.len(), 2);
+        let e = load(
+            Overrides {
+                upstream: Some("http://x".into()),
+                ..with_file()
+            },
+            &[],
+            Some(file),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("several"), "{e}");
+        let dup = file.replace("7102", "7101");
+        let e = load(with_file(), &[], Some(&dup)).unwrap_err();
+        assert!(e.0.contains("127.0.0.1:7101"), "{e}");
+    }
+}

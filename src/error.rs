@@ -1,0 +1,185 @@
+//! The one error type of the request path, classified by where the fault lies (the local caller,
+//! the upstream provider, or the sidecar itself), and the one place that turns an error into an
+//! HTTP response: RFC 6749 §5.2 JSON, never carrying internals, secrets or tokens.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{Body, full};
+
+/// Everything that can go wrong while answering a request.
+#[derive(Debug, Clone)]
+pub enum Error {
+    // The caller's fault.
+    /// A method other than POST on a token path.
+    MethodNotAllowed,
+    /// A token request whose body is not a form.
+    UnsupportedMediaType,
+    /// A body over the configured limit.
+    PayloadTooLarge { limit: usize },
+    /// A malformed form or Authorization header; the text names the field, never its value.
+    InvalidRequest(&'static str),
+    /// A parameter given twice (RFC 6749 §3.2).
+    DuplicateParameter(String),
+    /// The client id is cooling down after the provider said to wait.
+    CoolingDown { retry_after_secs: u64 },
+
+    // The upstream's fault.
+    /// Could not connect, or the connection broke.
+    UpstreamUnavailable,
+    /// The upstream did not answer within the configured time.
+    UpstreamTimeout,
+    /// The upstream's token response is unusable (not JSON, no token, bad `expires_in`, too big).
+    UpstreamInvalid(&'static str),
+    /// The caller waited longer than the wait timeout for a coalesced upstream call.
+    WaitTimeout,
+
+    // Ours.
+    /// A bug: a task died or an invariant broke.
+    Internal,
+}
+
+impl Error {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::InvalidRequest(_) | Error::DuplicateParameter(_) => StatusCode::BAD_REQUEST,
+            Error::CoolingDown { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::UpstreamUnavailable | Error::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
+            Error::UpstreamTimeout | Error::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The RFC 6749 `error` code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::MethodNotAllowed
+            | Error::UnsupportedMediaType
+            | Error::PayloadTooLarge { .. }
+            | Error::InvalidRequest(_)
+            | Error::DuplicateParameter(_) => "invalid_request",
+            Error::CoolingDown { .. }
+            | Error::UpstreamUnavailable
+            | Error::UpstreamTimeout
+            | Error::WaitTimeout => "temporarily_unavailable",
+            Error::UpstreamInvalid(_) | Error::Internal => "server_error",
+        }
+    }
+
+    /// Who is at fault, as a log and metric label.
+    pub fn fault(&self) -> &'static str {
+        match self {
+            Error::MethodNotAllowed
+            | Error::UnsupportedMediaType
+            | Error::PayloadTooLarge { .. }
+            | Error::InvalidRequest(_)
+            | Error::DuplicateParameter(_) => "caller",
+            Error::CoolingDown { .. }
+            | Error::UpstreamUnavailable
+            | Error::UpstreamTimeout
+            | Error::UpstreamInvalid(_)
+            | Error::WaitTimeout => "upstream",
+            Error::Internal => "sidecar",
+        }
+    }
+
+    /// Renders the error as an OAuth-style JSON response.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let body = serde_json::json!({
+            "error": self.code(),
+            "error_description": self.to_string(),
+        });
+        let mut response = Response::new(full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        match self {
+            Error::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+            }
+            Error::CoolingDown { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::MethodNotAllowed => f.write_str("the token endpoint accepts POST only"),
+            Error::UnsupportedMediaType => {
+                f.write_str("token requests must be application/x-www-form-urlencoded")
+            }
+            Error::PayloadTooLarge { limit } => {
+                write!(f, "request body is larger than the limit of {limit} bytes")
+            }
+            Error::InvalidRequest(what) => f.write_str(what),
+            Error::DuplicateParameter(name) => {
+                // Parameter names come from a closed vocabulary in practice; cap the echo anyway.
+                let name: String = name.chars().take(40).collect();
+                write!(f, "parameter {name:?} is included more than once")
+            }
+            Error::CoolingDown { retry_after_secs } => write!(
+                f,
+                "the identity provider asked to wait; retry after {retry_after_secs} s"
+            ),
+            Error::UpstreamUnavailable => f.write_str("the identity provider is unreachable"),
+            Error::UpstreamTimeout => f.write_str("the identity provider did not answer in time"),
+            Error::UpstreamInvalid(why) => {
+                write!(
+                    f,
+                    "the identity provider sent an unusable token response: {why}"
+                )
+            }
+            Error::WaitTimeout => f.write_str("timed out waiting for the identity provider"),
+            Error::Internal => f.write_str("internal error in token-sidecar"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_oauth_json_with_no_store() {
+        for err in [
+            Error::MethodNotAllowed,
+            Error::PayloadTooLarge { limit: 10 },
+            Error::CoolingDown {
+                retry_after_secs: 7,
+            },
+            Error::UpstreamInvalid("not JSON"),
+            Error::Internal,
+        ] {
+            let resp = err.clone().into_response();
+            assert_eq!(resp.status(), err.status());
+            assert_eq!(resp.headers()["cache-control"], "no-store");
+            assert_eq!(resp.headers()["content-type"], "application/json");
+        }
+        let resp = Error::CoolingDown {
+            retry_after_secs: 7,
+        }
+        .into_response();
+        assert_eq!(resp.headers()["retry-after"], "7");
+        assert_eq!(
+            Error::MethodNotAllowed.into_response().headers()["allow"],
+            "POST"
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Prometheus metrics: one registry built in `run` and handed down, so parallel tests never share
+//! counters. Hot-path counters are resolved per route once, at start, so a cache hit costs one
+//! atomic add. Gauges that describe state (cache size, cool-downs) are read at scrape time.
+//! Labels never carry a secret; a client label is a short hash of the client id.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, Weak};
+
+use crate::token::{Outcome, TokenRoute};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    route: String,
+    client: String,
+}
+
+/// Every metric family, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    token_requests: Family<OutcomeLabels, Counter>,
+    upstream_calls: Family<StatusLabels, Counter>,
+    upstream_latency: Family<RouteLabel, Histogram>,
+    upstream_in_flight: Family<RouteLabel, Gauge>,
+    flight_waiters: Family<RouteLabel, Histogram>,
+    evictions: Family<ReasonLabels, Counter>,
+    forwarded: Family<StatusLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("token_sidecar");
+        let token_requests = Family::default();
+        registry.register(
+            "token_requests",
+            "Token-path requests by outcome (hit, miss, coalesced, stale, cooldown, remembered, bypass, invalid, error)",
+            token_requests.clone(),
+        );
+        let upstream_calls = Family::default();
+        registry.register(
+            "upstream_token_calls",
+            "Token calls made to the provider, by HTTP status or transport failure",
+            upstream_calls.clone(),
+        );
+        let upstream_latency = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 13))
+        });
+        registry.register(
+            "upstream_token_call_duration_seconds",
+            "Latency of token calls to the provider",
+            upstream_latency.clone(),
+        );
+        let upstream_in_flight = Family::default();
+        registry.register(
+            "upstream_token_calls_in_flight",
+            "Token calls to the provider in progress",
+            upstream_in_flight.clone(),
+        );
+        let flight_waiters = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 4.0, 8))
+        });
+        registry.register(
+            "flight_waiters",
+            "Callers that shared one upstream token call",
+            flight_waiters.clone(),
+        );
+        let evictions = Family::default();
+        registry.register(
+            "cache_evictions",
+            "Cache entries dropped, by reason (idle, expired, capacity)",
+            evictions.clone(),
+        );
+        let forwarded = Family::default();
+        registry.register(
+            "forwarded_requests",
+            "Requests forwarded unchanged to the provider, by response status",
+            forwarded.clone(),
+        );
+        Metrics {
+            registry,
+            token_requests,
+            upstream_calls,
+            upstream_latency,
+            upstream_in_flight,
+            flight_waiters,
+            evictions,
+            forwarded,
+        }
+    }
+
+    /// The handles one route uses on its request path.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let route_label = RouteLabel {
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            route: route.to_owned(),
+            outcomes: Outcome::ALL.map(|outcome| {
+                self.token_requests
+                    .get_or_create(&OutcomeLabels {
+                        route: route.to_owned(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            }),
+            upstream_calls: self.upstream_calls.clone(),
+            upstream_latency: self.upstream_latency.get_or_create(&route_label).clone(),
+            upstream_in_flight: self.upstream_in_flight.get_or_create(&route_label).clone(),
+            flight_waiters: self.flight_waiters.get_or_create(&route_label).clone(),
+            evictions: self.evictions.clone(),
+            forwarded: self.forwarded.clone(),
+        }
+    }
+
+    /// Adds the scrape-time view of the routes' caches and cool-downs.
+    pub fn register_routes(&mut self, routes: &[Arc<TokenRoute>]) {
+        self.registry.register_collector(Box::new(StateCollector {
+            routes: routes.iter().map(Arc::downgrade).collect(),
+        }));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Per-route metric handles, resolved once.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    route: String,
+    outcomes: [Counter; Outcome::ALL.len()],
+    upstream_calls: Family<StatusLabels, Counter>,
+    upstream_latency: Histogram,
+    /// Token calls in progress on this route.
+    pub upstream_in_flight: Gauge,
+    flight_waiters: Histogram,
+    evictions: Family<ReasonLabels, Counter>,
+    forwarded: Family<StatusLabels, Counter>,
+}
+
+impl RouteMetrics {
+    /// Counts one token-path request.
+    pub fn outcome(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].inc();
+    }
+
+    /// Counts one finished upstream token call.
+    pub fn upstream_call(&self, status: &str, seconds: f64, waiters: usize) {
+        self.upstream_calls
+            .get_or_create(&StatusLabels {
+                route: self.route.clone(),
+                status: status.to_owned(),
+            })
+            .inc();
+        self.upstream_latency.observe(seconds);
+        self.flight_waiters.observe(waiters as f64);
+    }
+
+    /// Counts evicted cache entries.
+    pub fn evicted(&self, reason: &'static str, count: usize) {
+        if count > 0 {
+            self.evictions
+                .get_or_create(&ReasonLabels {
+                    route: self.route.clone(),
+                    reason,
+                })
+                .inc_by(count as u64);
+        }
+    }
+
+    /// Counts one forwarded request.
+    pub fn forwarded(&self, status: u16) {
+        self.forwarded
+            .get_or_create(&StatusLabels {
+                route: self.route.clone(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Reads cache sizes and cool-downs from the live routes at scrape time.
+#[derive(Debug)]
+struct StateCollector {
+    routes: Vec<Weak<TokenRoute>>,
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let entries = Family::<RouteLabel, Gauge>::default();
+        let cooldowns = Family::<RouteLabel, Gauge>::default();
+        let cooldown_left =
+            Family::<ClientLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for route in self.routes.iter().filter_map(Weak::upgrade) {
+            let label = RouteLabel {
+                route: route.name().to_owned(),
+            };
+            entries.get_or_create(&label).set(route.cache_len() as i64);
+            let active = route.active_cooldowns();
+            cooldowns.get_or_create(&label).set(active.len() as i64);
+            for (client, left) in active {
+                cooldown_left
+                    .get_or_create(&ClientLabels {
+                        route: label.route.clone(),
+                        client,
+                    })
+                    .set(left.as_secs_f64());
+            }
+        }
+        let m = encoder.encode_descriptor(
+            "cache_entries",
+            "Cached token keys",
+            None,
+            entries.metric_type(),
+        )?;
+        entries.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "cooldowns_active",
+            "Client ids on hold after the provider said to wait or failed",
+            None,
+            cooldowns.metric_type(),
+        )?;
+        cooldowns.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "cooldown_remaining_seconds",
+            "Seconds left on each active hold, by client hash",
+            None,
+            cooldown_left.metric_type(),
+        )?;
+        cooldown_left.encode(m)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,350 @@
+//! The token cache of one route: an entry per key holding the cached token, a remembered error,
+//! and the in-flight upstream call (single flight) kept separate from the cached value.
+//!
+//! Locking: the map's shard guards are held only to clone an entry's `Arc`; each entry's state
+//! sits behind a std mutex held for a few field reads and writes, never across `.await`. Lock
+//! order is always map shard, then entry state, then cool-down shard.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{HeaderMap, StatusCode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::lifetime::Token;
+use super::request::CacheKey;
+use crate::error::Error;
+
+/// An upstream answer passed to callers as it came: status, headers (hop-by-hop removed), body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What one upstream call produced, shared by every caller that waited for it.
+#[derive(Debug, Clone)]
+pub enum Shared {
+    /// A token, now cached.
+    Token(Arc<Token>),
+    /// An answer passed through as it came (errors, throttling, uncacheable successes).
+    Reply(Arc<Reply>),
+    /// No usable answer: the sidecar's own error response.
+    Failed(Error),
+}
+
+/// The channel on which a flight publishes its outcome; `None` until it lands.
+pub type FlightRx = watch::Receiver<Option<Shared>>;
+/// The sending half, owned by the flight task.
+pub type FlightTx = watch::Sender<Option<Shared>>;
+
+/// One key's state.
+#[derive(Debug, Default)]
+pub struct EntryState {
+    /// The cached token, if any (servable or not: its timings decide).
+    pub token: Option<Arc<Token>>,
+    /// A client error (or a refresh-token answer) replayed until the instant given.
+    pub remembered: Option<(Instant, Arc<Reply>)>,
+    /// The upstream call in progress for this key, if any.
+    pub flight: Option<FlightRx>,
+    /// No background refresh before this instant (set when the provider returns the same token).
+    pub refresh_not_before: Option<Instant>,
+    /// How many refreshes in a row returned the token already cached.
+    pub same_token_streak: u32,
+}
+
+/// One cache entry.
+#[derive(Debug, Default)]
+pub struct Entry {
+    state: Mutex<EntryState>,
+    /// Milliseconds since the cache's epoch at the last request, for idle and LRU eviction.
+    last_used_ms: AtomicU64,
+}
+
+impl Entry {
+    /// Locks the state. A panic while the lock was held cannot leave it half-written in a way
+    /// that matters (every field is valid on its own), so poisoning is ignored.
+    pub fn lock(&self) -> MutexGuard<'_, EntryState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// What a request should do, decided under the entry's lock.
+pub enum Decision {
+    /// Serve this token; if `refresh` is set, the caller starts that background flight.
+    Hit {
+        token: Arc<Token>,
+        refresh: Option<FlightTx>,
+    },
+    /// Replay a remembered answer.
+    Remembered(Arc<Reply>),
+    /// The client id is on hold for this long and there is no token to serve.
+    Cooldown(Duration),
+    /// Wait for the flight already in progress.
+    Join(FlightRx),
+    /// Start the flight (`tx`) and wait on it (`rx`); `stale` if an expired token was there.
+    Lead {
+        tx: FlightTx,
+        rx: FlightRx,
+        stale: bool,
+    },
+}
+
+impl EntryState {
+    /// Decides how to answer a request at `now`. `hold` tells the time left on the client's
+    /// cool-down; it is consulted only when an upstream call is being considered.
+    pub fn decide(&mut self, now: Instant, hold: impl Fn() -> Option<Duration>) -> Decision {
+        if let Some(token) = self.token.clone()
+            && token.servable(now)
+        {
+            let refresh = (token.refresh_due(now)
+                && self.flight.is_none()
+                && self.refresh_not_before.is_none_or(|t| now >= t)
+                && hold().is_none())
+            .then(|| self.start_flight().0);
+            return Decision::Hit { token, refresh };
+        }
+        if let Some((until, reply)) = &self.remembered {
+            if *until > now {
+                return Decision::Remembered(reply.clone());
+            }
+            self.remembered = None;
+        }
+        if let Some(rx) = &self.flight {
+            return Decision::Join(rx.clone());
+        }
+        if let Some(left) = hold() {
+            return Decision::Cooldown(left);
+        }
+        let stale = self.token.is_some();
+        let (tx, rx) = self.start_flight();
+        Decision::Lead { tx, rx, stale }
+    }
+
+    fn start_flight(&mut self) -> (FlightTx, FlightRx) {
+        let (tx, rx) = watch::channel(None);
+        self.flight = Some(rx.clone());
+        (tx, rx)
+    }
+
+    /// Whether the entry holds nothing worth keeping at `now`.
+    fn is_dead(&self, now: Instant) -> bool {
+        self.flight.is_none()
+            && self.token.as_ref().is_none_or(|t| !t.servable(now))
+            && self
+                .remembered
+                .as_ref()
+                .is_none_or(|(until, _)| *until <= now)
+    }
+}
+
+/// The key is already a keyed digest: its first eight bytes are a uniform hash, and an attacker
+/// who does not know the per-process HMAC key cannot aim at one bucket.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than `CacheKey` is hashed; stay correct anyway.
+        let mut h = RandomState::new().build_hasher();
+        h.write(bytes);
+        self.0 ^= h.finish();
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl std::hash::Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from_le_bytes(
+            self.0[..8].try_into().expect("eight bytes"),
+        ));
+    }
+}
+
+/// Counts of entries dropped by one sweep.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub idle: usize,
+    pub expired: usize,
+}
+
+/// All entries of one route.
+#[derive(Debug)]
+pub struct Cache {
+    entries: DashMap<CacheKey, Arc<Entry>, BuildHasherDefault<DigestHasher>>,
+    epoch: Instant,
+    max_entries: usize,
+}
+
+impl Cache {
+    /// An empty cache holding at most `max_entries` keys.
+    pub fn new(max_entries: usize) -> Cache {
+        Cache {
+            entries: DashMap::with_hasher(BuildHasherDefault::default()),
+            epoch: Instant::now(),
+            max_entries,
+        }
+    }
+
+    /// The entry for `key`, created if needed, marked as used at `now`. Returns how many entries
+    /// were evicted to make room.
+    pub fn entry(&self, key: CacheKey, now: Instant) -> (Arc<Entry>, usize) {
+        let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        if let Some(entry) = self.entries.get(&key) {
+            entry.last_used_ms.store(stamp, Ordering::Relaxed);
+            return (entry.clone(), 0);
+        }
+        let evicted = if self.entries.len() >= self.max_entries {
+            self.evict_least_recent()
+        } else {
+            0
+        };
+        let entry = self.entries.entry(key).or_default().clone();
+        entry.last_used_ms.store(stamp, Ordering::Relaxed);
+        (entry, evicted)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Drops entries unused for `idle_timeout`, and entries with nothing left to serve.
+    pub fn sweep(&self, now: Instant, idle_timeout: Duration) -> Swept {
+        let idle_before = now
+            .checked_sub(idle_timeout)
+            .map(|t| t.saturating_duration_since(self.epoch).as_millis() as u64);
+        let mut swept = Swept::default();
+        self.entries.retain(|_, entry| {
+            let state = entry.lock();
+            if state.flight.is_some() {
+                return true;
+            }
+            if idle_before.is_some_and(|t| entry.last_used_ms.load(Ordering::Relaxed) < t) {
+                swept.idle += 1;
+                return false;
+            }
+            if state.is_dead(now) {
+                swept.expired += 1;
+                return false;
+            }
+            true
+        });
+        swept
+    }
+
+    /// Evicts the least recently used sixteenth of the entries (none with a flight in progress),
+    /// so a full cache pays for one scan per sixteenth of its size in new keys.
+    fn evict_least_recent(&self) -> usize {
+        let mut stamps: Vec<(u64, CacheKey)> = self
+            .entries
+            .iter()
+            .map(|e| (e.last_used_ms.load(Ordering::Relaxed), *e.key()))
+            .collect();
+        let count = (stamps.len() / 16).max(1).min(stamps.len());
+        if count == 0 {
+            return 0;
+        }
+        stamps.select_nth_unstable(count - 1);
+        stamps[..count]
+            .iter()
+            .filter(|(_, key)| {
+                self.entries
+                    .remove_if(key, |_, entry| entry.lock().flight.is_none())
+                    .is_some()
+            })
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> CacheKey {
+        let mut k = [0u8; 32];
+        k[0] = n;
+        k[31] = n;
+        CacheKey(k)
+    }
+
+    #[test]
+    fn one_leader_then_joiners_while_the_flight_is_open() {
+        let mut state = EntryState::default();
+        let now = Instant::now();
+        let Decision::Lead { tx, stale, .. } = state.decide(now, || None) else {
+            panic!("expected lead")
+        };
+        assert!(!stale);
+        assert!(matches!(state.decide(now, || None), Decision::Join(_)));
+        assert!(matches!(
+            state.decide(now, || Some(Duration::from_secs(5))),
+            Decision::Join(_)
+        ));
+        drop(tx);
+        state.flight = None;
+        assert!(
+            matches!(state.decide(now, || Some(Duration::from_secs(5))), Decision::Cooldown(d) if d == Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn capacity_evicts_the_least_recently_used() {
+        let cache = Cache::new(32);
+        let t0 = Instant::now();
+        for n in 0..32u8 {
+            cache.entry(key(n), t0 + Duration::from_millis(n as u64 * 10));
+        }
+        assert_eq!(cache.len(), 32);
+        let (_, evicted) = cache.entry(key(100), t0 + Duration::from_secs(1));
+        assert_eq!(evicted, 2);
+        assert_eq!(cache.len(), 31);
+        assert!(cache.entries.get(&key(0)).is_none());
+        assert!(cache.entries.get(&key(1)).is_none());
+        assert!(cache.entries.get(&key(2)).is_some());
+    }
+
+    #[test]
+    fn sweep_drops_idle_and_dead_entries_but_not_flights() {
+        let cache = Cache::new(100);
+        let t0 = Instant::now();
+        let (busy, _) = cache.entry(key(1), t0);
+        let _flight = busy.lock().decide(t0, || None);
+        cache.entry(key(2), t0);
+        let swept = cache.sweep(t0 + Duration::from_secs(1), Duration::from_secs(3600));
+        assert_eq!(
+            swept,
+            Swept {
+                idle: 0,
+                expired: 1
+            }
+        );
+        assert_eq!(cache.len(), 1);
+        let swept = cache.sweep(t0 + Duration::from_secs(7200), Duration::from_secs(3600));
+        assert_eq!(swept, Swept::default());
+        assert_eq!(
+            cache.len(),
+            1,
+            "an entry with a flight in progress is never dropped"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! A cached token and its clock: when it was issued, until when it may be served, when to refresh
+//! it ahead of expiry, and how to render it with the remaining lifetime in `expires_in`.
+//!
+//! The upstream JSON is validated once, when the token arrives, and split into the bytes before and
+//! after the `expires_in` value. Serving a hit is then one concatenation with the remaining seconds:
+//! no JSON parsing or serialisation on the hot path, and every other field stays byte-for-byte as
+//! the provider sent it.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::HeaderValue;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::config::TokenConfig;
+
+/// A token that may be cached: rendering template plus its timings.
+#[derive(Debug)]
+pub struct Token {
+    /// The JSON up to and including `"expires_in":`.
+    prefix: Bytes,
+    /// The JSON after the `expires_in` value.
+    suffix: Bytes,
+    /// The provider's `Content-Type`, served back unchanged.
+    pub content_type: HeaderValue,
+    /// A digest of `access_token`, to notice a provider handing out the same token again without
+    /// keeping a second copy of the secret.
+    pub fingerprint: [u8; 32],
+    /// When the provider says the token stops working (capped by `max_lifetime`).
+    pub expires_at: Instant,
+    /// The last instant this token is handed to callers (expiry less the safety margin, or sooner
+    /// for remembered refresh-token answers).
+    pub serve_until: Instant,
+    /// When the next request should start a background refresh; `None` for tokens that are never
+    /// refreshed ahead (refresh-token grant answers).
+    pub refresh_at: Option<Instant>,
+}
+
+/// What a successful upstream body turned out to be.
+#[derive(Debug)]
+pub enum Validated {
+    /// A token that can be cached.
+    Token(Token),
+    /// A well-formed token answer that must not be cached (no `expires_in`, or a lifetime under one
+    /// second): shared with the callers waiting for it, then forgotten.
+    Uncacheable,
+}
+
+impl Token {
+    /// Validates an upstream 2xx body and builds the cache record.
+    ///
+    /// `jitter` in `[0, 1)` spreads refresh moments so that keys issued together do not refresh
+    /// together. Errors describe what is wrong without quoting the body.
+    pub fn from_upstream(
+        body: &[u8],
+        content_type: HeaderValue,
+        now: Instant,
+        config: &TokenConfig,
+        jitter: f64,
+    ) -> Result<Validated, &'static str> {
+        let object = parse_object(body).ok_or("not a JSON object")?;
+        let access_token = object
+            .iter()
+            .find(|(k, _)| k == "access_token")
+            .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+            .filter(|t| !t.is_empty())
+            .ok_or("no access_token")?;
+        if object.iter().filter(|(k, _)| k == "expires_in").count() > 1 {
+            return Err("expires_in given twice");
+        }
+        let Some(position) = object.iter().position(|(k, _)| k == "expires_in") else {
+            return Ok(Validated::Uncacheable);
+        };
+        let seconds = parse_expires_in(object[position].1.get()).ok_or("bad expires_in")?;
+        let lifetime = Duration::from_secs(seconds).min(config.max_lifetime);
+        if lifetime < Duration::from_secs(1) {
+            return Ok(Validated::Uncacheable);
+        }
+
+        let mut prefix = BytesMut::with_capacity(body.len() + 16);
+        let mut suffix = BytesMut::with_capacity(body.len() / 2 + 1);
+        prefix.put_u8(b'{');
+        for (i, (key, value)) in object.iter().enumerate() {
+            let out = if i <= position {
+                &mut prefix
+            } else {
+                &mut suffix
+            };
+            if i > 0 {
+                out.put_u8(b',');
+            }
+            out.put_slice(
+                serde_json::to_string(key)
+                    .expect("strings serialise")
+                    .as_bytes(),
+            );
+            out.put_u8(b':');
+            if i != position {
+                out.put_slice(value.get().as_bytes());
+            }
+        }
+        suffix.put_u8(b'}');
+
+        let margin = config
+            .safety_margin_max
+            .min(lifetime.mul_f64(config.safety_margin_ratio));
+        let share = (config.refresh_at - config.refresh_jitter * jitter.clamp(0.0, 1.0)).max(0.0);
+        Ok(Validated::Token(Token {
+            prefix: prefix.freeze(),
+            suffix: suffix.freeze(),
+            content_type,
+            fingerprint: Sha256::digest(access_token.as_bytes()).into(),
+            expires_at: now + lifetime,
+            serve_until: now + (lifetime - margin),
+            refresh_at: Some(now + lifetime.mul_f64(share)),
+        }))
+    }
+
+    /// Whether the token may still be handed out.
+    pub fn servable(&self, now: Instant) -> bool {
+        now < self.serve_until
+    }
+
+    /// Whether a request at `now` should start a background refresh.
+    pub fn refresh_due(&self, now: Instant) -> bool {
+        self.refresh_at.is_some_and(|at| now >= at)
+    }
+
+    /// Whole seconds of life left, rounded down: never more than what is left.
+    pub fn remaining_secs(&self, now: Instant) -> u64 {
+        self.expires_at.saturating_duration_since(now).as_secs()
+    }
+
+    /// Whole seconds the sidecar will keep serving this token (the `ttl` of `Cache-Status`).
+    pub fn ttl_secs(&self, now: Instant) -> u64 {
+        self.serve_until.saturating_duration_since(now).as_secs()
+    }
+
+    /// The response body with the remaining lifetime in `expires_in`.
+    pub fn render(&self, now: Instant) -> Bytes {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(self.remaining_secs(now));
+        let mut out = BytesMut::with_capacity(self.prefix.len() + digits.len() + self.suffix.len());
+        out.put_slice(&self.prefix);
+        out.put_slice(digits.as_bytes());
+        out.put_slice(&self.suffix);
+        out.freeze()
+    }
+
+    /// Bytes held by this record, for the memory figures.
+    pub fn size(&self) -> usize {
+        self.prefix.len() + self.suffix.len() + std::mem::size_of::<Self>()
+    }
+}
+
+/// `expires_in` as whole seconds: a non-negative JSON integer, a non-negative number (rounded
+/// down), or a string of digits (some providers quote it).
+fn parse_expires_in(raw: &str) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_str(raw).ok()?;
+    match value {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+        serde_json::Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(s.parse::<u64>().unwrap_or(u64::MAX))
+        }
+        _ => None,
+    }
+}
+
+/// A JSON object's members in their original order, values kept as raw JSON text.
+fn parse_object(body: &[u8]) -> Option<Vec<(String, &RawValue)>> {
+    struct Members;
+    impl<'de> Visitor<'de> for Members {
+        type Value = Vec<(String, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+            while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                members.push(member);
+            }
+            Ok(members)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let members = (&mut de).deserialize_map(Members).ok()?;
+    de.end().ok()?;
+    Some(members)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> TokenConfig {
+        TokenConfig::default()
+    }
+
+    fn token(body: &str, now: Instant) -> Token {
+        match Token::from_upstream(
+            body.as_bytes(),
+            HeaderValue::from_static("application/json"),
+            now,
+            &config(),
+            0.0,
+        ) {
+            Ok(Validated::Token(t)) => t,
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn render_keeps_other_fields_and_counts_down() {
+        let now = Instant::now();
+        let body = r#"{"access_token":"abc","token_type":"bearer","expires_in":3600,"scope":"a b","n":1.50}"#;
+        let t = token(body, now);
+        let out: serde_json::Value = serde_json::from_slice(&t.render(now)).unwrap();
+        assert_eq!(out["expires_in"], 3600);
+        assert_eq!(out["access_token"], "abc");
+        assert_eq!(out["scope"], "a b");
+        let later = t.render(now + Duration::from_millis(100_500));
+        let text = std::str::from_utf8(&later).unwrap();
+        assert_eq!(
+            text,
+            r#"{"access_token":"abc","token_type":"bearer","expires_in":3499,"scope":"a b","n":1.50}"#
+        );
+    }
+
+    #[test]
+    fn expires_in_first_or_last_renders_valid_json() {
+        let now = Instant::now();
+        for body in [
+            r#"{"expires_in":60,"access_token":"a"}"#,
+            r#"{"access_token":"a","expires_in":60}"#,
+            r#" { "access_token" : "a" , "expires_in" : "60" } "#,
+        ] {
+            let out: serde_json::Value =
+                serde_json::from_slice(&token(body, now).render(now)).unwrap();
+            assert_eq!(out["expires_in"], 60, "{body}");
+            assert_eq!(out["access_token"], "a");
+        }
+    }
+
+    #[test]
+    fn margin_is_the_smaller_of_thirty_seconds_and_a_tenth() {
+        let now = Instant::now();
+        let long = token(r#"{"access_token":"a","expires_in":3600}"#, now);
+        assert_eq!(long.serve_until, now + Duration::from_secs(3570));
+        let short = token(r#"{"access_token":"a","expires_in":100}"#, now);
+        assert_eq!(short.serve_until, now + Duration::from_secs(90));
+        assert!(short.servable(now + Duration::from_secs(89)));
+        assert!(!short.servable(now + Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn refresh_is_due_at_the_configured_share_less_jitter() {
+        let now = Instant::now();
+        let t = token(r#"{"access_token":"a","expires_in":100}"#, now);
+        assert_eq!(t.refresh_at, Some(now + Duration::from_secs(80)));
+        assert!(!t.refresh_due(now + Duration::from_secs(79)));
+        assert!(t.refresh_due(now + Duration::from_secs(80)));
+        let jittered = Token::from_upstream(
+            br#"{"access_token":"a","expires_in":100}"#,
+            HeaderValue::from_static("application/json"),
+            now,
+            &config(),
+            1.0,
+        );
+        let Ok(Validated::Token(j)) = jittered else {
+            panic!()
+        };
+        assert_eq!(j.refresh_at, Some(now + Duration::from_secs(75)));
+    }
+
+    #[test]
+    fn bad_bodies_are_rejected_and_odd_lifetimes_bounded() {
+        let now = Instant::now();
+        let parse = |b: &str| {
+            Token::from_upstream(
+                b.as_bytes(),
+                HeaderValue::from_static("application/json"),
+                now,
+                &config(),
+                0.0,
+            )
+        };
+        for bad in [
+            "not json",
+            "[]",
+            r#"{"token_type":"x"}"#,
+            r#"{"access_token":""}"#,
+            r#"{"access_token":"a","expires_in":-1}"#,
+            r#"{"access_token":"a","expires_in":"soon"}"#,
+            r#"{"access_token":"a","expires_in":1,"expires_in":2}"#,
+            r#"{"access_token":"a"} x"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            parse(r#"{"access_token":"a"}"#),
+            Ok(Validated::Uncacheable)
+        ));
+        assert!(matches!(
+            parse(r#"{"access_token":"a","expires_in":0}"#),
+            Ok(Validated::Uncacheable)
+        ));
+        let Ok(Validated::Token(years)) =
+            parse(r#"{"access_token":"a","expires_in":999999999999}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(years.expires_at, now + config().max_lifetime);
+    }
+
+    #[test]
+    fn remaining_never_exceeds_what_is_left() {
+        let now = Instant::now();
+        let t = token(r#"{"access_token":"a","expires_in":10}"#, now);
+        assert_eq!(t.remaining_secs(now + Duration::from_millis(1)), 9);
+        assert_eq!(t.remaining_secs(now + Duration::from_secs(20)), 0);
+    }
+}

@@ -1,0 +1,638 @@
+//! The token path of one route: validate a local token request, answer cacheable ones from the
+//! cache, coalesce misses into one upstream call per key (single flight), refresh ahead of expiry,
+//! honour cool-downs, and forward everything it does not key.
+//!
+//! - [`request`]: parsing and the cache key;
+//! - [`lifetime`]: a cached token's clock and rendering;
+//! - [`cache`]: entries, single flight state, eviction;
+//! - [`cooldown`]: `Retry-After` and backoff holds per client id.
+
+pub mod cache;
+pub mod cooldown;
+pub mod lifetime;
+pub mod request;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::body::{Body, full};
+use crate::config::{Limits, RouteConfig, TokenConfig};
+use crate::error::Error;
+use crate::forward::{self, Forwarder};
+use crate::metrics::RouteMetrics;
+use crate::telemetry::client_hash;
+use crate::upstream::Failure;
+use cache::{Cache, Decision, Entry, FlightRx, FlightTx, Reply, Shared};
+use cooldown::{Cause, Cooldowns};
+use lifetime::{Token, Validated};
+use request::{CacheKey, Parsed};
+
+/// What happened to one token-path request: a log field, a metric label and the `Cache-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from the cache.
+    Hit,
+    /// Fetched from the provider: nothing was cached.
+    Miss,
+    /// Fetched from the provider: the cached token was past its safety margin.
+    Stale,
+    /// Waited for another request's upstream call.
+    Coalesced,
+    /// Refused without an upstream call: the client id is cooling down.
+    Cooldown,
+    /// A remembered answer was replayed (a recent client error, or a refresh-token answer).
+    Remembered,
+    /// Not cacheable: forwarded unchanged.
+    Bypass,
+    /// The local request was malformed.
+    Invalid,
+    /// The sidecar answered with its own error (upstream unreachable, unusable, wait timeout).
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome, in discriminant order (metrics index by `as usize`).
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Hit,
+        Outcome::Miss,
+        Outcome::Stale,
+        Outcome::Coalesced,
+        Outcome::Cooldown,
+        Outcome::Remembered,
+        Outcome::Bypass,
+        Outcome::Invalid,
+        Outcome::Error,
+    ];
+
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Cooldown => "cooldown",
+            Outcome::Remembered => "remembered",
+            Outcome::Bypass => "bypass",
+            Outcome::Invalid => "invalid",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Which grant an entry caches; they differ in refresh-ahead and how long answers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    ClientCredentials,
+    RefreshToken,
+}
+
+/// One route's token path.
+#[derive(Debug)]
+pub struct TokenRoute {
+    name: String,
+    config: TokenConfig,
+    limits: Limits,
+    token_paths: Vec<String>,
+    hmac_key: [u8; 32],
+    cache: Cache,
+    cooldowns: Cooldowns,
+    forwarder: Arc<Forwarder>,
+    metrics: RouteMetrics,
+    /// Upstream flights run here so shutdown can wait for them.
+    flights: TaskTracker,
+}
+
+impl TokenRoute {
+    /// Builds the token path of a route.
+    pub fn new(
+        route: &RouteConfig,
+        limits: &Limits,
+        forwarder: Arc<Forwarder>,
+        metrics: RouteMetrics,
+        flights: TaskTracker,
+    ) -> TokenRoute {
+        TokenRoute {
+            name: route.name.clone(),
+            config: route.token.clone(),
+            limits: limits.clone(),
+            token_paths: route.token_paths.clone(),
+            hmac_key: rand::random(),
+            cache: Cache::new(route.token.max_entries),
+            cooldowns: Cooldowns::new(&route.name),
+            forwarder,
+            metrics,
+            flights,
+        }
+    }
+
+    /// The route's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether `path` is one of this route's token endpoints.
+    pub fn is_token_path(&self, path: &str) -> bool {
+        self.token_paths.iter().any(|p| p == path)
+    }
+
+    /// Cached keys.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Active cool-downs by client hash, for the metrics.
+    pub fn active_cooldowns(&self) -> Vec<(String, Duration)> {
+        self.cooldowns
+            .active(Instant::now())
+            .into_iter()
+            .map(|(client, left)| (client_hash(&client), left))
+            .collect()
+    }
+
+    /// Evicts idle and dead entries and forgets old cool-downs; called periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let swept = self.cache.sweep(now, self.config.idle_timeout);
+        self.metrics.evicted("idle", swept.idle);
+        self.metrics.evicted("expired", swept.expired);
+        self.cooldowns.sweep(now, self.config.backoff_max * 2);
+        if swept.idle + swept.expired > 0 {
+            debug!(route = %self.name, idle = swept.idle, expired = swept.expired, "cache swept");
+        }
+    }
+
+    /// Answers a request to one of the token paths.
+    pub async fn handle(
+        self: &Arc<Self>,
+        request: Request<hyper::body::Incoming>,
+    ) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        if parts.method != Method::POST {
+            return self.reject(Error::MethodNotAllowed);
+        }
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        match content_type.as_deref() {
+            Some("application/x-www-form-urlencoded") => {}
+            // Some providers accept JSON token requests; the sidecar cannot key them, so they go
+            // through untouched and streamed.
+            Some("application/json") => {
+                self.metrics.outcome(Outcome::Bypass);
+                let request = Request::from_parts(parts, crate::body::boxed(body));
+                return with_status(
+                    self.forwarder.forward(request).await,
+                    "token-sidecar; fwd=bypass",
+                );
+            }
+            _ => return self.reject(Error::UnsupportedMediaType),
+        }
+        let limit = self.limits.max_request_body;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return self.reject(Error::PayloadTooLarge { limit });
+        }
+        let body = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return self.reject(Error::PayloadTooLarge { limit });
+            }
+            Err(_) => {
+                return self.reject(Error::InvalidRequest("the request body could not be read"));
+            }
+        };
+        let route_key = format_route_key(&self.name, parts.uri.path());
+        let parsed = request::parse(
+            &self.hmac_key,
+            &route_key,
+            parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+            &body,
+        );
+        match parsed {
+            Err(error) => self.reject(error),
+            Ok(Parsed::PassThrough) => {
+                self.metrics.outcome(Outcome::Bypass);
+                let request = Request::from_parts(parts, full(body));
+                with_status(
+                    self.forwarder.forward(request).await,
+                    "token-sidecar; fwd=bypass",
+                )
+            }
+            Ok(Parsed::Cacheable { key, client_id }) => {
+                self.serve(Grant::ClientCredentials, key, client_id, parts, body)
+                    .await
+            }
+            Ok(Parsed::RefreshToken { key, client_id }) => {
+                self.serve(Grant::RefreshToken, key, client_id, parts, body)
+                    .await
+            }
+        }
+    }
+
+    fn reject(&self, error: Error) -> Response<Body> {
+        let outcome = if error.fault() == "caller" {
+            Outcome::Invalid
+        } else {
+            Outcome::Error
+        };
+        self.metrics.outcome(outcome);
+        debug!(route = %self.name, outcome = outcome.as_str(), error = %error, "token request refused");
+        let detail = match outcome {
+            Outcome::Invalid => "token-sidecar; detail=invalid-request",
+            _ => "token-sidecar; detail=error",
+        };
+        with_status(error.into_response(), detail)
+    }
+
+    /// Serves a keyed request: from the cache, by joining or leading a flight, or with a 429.
+    async fn serve(
+        self: &Arc<Self>,
+        grant: Grant,
+        key: CacheKey,
+        client_id: String,
+        parts: Parts,
+        body: Bytes,
+    ) -> Response<Body> {
+        let now = Instant::now();
+        let (entry, evicted) = self.cache.entry(key, now);
+        self.metrics.evicted("capacity", evicted);
+        let decision = entry
+            .lock()
+            .decide(now, || self.cooldowns.remaining(&client_id, now));
+        match decision {
+            Decision::Hit { token, refresh } => {
+                if let Some(tx) = refresh {
+                    debug!(route = %self.name, client = %client_hash(&client_id), "refresh ahead");
+                    self.launch(grant, entry, tx, client_id, parts, body);
+                }
+                self.metrics.outcome(Outcome::Hit);
+                let status = format!("token-sidecar; hit; ttl={}", token.ttl_secs(now));
+                render_token(&token, now, &status)
+            }
+            Decision::Remembered(reply) => {
+                self.metrics.outcome(Outcome::Remembered);
+                render_reply(&reply, "token-sidecar; hit; detail=remembered")
+            }
+            Decision::Cooldown(left) => {
+                self.metrics.outcome(Outcome::Cooldown);
+                let retry_after_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                with_status(
+                    Error::CoolingDown { retry_after_secs }.into_response(),
+                    "token-sidecar; detail=cooldown",
+                )
+            }
+            Decision::Join(rx) => self.wait(rx, Outcome::Coalesced).await,
+            Decision::Lead { tx, rx, stale } => {
+                self.launch(grant, entry, tx, client_id, parts, body);
+                self.wait(rx, if stale { Outcome::Stale } else { Outcome::Miss })
+                    .await
+            }
+        }
+    }
+
+    /// Waits, bounded by the wait timeout, for a flight's outcome and renders it.
+    async fn wait(&self, mut rx: FlightRx, role: Outcome) -> Response<Body> {
+        let shared = match tokio::time::timeout(
+            self.config.wait_timeout,
+            rx.wait_for(Option::is_some),
+        )
+        .await
+        {
+            Ok(Ok(shared)) => shared.clone().expect("waited for Some"),
+            // The flight task died without publishing (a bug): its guard cleared the slot.
+            Ok(Err(_)) => Shared::Failed(Error::Internal),
+            Err(_) => Shared::Failed(Error::WaitTimeout),
+        };
+        let fwd = if role == Outcome::Stale {
+            "stale"
+        } else {
+            "miss"
+        };
+        let collapsed = if role == Outcome::Coalesced {
+            "; collapsed"
+        } else {
+            ""
+        };
+        match shared {
+            Shared::Token(token) => {
+                self.metrics.outcome(role);
+                let stored = if collapsed.is_empty() { "; stored" } else { "" };
+                let status = format!("token-sidecar; fwd={fwd}; fwd-status=200{stored}{collapsed}");
+                render_token(&token, Instant::now(), &status)
+            }
+            Shared::Reply(reply) => {
+                self.metrics.outcome(role);
+                let status = format!(
+                    "token-sidecar; fwd={fwd}; fwd-status={}{collapsed}",
+                    reply.status.as_u16()
+                );
+                render_reply(&reply, &status)
+            }
+            Shared::Failed(error) => {
+                self.metrics.outcome(Outcome::Error);
+                let status = format!(
+                    "token-sidecar; fwd={fwd}; detail={}{collapsed}",
+                    error.code()
+                );
+                with_status(error.into_response(), &status)
+            }
+        }
+    }
+
+    /// Starts the upstream call in its own task, so a caller that hangs up cannot cancel it for
+    /// the others, and tracked, so shutdown waits for it.
+    fn launch(
+        self: &Arc<Self>,
+        grant: Grant,
+        entry: Arc<Entry>,
+        tx: FlightTx,
+        client_id: String,
+        parts: Parts,
+        body: Bytes,
+    ) {
+        let route = self.clone();
+        self.flights.spawn(async move {
+            let guard = FlightGuard {
+                entry: &entry,
+                armed: true,
+            };
+            route.fly(grant, guard, tx, &client_id, parts, body).await;
+        });
+    }
+
+    /// One upstream call: send, classify, update the entry and cool-down, publish.
+    async fn fly(
+        &self,
+        grant: Grant,
+        mut guard: FlightGuard<'_>,
+        tx: FlightTx,
+        client_id: &str,
+        parts: Parts,
+        body: Bytes,
+    ) {
+        self.metrics.upstream_in_flight.inc();
+        let started = Instant::now();
+        let answer = self
+            .forwarder
+            .exchange(parts, body, self.limits.max_token_response)
+            .await;
+        let now = Instant::now();
+        let latency = now - started;
+        self.metrics.upstream_in_flight.dec();
+
+        let (shared, label, retry_after) = self.classify(grant, answer, client_id, now);
+        {
+            let mut state = guard.entry.lock();
+            match &shared {
+                Shared::Token(token) => {
+                    let same = state
+                        .token
+                        .as_ref()
+                        .is_some_and(|old| old.fingerprint == token.fingerprint);
+                    if same {
+                        // The provider handed back the token already cached: keep it, but do not
+                        // ask again until a growing backoff has passed.
+                        state.same_token_streak += 1;
+                        let delay = cooldown::backoff(
+                            state.same_token_streak,
+                            self.config.backoff_base,
+                            self.config.backoff_max,
+                            0.5 + rand::random::<f64>() / 2.0,
+                        );
+                        state.refresh_not_before = Some(now + delay);
+                    } else {
+                        state.same_token_streak = 0;
+                        state.refresh_not_before = None;
+                    }
+                    state.token = Some(token.clone());
+                    state.remembered = None;
+                }
+                Shared::Reply(reply) if is_client_error(reply.status) => {
+                    // The provider rejected these credentials: stop serving what they got before.
+                    state.token = None;
+                    state.remembered = Some((now + self.config.error_ttl, reply.clone()));
+                }
+                Shared::Reply(reply)
+                    if grant == Grant::RefreshToken && reply.status.is_success() =>
+                {
+                    state.remembered = Some((now + self.config.refresh_token_ttl, reply.clone()));
+                }
+                _ => {}
+            }
+            state.flight = None;
+        }
+        guard.armed = false;
+        let waiters = tx.receiver_count();
+        tx.send_replace(Some(shared));
+        self.metrics
+            .upstream_call(&label, latency.as_secs_f64(), waiters);
+        info!(
+            route = %self.name,
+            client = %client_hash(client_id),
+            status = %label,
+            latency_ms = latency.as_millis() as u64,
+            retry_after_s = retry_after.map(|d| d.as_secs()),
+            waiters,
+            "upstream token call"
+        );
+    }
+
+    /// Turns an upstream answer into what waiters receive, starting or clearing the client's
+    /// cool-down before the flight slot is released (so no request slips in between).
+    fn classify(
+        &self,
+        grant: Grant,
+        answer: Result<(Reply, bool), Failure>,
+        client_id: &str,
+        now: Instant,
+    ) -> (Shared, String, Option<Duration>) {
+        let hold = |cause, retry_after| {
+            self.cooldowns.hold(
+                client_id,
+                cause,
+                retry_after,
+                &self.config,
+                now,
+                rand::random(),
+            )
+        };
+        let (reply, truncated) = match answer {
+            Ok(answer) => answer,
+            Err(failure) => {
+                warn!(route = %self.name, upstream = %self.forwarder.upstream_url(), reason = %failure_reason(&failure), "upstream token call failed");
+                let left = hold(Cause::Failed, None);
+                let error = match failure {
+                    Failure::Timeout => Error::UpstreamTimeout,
+                    Failure::Unavailable(_) => Error::UpstreamUnavailable,
+                };
+                return (
+                    Shared::Failed(error),
+                    failure.as_str().to_owned(),
+                    Some(left),
+                );
+            }
+        };
+        let label = reply.status.as_u16().to_string();
+        if truncated {
+            warn!(route = %self.name, status = %label, "upstream token response over the size limit");
+            let left = hold(Cause::Failed, None);
+            return (
+                Shared::Failed(Error::UpstreamInvalid("response too large")),
+                label,
+                Some(left),
+            );
+        }
+        if reply.status.is_success() {
+            let content_type = reply
+                .headers
+                .get(header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("application/json"));
+            return match Token::from_upstream(
+                &reply.body,
+                content_type,
+                now,
+                &self.config,
+                rand::random(),
+            ) {
+                Ok(Validated::Token(mut token)) => {
+                    self.cooldowns.clear(client_id);
+                    if grant == Grant::RefreshToken {
+                        token.refresh_at = None;
+                        token.serve_until =
+                            token.serve_until.min(now + self.config.refresh_token_ttl);
+                    }
+                    (Shared::Token(Arc::new(token)), label, None)
+                }
+                Ok(Validated::Uncacheable) => {
+                    self.cooldowns.clear(client_id);
+                    (Shared::Reply(Arc::new(reply)), label, None)
+                }
+                Err(why) => {
+                    warn!(route = %self.name, why, "upstream token response unusable");
+                    let left = hold(Cause::Failed, None);
+                    (
+                        Shared::Failed(Error::UpstreamInvalid(why)),
+                        label,
+                        Some(left),
+                    )
+                }
+            };
+        }
+        let retry_after = match reply.status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                let given = reply
+                    .headers
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| cooldown::parse_retry_after(v, SystemTime::now()));
+                Some(hold(Cause::Throttled, given))
+            }
+            status if status.is_server_error() => Some(hold(Cause::Failed, None)),
+            _ => None,
+        };
+        (Shared::Reply(Arc::new(reply)), label, retry_after)
+    }
+}
+
+/// Clears the flight slot if the flight task ends without publishing (panic or abort), so the
+/// key is not stuck; waiters then see the channel close and answer 500.
+struct FlightGuard<'a> {
+    entry: &'a Entry,
+    armed: bool,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.entry.lock().flight = None;
+        }
+    }
+}
+
+fn is_client_error(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 401 | 403)
+}
+
+fn failure_reason(failure: &Failure) -> &str {
+    match failure {
+        Failure::Timeout => "timeout",
+        Failure::Unavailable(why) => why,
+    }
+}
+
+/// The part of the cache key that names where a token is valid: route and token path.
+fn format_route_key(route: &str, path: &str) -> String {
+    let mut key = String::with_capacity(route.len() + path.len() + 1);
+    key.push_str(route);
+    key.push('\n');
+    key.push_str(path);
+    key
+}
+
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
+const CACHE_STATUS: &str = "cache-status";
+
+/// A cached token as a response: remaining lifetime, RFC 6749 §5.1 cache headers, Cache-Status.
+fn render_token(token: &Token, now: Instant, cache_status: &str) -> Response<Body> {
+    let mut response = Response::new(full(token.render(now)));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, token.content_type.clone());
+    headers.insert(header::CACHE_CONTROL, NO_STORE);
+    headers.insert(header::PRAGMA, NO_CACHE);
+    if let Ok(value) = HeaderValue::from_str(cache_status) {
+        headers.insert(CACHE_STATUS, value);
+    }
+    response
+}
+
+/// An upstream answer as it came, plus Cache-Status.
+fn render_reply(reply: &Reply, cache_status: &str) -> Response<Body> {
+    let mut response = Response::new(full(reply.body.clone()));
+    *response.status_mut() = reply.status;
+    *response.headers_mut() = reply.headers.clone();
+    with_status(response, cache_status)
+}
+
+fn with_status(mut response: Response<Body>, cache_status: &str) -> Response<Body> {
+    if let Ok(value) = HeaderValue::from_str(cache_status) {
+        response.headers_mut().insert(CACHE_STATUS, value);
+    }
+    response
+}
+
+/// Removes what must not be forwarded from a cached upstream answer's headers.
+pub(crate) fn reply_from(parts: http::response::Parts, body: Bytes) -> Reply {
+    let mut headers = parts.headers;
+    forward::strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    Reply {
+        status: parts.status,
+        headers,
+        body,
+    }
+}

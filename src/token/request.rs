@@ -1,0 +1,475 @@
+//! Reading a local caller's token request: the form body, HTTP Basic client authentication, and
+//! the decision whether the request can be cached and under which key.
+//!
+//! The key is one HMAC-SHA256 over everything that makes two requests interchangeable (route, token
+//! path, grant, client id, client secret, every other parameter in canonical order). The HMAC key is
+//! random per process, so the cache key is useless outside this process and the plaintext secret is
+//! never stored. Two requests share a key only if the provider would see the same credentials and
+//! the same parameters.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use percent_encoding::percent_decode;
+use sha2::Sha256;
+use std::borrow::Cow;
+
+use crate::error::Error;
+
+/// The cache key: a keyed digest, so it is fixed-size, cheap to hash and compare, and reveals nothing.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Enough to tell keys apart in a debugger; the digest reveals nothing anyway.
+        write!(
+            f,
+            "CacheKey({:02x}{:02x}{:02x}{:02x}..)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
+    }
+}
+
+/// What kind of token request this is, once parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A client-credentials request with a full client identity: served from the cache.
+    Cacheable { key: CacheKey, client_id: String },
+    /// A refresh-token request with its credentials: coalesced and remembered briefly, keyed by
+    /// everything including the refresh token itself.
+    RefreshToken { key: CacheKey, client_id: String },
+    /// Anything the sidecar does not key (other grants, public clients, assertions, JSON bodies):
+    /// forwarded unchanged.
+    PassThrough,
+}
+
+/// Where the key's secret material is mixed in; domain tags keep fields from sliding into each other.
+const TAG_ROUTE: u8 = 1;
+const TAG_CLIENT: u8 = 2;
+const TAG_SECRET: u8 = 3;
+const TAG_RAW_BASIC: u8 = 4;
+const TAG_PARAM: u8 = 5;
+
+/// Parses a token request body and `Authorization` header into a [`Parsed`] decision.
+///
+/// `route` distinguishes routes and token paths (the same credentials at two providers are two
+/// keys). Errors name the offending field, never its value.
+pub fn parse(
+    hmac_key: &[u8; 32],
+    route: &str,
+    authorization: Option<&[u8]>,
+    body: &[u8],
+) -> Result<Parsed, Error> {
+    let params = parse_form(body)?;
+    let basic = match authorization {
+        Some(value) => parse_authorization(value)?,
+        None => None,
+    };
+
+    let mut grant_type = None;
+    let mut body_client_id = None;
+    let mut body_secret = None;
+    let mut has_assertion = false;
+    let mut refresh_token = None;
+    for (name, value) in &params {
+        match name.as_ref() {
+            "grant_type" => grant_type = Some(value.as_ref()),
+            "client_id" => body_client_id = Some(value.as_ref()),
+            "client_secret" => body_secret = Some(value.as_ref()),
+            "client_assertion" | "client_assertion_type" => has_assertion = true,
+            "refresh_token" => refresh_token = Some(value.as_ref()),
+            _ => {}
+        }
+    }
+
+    let is_refresh = match grant_type {
+        Some("client_credentials") => false,
+        Some("refresh_token") if refresh_token.is_some() => true,
+        _ => return Ok(Parsed::PassThrough),
+    };
+    if has_assertion {
+        return Ok(Parsed::PassThrough);
+    }
+
+    // RFC 6749 §2.3: a client must not use more than one authentication method.
+    let (client_id, secret, raw_basic) = match (basic, body_secret) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidRequest(
+                "client authenticated by both the Authorization header and client_secret",
+            ));
+        }
+        (Some(basic), None) => {
+            if body_client_id.is_some_and(|id| id != basic.client_id) {
+                return Err(Error::InvalidRequest(
+                    "client_id does not match the Authorization header",
+                ));
+            }
+            (basic.client_id, basic.secret, basic.raw)
+        }
+        (None, Some(secret)) => match body_client_id {
+            Some(id) => (Cow::Borrowed(id), Cow::Borrowed(secret), None),
+            None => return Err(Error::InvalidRequest("client_secret without client_id")),
+        },
+        // A public client (id only) has no secret to key on: a token for it would be handed to
+        // anyone who knows the id. Let the provider decide.
+        (None, None) => return Ok(Parsed::PassThrough),
+    };
+    if client_id.is_empty() || secret.is_empty() {
+        return Ok(Parsed::PassThrough);
+    }
+
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(hmac_key).expect("HMAC takes any key length");
+    field(&mut mac, TAG_ROUTE, route.as_bytes());
+    field(&mut mac, TAG_CLIENT, client_id.as_bytes());
+    match raw_basic {
+        // Percent or plus signs in a Basic header decode per RFC 6749, but not every provider
+        // decodes: key on the raw bytes so two spellings never alias one cached token.
+        Some(raw) => field(&mut mac, TAG_RAW_BASIC, raw.as_bytes()),
+        None => field(&mut mac, TAG_SECRET, secret.as_bytes()),
+    }
+    let mut rest: Vec<(&str, Cow<'_, str>)> = params
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_ref(), "client_id" | "client_secret"))
+        .map(|(name, value)| {
+            let value = if name == "scope" {
+                canonical_scope(value)
+            } else {
+                Cow::Borrowed(value.as_ref())
+            };
+            (name.as_ref(), value)
+        })
+        .collect();
+    rest.sort_unstable();
+    for (name, value) in &rest {
+        field(&mut mac, TAG_PARAM, name.as_bytes());
+        field(&mut mac, TAG_PARAM, value.as_bytes());
+    }
+    let key = CacheKey(mac.finalize().into_bytes().into());
+    let client_id = client_id.into_owned();
+    Ok(if is_refresh {
+        Parsed::RefreshToken { key, client_id }
+    } else {
+        Parsed::Cacheable { key, client_id }
+    })
+}
+
+/// Feeds one length-prefixed, tagged field, so `("ab","c")` and `("a","bc")` never collide.
+fn field(mac: &mut Hmac<Sha256>, tag: u8, bytes: &[u8]) {
+    mac.update(&[tag]);
+    mac.update(&(bytes.len() as u64).to_le_bytes());
+    mac.update(bytes);
+}
+
+/// `scope` is a set (RFC 6749 §3.3): order and repetition carry no meaning.
+fn canonical_scope(value: &str) -> Cow<'_, str> {
+    let mut scopes: Vec<&str> = value.split(' ').filter(|s| !s.is_empty()).collect();
+    scopes.sort_unstable();
+    scopes.dedup();
+    Cow::Owned(scopes.join(" "))
+}
+
+/// Decoded form parameters in their original order.
+pub type Form<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+/// Decodes an `application/x-www-form-urlencoded` body strictly: bad percent-escapes, invalid
+/// UTF-8 and repeated parameters (RFC 6749 §3.2) are errors rather than silently repaired.
+pub fn parse_form(body: &[u8]) -> Result<Form<'_>, Error> {
+    let mut params: Form<'_> = Vec::new();
+    for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let name = decode_component(name).ok_or(Error::InvalidRequest("malformed form body"))?;
+        if name.is_empty() {
+            return Err(Error::InvalidRequest("malformed form body"));
+        }
+        let value = decode_component(value).ok_or(Error::InvalidRequest("malformed form body"))?;
+        if params.iter().any(|(n, _)| *n == name) {
+            return Err(Error::DuplicateParameter(name.into_owned()));
+        }
+        params.push((name, value));
+    }
+    Ok(params)
+}
+
+/// One form component: `+` is a space, `%XX` a byte, and the result must be UTF-8.
+fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
+    // Reject a `%` that is not followed by two hex digits, which lenient decoders pass through.
+    let mut i = 0;
+    while let Some(off) = raw[i..].iter().position(|&b| b == b'%') {
+        let at = i + off;
+        let hex = raw.get(at + 1..at + 3)?;
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        i = at + 3;
+    }
+    if raw.contains(&b'+') {
+        let spaced: Vec<u8> = raw
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        let decoded = percent_decode(&spaced).decode_utf8().ok()?;
+        Some(Cow::Owned(decoded.into_owned()))
+    } else {
+        percent_decode(raw).decode_utf8().ok()
+    }
+}
+
+/// The parts of a Basic `Authorization` header.
+#[derive(Debug)]
+struct Basic<'a> {
+    client_id: Cow<'a, str>,
+    secret: Cow<'a, str>,
+    /// The undecoded `id:secret`, kept only when decoding changed it (see [`parse`]).
+    raw: Option<String>,
+}
+
+/// Parses `Authorization`. `Ok(None)` for schemes other than Basic (a bearer header on a token
+/// request is the provider's business); an error for a malformed Basic header.
+fn parse_authorization(value: &[u8]) -> Result<Option<Basic<'static>>, Error> {
+    let Some(scheme_end) = value.iter().position(|&b| b == b' ') else {
+        return Ok(None);
+    };
+    if !value[..scheme_end].eq_ignore_ascii_case(b"basic") {
+        return Ok(None);
+    }
+    let encoded = value[scheme_end + 1..].trim_ascii();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| Error::InvalidRequest("malformed Basic authorization header"))?;
+    let colon = decoded
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(Error::InvalidRequest(
+            "malformed Basic authorization header",
+        ))?;
+    let (raw_id, raw_secret) = (&decoded[..colon], &decoded[colon + 1..]);
+    let client_id = decode_component(raw_id)
+        .ok_or(Error::InvalidRequest(
+            "malformed Basic authorization header",
+        ))?
+        .into_owned();
+    let secret = decode_component(raw_secret)
+        .ok_or(Error::InvalidRequest(
+            "malformed Basic authorization header",
+        ))?
+        .into_owned();
+    let raw = decoded
+        .iter()
+        .any(|&b| b == b'%' || b == b'+')
+        .then(|| String::from_utf8_lossy(&decoded).into_owned());
+    Ok(Some(Basic {
+        client_id: Cow::Owned(client_id),
+        secret: Cow::Owned(secret),
+        raw,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: [u8; 32] = [7; 32];
+
+    fn basic(id: &str, secret: &str) -> String {
+        let enc = |s: &str| {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                enc(id),
+                enc(secret)
+            ))
+        )
+    }
+
+    fn key(auth: Option<&str>, body: &str) -> CacheKey {
+        match parse(&K, "r", auth.map(str::as_bytes), body.as_bytes()).unwrap() {
+            Parsed::Cacheable { key, .. } | Parsed::RefreshToken { key, .. } => key,
+            Parsed::PassThrough => panic!("expected a keyed request for {body}"),
+        }
+    }
+
+    #[test]
+    fn basic_and_form_credentials_share_a_key() {
+        let form = key(
+            None,
+            "grant_type=client_credentials&client_id=app&client_secret=s3cret",
+        );
+        let hdr = key(
+            Some(&basic("app", "s3cret")),
+            "grant_type=client_credentials",
+        );
+        assert_eq!(form, hdr);
+    }
+
+    #[test]
+    fn different_secret_scope_or_route_give_different_keys() {
+        let base = key(
+            None,
+            "grant_type=client_credentials&client_id=a&client_secret=s",
+        );
+        assert_ne!(
+            base,
+            key(
+                None,
+                "grant_type=client_credentials&client_id=a&client_secret=t"
+            )
+        );
+        assert_ne!(
+            base,
+            key(
+                None,
+                "grant_type=client_credentials&client_id=a&client_secret=s&scope=x"
+            )
+        );
+        assert_ne!(
+            base,
+            key(
+                None,
+                "grant_type=client_credentials&client_id=b&client_secret=s"
+            )
+        );
+        let other_route = parse(
+            &K,
+            "r2",
+            None,
+            b"grant_type=client_credentials&client_id=a&client_secret=s",
+        )
+        .unwrap();
+        assert!(matches!(other_route, Parsed::Cacheable { key, .. } if key != base));
+    }
+
+    #[test]
+    fn scope_is_a_set_and_parameter_order_does_not_matter() {
+        let a = key(
+            None,
+            "grant_type=client_credentials&client_id=a&client_secret=s&scope=b+a&audience=x",
+        );
+        let b = key(
+            None,
+            "audience=x&scope=a%20b%20a&client_secret=s&client_id=a&grant_type=client_credentials",
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn field_boundaries_cannot_be_shifted() {
+        let a = key(
+            None,
+            "grant_type=client_credentials&client_id=ab&client_secret=c",
+        );
+        let b = key(
+            None,
+            "grant_type=client_credentials&client_id=a&client_secret=bc",
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn raw_basic_spellings_that_decode_alike_do_not_share_a_key() {
+        let b64 = |s: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(s)
+            )
+        };
+        let plus = key(Some(&b64("app:a+b")), "grant_type=client_credentials");
+        let space = key(Some(&b64("app:a%20b")), "grant_type=client_credentials");
+        assert_ne!(plus, space);
+    }
+
+    #[test]
+    fn other_grants_public_clients_and_assertions_pass_through() {
+        for body in [
+            "grant_type=authorization_code&code=x&client_id=a&client_secret=s",
+            "grant_type=password&username=u&password=p&client_id=a&client_secret=s",
+            "grant_type=client_credentials&client_id=a",
+            "grant_type=client_credentials&client_assertion_type=jwt&client_assertion=x",
+            "client_id=a&client_secret=s",
+        ] {
+            assert_eq!(
+                parse(&K, "r", None, body.as_bytes()).unwrap(),
+                Parsed::PassThrough,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn refresh_grant_is_keyed_by_its_refresh_token() {
+        let a = parse(
+            &K,
+            "r",
+            None,
+            b"grant_type=refresh_token&refresh_token=1&client_id=a&client_secret=s",
+        )
+        .unwrap();
+        let b = parse(
+            &K,
+            "r",
+            None,
+            b"grant_type=refresh_token&refresh_token=2&client_id=a&client_secret=s",
+        )
+        .unwrap();
+        assert!(matches!(&a, Parsed::RefreshToken { .. }));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn malformed_input_is_rejected_with_a_named_problem() {
+        let bad = |auth: Option<&str>, body: &str| {
+            parse(&K, "r", auth.map(str::as_bytes), body.as_bytes()).unwrap_err()
+        };
+        assert!(
+            matches!(bad(None, "grant_type=client_credentials&scope=a&scope=b"), Error::DuplicateParameter(p) if p == "scope")
+        );
+        assert!(matches!(
+            bad(None, "grant_type=client_%zzcredentials"),
+            Error::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            bad(None, "grant_type=%ff"),
+            Error::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            bad(Some("Basic !!!"), "grant_type=client_credentials"),
+            Error::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            bad(Some("Basic YWJj"), "grant_type=client_credentials"),
+            Error::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            bad(
+                Some(&basic("a", "s")),
+                "grant_type=client_credentials&client_secret=s"
+            ),
+            Error::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            bad(
+                Some(&basic("a", "s")),
+                "grant_type=client_credentials&client_id=b"
+            ),
+            Error::InvalidRequest(_)
+        ));
+    }
+
+    #[test]
+    fn errors_never_echo_values() {
+        let err = parse(
+            &K,
+            "r",
+            None,
+            b"client_secret=hunter2&client_secret=hunter2",
+        )
+        .unwrap_err();
+        assert!(!format!("{err:?} {err}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,1059 @@
+//! A fake OAuth 2.0 identity provider and small hyper client helpers shared by the integration
+//! tests.
+//!
+//! [`FakeProvider`] serves plain HTTP or HTTPS on `127.0.0.1:0`. Token calls (POSTs to any path
+//! ending in `/token`) are answered according to scripted [`Behavior`]s; refresh-token grants get
+//! single-use rotation; a handful of utility endpoints (`/echo`, `/bytes/<N>`, `/upload`, `/ws`,
+//! `/status/<code>`) exercise the generic proxy paths. Dropping the provider stops its accept loop
+//! and every connection it is serving.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::io::{self, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// Response body type of the fake provider.
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Upper bound on accepted connections per provider (keeps the accept loop bounded).
+const MAX_ACCEPTS: usize = 10_000_000;
+/// Upper bound on steps of one TLS pump (one step moves at most 16 KiB).
+const MAX_PUMP_STEPS: usize = 100_000_000;
+/// Upper bound on frames handled by one WebSocket echo session.
+const MAX_WS_FRAMES: usize = 1_000_000;
+/// Upper bound on body frames consumed by `/upload`.
+const MAX_UPLOAD_FRAMES: usize = 100_000_000;
+/// Chunk size for `/bytes/<N>`.
+const CHUNK: usize = 64 * 1024;
+/// How long [`Behavior::Hang`] waits before giving up.
+const HANG: Duration = Duration::from_secs(60);
+/// Bound on every helper client call.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Process-wide counter for `tok-<n>` access tokens, so every token ever issued is distinct.
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+/// Process-wide counter for `rt-<m>` refresh tokens.
+static NEXT_REFRESH: AtomicU64 = AtomicU64::new(1);
+
+/// What the provider does with the next token call (anything but `grant_type=refresh_token`).
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// 200 `{"access_token":"tok-<n>","token_type":"bearer","expires_in":<expires_in>}` plus
+    /// `"scope"` when the request carried one; `n` is a process-wide counter. Sent after `delay`.
+    Token { expires_in: i64, delay: Duration },
+    /// 200 with exactly this JSON body.
+    Json(String),
+    /// This status, an optional `Retry-After` value (verbatim) and this JSON body, after `delay`.
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+        body: String,
+        delay: Duration,
+    },
+    /// 200 with `content-type: application/json` and a body that is not JSON.
+    Garbage,
+    /// Read the request, then close the connection without any response.
+    Drop,
+    /// Never answer (sleeps 60 s, then closes the connection without a response).
+    Hang,
+}
+
+impl Behavior {
+    /// A token that expires in `expires_in` seconds, answered immediately.
+    pub fn token(expires_in: i64) -> Self {
+        Behavior::Token {
+            expires_in,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A token that expires in `expires_in` seconds, answered after `delay`.
+    pub fn slow_token(expires_in: i64, delay: Duration) -> Self {
+        Behavior::Token { expires_in, delay }
+    }
+
+    /// An error status with an OAuth error body chosen from the status: 429/503 ->
+    /// `temporarily_unavailable`, 401 -> `invalid_client`, 400 -> `invalid_request`, else
+    /// `server_error`.
+    pub fn status(status: u16, retry_after: Option<&str>) -> Self {
+        let error = match status {
+            429 | 503 => "temporarily_unavailable",
+            401 => "invalid_client",
+            400 => "invalid_request",
+            _ => "server_error",
+        };
+        Behavior::Status {
+            status,
+            retry_after: retry_after.map(str::to_owned),
+            body: serde_json::json!({ "error": error }).to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// One request as the provider saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    /// The request body; empty for `/upload` (streamed, never held) and `/ws`.
+    pub body: Bytes,
+}
+
+struct Inner {
+    recorded: Vec<Recorded>,
+    default: Behavior,
+    queue: VecDeque<Behavior>,
+    clients: Vec<(String, String)>,
+    /// Registered refresh tokens; `true` once used.
+    refresh_tokens: HashMap<String, bool>,
+    refresh_delay: Duration,
+}
+
+struct State {
+    requests: AtomicUsize,
+    token_calls: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    inner: Mutex<Inner>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panicking test thread must not wedge every other assertion.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts a token call as in progress until dropped (also on cancellation).
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a State) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A fake identity provider listening on `127.0.0.1:<ephemeral>`. Dropping it stops the server.
+pub struct FakeProvider {
+    addr: SocketAddr,
+    tls: bool,
+    state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    accept_task: AbortHandle,
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        // Aborting the accept task drops its JoinSet, which aborts every connection task.
+        self.accept_task.abort();
+    }
+}
+
+impl FakeProvider {
+    /// Starts a plain-HTTP provider on `127.0.0.1:0`.
+    pub async fn start() -> FakeProvider {
+        Self::spawn(None).await
+    }
+
+    /// Starts an HTTPS provider with this certificate chain (PEM, leaf first) and private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1). ALPN offers `h2` and `http/1.1`.
+    pub async fn start_tls(cert_pem: String, key_pem: String) -> FakeProvider {
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("start_tls: cert_pem is not valid PEM");
+        assert!(
+            !certs.is_empty(),
+            "start_tls: cert_pem holds no certificate"
+        );
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .expect("start_tls: key_pem holds no usable private key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("start_tls: protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("start_tls: certificate and key do not match");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::spawn(Some(Arc::new(config))).await
+    }
+
+    async fn spawn(tls: Option<Arc<rustls::ServerConfig>>) -> FakeProvider {
+        let socket = TcpSocket::new_v4().expect("fake provider: socket");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("fake provider: bind 127.0.0.1:0");
+        let listener = socket.listen(4096).expect("fake provider: listen");
+        let addr = listener.local_addr().expect("fake provider: local_addr");
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(State {
+            requests: AtomicUsize::new(0),
+            token_calls: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            inner: Mutex::new(Inner {
+                recorded: Vec::new(),
+                default: Behavior::token(3600),
+                queue: VecDeque::new(),
+                clients: Vec::new(),
+                refresh_tokens: HashMap::new(),
+                refresh_delay: Duration::ZERO,
+            }),
+            shutdown: shutdown_rx,
+        });
+        let is_tls = tls.is_some();
+        let accept_task = tokio::spawn(accept_loop(listener, state.clone(), tls)).abort_handle();
+        FakeProvider {
+            addr,
+            tls: is_tls,
+            state,
+            shutdown,
+            accept_task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` (or `https://` for a TLS provider), without a trailing slash.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// POSTs received on any path ending in `/token` (including rejected and refresh calls).
+    pub fn token_calls(&self) -> usize {
+        self.state.token_calls.load(Ordering::SeqCst)
+    }
+
+    /// Every request received (counted when its head arrives).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Every request received, in arrival order (appended once its body has been read).
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.state.lock().recorded.clone()
+    }
+
+    /// Behaviour for token calls from now on, once the one-shot queue is empty.
+    pub fn set_default(&self, b: Behavior) {
+        self.state.lock().default = b;
+    }
+
+    /// Queues a one-shot behaviour; queued behaviours are consumed FIFO before the default.
+    pub fn push(&self, b: Behavior) {
+        self.state.lock().queue.push_back(b);
+    }
+
+    /// If non-empty, token calls must authenticate as one of these `(client_id, client_secret)`
+    /// pairs (HTTP Basic per RFC 6749 2.3.1, or `client_id`/`client_secret` in the form body);
+    /// anything else answers 401 `{"error":"invalid_client"}`. An empty slice disables the check.
+    pub fn set_clients(&self, clients: &[(&str, &str)]) {
+        self.state.lock().clients = clients
+            .iter()
+            .map(|(id, secret)| ((*id).to_owned(), (*secret).to_owned()))
+            .collect();
+    }
+
+    /// Highest number of token calls (including refresh calls) in progress at once.
+    pub fn max_concurrent_token_calls(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Registers and returns a fresh, valid, unused refresh token `rt-<m>`.
+    pub fn issue_refresh_token(&self) -> String {
+        let token = format!("rt-{}", NEXT_REFRESH.fetch_add(1, Ordering::SeqCst));
+        self.state
+            .lock()
+            .refresh_tokens
+            .insert(token.clone(), false);
+        token
+    }
+
+    /// Delay applied to every refresh-token call before the token is checked.
+    pub fn set_refresh_delay(&self, delay: Duration) {
+        self.state.lock().refresh_delay = delay;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let mut connections = JoinSet::new();
+    let mut accepted = 0usize;
+    while accepted < MAX_ACCEPTS {
+        tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            res = listener.accept() => {
+                let Ok((tcp, _)) = res else {
+                    // Transient accept errors (e.g. EMFILE): back off briefly.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                accepted += 1;
+                let _ = tcp.set_nodelay(true);
+                connections.spawn(serve_tcp(tcp, state.clone(), tls.clone()));
+            }
+        }
+    }
+}
+
+async fn serve_tcp(tcp: TcpStream, state: Arc<State>, tls: Option<Arc<rustls::ServerConfig>>) {
+    match tls {
+        None => serve_io(TokioIo::new(tcp), state).await,
+        Some(config) => {
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
+                return;
+            };
+            let (app, pump) = tokio::io::duplex(256 * 1024);
+            tokio::join!(
+                async {
+                    let _ = tls_pump(tcp, conn, pump).await;
+                },
+                serve_io(TokioIo::new(app), state),
+            );
+        }
+    }
+}
+
+async fn serve_io<I>(io: TokioIo<I>, state: Arc<State>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| handle(state.clone(), req));
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let _ = builder.serve_connection_with_upgrades(io, service).await;
+}
+
+/// Server-side TLS without tokio-rustls: moves ciphertext between `tcp` and `conn`, and plaintext
+/// between `conn` and `app` (the other end of which hyper serves). Ends when either side closes.
+async fn tls_pump(
+    tcp: TcpStream,
+    mut conn: rustls::ServerConnection,
+    app: DuplexStream,
+) -> io::Result<()> {
+    let (mut tcp_r, mut tcp_w) = tcp.into_split();
+    let (mut app_r, mut app_w) = tokio::io::split(app);
+    let mut net_buf = vec![0u8; 16 * 1024];
+    let mut app_buf = vec![0u8; 16 * 1024];
+    // Decrypted bytes not yet handed to hyper; the socket is not read while this is non-empty.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut tcp_eof = false;
+    for _ in 0..MAX_PUMP_STEPS {
+        flush_tls(&mut conn, &mut tcp_w).await?;
+        if tcp_eof && pending.is_empty() {
+            let _ = app_w.shutdown().await;
+            return Ok(());
+        }
+        let read_net = !tcp_eof && pending.is_empty();
+        let read_app = !conn.is_handshaking();
+        tokio::select! {
+            r = tcp_r.read(&mut net_buf), if read_net => {
+                let n = r?;
+                if n == 0 {
+                    tcp_eof = true;
+                    continue;
+                }
+                let mut slice = &net_buf[..n];
+                while !slice.is_empty() {
+                    conn.read_tls(&mut slice)?;
+                    let io_state = match conn.process_new_packets() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // Send the alert rustls queued, then give up on this connection.
+                            let _ = flush_tls(&mut conn, &mut tcp_w).await;
+                            return Err(io::Error::other(e));
+                        }
+                    };
+                    let avail = io_state.plaintext_bytes_to_read();
+                    if avail > 0 {
+                        let start = pending.len();
+                        pending.resize(start + avail, 0);
+                        conn.reader().read_exact(&mut pending[start..])?;
+                    }
+                    if io_state.peer_has_closed() {
+                        tcp_eof = true;
+                    }
+                }
+            }
+            r = app_w.write(&pending), if !pending.is_empty() => {
+                let n = r?;
+                pending.drain(..n);
+            }
+            r = app_r.read(&mut app_buf), if read_app => {
+                let n = r?;
+                if n == 0 {
+                    // hyper is done with the connection (or dropped it on purpose).
+                    conn.send_close_notify();
+                    flush_tls(&mut conn, &mut tcp_w).await?;
+                    let _ = tcp_w.shutdown().await;
+                    return Ok(());
+                }
+                conn.writer().write_all(&app_buf[..n])?;
+            }
+            else => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+async fn flush_tls(
+    conn: &mut rustls::ServerConnection,
+    tcp_w: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> io::Result<()> {
+    let mut out = Vec::new();
+    // Each write_tls call drains at least one queued record; the queue is finite.
+    for _ in 0..MAX_PUMP_STEPS {
+        if !conn.wants_write() {
+            break;
+        }
+        conn.write_tls(&mut out)?;
+    }
+    if !out.is_empty() {
+        tcp_w.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// The error returned by the service to make hyper close the connection without a response.
+fn drop_connection() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "fake provider: dropping connection",
+    )
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+
+    if path.starts_with("/echo") {
+        let (parts, body) = req.into_parts();
+        let body = collect(body).await?;
+        record(&state, &parts, body.clone());
+        return Ok(echo(&parts, &body));
+    }
+    if path.ends_with("/token") && method == Method::POST {
+        return handle_token(&state, req).await;
+    }
+    if let (&Method::GET, Some(n)) = (&method, path.strip_prefix("/bytes/")) {
+        let (parts, _) = req.into_parts();
+        record(&state, &parts, Bytes::new());
+        return Ok(match n.parse::<u64>() {
+            Ok(n) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(BoxBody::new(PatternBody {
+                    remaining: n,
+                    sent: 0,
+                }))
+                .expect("valid response"),
+            Err(_) => empty(StatusCode::BAD_REQUEST),
+        });
+    }
+    if method == Method::POST && path == "/upload" {
+        return upload(&state, req).await;
+    }
+    if method == Method::GET && path == "/ws" {
+        return Ok(websocket(&state, req));
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let (parts, body) = req.into_parts();
+        let body = collect(body).await?;
+        record(&state, &parts, body);
+        return Ok(
+            match code
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+            {
+                Some(status) => empty(status),
+                None => empty(StatusCode::BAD_REQUEST),
+            },
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let body = collect(body).await?;
+    record(&state, &parts, body);
+    Ok(empty(StatusCode::NOT_FOUND))
+}
+
+async fn collect(body: Incoming) -> Result<Bytes, io::Error> {
+    body.collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(io::Error::other)
+}
+
+fn record(state: &State, parts: &http::request::Parts, body: Bytes) {
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_else(|| parts.uri.path().to_owned());
+    state.lock().recorded.push(Recorded {
+        method: parts.method.clone(),
+        path_and_query,
+        headers: parts.headers.clone(),
+        body,
+    });
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    BoxBody::new(Full::new(bytes.into()))
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(full(Bytes::new()))
+        .expect("valid response")
+}
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .expect("valid response")
+}
+
+fn oauth_error(status: StatusCode, error: &str) -> Response<Body> {
+    json_response(status, serde_json::json!({ "error": error }).to_string())
+}
+
+async fn handle_token(state: &State, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+    state.token_calls.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight::enter(state);
+    let (parts, body) = req.into_parts();
+    let body = collect(body).await?;
+    record(state, &parts, body.clone());
+    let form = parse_form(&body);
+
+    if !client_ok(state, &parts.headers, &form) {
+        let mut resp = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"fake-provider\""),
+        );
+        return Ok(resp);
+    }
+
+    if form_get(&form, "grant_type") == Some("refresh_token") {
+        return Ok(refresh(state, &form).await);
+    }
+
+    let behavior = {
+        let mut inner = state.lock();
+        match inner.queue.pop_front() {
+            Some(b) => b,
+            None => inner.default.clone(),
+        }
+    };
+    match behavior {
+        Behavior::Token { expires_in, delay } => {
+            tokio::time::sleep(delay).await;
+            let n = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst);
+            let mut body = serde_json::json!({
+                "access_token": format!("tok-{n}"),
+                "token_type": "bearer",
+                "expires_in": expires_in,
+            });
+            if let Some(scope) = form_get(&form, "scope") {
+                body["scope"] = serde_json::Value::from(scope);
+            }
+            Ok(json_response(StatusCode::OK, body.to_string()))
+        }
+        Behavior::Json(body) => Ok(json_response(StatusCode::OK, body)),
+        Behavior::Status {
+            status,
+            retry_after,
+            body,
+            delay,
+        } => {
+            tokio::time::sleep(delay).await;
+            let status = StatusCode::from_u16(status).expect("Behavior::Status: invalid status");
+            let mut resp = json_response(status, body);
+            if let Some(value) = retry_after {
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_str(&value).expect("Behavior::Status: invalid Retry-After"),
+                );
+            }
+            Ok(resp)
+        }
+        Behavior::Garbage => Ok(json_response(
+            StatusCode::OK,
+            "<html>this is not json {\"access_token\":",
+        )),
+        Behavior::Drop => Err(drop_connection()),
+        Behavior::Hang => {
+            tokio::time::sleep(HANG).await;
+            Err(drop_connection())
+        }
+    }
+}
+
+async fn refresh(state: &State, form: &[(String, String)]) -> Response<Body> {
+    let delay = state.lock().refresh_delay;
+    tokio::time::sleep(delay).await;
+    let presented = form_get(form, "refresh_token").unwrap_or_default();
+    let new_rt = {
+        let mut inner = state.lock();
+        match inner.refresh_tokens.get_mut(presented) {
+            Some(used) if !*used => {
+                *used = true;
+                let rt = format!("rt-{}", NEXT_REFRESH.fetch_add(1, Ordering::SeqCst));
+                inner.refresh_tokens.insert(rt.clone(), false);
+                Some(rt)
+            }
+            _ => None,
+        }
+    };
+    match new_rt {
+        Some(rt) => {
+            let n = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst);
+            let body = serde_json::json!({
+                "access_token": format!("tok-{n}"),
+                "token_type": "bearer",
+                "expires_in": 3600,
+                "refresh_token": rt,
+            });
+            json_response(StatusCode::OK, body.to_string())
+        }
+        None => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
+    }
+}
+
+/// Whether the call authenticates as a configured client (always true when none is configured).
+/// HTTP Basic wins over form parameters when both are present.
+fn client_ok(state: &State, headers: &HeaderMap, form: &[(String, String)]) -> bool {
+    let clients = state.lock().clients.clone();
+    if clients.is_empty() {
+        return true;
+    }
+    let presented = match headers.get(header::AUTHORIZATION) {
+        Some(value) => parse_basic(value),
+        None => form_get(form, "client_id").map(|id| {
+            (
+                id.to_owned(),
+                form_get(form, "client_secret")
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }),
+    };
+    match presented {
+        Some((id, secret)) => clients.iter().any(|(i, s)| *i == id && *s == secret),
+        None => false,
+    }
+}
+
+/// Decodes `Basic base64(form_encode(id) ":" form_encode(secret))`.
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let value = value.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = BASE64.decode(rest.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((form_decode(id), form_decode(secret)))
+}
+
+/// Parses an `application/x-www-form-urlencoded` body into ordered pairs.
+pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (form_decode(k), form_decode(v))
+        })
+        .collect()
+}
+
+fn form_get<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// `application/x-www-form-urlencoded` decoding of one name or value (`+` is a space).
+pub fn form_decode(s: &str) -> String {
+    percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Bytes left as-is by `application/x-www-form-urlencoded` (besides alphanumerics).
+const FORM: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'*')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b' ');
+
+/// `application/x-www-form-urlencoded` encoding of one name or value (space becomes `+`).
+pub fn form_encode(s: &str) -> String {
+    utf8_percent_encode(s, FORM).to_string().replace(' ', "+")
+}
+
+fn echo(parts: &http::request::Parts, body: &[u8]) -> Response<Body> {
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let joined = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ");
+        headers.insert(name.as_str().to_owned(), serde_json::Value::from(joined));
+    }
+    let body = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "headers": headers,
+        "body_len": body.len(),
+    });
+    let mut resp = json_response(StatusCode::OK, body.to_string());
+    resp.headers_mut()
+        .insert("x-echo", HeaderValue::from_static("1"));
+    resp
+}
+
+/// A body of `remaining` bytes cycling `a..=z`, produced in 64 KiB chunks on demand.
+struct PatternBody {
+    remaining: u64,
+    sent: u64,
+}
+
+impl hyper::body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let len = self.remaining.min(CHUNK as u64);
+        let start = self.sent;
+        let chunk: Vec<u8> = (start..start + len)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect();
+        self.remaining -= len;
+        self.sent += len;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+async fn upload(state: &State, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+    let (parts, mut body) = req.into_parts();
+    let mut total: u64 = 0;
+    for _ in 0..MAX_UPLOAD_FRAMES {
+        match body.frame().await {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    total += data.len() as u64;
+                }
+            }
+            Some(Err(e)) => return Err(io::Error::other(e)),
+        }
+    }
+    record(state, &parts, Bytes::new());
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(full(total.to_string()))
+        .expect("valid response"))
+}
+
+fn websocket(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
+    if !is_upgrade {
+        return empty(StatusCode::BAD_REQUEST);
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let (parts, body) = req.into_parts();
+    record(state, &parts, Bytes::new());
+    // The pending upgrade lives in the extensions, which from_parts keeps.
+    let req = Request::from_parts(parts, body);
+    let mut shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let echo = async {
+            for _ in 0..MAX_WS_FRAMES {
+                let Some(Ok(msg)) = ws.next().await else {
+                    break;
+                };
+                let reply = match msg {
+                    Message::Text(_) | Message::Binary(_) => msg,
+                    Message::Close(_) => break,
+                    // Pings are answered by tungstenite itself.
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = echo => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(full(Bytes::new()))
+        .expect("valid response")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The plain-HTTP test client.
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTPS test client (see [`tls_client`]).
+pub type TlsClient =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A buffered response.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON; panics with the status and body if it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response body is not JSON ({e}); status {}, body {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The first value of this header, if present (lossy UTF-8).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    /// The body as (lossy) UTF-8 text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A keep-alive HTTP/1 client whose pool keeps up to 2048 idle connections per host.
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2048)
+        .build_http()
+}
+
+/// An HTTPS (and plain HTTP) HTTP/1 client that trusts only the CA certificates in `ca_pem`.
+pub fn tls_client(ca_pem: &str) -> TlsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.expect("tls_client: ca_pem is not valid PEM"))
+            .expect("tls_client: CA certificate rejected");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("tls_client: protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2048)
+        .build(connector)
+}
+
+/// `Basic` credentials per RFC 6749 2.3.1: form-urlencode id and secret, join with `:`, base64.
+pub fn basic_auth(id: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        BASE64.encode(format!("{}:{}", form_encode(id), form_encode(secret)))
+    )
+}
+
+/// POSTs `form` (already urlencoded) as `application/x-www-form-urlencoded`, with RFC 6749 2.3.1
+/// Basic credentials when `basic` is given. Panics on transport error or after 30 s.
+pub async fn post_form<C>(
+    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
+    url: &str,
+    form: &str,
+    basic: Option<(&str, &str)>,
+) -> Reply
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some((id, secret)) = basic {
+        builder = builder.header(header::AUTHORIZATION, basic_auth(id, secret));
+    }
+    let req = builder
+        .body(Full::new(Bytes::from(form.to_owned())))
+        .unwrap_or_else(|e| panic!("post_form: bad request for {url}: {e}"));
+    send(client, req).await
+}
+
+/// Sends `req` and buffers the response. Panics on transport error or after 30 s.
+pub async fn send<C>(
+    client: &hyper_util::client::legacy::Client<C, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Reply
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let what = format!("{} {}", req.method(), req.uri());
+    let call = async {
+        let resp = client
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: transport error: {e:?}"));
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: error reading response body: {e:?}"))
+            .to_bytes();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    };
+    tokio::time::timeout(CLIENT_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no complete response within {CLIENT_TIMEOUT:?}"))
+}
+
+/// A fresh CA and a leaf certificate it signed for `localhost` and `127.0.0.1`:
+/// `(ca_cert_pem, leaf_cert_pem, leaf_key_pem)`.
+pub fn test_ca() -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+
+    let ca_key = KeyPair::generate().expect("test_ca: CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("test_ca: CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "token-sidecar test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).expect("test_ca: CA cert");
+
+    let leaf_key = KeyPair::generate().expect("test_ca: leaf key");
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("test_ca: leaf params");
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf_params.is_ca = IsCa::NoCa;
+    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_cert = leaf_params
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .expect("test_ca: leaf cert");
+
+    (ca_cert.pem(), leaf_cert.pem(), leaf_key.serialize_pem())
+}

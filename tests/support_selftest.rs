@@ -1,0 +1,420 @@
+//! Self-test of the fake identity provider in `tests/support`: every scripted behaviour and
+//! utility endpoint is exercised directly with a hyper client, without the sidecar.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::{Method, Request};
+use http_body_util::Full;
+use support::{Behavior, FakeProvider, client, form_encode, post_form, send, test_ca, tls_client};
+use tokio_tungstenite::tungstenite::Message;
+
+const CC: &str = "grant_type=client_credentials";
+
+fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn default_token_is_issued_and_counted() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/oauth2/token", idp.url());
+
+    let form = format!("{CC}&scope={}", form_encode("read write"));
+    let a = post_form(&c, &url, &form, None).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let a = a.json();
+    assert!(a["access_token"].as_str().unwrap().starts_with("tok-"));
+    assert_eq!(a["token_type"], "bearer");
+    assert_eq!(a["expires_in"], 3600);
+    assert_eq!(a["scope"], "read write");
+
+    let b = post_form(&c, &url, CC, None).await.json();
+    assert_ne!(
+        a["access_token"], b["access_token"],
+        "each call issues a new token"
+    );
+    assert!(b.get("scope").is_none(), "no scope requested, none echoed");
+
+    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(idp.requests(), 2);
+    assert_eq!(idp.max_concurrent_token_calls(), 1);
+    let rec = idp.recorded();
+    assert_eq!(rec.len(), 2);
+    assert_eq!(rec[0].method, Method::POST);
+    assert_eq!(rec[0].path_and_query, "/oauth2/token");
+    assert_eq!(rec[0].body, Bytes::from(form));
+    assert_eq!(
+        rec[0].headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+
+    // A GET to a token path is not a token call.
+    assert_eq!(send(&c, get(&url)).await.status, 404);
+    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(idp.requests(), 3);
+}
+
+#[tokio::test]
+async fn concurrent_token_calls_are_measured() {
+    let idp = FakeProvider::start().await;
+    idp.set_default(Behavior::slow_token(60, Duration::from_millis(300)));
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    let calls = (0..5).map(|_| post_form(&c, &url, CC, None));
+    let replies = futures_util::future::join_all(calls).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.json()["expires_in"] == 60)
+    );
+    assert_eq!(idp.token_calls(), 5);
+    assert_eq!(idp.max_concurrent_token_calls(), 5);
+}
+
+#[tokio::test]
+async fn pushed_behaviours_are_consumed_in_order_then_default() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    idp.push(Behavior::status(503, None));
+    idp.push(Behavior::Json(
+        r#"{"access_token":"fixed","expires_in":5}"#.into(),
+    ));
+    idp.push(Behavior::Garbage);
+    idp.push(Behavior::status(400, None));
+    idp.set_default(Behavior::token(120));
+
+    let r = post_form(&c, &url, CC, None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "temporarily_unavailable");
+    assert_eq!(r.header("retry-after"), None);
+
+    let r = post_form(&c, &url, CC, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, r#"{"access_token":"fixed","expires_in":5}"#);
+
+    let r = post_form(&c, &url, CC, None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert!(serde_json::from_slice::<serde_json::Value>(&r.body).is_err());
+
+    let r = post_form(&c, &url, CC, None).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_request");
+
+    for _ in 0..2 {
+        let r = post_form(&c, &url, CC, None).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["expires_in"], 120);
+    }
+    assert_eq!(idp.token_calls(), 6);
+}
+
+#[tokio::test]
+async fn status_retry_after_is_verbatim() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+    idp.push(Behavior::status(429, Some(date)));
+    idp.push(Behavior::Status {
+        status: 500,
+        retry_after: Some("2".into()),
+        body: r#"{"error":"boom"}"#.into(),
+        delay: Duration::from_millis(50),
+    });
+
+    let r = post_form(&c, &url, CC, None).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after").as_deref(), Some(date));
+    assert_eq!(r.json()["error"], "temporarily_unavailable");
+
+    let started = Instant::now();
+    let r = post_form(&c, &url, CC, None).await;
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(r.status, 500);
+    assert_eq!(r.header("retry-after").as_deref(), Some("2"));
+    assert_eq!(r.body, r#"{"error":"boom"}"#);
+}
+
+#[tokio::test]
+async fn client_credentials_are_checked() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    // Characters that RFC 6749 2.3.1 form-encoding must protect (':' '+' '%' ' ').
+    let (id, secret) = ("svc:a", "s3 cr+t%");
+    idp.set_clients(&[(id, secret), ("other", "x")]);
+
+    let r = post_form(&c, &url, CC, Some((id, "wrong"))).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "invalid_client");
+
+    let r = post_form(&c, &url, CC, None).await;
+    assert_eq!(r.status, 401, "no credentials at all");
+
+    let r = post_form(&c, &url, CC, Some((id, secret))).await;
+    assert_eq!(r.status, 200, "Basic: {}", r.text());
+
+    let form = format!(
+        "{CC}&client_id={}&client_secret={}",
+        form_encode(id),
+        form_encode(secret)
+    );
+    let r = post_form(&c, &url, &form, None).await;
+    assert_eq!(r.status, 200, "form: {}", r.text());
+
+    let form = format!("{CC}&client_id=other&client_secret=y");
+    assert_eq!(post_form(&c, &url, &form, None).await.status, 401);
+
+    // Rejected calls still count as token calls.
+    assert_eq!(idp.token_calls(), 5);
+
+    idp.set_clients(&[]);
+    assert_eq!(post_form(&c, &url, CC, None).await.status, 200);
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_are_single_use() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    let refresh = |rt: &str| format!("grant_type=refresh_token&refresh_token={}", form_encode(rt));
+
+    let rt1 = idp.issue_refresh_token();
+    let r = post_form(&c, &url, &refresh(&rt1), None).await;
+    assert_eq!(r.status, 200);
+    let body = r.json();
+    assert!(body["access_token"].as_str().unwrap().starts_with("tok-"));
+    assert_eq!(body["expires_in"], 3600);
+    let rt2 = body["refresh_token"].as_str().unwrap().to_owned();
+    assert!(rt2.starts_with("rt-") && rt2 != rt1);
+
+    let r = post_form(&c, &url, &refresh(&rt1), None).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_grant");
+
+    let r = post_form(&c, &url, &refresh("rt-unknown"), None).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "invalid_grant");
+
+    // Two overlapping uses of the same token: exactly one wins.
+    idp.set_refresh_delay(Duration::from_millis(200));
+    let form = refresh(&rt2);
+    let (a, b) = tokio::join!(
+        post_form(&c, &url, &form, None),
+        post_form(&c, &url, &form, None),
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 400]);
+    assert_eq!(idp.max_concurrent_token_calls(), 2);
+    assert_eq!(idp.token_calls(), 5);
+}
+
+#[tokio::test]
+async fn echo_reports_the_request() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri(format!("{}/echo/some/path?a=1&b=two", idp.url()))
+        .header("x-test", "hello")
+        .body(Full::new(Bytes::from_static(b"12345")))
+        .unwrap();
+    let r = send(&c, req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-echo").as_deref(), Some("1"));
+    let body = r.json();
+    assert_eq!(body["method"], "PUT");
+    assert_eq!(body["path"], "/echo/some/path");
+    assert_eq!(body["query"], "a=1&b=two");
+    assert_eq!(body["headers"]["x-test"], "hello");
+    assert_eq!(body["body_len"], 5);
+
+    let body = send(&c, get(&format!("{}/echo", idp.url()))).await.json();
+    assert_eq!(body["method"], "GET");
+    assert!(body["query"].is_null());
+    assert_eq!(idp.token_calls(), 0);
+    assert_eq!(idp.recorded()[0].body, Bytes::from_static(b"12345"));
+}
+
+#[tokio::test]
+async fn bytes_upload_status_and_not_found() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let n = 3 * 64 * 1024 + 17;
+    let r = send(&c, get(&format!("{}/bytes/{n}", idp.url()))).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), n);
+    assert_eq!(&r.body[..3], b"abc");
+    assert_eq!(r.body[26], b'a');
+    assert_eq!(
+        send(&c, get(&format!("{}/bytes/0", idp.url())))
+            .await
+            .body
+            .len(),
+        0
+    );
+
+    let upload = Request::post(format!("{}/upload", idp.url()))
+        .body(Full::new(Bytes::from(vec![7u8; 1_000_003])))
+        .unwrap();
+    let r = send(&c, upload).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "1000003");
+
+    let r = send(&c, get(&format!("{}/status/418", idp.url()))).await;
+    assert_eq!(r.status, 418);
+    assert!(r.body.is_empty());
+    let r = send(&c, get(&format!("{}/status/503", idp.url()))).await;
+    assert_eq!(r.status, 503);
+
+    assert_eq!(
+        send(&c, get(&format!("{}/nope", idp.url()))).await.status,
+        404
+    );
+    assert_eq!(idp.requests(), 6);
+    assert_eq!(idp.recorded().len(), 6);
+}
+
+#[tokio::test]
+async fn drop_closes_the_connection_without_a_response() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    idp.push(Behavior::Drop);
+    let req = Request::post(&url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(CC.as_bytes())))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), c.request(req))
+        .await
+        .expect("Drop must close the connection promptly");
+    assert!(res.is_err(), "expected a transport error, got {res:?}");
+    assert_eq!(
+        idp.recorded()[0].body,
+        CC.as_bytes(),
+        "the request was read"
+    );
+    // The one-shot is consumed; the next call gets the default.
+    assert_eq!(post_form(&c, &url, CC, None).await.status, 200);
+    assert_eq!(idp.token_calls(), 2);
+}
+
+#[tokio::test]
+async fn hang_never_answers_and_drop_stops_the_server() {
+    let idp = FakeProvider::start().await;
+    let addr = idp.addr();
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    idp.set_default(Behavior::Hang);
+    let req = Request::post(&url).body(Full::new(Bytes::from_static(CC.as_bytes())));
+    let pending = tokio::spawn(c.request(req.unwrap()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!pending.is_finished(), "Hang must not answer");
+    assert_eq!(idp.max_concurrent_token_calls(), 1);
+
+    // Dropping the provider kills the hanging connection and the listener.
+    drop(idp);
+    let res = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("dropping the provider must end in-flight connections")
+        .unwrap();
+    assert!(res.is_err());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn websocket_echoes_frames() {
+    let idp = FakeProvider::start().await;
+    let url = format!("ws://{}/ws", idp.addr());
+    let (mut ws, resp) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .unwrap()
+    .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+
+    ws.send(Message::text("hello ws")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert_eq!(got.unwrap().unwrap(), Message::text("hello ws"));
+
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert_eq!(got.unwrap().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
+
+    ws.close(None).await.unwrap();
+    assert_eq!(idp.recorded()[0].path_and_query, "/ws");
+}
+
+#[tokio::test]
+async fn tls_provider_answers_a_client_trusting_the_test_ca() {
+    let (ca, cert, key) = test_ca();
+    let idp = FakeProvider::start_tls(cert, key).await;
+    assert!(idp.url().starts_with("https://127.0.0.1:"));
+    let c = tls_client(&ca);
+
+    let r = post_form(&c, &format!("{}/token", idp.url()), CC, None).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["access_token"]
+            .as_str()
+            .unwrap()
+            .starts_with("tok-")
+    );
+
+    // By DNS name too, on the same (kept-alive or new) connections.
+    let localhost = format!("https://localhost:{}", idp.addr().port());
+    let n = 1_000_000;
+    let r = send(&c, get(&format!("{localhost}/bytes/{n}"))).await;
+    assert_eq!(r.body.len(), n);
+    let upload = Request::post(format!("{localhost}/upload"))
+        .body(Full::new(Bytes::from(vec![1u8; n])))
+        .unwrap();
+    assert_eq!(send(&c, upload).await.text(), n.to_string());
+    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(idp.requests(), 3);
+
+    // A client that does not trust the CA is refused.
+    let (other_ca, _, _) = test_ca();
+    let untrusting = tls_client(&other_ca);
+    let res = untrusting
+        .request(get(&format!("{}/echo", idp.url())))
+        .await;
+    assert!(res.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_token_calls() {
+    let idp = FakeProvider::start().await;
+    idp.set_default(Behavior::slow_token(60, Duration::from_secs(1)));
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    let calls = (0..1000).map(|_| post_form(&c, &url, CC, None));
+    let replies = futures_util::future::join_all(calls).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(idp.token_calls(), 1000);
+    assert_eq!(idp.max_concurrent_token_calls(), 1000);
+}
