@@ -8,6 +8,8 @@
 //! and every connection it is serving.
 #![allow(dead_code)]
 
+pub mod sidecar;
+
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::io::{self, Read as _, Write as _};
