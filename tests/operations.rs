@@ -1,0 +1,397 @@
+//! Operating the sidecar: the real binary's exit codes and signals, admin endpoints, metrics,
+//! graceful shutdown, and logs that never carry a secret or a token.
+mod support;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::sidecar::Sidecar;
+use support::{Behavior, FakeProvider, client, post_form, send};
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-sidecar");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(url: &str) -> support::Reply {
+    send(
+        &client(),
+        Request::get(url).body(Full::new(Bytes::new())).unwrap(),
+    )
+    .await
+}
+
+/// Runs the binary to completion (bounded) and returns (exit code, stderr).
+fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the binary did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_clear_line() {
+    let (code, err) = run_to_end(&[], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("no upstream"), "{err}");
+
+    let (code, err) = run_to_end(&["--upstream", "ftp://x"], &[]);
+    assert_eq!((code, err.contains("--upstream")), (64, true), "{err}");
+
+    let (code, err) = run_to_end(&["--config", "/nonexistent/token-sidecar.toml"], &[]);
+    assert_eq!(
+        (code, err.contains("cannot read config file")),
+        (64, true),
+        "{err}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("ts-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "upstream = \"http://127.0.0.1:1\"\n[token]\nrefresh_after = 0.5\n",
+    )
+    .unwrap();
+    let (code, err) = run_to_end(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!((code, err.contains("refresh_after")), (64, true), "{err}");
+    std::fs::write(
+        &file,
+        "upstream = \"http://127.0.0.1:1\"\n[token]\nerror_ttl = 5\n",
+    )
+    .unwrap();
+    let (code, err) = run_to_end(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(
+        (code, err.contains("error_ttl") || err.contains("line 3")),
+        (64, true),
+        "{err}"
+    );
+
+    let (code, err) = run_to_end(
+        &[],
+        &[
+            ("TOKEN_SIDECAR_UPSTREAM", "http://127.0.0.1:1"),
+            ("TOKEN_SIDECAR_ADMIN", "nope"),
+        ],
+    );
+    assert_eq!(
+        (code, err.contains("TOKEN_SIDECAR_ADMIN")),
+        (64, true),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+struct Running {
+    child: Child,
+    listen: u16,
+    admin: u16,
+}
+
+impl Running {
+    fn start(upstream: &str, extra_env: &[(&str, &str)]) -> Running {
+        let (listen, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--upstream", upstream])
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .env_clear()
+            .env("TOKEN_SIDECAR_ADMIN", format!("127.0.0.1:{admin}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        Running {
+            child: cmd.spawn().unwrap(),
+            listen,
+            admin,
+        }
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.admin)).is_ok() {
+                let reply = get(&format!("http://127.0.0.1:{}/readyz", self.admin)).await;
+                if reply.status == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the sidecar did not become ready");
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for exit and returns (code, stderr).
+    fn wait(mut self) -> (i32, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the sidecar did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (status.code().unwrap_or(-1), stderr)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
+    let idp = FakeProvider::start().await;
+    idp.set_default(Behavior::slow_token(3600, Duration::from_millis(1500)));
+    let sidecar = Running::start(&idp.url(), &[]);
+    sidecar.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/oauth/token", sidecar.listen);
+    let in_flight = tokio::spawn(async move {
+        post_form(
+            &client(),
+            &url,
+            "grant_type=client_credentials&client_id=app&client_secret=s",
+            None,
+        )
+        .await
+    });
+    // Let the request reach the provider, then signal.
+    for _ in 0..200 {
+        if idp.token_calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sidecar.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let readiness = tokio::time::timeout(Duration::from_secs(2), async {
+        let req = Request::get(format!("http://127.0.0.1:{}/readyz", sidecar.admin))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        client().request(req).await.map(|r| r.status())
+    })
+    .await;
+    let reply = in_flight.await.unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "the request in flight still gets its answer: {}",
+        reply.text()
+    );
+    let expires_in = reply.json()["expires_in"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&expires_in), "{expires_in}");
+    let status = readiness
+        .expect("admin answers while draining")
+        .expect("admin reachable");
+    assert_eq!(status, 503, "readiness turns 503 while draining");
+    let (code, stderr) = sidecar.wait();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("draining"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_never_carry_secrets_tokens_or_authorization() {
+    let idp = FakeProvider::start().await;
+    let secret = "s3cret-VALUE-9f2c";
+    let refresh = idp.issue_refresh_token();
+    let sidecar = Running::start(
+        &idp.url(),
+        &[("RUST_LOG", "trace"), ("TOKEN_SIDECAR_LOG_FORMAT", "json")],
+    );
+    sidecar.wait_ready().await;
+    let base = format!("http://127.0.0.1:{}", sidecar.listen);
+    let c = client();
+    let mut seen = Vec::new();
+    let form = format!("grant_type=client_credentials&client_id=app&client_secret={secret}");
+    for _ in 0..3 {
+        let reply = post_form(&c, &format!("{base}/oauth/token"), &form, None).await;
+        seen.push(reply.json()["access_token"].as_str().unwrap().to_owned());
+    }
+    let basic = post_form(
+        &c,
+        &format!("{base}/oauth/token"),
+        "grant_type=client_credentials&scope=x",
+        Some(("app", secret)),
+    )
+    .await;
+    seen.push(basic.json()["access_token"].as_str().unwrap().to_owned());
+    let rotated = post_form(
+        &c,
+        &format!("{base}/oauth/token"),
+        &format!(
+            "grant_type=refresh_token&refresh_token={refresh}&client_id=app&client_secret={secret}"
+        ),
+        None,
+    )
+    .await;
+    seen.push(rotated.json()["refresh_token"].as_str().unwrap().to_owned());
+    let password = post_form(
+        &c,
+        &format!("{base}/oauth/token"),
+        &format!("grant_type=password&username=u&password={secret}"),
+        None,
+    )
+    .await;
+    assert_eq!(password.status, 200);
+    let req = Request::get(format!("{base}/echo"))
+        .header("authorization", "Bearer bearer-XYZ-123")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    send(&c, req).await;
+    idp.set_default(Behavior::status(401, None));
+    post_form(
+        &c,
+        &format!("{base}/oauth/token"),
+        "grant_type=client_credentials&client_id=app&client_secret=other-SECRET-77",
+        None,
+    )
+    .await;
+
+    sidecar.terminate();
+    let (code, logs) = sidecar.wait();
+    assert_eq!(code, 0);
+    assert!(
+        logs.contains("upstream token call"),
+        "trace logs were captured: {logs}"
+    );
+    let basic_header = support::basic_auth("app", secret);
+    let basic_b64 = basic_header.trim_start_matches("Basic ");
+    for needle in [
+        secret,
+        "other-SECRET-77",
+        &refresh,
+        "bearer-XYZ-123",
+        basic_b64,
+    ]
+    .into_iter()
+    .chain(seen.iter().map(String::as_str))
+    {
+        assert!(!logs.contains(needle), "logs contain {needle:?}");
+    }
+}
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics_report_the_token_path() {
+    let idp = FakeProvider::start().await;
+    let sidecar = Sidecar::start(&idp.url()).await;
+    let c = client();
+    let form = "grant_type=client_credentials&client_id=app&client_secret=hunter2";
+    for _ in 0..3 {
+        post_form(&c, &sidecar.token_url(), form, None).await;
+    }
+    assert_eq!(
+        get(&format!("{}/healthz", sidecar.admin_url)).await.status,
+        200
+    );
+    assert_eq!(
+        get(&format!("{}/readyz", sidecar.admin_url)).await.status,
+        200
+    );
+    assert_eq!(
+        get(&format!("{}/nope", sidecar.admin_url)).await.status,
+        404
+    );
+    let metrics = get(&format!("{}/metrics", sidecar.admin_url)).await.text();
+    for line in [
+        r#"token_sidecar_token_requests_total{route="default",outcome="hit"} 2"#,
+        r#"token_sidecar_token_requests_total{route="default",outcome="miss"} 1"#,
+        r#"token_sidecar_upstream_token_calls_total{route="default",status="200"} 1"#,
+        r#"token_sidecar_cache_entries{route="default"} 1"#,
+        r#"token_sidecar_upstream_token_call_duration_seconds_count{route="default"} 1"#,
+        r#"token_sidecar_upstream_token_calls_in_flight{route="default"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("hunter2") && !metrics.contains("tok-"),
+        "no secret or token in metrics"
+    );
+
+    idp.set_default(Behavior::status(429, Some("60")));
+    post_form(
+        &c,
+        &sidecar.token_url(),
+        "grant_type=client_credentials&client_id=other&client_secret=x",
+        None,
+    )
+    .await;
+    let metrics = get(&format!("{}/metrics", sidecar.admin_url)).await.text();
+    assert!(
+        metrics.contains(r#"token_sidecar_cooldowns_active{route="default"} 1"#),
+        "{metrics}"
+    );
+    let hash = token_sidecar::telemetry::client_hash("other");
+    assert!(
+        metrics.contains(&format!(
+            r#"token_sidecar_cooldown_remaining_seconds{{route="default",client="{hash}"}}"#
+        )),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("\"other\""),
+        "client ids appear only hashed"
+    );
+    sidecar.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_reflects_readiness() {
+    let idp = FakeProvider::start().await;
+    let sidecar = Sidecar::start(&idp.url()).await;
+    let admin = sidecar.admin_url.trim_start_matches("http://").to_owned();
+    let ok =
+        tokio::task::spawn_blocking(move || run_to_end(&["healthcheck", "--admin", &admin], &[]))
+            .await
+            .unwrap();
+    assert_eq!(ok.0, 0, "{}", ok.1);
+    let dead = format!("127.0.0.1:{}", free_port());
+    let down =
+        tokio::task::spawn_blocking(move || run_to_end(&["healthcheck", "--admin", &dead], &[]))
+            .await
+            .unwrap();
+    assert_eq!(down.0, 1, "{}", down.1);
+}
