@@ -194,6 +194,12 @@ pub struct TokenConfig {
     /// A key nobody asked for within this time is dropped (and so never refreshed again).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Most token calls in progress towards the provider at once, all keys together.
+    pub max_concurrent_calls: usize,
+    /// Most token calls per second towards the provider, all keys together; 0 means no limit.
+    pub calls_per_second: f64,
+    /// Calls allowed in a burst above `calls_per_second`.
+    pub calls_burst: u32,
 }
 
 impl Default for TokenConfig {
@@ -212,6 +218,9 @@ impl Default for TokenConfig {
             wait_timeout: Duration::from_secs(30),
             max_entries: 100_000,
             idle_timeout: Duration::from_secs(3600),
+            max_concurrent_calls: 64,
+            calls_per_second: 0.0,
+            calls_burst: 10,
         }
     }
 }
@@ -584,6 +593,21 @@ impl TokenConfig {
         }
         if self.max_entries == 0 {
             return Err(err(format!("{at}.max_entries must be greater than 0")));
+        }
+        if self.max_concurrent_calls == 0 {
+            return Err(err(format!(
+                "{at}.max_concurrent_calls must be greater than 0"
+            )));
+        }
+        if !self.calls_per_second.is_finite() || self.calls_per_second < 0.0 {
+            return Err(err(format!(
+                "{at}.calls_per_second must be 0 (no limit) or positive"
+            )));
+        }
+        if self.calls_per_second > 0.0 && self.calls_burst == 0 {
+            return Err(err(format!(
+                "{at}.calls_burst must be at least 1 when calls_per_second is set"
+            )));
         }
         Ok(())
     }

@@ -80,6 +80,11 @@ impl Forwarder {
         })
     }
 
+    /// The time limit of one upstream exchange.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.upstream.request_timeout
+    }
+
     /// The provider's base URL, for logs.
     pub fn upstream_url(&self) -> &UpstreamUrl {
         &self.upstream.url

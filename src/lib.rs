@@ -108,7 +108,9 @@ pub async fn run(
     let stop = CancellationToken::new();
     let graceful = Arc::new(GracefulShutdown::new());
     let mut accept_loops = Vec::new();
-    for ((token, forwarder), listener) in routes.iter().zip(listeners.routes) {
+    for (((token, forwarder), listener), route_config) in
+        routes.iter().zip(listeners.routes).zip(&config.routes)
+    {
         info!(
             route = token.name(),
             listen = %listener.local_addr().map_err(|e| e.to_string())?,
@@ -123,7 +125,9 @@ pub async fn run(
             graceful.clone(),
             stop.clone(),
         )));
-        tokio::spawn(sweep(token.clone(), stop.clone()));
+        let every = (route_config.token.idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::spawn(sweep(token.clone(), every, stop.clone()));
     }
 
     let admin_stop = CancellationToken::new();
@@ -168,9 +172,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Evicts idle and dead entries of one route every few seconds until `stop`.
-async fn sweep(route: Arc<TokenRoute>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+/// Evicts idle and dead entries of one route every few seconds (more often for short idle
+/// timeouts) until `stop`.
+async fn sweep(route: Arc<TokenRoute>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

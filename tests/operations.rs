@@ -395,3 +395,34 @@ async fn healthcheck_subcommand_reflects_readiness() {
             .unwrap();
     assert_eq!(down.0, 1, "{}", down.1);
 }
+
+#[test]
+fn the_documented_example_config_loads_with_the_defaults_it_claims() {
+    use token_sidecar::config::{Config, Limits, Overrides, TokenConfig};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/token-sidecar.toml");
+    let config = Config::load(
+        Overrides {
+            config: Some(path.into()),
+            upstream: Some("https://idp.example".into()),
+            ..Default::default()
+        },
+        |_| None,
+        |p| std::fs::read_to_string(p),
+    )
+    .unwrap();
+    let route = &config.routes[0];
+    assert_eq!(
+        route.token,
+        TokenConfig::default(),
+        "the example's [token] values are the defaults"
+    );
+    assert_eq!(
+        config.limits,
+        Limits::default(),
+        "the example's [limits] values are the defaults"
+    );
+    assert_eq!(route.client, Default::default());
+    assert_eq!(route.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.admin.to_string(), "127.0.0.1:9901");
+    assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+}

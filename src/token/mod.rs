@@ -5,11 +5,13 @@
 //! - [`request`]: parsing and the cache key;
 //! - [`lifetime`]: a cached token's clock and rendering;
 //! - [`cache`]: entries, single flight state, eviction;
-//! - [`cooldown`]: `Retry-After` and backoff holds per client id.
+//! - [`cooldown`]: `Retry-After` and backoff holds per client id;
+//! - [`limiter`]: the route's cap on concurrent and per-second upstream calls.
 
 pub mod cache;
 pub mod cooldown;
 pub mod lifetime;
+pub mod limiter;
 pub mod request;
 
 use bytes::Bytes;
@@ -33,6 +35,7 @@ use crate::upstream::Failure;
 use cache::{Cache, Decision, Entry, FlightRx, FlightTx, Reply, Shared};
 use cooldown::{Cause, Cooldowns};
 use lifetime::{Token, Validated};
+use limiter::Limiter;
 use request::{CacheKey, Parsed};
 
 /// What happened to one token-path request: a log field, a metric label and the `Cache-Status`.
@@ -105,6 +108,7 @@ pub struct TokenRoute {
     hmac_key: [u8; 32],
     cache: Cache,
     cooldowns: Cooldowns,
+    limiter: Limiter,
     forwarder: Arc<Forwarder>,
     metrics: RouteMetrics,
     /// Upstream flights run here so shutdown can wait for them.
@@ -128,6 +132,11 @@ impl TokenRoute {
             hmac_key: rand::random(),
             cache: Cache::new(route.token.max_entries),
             cooldowns: Cooldowns::new(&route.name),
+            limiter: Limiter::new(
+                route.token.max_concurrent_calls,
+                route.token.calls_per_second,
+                route.token.calls_burst,
+            ),
             forwarder,
             metrics,
             flights,
@@ -394,17 +403,36 @@ impl TokenRoute {
         parts: Parts,
         body: Bytes,
     ) {
-        self.metrics.upstream_in_flight.inc();
-        let started = Instant::now();
-        let answer = self
-            .forwarder
-            .exchange(parts, body, self.limits.max_token_response)
-            .await;
+        // Queue behind the route's limits only as long as the call could still finish before
+        // the callers' deadline; past that, tell them honestly when to come back.
+        let max_queue = self
+            .config
+            .wait_timeout
+            .saturating_sub(self.forwarder.request_timeout());
+        let mut latency = None;
+        let (shared, label, retry_after) = match self.limiter.admit(max_queue).await {
+            Err(held) => {
+                let retry_after_secs = held.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                warn!(route = %self.name, retry_after_s = retry_after_secs, "upstream token call held back by the route's limits");
+                (
+                    Shared::Failed(Error::CoolingDown { retry_after_secs }),
+                    "held_back".to_owned(),
+                    Some(held.retry_after),
+                )
+            }
+            Ok(_permit) => {
+                self.metrics.upstream_in_flight.inc();
+                let sent = Instant::now();
+                let answer = self
+                    .forwarder
+                    .exchange(parts, body, self.limits.max_token_response)
+                    .await;
+                latency = Some(sent.elapsed());
+                self.metrics.upstream_in_flight.dec();
+                self.classify(grant, answer, client_id, Instant::now())
+            }
+        };
         let now = Instant::now();
-        let latency = now - started;
-        self.metrics.upstream_in_flight.dec();
-
-        let (shared, label, retry_after) = self.classify(grant, answer, client_id, now);
         {
             let mut state = guard.entry.lock();
             match &shared {
@@ -448,6 +476,8 @@ impl TokenRoute {
         guard.armed = false;
         let waiters = tx.receiver_count();
         tx.send_replace(Some(shared));
+        // A call the limiter held back never reached the provider: nothing to count or log here.
+        let Some(latency) = latency else { return };
         self.metrics
             .upstream_call(&label, latency.as_secs_f64(), waiters);
         info!(

@@ -223,11 +223,23 @@ impl FakeProvider {
         Self::spawn(Some(Arc::new(config))).await
     }
 
+    /// Starts a plain-HTTP provider on a given loopback port (for "down, then up" tests).
+    pub async fn start_on(port: u16) -> FakeProvider {
+        Self::spawn_on(None, port).await
+    }
+
     async fn spawn(tls: Option<Arc<rustls::ServerConfig>>) -> FakeProvider {
+        Self::spawn_on(tls, 0).await
+    }
+
+    async fn spawn_on(tls: Option<Arc<rustls::ServerConfig>>, port: u16) -> FakeProvider {
         let socket = TcpSocket::new_v4().expect("fake provider: socket");
         socket
-            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("fake provider: bind 127.0.0.1:0");
+            .set_reuseaddr(true)
+            .expect("fake provider: reuseaddr");
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+            .expect("fake provider: bind 127.0.0.1");
         let listener = socket.listen(4096).expect("fake provider: listen");
         let addr = listener.local_addr().expect("fake provider: local_addr");
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -1,0 +1,136 @@
+//! Outbound limits of one route's token calls: a cap on calls in progress, and an optional token
+//! bucket so that even many distinct keys never exceed the provider's documented rate. A call the
+//! limiter would hold back longer than callers are willing to wait is refused up front with an
+//! honest `Retry-After` instead of queueing past every caller's deadline.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// A token bucket that lends into the future: each reservation takes one token, and when the
+/// bucket is empty the reservation is given the instant at which its token will exist.
+#[derive(Debug)]
+struct Bucket {
+    /// Tokens added per second.
+    rate: f64,
+    /// Most tokens the bucket holds (the burst).
+    burst: f64,
+    /// (tokens, at): the level at an instant; negative levels are reservations not yet due.
+    level: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    /// Reserves one call. `Ok(delay)` when the call may go after `delay`; `Err(delay)` when that
+    /// would be later than `max_wait`, in which case nothing is reserved.
+    fn reserve(&self, now: Instant, max_wait: Duration) -> Result<Duration, Duration> {
+        let mut level = self.level.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, at) = *level;
+        let refilled =
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * self.rate).min(self.burst);
+        let after = refilled - 1.0;
+        let delay = if after >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-after / self.rate)
+        };
+        if delay > max_wait {
+            *level = (refilled, now);
+            return Err(delay);
+        }
+        *level = (after, now);
+        Ok(delay)
+    }
+}
+
+/// The limits of one route.
+#[derive(Debug)]
+pub struct Limiter {
+    calls: Arc<Semaphore>,
+    bucket: Option<Bucket>,
+}
+
+/// Why a call was not allowed to go.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HeldBack {
+    /// When a retry could succeed.
+    pub retry_after: Duration,
+}
+
+impl Limiter {
+    /// At most `max_concurrent` calls in progress, and, if `rate` is positive, at most `rate`
+    /// calls per second with bursts of `burst`.
+    pub fn new(max_concurrent: usize, rate: f64, burst: u32) -> Limiter {
+        let bucket = (rate > 0.0).then(|| Bucket {
+            rate,
+            burst: f64::from(burst.max(1)),
+            level: Mutex::new((f64::from(burst.max(1)), Instant::now())),
+        });
+        Limiter {
+            calls: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            bucket,
+        }
+    }
+
+    /// Waits for the right to make one call, up to `max_wait`. The permit is held for the
+    /// duration of the call.
+    pub async fn admit(&self, max_wait: Duration) -> Result<OwnedSemaphorePermit, HeldBack> {
+        let started = Instant::now();
+        if let Some(bucket) = &self.bucket {
+            let delay = bucket
+                .reserve(started, max_wait)
+                .map_err(|retry_after| HeldBack { retry_after })?;
+            tokio::time::sleep(delay).await;
+        }
+        let left = max_wait.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, self.calls.clone().acquire_owned()).await {
+            Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
+            Err(_) => Err(HeldBack {
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_spaces_calls_at_the_rate() {
+        let bucket = Bucket {
+            rate: 10.0,
+            burst: 2.0,
+            level: Mutex::new((2.0, Instant::now())),
+        };
+        let now = Instant::now();
+        let wait = Duration::from_secs(1);
+        assert_eq!(bucket.reserve(now, wait), Ok(Duration::ZERO));
+        assert_eq!(bucket.reserve(now, wait), Ok(Duration::ZERO));
+        let third = bucket.reserve(now, wait).unwrap();
+        assert!((third.as_secs_f64() - 0.1).abs() < 1e-6, "{third:?}");
+        let fourth = bucket.reserve(now, wait).unwrap();
+        assert!((fourth.as_secs_f64() - 0.2).abs() < 1e-6, "{fourth:?}");
+        // Refused when the slot is past the wait, and nothing is reserved by the refusal.
+        let refused = bucket.reserve(now, Duration::from_millis(250)).unwrap_err();
+        assert!((refused.as_secs_f64() - 0.3).abs() < 1e-6, "{refused:?}");
+        let later = bucket.reserve(now, wait).unwrap();
+        assert!((later.as_secs_f64() - 0.3).abs() < 1e-6, "{later:?}");
+        // Time refills it, but never past the burst.
+        let much_later = now + Duration::from_secs(60);
+        assert_eq!(bucket.reserve(much_later, wait), Ok(Duration::ZERO));
+        assert_eq!(bucket.reserve(much_later, wait), Ok(Duration::ZERO));
+        assert!(bucket.reserve(much_later, wait).unwrap() > Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_calls_are_capped() {
+        let limiter = Limiter::new(2, 0.0, 0);
+        let a = limiter.admit(Duration::from_secs(1)).await.unwrap();
+        let _b = limiter.admit(Duration::from_secs(1)).await.unwrap();
+        let held = limiter.admit(Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(held.retry_after, Duration::from_secs(1));
+        drop(a);
+        assert!(limiter.admit(Duration::from_millis(100)).await.is_ok());
+    }
+}
