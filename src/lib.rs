@@ -156,10 +156,11 @@ pub async fn run(
         let _ = accept_loop.await;
     }
     flights.close();
-    let graceful =
-        Arc::try_unwrap(graceful).unwrap_or_else(|_| unreachable!("accept loops have ended"));
     let drained = tokio::time::timeout(config.shutdown_grace, async {
-        graceful.shutdown().await;
+        // The accept loops have ended, so this is the last handle: wait for every connection.
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            graceful.shutdown().await;
+        }
         flights.wait().await;
     })
     .await;

@@ -215,3 +215,51 @@ async fn an_untrusted_https_upstream_is_a_clear_502() {
         "the handshake fails before any request"
     );
 }
+
+#[tokio::test]
+async fn mutual_tls_presents_the_configured_client_certificate() {
+    let pki = support::test_pki();
+    let idp =
+        FakeProvider::start_mtls(pki.server_cert.clone(), pki.server_key.clone(), &pki.ca).await;
+    let dir = std::env::temp_dir().join(format!("token-sidecar-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca),
+        ("client.pem", &pki.client_cert),
+        ("client-key.pem", &pki.client_key),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let upstream = format!("https://localhost:{}", idp.addr().port());
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let form = "grant_type=client_credentials&client_id=app&client_secret=s";
+
+    // Without the client certificate the provider refuses the handshake.
+    let without = Sidecar::start_with(config(
+        &upstream,
+        &format!("[client]\nca_file = {:?}", path("ca.pem")),
+    ))
+    .await;
+    assert_eq!(
+        post_form(&client(), &without.token_url(), form, None)
+            .await
+            .status,
+        502
+    );
+    assert_eq!(idp.token_calls(), 0);
+
+    let with = Sidecar::start_with(config(
+        &upstream,
+        &format!(
+            "[client]\nca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+            path("ca.pem"),
+            path("client.pem"),
+            path("client-key.pem")
+        ),
+    ))
+    .await;
+    let reply = post_form(&client(), &with.token_url(), form, None).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(idp.token_calls(), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}

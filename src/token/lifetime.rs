@@ -79,38 +79,39 @@ impl Token {
             return Ok(Validated::Uncacheable);
         }
 
-        let mut prefix = BytesMut::with_capacity(body.len() + 16);
-        let mut suffix = BytesMut::with_capacity(body.len() / 2 + 1);
-        prefix.put_u8(b'{');
+        // One allocation for both halves: the prefix and suffix are views into it.
+        let mut template = BytesMut::with_capacity(body.len() + 2);
+        let mut split = 0;
+        template.put_u8(b'{');
         for (i, (key, value)) in object.iter().enumerate() {
-            let out = if i <= position {
-                &mut prefix
-            } else {
-                &mut suffix
-            };
             if i > 0 {
-                out.put_u8(b',');
+                template.put_u8(b',');
             }
-            out.put_slice(
+            template.put_slice(
                 serde_json::to_string(key)
                     .expect("strings serialise")
                     .as_bytes(),
             );
-            out.put_u8(b':');
-            if i != position {
-                out.put_slice(value.get().as_bytes());
+            template.put_u8(b':');
+            if i == position {
+                split = template.len();
+            } else {
+                template.put_slice(value.get().as_bytes());
             }
         }
-        suffix.put_u8(b'}');
+        template.put_u8(b'}');
+        let mut prefix = template.freeze();
+        let suffix = prefix.split_off(split);
 
         let margin = config
             .safety_margin_max
             .min(lifetime.mul_f64(config.safety_margin_ratio));
         let share = (config.refresh_at - config.refresh_jitter * jitter.clamp(0.0, 1.0)).max(0.0);
         Ok(Validated::Token(Token {
-            prefix: prefix.freeze(),
-            suffix: suffix.freeze(),
-            content_type,
+            prefix,
+            suffix,
+            // A copy, so the token does not pin the whole buffer the header was parsed from.
+            content_type: HeaderValue::from_bytes(content_type.as_bytes()).unwrap_or(content_type),
             fingerprint: Sha256::digest(access_token.as_bytes()).into(),
             expires_at: now + lifetime,
             serve_until: now + (lifetime - margin),

@@ -200,6 +200,40 @@ impl FakeProvider {
 
     /// Starts an HTTPS provider with this certificate chain (PEM, leaf first) and private key
     /// (PEM: PKCS#8, PKCS#1 or SEC1). ALPN offers `h2` and `http/1.1`.
+    /// Starts an HTTPS provider that requires a client certificate signed by `client_ca_pem`.
+    pub async fn start_mtls(
+        cert_pem: String,
+        key_pem: String,
+        client_ca_pem: &str,
+    ) -> FakeProvider {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(client_ca_pem.as_bytes()) {
+            roots
+                .add(cert.expect("start_mtls: client CA PEM"))
+                .expect("start_mtls: client CA");
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .expect("start_mtls: verifier");
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("start_mtls: cert_pem");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("start_mtls: key_pem");
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("start_mtls: protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .expect("start_mtls: certificate and key do not match");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self::spawn(Some(Arc::new(config))).await
+    }
+
     pub async fn start_tls(cert_pem: String, key_pem: String) -> FakeProvider {
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -1070,4 +1104,59 @@ pub fn test_ca() -> (String, String, String) {
         .expect("test_ca: leaf cert");
 
     (ca_cert.pem(), leaf_cert.pem(), leaf_key.serialize_pem())
+}
+
+/// A CA with a server leaf (for `localhost`/`127.0.0.1`) and a client leaf, all as PEM.
+pub struct Pki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+/// A fresh CA that signed a server certificate and a client certificate (for mTLS tests).
+pub fn test_pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "token-sidecar mTLS test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "token-sidecar test leaf");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        let cert = params
+            .signed_by(&key, &ca_cert, &ca_key)
+            .expect("leaf cert");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(
+        vec!["token-sidecar".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    Pki {
+        ca: ca_cert.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    }
 }
