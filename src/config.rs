@@ -336,6 +336,8 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         read_file: impl Fn(&std::path::Path) -> std::io::Result<String>,
     ) -> Result<Config, ConfigError> {
+        // An empty variable is unset: `-e TOKEN_SIDECAR_LISTEN=` clears a value an image sets.
+        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
         let env_addr = |name: &str| -> Result<Option<SocketAddr>, ConfigError> {
             env(name)
                 .map(|v| {
@@ -347,25 +349,7 @@ impl Config {
                 })
                 .transpose()
         };
-        let config_path = flags
-            .config
-            .clone()
-            .or_else(|| env("TOKEN_SIDECAR_CONFIG").map(PathBuf::from));
-        let file = match &config_path {
-            Some(path) => {
-                let text = read_file(path)
-                    .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| {
-                    err(
-                        format!("config file {}: {}", path.display(), e.message().trim_end())
-                            + &e.span()
-                                .map(|s| format!(" (at {})", line_col(&text, s.start)))
-                                .unwrap_or_default(),
-                    )
-                })?
-            }
-            None => FileConfig::default(),
-        };
+        let file = read_config_file(&flags, &env, &read_file)?;
 
         let upstream = flags
             .upstream
@@ -389,7 +373,7 @@ impl Config {
             Some(addr) => addr,
             None => env_addr("TOKEN_SIDECAR_ADMIN")?
                 .or(file.admin)
-                .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid default")),
+                .unwrap_or_else(default_admin),
         };
         let mut log = file.log.clone();
         if let Some(format) = env("TOKEN_SIDECAR_LOG_FORMAT") {
@@ -629,6 +613,61 @@ impl ClientConfig {
     }
 }
 
+/// The admin address alone, layered like [`Config::load`] does, for the `healthcheck`
+/// subcommand: it must probe where the server listens without needing an upstream.
+pub fn admin_address(
+    flags: &Overrides,
+    env: impl Fn(&str) -> Option<String>,
+    read_file: impl Fn(&std::path::Path) -> std::io::Result<String>,
+) -> Result<SocketAddr, ConfigError> {
+    if let Some(addr) = flags.admin {
+        return Ok(addr);
+    }
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    if let Some(value) = env("TOKEN_SIDECAR_ADMIN") {
+        return value.parse().map_err(|_| {
+            err(format!(
+                "TOKEN_SIDECAR_ADMIN={value:?} is not an address like 127.0.0.1:9901"
+            ))
+        });
+    }
+    Ok(read_config_file(flags, &env, &read_file)?
+        .admin
+        .unwrap_or_else(default_admin))
+}
+
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN.parse().expect("valid default")
+}
+
+/// Reads and parses the config file named by `--config` or `TOKEN_SIDECAR_CONFIG`, if any.
+fn read_config_file(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    read_file: &impl Fn(&std::path::Path) -> std::io::Result<String>,
+) -> Result<FileConfig, ConfigError> {
+    let path = flags
+        .config
+        .clone()
+        .or_else(|| env("TOKEN_SIDECAR_CONFIG").map(PathBuf::from));
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = read_file(&path)
+        .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str::<FileConfig>(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|s| format!(" (at {})", line_col(&text, s.start)))
+            .unwrap_or_default();
+        err(format!(
+            "config file {}: {}{at}",
+            path.display(),
+            e.message().trim_end()
+        ))
+    })
+}
+
 /// `line L, column C` of a byte offset, for error messages.
 fn line_col(text: &str, offset: usize) -> String {
     let before = &text[..offset.min(text.len())];
@@ -707,6 +746,50 @@ mod tests {
         assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
         assert_eq!(c.routes[0].token_paths, vec![DEFAULT_TOKEN_PATH]);
         assert_eq!(c.routes[0].token, TokenConfig::default());
+    }
+
+    #[test]
+    fn empty_environment_values_count_as_unset() {
+        let env = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
+            ("TOKEN_SIDECAR_LISTEN", ""),
+            ("TOKEN_SIDECAR_ADMIN", " "),
+        ];
+        let c = load(Overrides::default(), &env, None).unwrap();
+        assert_eq!(c.routes[0].listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
+    }
+
+    #[test]
+    fn the_healthcheck_finds_the_admin_address_like_the_server() {
+        let file = Some("admin = \"127.0.0.1:7777\"".to_owned());
+        let read = |_: &std::path::Path| file.clone().ok_or_else(|| std::io::Error::other("none"));
+        let flags = Overrides {
+            config: Some("f.toml".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            admin_address(&flags, |_| None, read).unwrap().to_string(),
+            "127.0.0.1:7777"
+        );
+        let env = |k: &str| (k == "TOKEN_SIDECAR_ADMIN").then(|| "127.0.0.1:7778".to_owned());
+        assert_eq!(
+            admin_address(&flags, env, read).unwrap().to_string(),
+            "127.0.0.1:7778"
+        );
+        let bad = |k: &str| (k == "TOKEN_SIDECAR_ADMIN").then(|| "nope".to_owned());
+        assert!(
+            admin_address(&flags, bad, read)
+                .unwrap_err()
+                .0
+                .contains("TOKEN_SIDECAR_ADMIN")
+        );
+        assert_eq!(
+            admin_address(&Overrides::default(), |_| None, read)
+                .unwrap()
+                .to_string(),
+            DEFAULT_ADMIN
+        );
     }
 
     #[test]

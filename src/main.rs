@@ -4,7 +4,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use token_sidecar::cli::{Cli, Command, healthcheck};
-use token_sidecar::config::{Config, DEFAULT_ADMIN};
+use token_sidecar::config::{Config, Overrides, admin_address};
 use token_sidecar::{Listeners, run, telemetry};
 
 const EX_USAGE: u8 = 64;
@@ -24,11 +24,15 @@ fn main() -> ExitCode {
     };
     let env = |name: &str| std::env::var(name).ok();
 
-    if let Some(Command::Healthcheck { admin, timeout }) = cli.command {
-        let admin = admin
-            .or_else(|| env("TOKEN_SIDECAR_ADMIN").and_then(|a| a.parse().ok()))
-            .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid default"));
-        return match healthcheck(admin, timeout) {
+    if let Some(Command::Healthcheck { admin, timeout }) = &cli.command {
+        let flags = Overrides {
+            admin: admin.or(cli.admin),
+            ..cli.overrides()
+        };
+        let checked = admin_address(&flags, env, |path| std::fs::read_to_string(path))
+            .map_err(|e| e.to_string())
+            .and_then(|admin| healthcheck(admin, *timeout));
+        return match checked {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("token-sidecar healthcheck: {e}");
