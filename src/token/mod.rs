@@ -204,7 +204,7 @@ impl TokenRoute {
             // Some providers accept JSON token requests; the sidecar cannot key them, so they go
             // through untouched and streamed.
             Some("application/json") => {
-                self.metrics.outcome(Outcome::Bypass);
+                self.record(Outcome::Bypass);
                 let request = Request::from_parts(parts, crate::body::boxed(body));
                 return with_status(
                     self.forwarder.forward(request).await,
@@ -244,7 +244,7 @@ impl TokenRoute {
         match parsed {
             Err(error) => self.reject(error),
             Ok(Parsed::PassThrough) => {
-                self.metrics.outcome(Outcome::Bypass);
+                self.record(Outcome::Bypass);
                 let request = Request::from_parts(parts, full(body));
                 with_status(
                     self.forwarder.forward(request).await,
@@ -262,14 +262,20 @@ impl TokenRoute {
         }
     }
 
+    /// Counts a request's outcome and writes its debug-level request line.
+    fn record(&self, outcome: Outcome) {
+        self.metrics.outcome(outcome);
+        debug!(route = %self.name, outcome = outcome.as_str(), "token request");
+    }
+
     fn reject(&self, error: Error) -> Response<Body> {
         let outcome = if error.fault() == "caller" {
             Outcome::Invalid
         } else {
             Outcome::Error
         };
-        self.metrics.outcome(outcome);
-        debug!(route = %self.name, outcome = outcome.as_str(), error = %error, "token request refused");
+        self.record(outcome);
+        debug!(route = %self.name, error = %error, "token request refused");
         let detail = match outcome {
             Outcome::Invalid => "token-sidecar; detail=invalid-request",
             _ => "token-sidecar; detail=error",
@@ -298,16 +304,16 @@ impl TokenRoute {
                     debug!(route = %self.name, client = %client_hash(&client_id), "refresh ahead");
                     self.launch(grant, entry, tx, client_id, parts, body);
                 }
-                self.metrics.outcome(Outcome::Hit);
+                self.record(Outcome::Hit);
                 let status = format!("token-sidecar; hit; ttl={}", token.ttl_secs(now));
                 render_token(&token, now, &status)
             }
             Decision::Remembered(reply) => {
-                self.metrics.outcome(Outcome::Remembered);
+                self.record(Outcome::Remembered);
                 render_reply(&reply, "token-sidecar; hit; detail=remembered")
             }
             Decision::Cooldown(left) => {
-                self.metrics.outcome(Outcome::Cooldown);
+                self.record(Outcome::Cooldown);
                 let retry_after_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
                 with_status(
                     Error::CoolingDown { retry_after_secs }.into_response(),
@@ -348,13 +354,13 @@ impl TokenRoute {
         };
         match shared {
             Shared::Token(token) => {
-                self.metrics.outcome(role);
+                self.record(role);
                 let stored = if collapsed.is_empty() { "; stored" } else { "" };
                 let status = format!("token-sidecar; fwd={fwd}; fwd-status=200{stored}{collapsed}");
                 render_token(&token, Instant::now(), &status)
             }
             Shared::Reply(reply) => {
-                self.metrics.outcome(role);
+                self.record(role);
                 let status = format!(
                     "token-sidecar; fwd={fwd}; fwd-status={}{collapsed}",
                     reply.status.as_u16()
@@ -362,7 +368,7 @@ impl TokenRoute {
                 render_reply(&reply, &status)
             }
             Shared::Failed(error) => {
-                self.metrics.outcome(Outcome::Error);
+                self.record(Outcome::Error);
                 let status = format!(
                     "token-sidecar; fwd={fwd}; detail={}{collapsed}",
                     error.code()
