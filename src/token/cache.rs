@@ -136,10 +136,12 @@ impl EntryState {
         (tx, rx)
     }
 
-    /// Whether the entry holds nothing worth keeping at `now`.
+    /// Whether the entry holds nothing worth keeping at `now`. A token past its margin is kept
+    /// until it really expires, so the next request is told `stale` and the same-token backoff
+    /// is remembered.
     fn is_dead(&self, now: Instant) -> bool {
         self.flight.is_none()
-            && self.token.as_ref().is_none_or(|t| !t.servable(now))
+            && self.token.as_ref().is_none_or(|t| now >= t.expires_at)
             && self
                 .remembered
                 .as_ref()
