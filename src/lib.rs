@@ -53,20 +53,30 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every listener the configuration names; an error names the address.
     pub async fn bind(config: &Config) -> Result<Listeners, String> {
-        let bind = |addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))
-        };
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            routes.push(bind(route.listen).await?);
+            routes.push(listen(route.listen)?);
         }
         Ok(Listeners {
             routes,
-            admin: bind(config.admin).await?,
+            admin: listen(config.admin)?,
         })
     }
+}
+
+/// Binds one listener with a backlog deep enough for a burst of new connections (the default of
+/// 128 makes a thundering herd of clients wait a second or more for SYN retries).
+pub fn listen(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
+    let describe = |e: std::io::Error| format!("cannot listen on {addr}: {e}");
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(describe)?;
+    socket.set_reuseaddr(true).map_err(describe)?;
+    socket.bind(addr).map_err(describe)?;
+    socket.listen(4096).map_err(describe)
 }
 
 /// Runs the sidecar on already-bound listeners until `shutdown` completes, then drains: readiness

@@ -10,12 +10,16 @@ use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::body::{Body, boxed};
+use crate::body::boxed;
 use crate::forward::Forwarder;
 use crate::token::TokenRoute;
 
+/// The body of a route's responses: the catch-panic layer's own boxed body, so a response is
+/// boxed once on its way out, not twice.
+pub type RouteBody = tower_http::body::UnsyncBoxBody<bytes::Bytes, crate::body::BoxError>;
+
 /// The service that answers one route's listener.
-pub type RouteService = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+pub type RouteService = BoxCloneSyncService<Request<Incoming>, Response<RouteBody>, Infallible>;
 
 /// Builds the service of one route.
 pub fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
@@ -36,7 +40,5 @@ pub fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> Route
             crate::error::Error::Internal.into_response()
         }))
         .service(dispatch);
-    BoxCloneSyncService::new(tower::ServiceExt::map_response(stack, |r: Response<_>| {
-        r.map(boxed)
-    }))
+    BoxCloneSyncService::new(stack)
 }

@@ -15,24 +15,26 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::body::Body;
+use crate::body::BoxError;
 use crate::config::Limits;
 
 /// Serves `listener` with `service` until `stop` fires. Connections are registered with
 /// `graceful` so the caller can drain them.
-pub async fn serve<S>(
+pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     limits: Limits,
     graceful: Arc<GracefulShutdown>,
     stop: CancellationToken,
 ) where
-    S: tower::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -52,7 +52,11 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the client for a route. Errors name the file or setting at fault.
     pub fn new(route: &RouteConfig) -> Result<Upstream, String> {
-        let tls = tls_config(&route.client).map_err(|e| format!("route {}: {e}", route.name))?;
+        let tls = tls_config(
+            &route.client,
+            route.upstream.scheme == http::uri::Scheme::HTTPS,
+        )
+        .map_err(|e| format!("route {}: {e}", route.name))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -126,8 +130,14 @@ fn base_roots() -> &'static RootCertStore {
     })
 }
 
-fn tls_config(client: &ClientConfig) -> Result<rustls::ClientConfig, String> {
-    let mut roots = base_roots().clone();
+/// The TLS settings of a route. The system store is read only for `https://` upstreams; a plain
+/// `http://` one never handshakes, so it does not pay for loading it.
+fn tls_config(client: &ClientConfig, https: bool) -> Result<rustls::ClientConfig, String> {
+    let mut roots = if https {
+        base_roots().clone()
+    } else {
+        RootCertStore::empty()
+    };
     if let Some(path) = &client.ca_file {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .and_then(Iterator::collect)

@@ -5,8 +5,7 @@
 //! sits behind a std mutex held for a few field reads and writes, never across `.await`. Lock
 //! order is always map shard, then entry state, then cool-down shard.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -159,10 +158,11 @@ impl Hasher for DigestHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than `CacheKey` is hashed; stay correct anyway.
-        let mut h = RandomState::new().build_hasher();
-        h.write(bytes);
-        self.0 ^= h.finish();
+        // Only reached if something other than `CacheKey` is hashed: FNV-1a keeps it
+        // deterministic (equal bytes, equal hash), which is all a Hasher must be.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
     fn write_u64(&mut self, n: u64) {
         self.0 = n;

@@ -104,7 +104,8 @@ pub struct TokenRoute {
     name: String,
     config: TokenConfig,
     limits: Limits,
-    token_paths: Vec<String>,
+    /// Each token path with its key scope (route name and path), computed once.
+    token_paths: Vec<(String, String)>,
     hmac_key: [u8; 32],
     cache: Cache,
     cooldowns: Cooldowns,
@@ -128,7 +129,11 @@ impl TokenRoute {
             name: route.name.clone(),
             config: route.token.clone(),
             limits: limits.clone(),
-            token_paths: route.token_paths.clone(),
+            token_paths: route
+                .token_paths
+                .iter()
+                .map(|path| (path.clone(), format!("{}\n{path}", route.name)))
+                .collect(),
             hmac_key: rand::random(),
             cache: Cache::new(route.token.max_entries),
             cooldowns: Cooldowns::new(&route.name),
@@ -150,7 +155,15 @@ impl TokenRoute {
 
     /// Whether `path` is one of this route's token endpoints.
     pub fn is_token_path(&self, path: &str) -> bool {
-        self.token_paths.iter().any(|p| p == path)
+        self.key_scope(path).is_some()
+    }
+
+    /// The part of the cache key that names where a token is valid: route and token path.
+    fn key_scope(&self, path: &str) -> Option<&str> {
+        self.token_paths
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, scope)| scope.as_str())
     }
 
     /// Cached keys.
@@ -188,30 +201,23 @@ impl TokenRoute {
         if parts.method != Method::POST {
             return self.reject(Error::MethodNotAllowed);
         }
-        let content_type = parts
+        let media_type = parts
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            });
-        match content_type.as_deref() {
-            Some("application/x-www-form-urlencoded") => {}
+            .map_or("", |v| v.split(';').next().unwrap_or("").trim());
+        if media_type.eq_ignore_ascii_case("application/json") {
             // Some providers accept JSON token requests; the sidecar cannot key them, so they go
             // through untouched and streamed.
-            Some("application/json") => {
-                self.record(Outcome::Bypass);
-                let request = Request::from_parts(parts, crate::body::boxed(body));
-                return with_status(
-                    self.forwarder.forward(request).await,
-                    "token-sidecar; fwd=bypass",
-                );
-            }
-            _ => return self.reject(Error::UnsupportedMediaType),
+            self.record(Outcome::Bypass);
+            let request = Request::from_parts(parts, crate::body::boxed(body));
+            return with_status(
+                self.forwarder.forward(request).await,
+                "token-sidecar; fwd=bypass",
+            );
+        }
+        if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            return self.reject(Error::UnsupportedMediaType);
         }
         let limit = self.limits.max_request_body;
         let declared = parts
@@ -231,10 +237,12 @@ impl TokenRoute {
                 return self.reject(Error::InvalidRequest("the request body could not be read"));
             }
         };
-        let route_key = format_route_key(&self.name, parts.uri.path());
+        let Some(scope) = self.key_scope(parts.uri.path()) else {
+            return self.reject(Error::Internal);
+        };
         let parsed = request::parse(
             &self.hmac_key,
-            &route_key,
+            scope,
             parts
                 .headers
                 .get(header::AUTHORIZATION)
@@ -618,15 +626,6 @@ fn failure_reason(failure: &Failure) -> &str {
         Failure::Timeout => "timeout",
         Failure::Unavailable(why) => why,
     }
-}
-
-/// The part of the cache key that names where a token is valid: route and token path.
-fn format_route_key(route: &str, path: &str) -> String {
-    let mut key = String::with_capacity(route.len() + path.len() + 1);
-    key.push_str(route);
-    key.push('\n');
-    key.push_str(path);
-    key
 }
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");

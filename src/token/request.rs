@@ -125,7 +125,7 @@ pub fn parse(
     match raw_basic {
         // Percent or plus signs in a Basic header decode per RFC 6749, but not every provider
         // decodes: key on the raw bytes so two spellings never alias one cached token.
-        Some(raw) => field(&mut mac, TAG_RAW_BASIC, raw.as_bytes()),
+        Some(raw) => field(&mut mac, TAG_RAW_BASIC, &raw),
         None => field(&mut mac, TAG_SECRET, secret.as_bytes()),
     }
     let mut rest: Vec<(&str, Cow<'_, str>)> = params
@@ -224,7 +224,7 @@ struct Basic<'a> {
     client_id: Cow<'a, str>,
     secret: Cow<'a, str>,
     /// The undecoded `id:secret`, kept only when decoding changed it (see [`parse`]).
-    raw: Option<String>,
+    raw: Option<Vec<u8>>,
 }
 
 /// Parses `Authorization`. `Ok(None)` for schemes other than Basic (a bearer header on a token
@@ -257,10 +257,11 @@ fn parse_authorization(value: &[u8]) -> Result<Option<Basic<'static>>, Error> {
             "malformed Basic authorization header",
         ))?
         .into_owned();
+    // The exact bytes, not a lossy string: two byte strings must never map to one key.
     let raw = decoded
         .iter()
         .any(|&b| b == b'%' || b == b'+')
-        .then(|| String::from_utf8_lossy(&decoded).into_owned());
+        .then(|| decoded.clone());
     Ok(Some(Basic {
         client_id: Cow::Owned(client_id),
         secret: Cow::Owned(secret),
