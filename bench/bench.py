@@ -1,0 +1,831 @@
+"""The benchmark driver behind bench/run.sh: starts the processes of each scenario on 127.0.0.1,
+runs the load, reads the counters on both sides, and writes the report.
+
+Scenarios (see bench/README.md): hit path, cold storm, the story (a throttled provider), steady
+state with rotation, memory and start. References run in the same process tree and, where the
+scenario allows, interleaved with the sidecar, so that only ratios from this one run are compared.
+
+Every child process is ours and is ended by its pid; every wait is bounded.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+SIDECAR = os.path.join(ROOT, "target", "release", "token-sidecar")
+CEILING = os.path.join(ROOT, "target", "release", "examples", "ceiling")
+PROFILE_SIDECAR = os.path.join(ROOT, "target", "bench-profile", "release", "token-sidecar")
+PY = sys.executable
+
+sys.dont_write_bytecode = True  # no __pycache__ in bench/
+sys.path.insert(0, BENCH)
+import provider as provider_mod  # noqa: E402  (the token JSON the ceiling serves)
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+class Run:
+    """Shared state of one run: settings, output folder, the commands executed, the children."""
+
+    def __init__(self, quick, out, profile):
+        self.quick = quick
+        self.out = out
+        self.profile = profile
+        self.commands = []  # (scenario, command line) in execution order
+        self.children = []
+        self.scenario = ""
+        os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+
+    def note(self, argv):
+        shown = ["python3" if a == PY else rel(a) if os.path.isabs(a) and a.startswith(ROOT)
+                 else a for a in argv]
+        line = " ".join(shlex.quote(a) for a in shown)
+        for entry in self.commands:
+            if entry[:2] == [self.scenario, line]:
+                entry[2] += 1
+                return
+        self.commands.append([self.scenario, line, 1])
+
+    def log(self, name):
+        return open(os.path.join(self.out, "logs", name + ".log"), "ab")
+
+    def spawn(self, name, argv, env=None, announce=True):
+        """Starts a child; if `announce`, waits for its `listening on ADDR` line and returns it."""
+        self.note(argv)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if announce else subprocess.DEVNULL,
+                                stderr=self.log(name), env=env, cwd=ROOT)
+        self.children.append(proc)
+        if not announce:
+            return proc, None
+        line = read_line(proc, 10.0)
+        if not line.startswith("listening on "):
+            stop(proc)
+            raise RuntimeError("%s did not start: %r" % (name, line))
+        return proc, line.split()[-1]
+
+    def stop_all(self):
+        for proc in self.children:
+            stop(proc)
+        self.children = []
+
+
+def read_line(proc, timeout):
+    """One stdout line of a child, bounded in time."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        return ""
+    return proc.stdout.readline().decode().strip()
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, timeout=10.0):
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+FORM = b"grant_type=client_credentials&client_id=bench-client&client_secret=bench-secret&scope=read"
+FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def start_provider(run, name, **opts):
+    argv = [PY, os.path.join(BENCH, "provider.py"), "--max-seconds", "900"]
+    for key, value in opts.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    proc, addr = run.spawn(name, argv)
+    return proc, addr
+
+
+def provider_stats(addr):
+    status, _, body = http("GET", "http://%s/stats" % addr)
+    assert status == 200, status
+    return json.loads(body)
+
+
+class Sidecar:
+    def __init__(self, run, name, upstream, binary=SIDECAR, token=None):
+        self.listen = "127.0.0.1:%d" % free_port()
+        self.admin = "127.0.0.1:%d" % free_port()
+        self.config = os.path.join(run.out, name + ".toml")
+        token = dict({"max_entries": 200000}, **(token or {}))
+        with open(self.config, "w") as f:
+            f.write("# Written by bench/bench.py for the %s scenario.\n" % name)
+            f.write("[limits]\nmax_connections = 20000\n\n[token]\n")
+            for key, value in token.items():
+                f.write("%s = %s\n" % (key, json.dumps(value)))
+        argv = [binary, "--upstream", "http://" + upstream, "--listen", self.listen,
+                "--admin", self.admin, "--config", self.config]
+        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+        self.started = time.monotonic()
+        self.proc, _ = run.spawn(name + "-sidecar", argv, env=env, announce=False)
+        self.ready_s = wait_ready(self.admin, self.proc, 10.0) - self.started
+
+    def metrics(self):
+        status, _, body = http("GET", "http://%s/metrics" % self.admin)
+        assert status == 200, status
+        return body.decode()
+
+    def metric(self, name, **labels):
+        """Sum of the samples of `name` whose labels include `labels`."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, rest = head.partition("{")
+            if metric != name:
+                continue
+            pairs = dict(p.split("=", 1) for p in rest.rstrip("}").split(",") if "=" in p)
+            if all(pairs.get(k) == '"%s"' % v for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self):
+        stop(self.proc)
+
+
+def wait_ready(admin, proc, timeout):
+    """Polls GET /readyz every millisecond until 200; returns the monotonic time of that 200."""
+    host, port = admin.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    probe = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("sidecar exited with %s" % proc.returncode)
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0) as s:
+                s.sendall(probe)
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return time.monotonic()
+        except OSError:
+            pass
+        time.sleep(0.001)
+    raise RuntimeError("sidecar not ready within %.0fs" % timeout)
+
+
+def wrk(run, url, seconds, script="hit.lua", connections=64, args=()):
+    argv = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s",
+            "-s", os.path.join(BENCH, script), url]
+    if args:
+        argv += ["--"] + [str(a) for a in args]
+    run.note(argv)
+    done = subprocess.run(argv, capture_output=True, timeout=seconds + 60, cwd=ROOT)
+    text = done.stdout.decode()
+    for line in text.splitlines():
+        if line.startswith("WRK_JSON "):
+            return json.loads(line[len("WRK_JSON "):])
+    raise RuntimeError("wrk gave no summary: %s %s" % (text, done.stderr.decode()))
+
+
+def client(run, mode, timeout, *args):
+    argv = [PY, os.path.join(BENCH, "client.py"), mode] + [str(a) for a in args]
+    run.note(argv)
+    done = subprocess.run(argv, capture_output=True, timeout=timeout, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError("client %s failed: %s" % (mode, done.stderr.decode()[-2000:]))
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def token_request(url):
+    return http("POST", url + "/oauth/token", FORM, FORM_HEADERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios. Each returns a dict of figures; an exception marks the scenario as failed to run.
+
+
+def scenario_hit(run):
+    rounds, seconds = (1, 2) if run.quick else (8, 4)
+    body_file = os.path.join(run.out, "token.json")
+    with open(body_file, "wb") as f:
+        f.write(provider_mod.token_body(1, 1024, 3600))
+    prov, prov_addr = start_provider(run, "hit-provider", lifetime=3600, token_bytes=1024)
+    ceiling, ceiling_addr = run.spawn("hit-ceiling", [CEILING, "127.0.0.1:0", body_file])
+    sidecar = Sidecar(run, "hit", prov_addr)
+    targets = {"ceiling": "http://" + ceiling_addr + "/oauth/token",
+               "sidecar": "http://" + sidecar.listen + "/oauth/token",
+               "provider": "http://" + prov_addr + "/oauth/token"}
+    first = token_request("http://" + sidecar.listen)
+    second = token_request("http://" + sidecar.listen)
+    assert first[0] == 200 and second[0] == 200, (first[0], second[0])
+    assert "hit" in second[1].get("cache-status", ""), second[1]
+    for name in ("ceiling", "sidecar"):  # warm both: connections, allocator, CPU caches
+        wrk(run, targets[name], 1)
+    hits_before = sidecar.metric("token_sidecar_token_requests_total", outcome="hit")
+    results = {"ceiling": [], "sidecar": [], "provider": []}
+    for r in range(rounds):
+        order = ["ceiling", "sidecar"] if r % 2 == 0 else ["sidecar", "ceiling"]
+        for name in order:
+            results[name].append(wrk(run, targets[name], seconds))
+    sidecar_requests = sum(x["requests"] for x in results["sidecar"])
+    hits = sidecar.metric("token_sidecar_token_requests_total", outcome="hit") - hits_before
+    upstream_calls = sidecar.metric("token_sidecar_upstream_token_calls_total")
+    results["provider"].append(wrk(run, targets["provider"], seconds))
+    sidecar.stop()
+
+    def med(name, key):
+        return statistics.median(x[key] for x in results[name])
+
+    ratios = [s["rps"] / c["rps"] for s, c in zip(results["sidecar"], results["ceiling"])]
+    p99_ratios = [s["p99_us"] / c["p99_us"] for s, c in zip(results["sidecar"], results["ceiling"])]
+    p50_ratios = [s["p50_us"] / c["p50_us"] for s, c in zip(results["sidecar"], results["ceiling"])]
+    p90_ratios = [s["p90_us"] / c["p90_us"] for s, c in zip(results["sidecar"], results["ceiling"])]
+    summary = {name: {k: med(name, k) for k in ("rps", "p50_us", "p90_us", "p99_us", "max_us")}
+               for name in results}
+    errors = {name: sum(x[k] for x in results[name] for k in x if k.startswith("errors_"))
+              for name in results}
+    return {
+        "rounds": rounds, "seconds": seconds, "runs": results, "summary": summary,
+        "errors": errors, "rps_ratio_per_round": ratios, "p99_ratio_per_round": p99_ratios,
+        # Paired: each round's sidecar run against the ceiling run next to it, then the median.
+        "p50_ratio": statistics.median(p50_ratios),
+        "p90_ratio": statistics.median(p90_ratios),
+        "rps_ratio": statistics.median(ratios),
+        "p99_ratio": statistics.median(p99_ratios),
+        "rps_ratio_of_medians": summary["sidecar"]["rps"] / summary["ceiling"]["rps"],
+        "p99_ratio_of_medians": summary["sidecar"]["p99_us"] / summary["ceiling"]["p99_us"],
+        "sidecar_requests": sidecar_requests, "sidecar_hits": hits,
+        "sidecar_upstream_calls": upstream_calls, "body_bytes": os.path.getsize(body_file),
+    }
+
+
+def scenario_storm(run):
+    n = 1000 if run.quick else 10_000
+    body_file = os.path.join(run.out, "token.json")
+    with open(body_file, "wb") as f:
+        f.write(provider_mod.token_body(1, 1024, 3600))
+    ceiling, ceiling_addr = run.spawn("storm-ceiling", [CEILING, "127.0.0.1:0", body_file])
+    floor = client(run, "storm", 180, "--target", ceiling_addr, "-n", n)
+    stop(ceiling)
+    prov, prov_addr = start_provider(run, "storm-provider", latency_ms=50, lifetime=3600)
+    sidecar = Sidecar(run, "storm", prov_addr)
+    via = client(run, "storm", 180, "--target", sidecar.listen, "-n", n)
+    calls_sidecar = sidecar.metric("token_sidecar_upstream_token_calls_total")
+    calls_provider_via = provider_stats(prov_addr)["counts"].get("calls", 0)
+    sidecar.stop()
+    # The same storm against a provider that takes 2 s, so every request arrives while the one
+    # upstream call is still in flight: all but the leader must be coalesced waiters.
+    slow, slow_addr = start_provider(run, "storm-slow-provider", latency_ms=2000, lifetime=3600)
+    sidecar = Sidecar(run, "storm-slow", slow_addr)
+    via_slow = client(run, "storm", 180, "--target", sidecar.listen, "-n", n)
+    via_slow["upstream_calls"] = provider_stats(slow_addr)["counts"].get("calls", 0)
+    sidecar.stop()
+    stop(slow)
+    direct = client(run, "storm", 180, "--target", prov_addr, "-n", n, "--key", 1)
+    calls_direct = provider_stats(prov_addr)["counts"].get("calls", 0) - calls_provider_via
+    return {"n": n, "via_sidecar": via, "direct": direct, "ceiling": floor, "via_slow": via_slow,
+            "upstream_calls_via_sidecar": calls_provider_via,
+            "upstream_calls_sidecar_metric": calls_sidecar,
+            "upstream_calls_direct": calls_direct}
+
+
+def scenario_story(run):
+    clients, keys, interval = 100, 5, 1.0
+    duration, lifetime = (4, 3) if run.quick else (30, 10)
+    common = ["--clients", clients, "--keys", keys, "--interval", interval,
+              "--duration", duration]
+    prov, prov_addr = start_provider(run, "story-direct-provider", latency_ms=50,
+                                     lifetime=lifetime, rate_limit=10)
+    direct = client(run, "story", duration + 60, "--target", prov_addr, *common)
+    direct["upstream_calls"] = provider_stats(prov_addr)["counts"]
+    stop(prov)
+    prov, prov_addr = start_provider(run, "story-sidecar-provider", latency_ms=50,
+                                     lifetime=lifetime, rate_limit=10)
+    sidecar = Sidecar(run, "story", prov_addr)
+    via = client(run, "story", duration + 60, "--target", sidecar.listen, *common)
+    via["upstream_calls"] = provider_stats(prov_addr)["counts"]
+    via["sidecar_outcomes"] = {o: sidecar.metric("token_sidecar_token_requests_total", outcome=o)
+                               for o in ("hit", "miss", "coalesced", "stale", "cooldown",
+                                         "error")}
+    sidecar.stop()
+    refresh_every = 0.8 * lifetime
+    expected_per_key = 1 + int(duration // refresh_every)
+    return {"clients": clients, "keys": keys, "interval_s": interval, "duration_s": duration,
+            "lifetime_s": lifetime, "direct": direct, "via_sidecar": via,
+            "expected_upstream_calls": keys * expected_per_key}
+
+
+def scenario_steady(run):
+    duration, lifetime = (6, 3) if run.quick else (60, 10)
+    keys = 10
+    prov, prov_addr = start_provider(run, "steady-provider", latency_ms=50, lifetime=lifetime)
+    sidecar = Sidecar(run, "steady", prov_addr)
+    result = client(run, "steady", duration + 60, "--target", sidecar.listen,
+                    "--provider", prov_addr, "--connections", 16, "--keys", keys,
+                    "--duration", duration)
+    result["sidecar_outcomes"] = {o: sidecar.metric("token_sidecar_token_requests_total",
+                                                    outcome=o)
+                                  for o in ("hit", "miss", "coalesced", "stale", "error")}
+    sidecar.stop()
+    result["lifetime_s"] = lifetime
+    result["target_calls_per_key"] = duration / (0.8 * lifetime)
+    return result
+
+
+def scenario_memory(run):
+    n = 10_000 if run.quick else 100_000
+    starts = 3 if run.quick else 10
+    ready = []
+    rss_idle = []
+    for i in range(starts):
+        sidecar = Sidecar(run, "start", "127.0.0.1:9")  # never contacted: nothing is requested
+        ready.append(sidecar.ready_s)
+        if i == 0:
+            time.sleep(0.5)
+            rss_idle.append(sidecar.rss_kib())
+        sidecar.stop()
+
+    body_file = os.path.join(run.out, "token.json")
+    with open(body_file, "wb") as f:
+        f.write(provider_mod.token_body(1, 1024, 3600))
+    ceiling, ceiling_addr = run.spawn("memory-ceiling", [CEILING, "127.0.0.1:0", body_file])
+    sidecar = Sidecar(run, "memory", ceiling_addr)
+    url = "http://" + sidecar.listen + "/oauth/token"
+    wrk(run, url, 1)  # the same 64 connections and buffers the fill will use, on one key
+    time.sleep(0.3)
+    rss_base = sidecar.rss_kib()
+    # wrk keeps sleeping for its whole -d after fill.lua stops its thread, so watch the cache
+    # instead and interrupt wrk (it still prints its summary on SIGINT) once every key is in.
+    argv = ["wrk", "-t1", "-c64", "-d120s", "--timeout", "10s", "-s",
+            os.path.join(BENCH, "fill.lua"), url, "--", str(n)]
+    run.note(argv)
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=run.log("memory-wrk"), cwd=ROOT)
+    while proc.poll() is None and time.monotonic() - started < 120:
+        if sidecar.metric("token_sidecar_cache_entries") >= n + 1:
+            break
+        time.sleep(0.1)
+    fill_s = time.monotonic() - started
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=30)[0].decode()
+    fill = json.loads(text.split("WRK_JSON ", 1)[1].splitlines()[0])
+    time.sleep(0.3)
+    rss_full = sidecar.rss_kib()
+    entries = sidecar.metric("token_sidecar_cache_entries")
+    calls = sidecar.metric("token_sidecar_upstream_token_calls_total")
+    sidecar.stop()
+    stop(ceiling)
+    return {
+        "binary_bytes": os.path.getsize(SIDECAR),
+        "ready_ms": [round(x * 1000, 2) for x in ready],
+        "ready_ms_median": round(statistics.median(ready) * 1000, 2),
+        "rss_idle_kib": rss_idle[0],
+        "rss_base_kib": rss_base, "rss_full_kib": rss_full, "keys": n,
+        "cache_entries": entries, "upstream_calls": calls, "fill": fill,
+        "fill_wall_s": round(fill_s, 2),
+        "token_body_bytes": os.path.getsize(body_file),
+        "bytes_per_entry": (rss_full - rss_base) * 1024 / n,
+    }
+
+
+PROFILE_ROWS = [
+    # (label, symbol prefix): inclusive share of the sidecar's samples under that frame.
+    ("hyper connection task (all request work on a connection)",
+     "token_sidecar::server::serve::{{closure}}::{{closure}}"),
+    ("writev: sending responses (kernel loopback TCP, incl. delivery to wrk)", "__GI___writev"),
+    ("recv: reading requests", "__libc_recv"),
+    ("epoll_wait", "do_epoll_wait"),
+    ("hyper: read + parse request heads", "hyper::proto::h1::io::Buffered<T,B>::parse"),
+    ("hyper: encode response heads",
+     "<hyper::proto::h1::role::Server as hyper::proto::h1::Http1Transaction>::encode"),
+    ("router + token path (all the sidecar adds to hyper)",
+     "poll<token_sidecar::router::route_service::{closure#0}::{async_block_env#0}"),
+    ("  collect the request body", "<http_body_util::combinators::collect::Collect<T> as core::"),
+    ("  request::parse (form, Basic, HMAC-SHA256 key)", "token_sidecar::token::request::parse"),
+    ("    parse_form", "token_sidecar::token::request::parse_form"),
+    ("    SHA-256 blocks", "sha2::sha256::"),
+    ("  TokenRoute::serve (lookup, decide, render)", "token_sidecar::token::TokenRoute::serve"),
+    ("    render_token (body copy + headers)", "token_sidecar::token::render_token"),
+    ("malloc (all callers)", "__GI___libc_malloc"),
+    ("free (all callers)", "__GI___libc_free"),
+    ("memmove/memcpy (all callers)", "__memmove_avx_unaligned_erms"),
+]
+
+
+def scenario_profile(run):
+    """perf samples, with DWARF call graphs, of a symbolized build of the sidecar under the
+    hit-path load."""
+    if not os.path.exists(PROFILE_SIDECAR):
+        raise RuntimeError("no profiling build at %s" % rel(PROFILE_SIDECAR))
+    seconds = 3 if run.quick else 8
+    prov, prov_addr = start_provider(run, "profile-provider", lifetime=3600, token_bytes=1024)
+    sidecar = Sidecar(run, "profile", prov_addr, binary=PROFILE_SIDECAR)
+    url = "http://" + sidecar.listen + "/oauth/token"
+    token_request("http://" + sidecar.listen)
+    wrk(run, url, 1)
+    data = os.path.join(run.out, "perf.data")
+    argv = ["perf", "record", "-F", "499", "--call-graph", "dwarf,8192", "-o", data,
+            "-p", str(sidecar.proc.pid), "--", "sleep", str(seconds)]
+    run.note(argv)
+    perf = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=run.log("perf"))
+    load = wrk(run, url, seconds)
+    perf.wait(seconds + 120)
+    sidecar.stop()
+
+    def report(extra):
+        argv = ["perf", "report", "-i", data, "--stdio", "-g", "none"] + extra
+        run.note(argv)
+        text = subprocess.run(argv, capture_output=True, timeout=600).stdout.decode()
+        rows = []
+        for line in text.splitlines():
+            parts = line.split(None, 3 if "--children" in extra else 2)
+            if not parts or line.startswith("#") or not parts[0].endswith("%"):
+                continue
+            rows.append(parts)
+        return rows
+
+    dso = [(float(r[0][:-1]), r[1]) for r in report(["--no-children", "--sort", "dso"])]
+    inclusive = {}
+    for r in report(["--children", "--sort", "symbol", "--percent-limit", "0.2"]):
+        if len(r) == 4:
+            name = r[3].split("] ", 1)[-1].strip()
+            inclusive.setdefault(name, float(r[0][:-1]))
+    rows = []
+    for label, prefix in PROFILE_ROWS:
+        shares = [v for k, v in inclusive.items() if k.startswith(prefix)]
+        rows.append((label, max(shares) if shares else None))
+    top_self = [(float(r[0][:-1]), r[2].strip().split("  ")[0][:120])
+                for r in report(["--no-children", "--sort", "symbol", "--percent-limit", "1"])][:15]
+    return {"seconds": seconds, "load": load, "dso": dso, "rows": rows, "top_self": top_self}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    nproc = subprocess.run(["nproc"], capture_output=True).stdout.decode().strip()
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True).stdout.decode()
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         cwd=ROOT).stdout.decode().strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "Cargo.toml"],
+                           capture_output=True, cwd=ROOT).stdout.decode().strip()
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {"loadavg": load, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "nproc": nproc, "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version(),
+            "wrk": wrk_version.splitlines()[0] if wrk_version else "?",
+            "commit": rev + (" (src/ or Cargo.toml modified)" if dirty else "")}
+
+
+def us(x):
+    return "%.0f µs" % x if x < 10_000 else "%.1f ms" % (x / 1000)
+
+
+def verdict(ok):
+    return "met" if ok else "**not met**"
+
+
+def render(run, info, results, argv):
+    out = []
+    w = out.append
+    w("# token-sidecar benchmark results\n")
+    w("Written by `bash bench/run.sh%s`. Regenerate with the same command; read "
+      "[README.md](README.md) for what each scenario does and how to read it.\n"
+      % (" " + " ".join(argv) if argv else ""))
+    w("| | |\n|---|---|")
+    w("| date | %s |" % info["date"])
+    w("| nproc | %s |" % info["nproc"])
+    w("| CPU | %s |" % info["cpu"])
+    w("| kernel | %s |" % info["kernel"])
+    w("| commit | %s |" % info["commit"])
+    w("| tools | %s; Python %s |" % (info["wrk"], info["python"]))
+    w("| load average (1, 5, 15 min) | %s at start, %s at end (other work on the machine "
+      "shows here) |" % (info["loadavg"], info.get("loadavg_end", "?")))
+    w("| mode | %s |" % ("quick (small N, figures are not meaningful)" if run.quick else "full"))
+    w("\nThe machine is shared and noisy: compare figures within this run (the ratios), not "
+      "across runs.\n")
+
+    w("## Headline\n")
+    w("| scenario | figure | target | result |\n|---|---|---|---|")
+    hit = results.get("hit")
+    if isinstance(hit, dict):
+        w("| hit path | sidecar/ceiling req/s = %.2f (median of %d paired rounds: %s) "
+          "| ≥ 0.90 | %s |" % (hit["rps_ratio"], hit["rounds"],
+                                 ", ".join("%.2f" % r for r in hit["rps_ratio_per_round"]),
+                                 verdict(hit["rps_ratio"] >= 0.9)))
+        w("| hit path | sidecar/ceiling p99 = %.2f (rounds: %s) | ≤ 1.5 | %s |"
+          % (hit["p99_ratio"], ", ".join("%.2f" % r for r in hit["p99_ratio_per_round"]),
+             verdict(hit["p99_ratio"] <= 1.5)))
+    storm = results.get("storm")
+    if isinstance(storm, dict):
+        v = storm["via_sidecar"]
+        w("| cold storm | %d concurrent cold requests → %d upstream call(s), %d failures, "
+          "wall %.2f s | 1 call, 0 failures | %s |"
+          % (storm["n"], storm["upstream_calls_via_sidecar"], v["failures"], v["wall_s"],
+             verdict(storm["upstream_calls_via_sidecar"] == 1 and v["failures"] == 0)))
+        x = storm["via_slow"]
+        w("| cold storm, 2-s provider | %d requests → %d upstream call(s), %d failures, %d "
+          "coalesced | 1 call, 0 failures | %s |"
+          % (storm["n"], x["upstream_calls"], x["failures"], x["outcomes"].get("coalesced", 0),
+             verdict(x["upstream_calls"] == 1 and x["failures"] == 0)))
+    story = results.get("story")
+    if isinstance(story, dict):
+        d, s = story["direct"], story["via_sidecar"]
+        w("| story | direct: %d ok, %d × 429 of %d; via sidecar: %d ok, %d errors, %d upstream "
+          "calls | 0 errors, %d calls | %s |"
+          % (d["ok"], d["throttled_429"], d["requests"], s["ok"], s["errors"],
+             s["upstream_calls"].get("calls", 0), story["expected_upstream_calls"],
+             verdict(s["errors"] == 0
+                     and s["upstream_calls"].get("calls", 0)
+                     <= story["expected_upstream_calls"] + story["keys"])))
+    steady = results.get("steady")
+    if isinstance(steady, dict):
+        dr, el = steady["during_refresh"], steady["elsewhere"]
+        ok_p99 = dr["p99_ms"] is not None and el["p99_ms"] is not None \
+            and dr["p99_ms"] <= el["p99_ms"] * 1.1
+        w("| steady state | %.2f refreshes per key in %.0f s (%d s lifetime; %.2f calls with the "
+          "first fetch); p99 %s ms during refreshes vs %s ms elsewhere | ≈ %.1f; p99 no worse "
+          "(≤ 1.1×) | %s |"
+          % (steady["upstream_calls_per_key_mean"] - 1, steady["duration_s"],
+             steady["lifetime_s"], steady["upstream_calls_per_key_mean"], dr["p99_ms"],
+             el["p99_ms"], steady["target_calls_per_key"],
+             verdict(abs(steady["upstream_calls_per_key_mean"] - 1
+                         - steady["target_calls_per_key"]) <= 1.0 and ok_p99)))
+    mem = results.get("memory")
+    if isinstance(mem, dict):
+        w("| memory | %.0f bytes per cached key (%d-byte token JSON) | ≤ token + 1024 = %d | %s |"
+          % (mem["bytes_per_entry"], mem["token_body_bytes"], mem["token_body_bytes"] + 1024,
+             verdict(mem["bytes_per_entry"] <= mem["token_body_bytes"] + 1024)))
+        w("| start | exec → /readyz 200: median %.1f ms (%d starts) | — | — |"
+          % (mem["ready_ms_median"], len(mem["ready_ms"])))
+        w("| size | release binary %.2f MiB, idle RSS %.1f MiB | — | — |"
+          % (mem["binary_bytes"] / 2**20, mem["rss_idle_kib"] / 1024))
+    failed = [k for k, v in results.items() if not isinstance(v, dict)]
+    if failed:
+        w("\nScenarios that failed to run: %s (see the end of this file).\n" % ", ".join(failed))
+
+    if isinstance(hit, dict):
+        w("\n## 1. Hit path\n")
+        w("wrk, 1 thread, 64 keep-alive connections, %d s per run, the same POST "
+          "(`bench/hit.lua`) against each target. The token body is %d bytes (1 KiB "
+          "`access_token`). Ceiling and sidecar were run in %d interleaved rounds (order flipped "
+          "every round); the table shows medians over rounds, the raw runs are in "
+          "`bench/out/results.json`."
+          "\n" % (hit["seconds"], hit["body_bytes"], hit["rounds"]))
+        w("| target | req/s | p50 | p90 | p99 | max | socket/status errors |\n"
+          "|---|---|---|---|---|---|---|")
+        for name in ("ceiling", "sidecar", "provider"):
+            s = hit["summary"][name]
+            w("| %s | %.0f | %s | %s | %s | %s | %d |" % (
+                {"ceiling": "(a) ceiling (`bench/ceiling.rs`)",
+                 "sidecar": "(b) sidecar, warm cache",
+                 "provider": "(c) provider directly (Python fake, no added latency)"}[name],
+                s["rps"], us(s["p50_us"]), us(s["p90_us"]), us(s["p99_us"]), us(s["max_us"]),
+                hit["errors"][name]))
+        w("\nRatios sidecar/ceiling, median of the per-round ratios: req/s **%.2f** (target ≥ 0.9), "
+          "p99 **%.2f** (target ≤ 1.5); p50 %.2f, p90 %.2f; ratios of the medians above: req/s "
+          "%.2f, p99 %.2f. Per round (req/s, p99): %s. The tail moves with other work on the "
+          "machine far more than with the server (a single round's p99 can swing tenfold), which "
+          "is why the ratios are paired per round and the median is taken. The sidecar answered %d requests in the measured runs and counted %d hits; it made %d "
+          "upstream call(s) in total.\n"
+          % (hit["rps_ratio"], hit["p99_ratio"], hit["p50_ratio"], hit["p90_ratio"],
+             hit["rps_ratio_of_medians"],
+             hit["p99_ratio_of_medians"],
+             "; ".join("%.2f, %.2f" % rp for rp in zip(hit["rps_ratio_per_round"],
+                                                       hit["p99_ratio_per_round"])),
+             hit["sidecar_requests"],
+             hit["sidecar_hits"], hit["sidecar_upstream_calls"]))
+
+    if isinstance(storm, dict):
+        v, d = storm["via_sidecar"], storm["direct"]
+        w("\n## 2. Cold storm\n")
+        w("%d connections opened first, then one cold request for the same key written on each "
+          "before any answer is read (`bench/client.py storm`). The provider answers after 50 ms."
+          "\n" % storm["n"])
+        w("| | upstream calls | ok | failures | wall time (send → last answer) | p50 | p99 | "
+          "outcomes |\n|---|---|---|---|---|---|---|---|")
+        w("| via sidecar | %d (sidecar's own metric: %d) | %d | %d | %.3f s | %s ms | %s ms | %s |"
+          % (storm["upstream_calls_via_sidecar"], storm["upstream_calls_sidecar_metric"],
+             v["ok"], v["failures"], v["wall_s"], v["p50_ms"], v["p99_ms"],
+             ", ".join("%s %d" % kv for kv in sorted(v["outcomes"].items()))))
+        w("| provider directly | %d | %d | %d | %.3f s | %s ms | %s ms | — |"
+          % (storm["upstream_calls_direct"], d["ok"], d["failures"], d["wall_s"], d["p50_ms"],
+             d["p99_ms"]))
+        x = storm["via_slow"]
+        w("| via sidecar, provider taking 2 s | %d | %d | %d | %.3f s | %s ms | %s ms | %s |"
+          % (x["upstream_calls"], x["ok"], x["failures"], x["wall_s"], x["p50_ms"], x["p99_ms"],
+             ", ".join("%s %d" % kv for kv in sorted(x["outcomes"].items()))))
+        c = storm["ceiling"]
+        w("| ceiling (answers at once: the client's own floor) | — | %d | %d | %.3f s | %s ms | "
+          "%s ms | — |" % (c["ok"], c["failures"], c["wall_s"], c["p50_ms"], c["p99_ms"]))
+        w("\nConnecting the %d client sockets took %.2f s (not part of the wall time); writing "
+          "all requests took %.3f s of the wall time, so with a 50 ms provider most requests "
+          "arrive after the one upstream call has landed and are hits rather than coalesced "
+          "waiters; the 2-s provider row is the same storm with every request arriving while "
+          "the call is in flight.\n"
+          % (storm["n"], v["connect_s"], v["send_s"]))
+
+    if isinstance(story, dict):
+        d, s = story["direct"], story["via_sidecar"]
+        w("\n## 3. The story: a provider that allows 10 token calls per second\n")
+        w("%d clients sharing %d credential sets (%d replicas each) each fetch a token every "
+          "%.0f s for %d s (`bench/client.py story`); the provider allows 10 token calls in any "
+          "one-second window and answers 429 with `Retry-After` beyond that; tokens live %d s; "
+          "the provider adds 50 ms per token."
+          "\n" % (story["clients"], story["keys"], story["clients"] // story["keys"],
+                  story["interval_s"], story["duration_s"], story["lifetime_s"]))
+        w("| | client requests | ok | 429 | other errors | upstream calls (429 included) |\n"
+          "|---|---|---|---|---|---|")
+        for name, x in (("directly", d), ("via sidecar", s)):
+            w("| %s | %d | %d | %d | %d | %d (%d ok, %d × 429) |"
+              % (name, x["requests"], x["ok"], x["throttled_429"],
+                 x["errors"] - x["throttled_429"], x["upstream_calls"].get("calls", 0),
+                 x["upstream_calls"].get("ok", 0), x["upstream_calls"].get("throttled", 0)))
+        w("\nExpected upstream calls through the sidecar: %d keys × (1 + ⌊%d s / (0.8 × %d s)⌋) "
+          "= %d (refresh jitter can add one refresh per key near the end). Sidecar outcomes: %s.\n"
+          % (story["keys"], story["duration_s"], story["lifetime_s"],
+             story["expected_upstream_calls"],
+             ", ".join("%s %d" % (k, v) for k, v in s["sidecar_outcomes"].items() if v)))
+
+    if isinstance(steady, dict):
+        dr, el = steady["during_refresh"], steady["elsewhere"]
+        w("\n## 4. Steady state with rotation\n")
+        w("%d keep-alive connections in a closed loop over %d keys for %.0f s "
+          "(`bench/client.py steady`); tokens live %d s, the provider adds 50 ms. A request is "
+          "\"during a refresh\" if it started between 20 ms before a background refresh reached "
+          "the provider and 20 ms after its answer left (%d refresh windows, from the provider's "
+          "call log); first calls per key and the first second are left out.\n"
+          % (steady["connections"], steady["keys"], steady["duration_s"], steady["lifetime_s"],
+             steady["refresh_windows"]))
+        w("| | requests | p50 | p99 | max |\n|---|---|---|---|---|")
+        w("| during refreshes | %d | %s ms | %s ms | %s ms |"
+          % (dr["requests"], dr["p50_ms"], dr["p99_ms"], dr["max_ms"]))
+        w("| elsewhere | %d | %s ms | %s ms | %s ms |"
+          % (el["requests"], el["p50_ms"], el["p99_ms"], el["max_ms"]))
+        w("\nUpstream calls per key (first fetch + refreshes): %s, mean %.2f, so %.2f refreshes "
+          "per key against the issue's %.0f / (0.8 × %d) = %.1f (the design's 0–5 %% refresh "
+          "jitter moves refreshes up to 0.5 s earlier). %d requests at %.0f req/s (the Python "
+          "client is the bottleneck); statuses %s; sidecar outcomes: %s.\n"
+          % (steady["upstream_calls_per_key"], steady["upstream_calls_per_key_mean"],
+             steady["upstream_calls_per_key_mean"] - 1, steady["duration_s"],
+             steady["lifetime_s"], steady["target_calls_per_key"],
+             steady["requests"], steady["rps"],
+             steady["statuses"],
+             ", ".join("%s %d" % (k, v) for k, v in steady["sidecar_outcomes"].items() if v)))
+
+    if isinstance(mem, dict):
+        w("\n## 5. Memory and start\n")
+        w("| | |\n|---|---|")
+        w("| release binary (`target/release/token-sidecar`, stripped) | %d bytes (%.2f MiB) |"
+          % (mem["binary_bytes"], mem["binary_bytes"] / 2**20))
+        w("| exec → first `GET /readyz` 200 | median %.1f ms; all: %s ms |"
+          % (mem["ready_ms_median"], ", ".join("%.1f" % x for x in mem["ready_ms"])))
+        w("| idle RSS (0.5 s after ready) | %d KiB |" % mem["rss_idle_kib"])
+        w("| RSS after 1 s of hits on 64 connections (baseline) | %d KiB |" % mem["rss_base_kib"])
+        w("| RSS after caching %d distinct keys | %d KiB (%d cache entries, %d upstream calls) |"
+          % (mem["keys"], mem["rss_full_kib"], mem["cache_entries"], mem["upstream_calls"]))
+        w("| bytes per cached key ((full − baseline) / keys) | **%.0f** for a %d-byte token body "
+          "(target ≤ %d) |" % (mem["bytes_per_entry"], mem["token_body_bytes"],
+                               mem["token_body_bytes"] + 1024))
+        f = mem["fill"]
+        w("| cold misses against the ceiling as provider | %d keys in %.2f s (wrk: %.0f req/s, "
+          "p99 %s, %d status errors) |"
+          % (mem["keys"], mem["fill_wall_s"], f["rps"], us(f["p99_us"]), f["errors_status"]))
+        w("")
+
+    prof = results.get("profile")
+    if isinstance(prof, dict):
+        w("\n## Profile of the hit path\n")
+        w("`perf record --call-graph dwarf` at 499 Hz on a symbolized build of the same source "
+          "(`target/bench-profile`), %d s of the hit-path load (%.0f req/s under perf). Shares are "
+          "of the sidecar's own CPU samples; inclusive shares nest and overlap.\n"
+          % (prof["seconds"], prof["load"]["rps"]))
+        w("| where (inclusive) | share |\n|---|---|")
+        for label, share in prof["rows"]:
+            w("| %s | %s |" % (label.replace("  ", "&nbsp;&nbsp;"),
+                               "—" if share is None else "%.1f %%" % share))
+        w("\nSelf time by object: %s. Top self-time symbols:\n"
+          % ", ".join("%s %.1f %%" % (name, share) for share, name in prof["dso"]))
+        w("| self | symbol |\n|---|---|")
+        for share, name in prof["top_self"]:
+            w("| %.1f %% | `%s` |" % (share, name))
+        w("")
+
+    w("\n## Exact commands\n")
+    w("Every process this run started, in order of first use, identical repeats counted (ports "
+      "were picked free at run time; `bench/out/*.toml` are the sidecar config files it "
+      "wrote):\n")
+    w("```")
+    w("bash bench/run.sh%s" % (" " + " ".join(argv) if argv else ""))
+    w("cargo build --release --bin token-sidecar --example ceiling")
+    if run.profile:
+        w("CARGO_TARGET_DIR=target/bench-profile CARGO_PROFILE_RELEASE_STRIP=none "
+          "CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --bin token-sidecar")
+    last = None
+    for scenario, line, times in run.commands:
+        if scenario != last:
+            w("# %s" % scenario)
+            last = scenario
+        w(line + ("    # × %d" % times if times > 1 else ""))
+    w("```")
+    w("\nSidecar config used by every scenario (plus the flags above):\n")
+    w("```toml\n[limits]\nmax_connections = 20000\n\n[token]\nmax_entries = 200000\n```")
+    for k, v in results.items():
+        if not isinstance(v, dict):
+            w("\n### %s failed to run\n\n```\n%s\n```" % (k, v))
+    return "\n".join(out) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--only", help="comma-separated scenarios (hit,storm,story,steady,memory)")
+    args, _ = parser.parse_known_args()
+    out = os.path.join(BENCH, "out")
+    run = Run(args.quick, out, args.profile)
+    names = ["hit", "storm", "story", "steady", "memory"] + (["profile"] if args.profile else [])
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    scenarios = {"hit": scenario_hit, "storm": scenario_storm, "story": scenario_story,
+                 "steady": scenario_steady, "memory": scenario_memory,
+                 "profile": scenario_profile}
+    info = machine()
+    results = {}
+    for name in names:
+        run.scenario = name
+        started = time.monotonic()
+        print("bench: %s ..." % name, file=sys.stderr, flush=True)
+        try:
+            results[name] = scenarios[name](run)
+            print("bench: %s done in %.1f s" % (name, time.monotonic() - started),
+                  file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - reported, and the run exits non-zero
+            results[name] = traceback.format_exc()
+            print("bench: %s FAILED:\n%s" % (name, results[name]), file=sys.stderr, flush=True)
+        finally:
+            run.stop_all()
+    with open("/proc/loadavg") as f:
+        info["loadavg_end"] = " ".join(f.read().split()[:3])
+    passed = [a for a in sys.argv[1:]]
+    report = render(run, info, results, passed)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"machine": info, "results": results}, f, indent=1)
+    target = os.path.join(out, "RESULTS.md") if args.quick or args.only else \
+        os.path.join(BENCH, "RESULTS.md")
+    with open(target, "w") as f:
+        f.write(report)
+    print("bench: wrote %s" % rel(target), file=sys.stderr)
+    failed = [k for k, v in results.items() if not isinstance(v, dict)]
+    if failed:
+        print("bench: failed to run: %s" % ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+-- wrk script for the memory scenario: request i asks for client "fill-i", so each request is a new
+-- cache key, until N (the first script argument, default 100000) answers have arrived; the thread
+-- then stops. Requests still in flight past N wrap around to keys already cached.
+
+local n, sent, answered, failed = 100000, 0, 0, 0
+
+function init(args)
+  if args[1] then n = tonumber(args[1]) end
+end
+
+function request()
+  sent = sent + 1
+  local key = ((sent - 1) % n) + 1
+  local body = "grant_type=client_credentials&client_id=fill-" .. key
+    .. "&client_secret=fill-secret&scope=read"
+  return wrk.format("POST", "/oauth/token",
+    { ["Content-Type"] = "application/x-www-form-urlencoded" }, body)
+end
+
+function response(status, headers, body)
+  answered = answered + 1
+  if status ~= 200 then failed = failed + 1 end
+  if answered >= n then wrk.thread:stop() end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests":%d,"duration_s":%.3f,"rps":%.1f,"p50_us":%d,"p99_us":%d,'
+      .. '"errors_connect":%d,"errors_read":%d,"errors_write":%d,"errors_status":%d,'
+      .. '"errors_timeout":%d}\n',
+    summary.requests, summary.duration / 1e6, summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), e.connect, e.read, e.write, e.status,
+    e.timeout))
+end

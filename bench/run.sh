@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one entry point of the benchmark suite.
+#
+#   bash bench/run.sh            full run (about 5 minutes): writes bench/RESULTS.md
+#   bash bench/run.sh --quick    a few seconds per scenario, small N: writes bench/out/RESULTS.md
+#                                and exits non-zero only if a scenario failed to run
+#   bash bench/run.sh --profile  also profiles the hit path with perf (builds a symbolized copy
+#                                of the sidecar in target/bench-profile first; slow the first time)
+#   --only hit,storm,...         run some scenarios only (output goes to bench/out/)
+#
+# Everything runs on 127.0.0.1. Needs cargo, python3 (stdlib only) and wrk (installed from the
+# distribution's packages if missing). See bench/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=0
+for arg in "$@"; do
+  case "$arg" in
+    --profile) profile=1 ;;
+  esac
+done
+
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "bench: installing wrk" >&2
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+fi
+command -v python3 >/dev/null 2>&1 || { echo "bench: python3 is required" >&2; exit 1; }
+if [ "$profile" = 1 ] && ! command -v perf >/dev/null 2>&1; then
+  echo "bench: --profile needs perf (linux-perf)" >&2
+  exit 1
+fi
+
+cargo build --release --bin token-sidecar --example ceiling
+if [ "$profile" = 1 ]; then
+  # Same source and profile, but with symbols and line tables, in a separate target directory so
+  # the measured binary stays exactly the release one. Cargo.toml is not touched.
+  CARGO_TARGET_DIR=target/bench-profile CARGO_PROFILE_RELEASE_STRIP=none \
+    CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+    cargo build --release --bin token-sidecar
+fi
+
+# The cold storm holds 10,000 client sockets in the client and as many in the sidecar.
+hard=$(ulimit -Hn)
+if [ "$hard" = unlimited ] || [ "$hard" -ge 30000 ]; then ulimit -n 30000; else ulimit -n "$hard"; fi
+if [ "$(ulimit -n)" -lt 10100 ]; then
+  echo "bench: warning: ulimit -n is $(ulimit -n); the cold storm needs about 10,100" >&2
+fi
+
+mkdir -p bench/out
+rm -f bench/out/logs/*.log
+exec python3 bench/bench.py "$@"
