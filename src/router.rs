@@ -1,44 +1,68 @@
 //! The one place requests are dispatched: a route's token paths go to its token cache, every
 //! other request is forwarded. The tower stack around it turns a panic into a 500 instead of a
 //! dropped connection.
+//!
+//! The stack is built from named types rather than boxed services, so a request costs no
+//! service clone on the heap: the dispatcher is two `Arc`s.
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use std::any::Any;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::catch_panic::{CatchPanic, CatchPanicLayer};
 
-use crate::body::boxed;
+use crate::body::{Body, boxed};
+use crate::error::Error;
 use crate::forward::Forwarder;
 use crate::token::TokenRoute;
 
-/// The body of a route's responses: the catch-panic layer's own boxed body, so a response is
-/// boxed once on its way out, not twice.
-pub type RouteBody = tower_http::body::UnsyncBoxBody<bytes::Bytes, crate::body::BoxError>;
+/// Sends a request to the token path or the forwarder of one route.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    token: Arc<TokenRoute>,
+    forwarder: Arc<Forwarder>,
+}
 
-/// The service that answers one route's listener.
-pub type RouteService = BoxCloneSyncService<Request<Incoming>, Response<RouteBody>, Infallible>;
+impl tower::Service<Request<Incoming>> for Dispatch {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-/// Builds the service of one route.
-pub fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
-    let dispatch = tower::service_fn(move |request: Request<Incoming>| {
-        let token = token.clone();
-        let forwarder = forwarder.clone();
-        async move {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let Dispatch { token, forwarder } = self.clone();
+        Box::pin(async move {
             let response = if token.is_token_path(request.uri().path()) {
                 token.handle(request).await
             } else {
                 forwarder.forward(request.map(boxed)).await
             };
-            Ok::<_, Infallible>(response)
-        }
-    });
-    let stack = ServiceBuilder::new()
-        .layer(CatchPanicLayer::custom(|_| {
-            crate::error::Error::Internal.into_response()
-        }))
-        .service(dispatch);
-    BoxCloneSyncService::new(stack)
+            Ok(response)
+        })
+    }
+}
+
+/// What a panicking request answers: the one 500 of [`Error::Internal`], nothing of the panic.
+pub type PanicHandler = fn(Box<dyn Any + Send + 'static>) -> Response<Body>;
+
+fn internal_error(_: Box<dyn Any + Send + 'static>) -> Response<Body> {
+    Error::Internal.into_response()
+}
+
+/// The service that answers one route's listener.
+pub type RouteService = CatchPanic<Dispatch, PanicHandler>;
+
+/// Builds the service of one route.
+pub fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
+    ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(internal_error as PanicHandler))
+        .service(Dispatch { token, forwarder })
 }

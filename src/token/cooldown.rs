@@ -33,7 +33,11 @@ pub fn backoff(failures: u32, base: Duration, cap: Duration, unit: f64) -> Durat
         .unwrap_or(cap)
         .min(cap);
     ceiling
-        .mul_f64(unit.clamp(0.0, 1.0))
+        .mul_f64(if unit.is_nan() {
+            0.0
+        } else {
+            unit.clamp(0.0, 1.0)
+        })
         .max(Duration::from_millis(1))
 }
 

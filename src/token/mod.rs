@@ -314,11 +314,14 @@ impl TokenRoute {
                 }
                 self.record(Outcome::Hit);
                 let status = format!("token-sidecar; hit; ttl={}", token.ttl_secs(now));
-                render_token(&token, now, &status)
+                render_token(&token, now, status)
             }
             Decision::Remembered(reply) => {
                 self.record(Outcome::Remembered);
-                render_reply(&reply, "token-sidecar; hit; detail=remembered")
+                with_status(
+                    render_reply(&reply),
+                    "token-sidecar; hit; detail=remembered",
+                )
             }
             Decision::Cooldown(left) => {
                 self.record(Outcome::Cooldown);
@@ -365,7 +368,7 @@ impl TokenRoute {
                 self.record(role);
                 let stored = if collapsed.is_empty() { "; stored" } else { "" };
                 let status = format!("token-sidecar; fwd={fwd}; fwd-status=200{stored}{collapsed}");
-                render_token(&token, Instant::now(), &status)
+                render_token(&token, Instant::now(), status)
             }
             Shared::Reply(reply) => {
                 self.record(role);
@@ -373,7 +376,7 @@ impl TokenRoute {
                     "token-sidecar; fwd={fwd}; fwd-status={}{collapsed}",
                     reply.status.as_u16()
                 );
-                render_reply(&reply, &status)
+                dynamic_status(render_reply(&reply), status)
             }
             Shared::Failed(error) => {
                 self.record(Outcome::Error);
@@ -381,7 +384,7 @@ impl TokenRoute {
                     "token-sidecar; fwd={fwd}; detail={}{collapsed}",
                     error.code()
                 );
-                with_status(error.into_response(), &status)
+                dynamic_status(error.into_response(), status)
             }
         }
     }
@@ -633,28 +636,33 @@ const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
 const CACHE_STATUS: &str = "cache-status";
 
 /// A cached token as a response: remaining lifetime, RFC 6749 §5.1 cache headers, Cache-Status.
-fn render_token(token: &Token, now: Instant, cache_status: &str) -> Response<Body> {
+fn render_token(token: &Token, now: Instant, cache_status: String) -> Response<Body> {
     let mut response = Response::new(full(token.render(now)));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, token.content_type.clone());
     headers.insert(header::CACHE_CONTROL, NO_STORE);
     headers.insert(header::PRAGMA, NO_CACHE);
-    if let Ok(value) = HeaderValue::from_str(cache_status) {
-        headers.insert(CACHE_STATUS, value);
-    }
-    response
+    dynamic_status(response, cache_status)
 }
 
-/// An upstream answer as it came, plus Cache-Status.
-fn render_reply(reply: &Reply, cache_status: &str) -> Response<Body> {
+/// An upstream answer as it came.
+fn render_reply(reply: &Reply) -> Response<Body> {
     let mut response = Response::new(full(reply.body.clone()));
     *response.status_mut() = reply.status;
     *response.headers_mut() = reply.headers.clone();
-    with_status(response, cache_status)
+    response
 }
 
-fn with_status(mut response: Response<Body>, cache_status: &str) -> Response<Body> {
-    if let Ok(value) = HeaderValue::from_str(cache_status) {
+fn with_status(mut response: Response<Body>, cache_status: &'static str) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS, HeaderValue::from_static(cache_status));
+    response
+}
+
+/// A `Cache-Status` built at run time, moved into the header without a second copy.
+fn dynamic_status(mut response: Response<Body>, cache_status: String) -> Response<Body> {
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(cache_status)) {
         response.headers_mut().insert(CACHE_STATUS, value);
     }
     response

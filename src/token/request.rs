@@ -161,8 +161,18 @@ fn field(mac: &mut Hmac<Sha256>, tag: u8, bytes: &[u8]) {
     mac.update(bytes);
 }
 
-/// `scope` is a set (RFC 6749 §3.3): order and repetition carry no meaning.
+/// `scope` is a set (RFC 6749 §3.3): order and repetition carry no meaning. A scope already in
+/// canonical form (the usual single word) is borrowed, not rebuilt.
 fn canonical_scope(value: &str) -> Cow<'_, str> {
+    let canonical = !value.starts_with(' ')
+        && !value.ends_with(' ')
+        && value
+            .split(' ')
+            .try_fold("", |previous, scope| (previous < scope).then_some(scope))
+            .is_some();
+    if canonical {
+        return Cow::Borrowed(value);
+    }
     let mut scopes: Vec<&str> = value.split(' ').filter(|s| !s.is_empty()).collect();
     scopes.sort_unstable();
     scopes.dedup();
@@ -357,6 +367,16 @@ mod tests {
             "audience=x&scope=a%20b%20a&client_secret=s&client_id=a&grant_type=client_credentials",
         );
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn canonical_scopes_are_borrowed_and_others_rebuilt() {
+        assert!(matches!(canonical_scope("read"), Cow::Borrowed("read")));
+        assert!(matches!(canonical_scope("a b c"), Cow::Borrowed("a b c")));
+        assert_eq!(canonical_scope("b a"), "a b");
+        assert_eq!(canonical_scope("a a"), "a");
+        assert_eq!(canonical_scope(" a  b "), "a b");
+        assert_eq!(canonical_scope(""), "");
     }
 
     #[test]
