@@ -228,6 +228,17 @@ async fn a_token_response_of_megabytes_is_refused_and_not_cached() {
     assert_eq!(idp.token_calls(), 2);
 }
 
+/// One token request for each of `n` distinct client ids, all at once.
+async fn distinct_clients_at_once(sidecar: &Sidecar, n: usize) -> Vec<Reply> {
+    let (c, url) = (client(), sidecar.token_url());
+    futures_util::future::join_all((0..n).map(|i| {
+        let form = format!("grant_type=client_credentials&client_id=app{i}&client_secret=s");
+        let (c, url) = (c.clone(), url.clone());
+        async move { post_form(&c, &url, &form, None).await }
+    }))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbound_rate_limit_spaces_calls_across_distinct_keys() {
     let idp = FakeProvider::start().await;
@@ -236,22 +247,8 @@ async fn the_outbound_rate_limit_spaces_calls_across_distinct_keys() {
         "[token]\ncalls_per_second = 10.0\ncalls_burst = 1\n",
     ))
     .await;
-    let c = client();
-    let url = sidecar.token_url();
     let started = Instant::now();
-    let replies = futures_util::future::join_all((0..8).map(|i| {
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            post_form(
-                &c,
-                &url,
-                &format!("grant_type=client_credentials&client_id=app{i}&client_secret=s"),
-                None,
-            )
-            .await
-        }
-    }))
-    .await;
+    let replies = distinct_clients_at_once(&sidecar, 8).await;
     assert!(replies.iter().all(|r| r.status == 200));
     assert_eq!(idp.token_calls(), 8);
     assert!(
@@ -269,21 +266,7 @@ async fn calls_the_limiter_cannot_fit_before_the_deadline_get_an_honest_429() {
         "[token]\ncalls_per_second = 1.0\ncalls_burst = 1\nwait_timeout = \"1s\"\n[client]\nrequest_timeout = \"500ms\"\n",
     ))
     .await;
-    let c = client();
-    let url = sidecar.token_url();
-    let replies = futures_util::future::join_all((0..4).map(|i| {
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            post_form(
-                &c,
-                &url,
-                &format!("grant_type=client_credentials&client_id=app{i}&client_secret=s"),
-                None,
-            )
-            .await
-        }
-    }))
-    .await;
+    let replies = distinct_clients_at_once(&sidecar, 4).await;
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let held: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
     assert_eq!(ok, 1, "one call fits the burst");
@@ -305,14 +288,7 @@ async fn idle_keys_are_evicted_and_not_refreshed() {
     assert_eq!(token(&sidecar).await.status, 200);
     assert_eq!(idp.token_calls(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let metrics = support::send(
-        &client(),
-        http::Request::get(format!("{}/metrics", sidecar.admin_url))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .text();
+    let metrics = sidecar.metrics().await;
     assert!(
         metrics.contains(r#"token_sidecar_cache_entries{route="default"} 0"#),
         "{metrics}"
@@ -340,14 +316,7 @@ async fn the_cache_never_grows_past_max_entries() {
             200
         );
     }
-    let metrics = support::send(
-        &c,
-        http::Request::get(format!("{}/metrics", sidecar.admin_url))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .text();
+    let metrics = sidecar.metrics().await;
     let entries: usize = metrics
         .lines()
         .find(|l| l.starts_with("token_sidecar_cache_entries{"))

@@ -29,33 +29,51 @@ async fn get(url: &str) -> support::Reply {
     .await
 }
 
+/// A child process whose stderr is drained on a thread from the start, so a chatty child
+/// (trace-level logs) can never block on a full pipe.
+struct Drained {
+    child: Child,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Drained {
+    fn spawn(mut cmd: Command) -> Drained {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        Drained { child, stderr }
+    }
+
+    /// Waits (bounded) for exit and returns (exit code, stderr).
+    fn wait(mut self, limit: Duration) -> (i32, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the binary did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status.code().unwrap_or(-1), self.stderr.join().unwrap())
+    }
+}
+
 /// Runs the binary to completion (bounded) and returns (exit code, stderr).
 fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env_clear();
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the binary did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status.code().unwrap_or(-1), stderr)
+    cmd.args(args).env_clear().envs(env.iter().copied());
+    Drained::spawn(cmd).wait(Duration::from_secs(20))
 }
 
 #[test]
@@ -113,7 +131,7 @@ fn bad_configuration_exits_64_with_one_clear_line() {
 }
 
 struct Running {
-    child: Child,
+    process: Drained,
     listen: u16,
     admin: u16,
 }
@@ -126,13 +144,9 @@ impl Running {
             .args(["--listen", &format!("127.0.0.1:{listen}")])
             .env_clear()
             .env("TOKEN_SIDECAR_ADMIN", format!("127.0.0.1:{admin}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
+            .envs(extra_env.iter().copied());
         Running {
-            child: cmd.spawn().unwrap(),
+            process: Drained::spawn(cmd),
             listen,
             admin,
         }
@@ -153,33 +167,15 @@ impl Running {
 
     fn terminate(&self) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &self.process.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
     }
 
-    /// Waits (bounded) for exit and returns (code, stderr).
-    fn wait(mut self) -> (i32, String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the sidecar did not exit after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut stderr = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        (status.code().unwrap_or(-1), stderr)
+    /// Waits (bounded) for exit after SIGTERM and returns (code, stderr).
+    fn wait(self) -> (i32, String) {
+        self.process.wait(Duration::from_secs(30))
     }
 }
 

@@ -25,16 +25,7 @@ pub struct Sidecar {
 /// A one-route configuration for `upstream`, with any TOML (top-level keys and tables such as
 /// `[token]`) applied on top. Listeners are replaced by port 0 when started.
 pub fn config(upstream: &str, toml: &str) -> Config {
-    let text = format!("upstream = {upstream:?}\n{toml}");
-    Config::load(
-        Overrides {
-            config: Some("test.toml".into()),
-            ..Default::default()
-        },
-        |_| None,
-        |_| Ok(text.clone()),
-    )
-    .unwrap_or_else(|e| panic!("test config is invalid: {e}"))
+    config_toml(&format!("upstream = {upstream:?}\n{toml}"))
 }
 
 /// A configuration from a whole TOML file (for several routes).
@@ -93,6 +84,14 @@ impl Sidecar {
     /// The first route's default token endpoint.
     pub fn token_url(&self) -> String {
         format!("{}/oauth/token", self.urls[0])
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let request = http::Request::get(format!("{}/metrics", self.admin_url))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        super::send(&super::client(), request).await.text()
     }
 
     async fn wait_ready(&self) {
