@@ -207,7 +207,11 @@ impl Cache {
     pub fn entry(&self, key: CacheKey, now: Instant) -> (Arc<Entry>, usize) {
         let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if let Some(entry) = self.entries.get(&key) {
-            entry.last_used_ms.store(stamp, Ordering::Relaxed);
+            // Write only when the millisecond changed: a hot key read by every core would
+            // otherwise bounce this cache line on each request.
+            if entry.last_used_ms.load(Ordering::Relaxed) != stamp {
+                entry.last_used_ms.store(stamp, Ordering::Relaxed);
+            }
             return (entry.clone(), 0);
         }
         let evicted = if self.entries.len() >= self.max_entries {
