@@ -1068,3 +1068,71 @@ async fn a_hanging_provider_gives_504_within_the_request_timeout() {
     assert_eq!(idp.token_calls(), 1);
     sidecar.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_query_string_is_part_of_the_key() {
+    let idp = FakeProvider::start().await;
+    let sidecar = Sidecar::start(&idp.url()).await;
+    let c = client();
+    let form = cc("app", "s3cret");
+    let a = post_form(
+        &c,
+        &format!("{}?p=policy_a", sidecar.token_url()),
+        &form,
+        None,
+    )
+    .await;
+    let b = post_form(
+        &c,
+        &format!("{}?p=policy_b", sidecar.token_url()),
+        &form,
+        None,
+    )
+    .await;
+    let a_again = post_form(
+        &c,
+        &format!("{}?p=policy_a", sidecar.token_url()),
+        &form,
+        None,
+    )
+    .await;
+    assert_ne!(
+        access_token(&a),
+        access_token(&b),
+        "another query, another token"
+    );
+    assert_eq!(access_token(&a), access_token(&a_again));
+    assert_eq!(idp.token_calls(), 2);
+    let recorded = idp.recorded();
+    assert!(
+        recorded
+            .iter()
+            .any(|r| r.path_and_query.ends_with("?p=policy_b")),
+        "the query is forwarded"
+    );
+}
+
+#[tokio::test]
+async fn with_preserve_host_the_callers_host_is_part_of_the_key() {
+    let idp = FakeProvider::start().await;
+    let sidecar = Sidecar::start_with(config(&idp.url(), "preserve_host = true")).await;
+    let c = client();
+    let form = cc("app", "s3cret");
+    let with_host = |host: &'static str| {
+        Request::post(sidecar.token_url())
+            .header("host", host)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form.clone())))
+            .unwrap()
+    };
+    let a = send(&c, with_host("tenant-a.example")).await;
+    let b = send(&c, with_host("tenant-b.example")).await;
+    let a_again = send(&c, with_host("tenant-a.example")).await;
+    assert_ne!(
+        access_token(&a),
+        access_token(&b),
+        "another tenant host, another token"
+    );
+    assert_eq!(access_token(&a), access_token(&a_again));
+    assert_eq!(idp.token_calls(), 2);
+}

@@ -19,6 +19,7 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -106,6 +107,8 @@ pub struct TokenRoute {
     limits: Limits,
     /// Each token path with its key scope (route name and path), computed once.
     token_paths: Vec<(String, String)>,
+    /// The caller's Host goes upstream (and so into the key) instead of the upstream's.
+    preserve_host: bool,
     hmac_key: [u8; 32],
     cache: Cache,
     cooldowns: Cooldowns,
@@ -134,6 +137,7 @@ impl TokenRoute {
                 .iter()
                 .map(|path| (path.clone(), format!("{}\n{path}", route.name)))
                 .collect(),
+            preserve_host: route.preserve_host,
             hmac_key: rand::random(),
             cache: Cache::new(route.token.max_entries),
             cooldowns: Cooldowns::new(&route.name),
@@ -240,9 +244,37 @@ impl TokenRoute {
         let Some(scope) = self.key_scope(parts.uri.path()) else {
             return self.reject(Error::Internal);
         };
+        // Everything else the provider sees that could change the token is part of the key: a
+        // query (tenant or policy selectors) and, when it is passed on, the caller's Host.
+        let query = parts.uri.query();
+        let host = match self
+            .preserve_host
+            .then(|| parts.headers.get(header::HOST))
+            .flatten()
+        {
+            Some(value) => match value.to_str() {
+                Ok(host) => Some(host),
+                Err(_) => return self.reject(Error::InvalidRequest("malformed Host header")),
+            },
+            None => None,
+        };
+        let scope = if query.is_none() && host.is_none() {
+            Cow::Borrowed(scope)
+        } else {
+            let mut owned = String::from(scope);
+            if let Some(query) = query {
+                owned.push_str("\n?");
+                owned.push_str(query);
+            }
+            if let Some(host) = host {
+                owned.push_str("\nhost:");
+                owned.push_str(host);
+            }
+            Cow::Owned(owned)
+        };
         let parsed = request::parse(
             &self.hmac_key,
-            scope,
+            &scope,
             parts
                 .headers
                 .get(header::AUTHORIZATION)
