@@ -124,6 +124,12 @@ impl std::fmt::Display for UpstreamUrl {
 impl UpstreamUrl {
     /// Parses `scheme://host[:port]`, allowing a trailing `/`.
     pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+        if text.contains('@') {
+            // Never echo it: the part before the @ would be credentials.
+            return Err(
+                "credentials in the URL are not supported; give scheme://host[:port]".into(),
+            );
+        }
         let uri: Uri = text
             .parse()
             .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
@@ -420,9 +426,13 @@ impl Config {
                 client: top_client,
             });
         } else {
-            if file.upstream.is_some() || file.listen.is_some() || file.token_paths.is_some() {
+            if file.upstream.is_some()
+                || file.listen.is_some()
+                || file.token_paths.is_some()
+                || file.preserve_host.is_some()
+            {
                 return Err(err(
-                    "config file: top-level upstream/listen/token_paths cannot be combined with [[routes]]; move them into a route",
+                    "config file: top-level upstream/listen/token_paths/preserve_host cannot be combined with [[routes]]; move them into each route",
                 ));
             }
             if file.routes.len() > 1 && (upstream.is_some() || listen.is_some()) {
@@ -817,6 +827,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("--upstream") && e.0.contains("scheme"), "{e}");
+        let e = load(
+            Overrides {
+                upstream: Some("https://user:hunter2@idp.example".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("credentials") && !e.0.contains("hunter2"),
+            "{e}"
+        );
         let e = load(
             Overrides {
                 upstream: Some("http://x/path".into()),

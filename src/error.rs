@@ -116,6 +116,29 @@ impl Error {
     }
 }
 
+/// Token request parameters whose names are safe to repeat back to a caller.
+const KNOWN_PARAMETERS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "scope",
+    "audience",
+    "resource",
+    "refresh_token",
+    "code",
+    "redirect_uri",
+    "code_verifier",
+    "username",
+    "password",
+    "client_assertion",
+    "client_assertion_type",
+    "assertion",
+    "device_code",
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+];
+
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -128,9 +151,13 @@ impl std::fmt::Display for Error {
             }
             Error::InvalidRequest(what) => f.write_str(what),
             Error::DuplicateParameter(name) => {
-                // Parameter names come from a closed vocabulary in practice; cap the echo anyway.
-                let name: String = name.chars().take(40).collect();
-                write!(f, "parameter {name:?} is included more than once")
+                // Named only when it is a known OAuth parameter: an unknown "name" may be a
+                // fragment of a secret that held an unescaped `&`.
+                if KNOWN_PARAMETERS.contains(&name.as_str()) {
+                    write!(f, "parameter {name:?} is included more than once")
+                } else {
+                    f.write_str("a parameter is included more than once")
+                }
             }
             Error::CoolingDown { retry_after_secs } => write!(
                 f,

@@ -433,11 +433,10 @@ impl TokenRoute {
         body: Bytes,
     ) {
         let route = self.clone();
+        // Armed before the task exists, so even a task dropped before its first poll (runtime
+        // shutdown) clears the slot.
+        let guard = FlightGuard { entry, armed: true };
         self.flights.spawn(async move {
-            let guard = FlightGuard {
-                entry: &entry,
-                armed: true,
-            };
             route.fly(grant, guard, tx, &client_id, parts, body).await;
         });
     }
@@ -446,7 +445,7 @@ impl TokenRoute {
     async fn fly(
         &self,
         grant: Grant,
-        mut guard: FlightGuard<'_>,
+        mut guard: FlightGuard,
         tx: FlightTx,
         client_id: &str,
         parts: Parts,
@@ -639,12 +638,12 @@ impl TokenRoute {
 
 /// Clears the flight slot if the flight task ends without publishing (panic or abort), so the
 /// key is not stuck; waiters then see the channel close and answer 500.
-struct FlightGuard<'a> {
-    entry: &'a Entry,
+struct FlightGuard {
+    entry: Arc<Entry>,
     armed: bool,
 }
 
-impl Drop for FlightGuard<'_> {
+impl Drop for FlightGuard {
     fn drop(&mut self) {
         if self.armed {
             self.entry.lock().flight = None;
