@@ -14,7 +14,6 @@ use tracing::{debug, warn};
 
 use crate::body::{Body, boxed, full};
 use crate::config::{RouteConfig, UpstreamUrl};
-use crate::error::Error;
 use crate::metrics::RouteMetrics;
 use crate::token::cache::Reply;
 use crate::upstream::{Failure, Upstream};
@@ -120,16 +119,10 @@ impl Forwarder {
         let response = match self.upstream.send(outbound).await {
             Ok(response) => response,
             Err(failure) => {
-                warn!(route = %self.route, upstream = %self.upstream.url, %method, reason = ?failure, "forwarding failed");
-                self.metrics.forwarded(match failure {
-                    Failure::Timeout => 504,
-                    Failure::Unavailable(_) => 502,
-                });
-                return match failure {
-                    Failure::Timeout => Error::UpstreamTimeout,
-                    Failure::Unavailable(_) => Error::UpstreamUnavailable,
-                }
-                .into_response();
+                warn!(route = %self.route, upstream = %self.upstream.url, %method, reason = failure.reason(), "forwarding failed");
+                let error = failure.to_error();
+                self.metrics.forwarded(error.status().as_u16());
+                return error.into_response();
             }
         };
         let status = response.status();

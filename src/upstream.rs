@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::body::Body;
 use crate::config::{ClientConfig, RouteConfig, UpstreamUrl};
+use crate::error::Error;
 
 /// Why an upstream exchange failed before a response head arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,22 @@ impl Failure {
         match self {
             Failure::Unavailable(_) => "unavailable",
             Failure::Timeout => "timeout",
+        }
+    }
+
+    /// Why, for logs: the connection error chain, or "timeout".
+    pub fn reason(&self) -> &str {
+        match self {
+            Failure::Unavailable(why) => why,
+            Failure::Timeout => "timeout",
+        }
+    }
+
+    /// The caller-facing error: 502 for an unreachable provider, 504 for a silent one.
+    pub fn to_error(&self) -> Error {
+        match self {
+            Failure::Unavailable(_) => Error::UpstreamUnavailable,
+            Failure::Timeout => Error::UpstreamTimeout,
         }
     }
 }

@@ -149,11 +149,6 @@ impl Token {
         out.put_slice(&self.suffix);
         out.freeze()
     }
-
-    /// Bytes held by this record, for the memory figures.
-    pub fn size(&self) -> usize {
-        self.prefix.len() + self.suffix.len() + std::mem::size_of::<Self>()
-    }
 }
 
 /// `expires_in` as whole seconds: a non-negative JSON integer, a non-negative number (rounded

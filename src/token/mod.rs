@@ -457,15 +457,15 @@ impl TokenRoute {
             .config
             .wait_timeout
             .saturating_sub(self.forwarder.request_timeout());
-        let mut latency = None;
-        let (shared, label, retry_after) = match self.limiter.admit(max_queue).await {
+        // `call` is what to count and log: the status label, the Retry-After, the latency. A
+        // call the limiter held back never reached the provider and has none.
+        let (shared, call) = match self.limiter.admit(max_queue).await {
             Err(held) => {
                 let retry_after_secs = held.retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 warn!(route = %self.name, retry_after_s = retry_after_secs, "upstream token call held back by the route's limits");
                 (
                     Shared::Failed(Error::CoolingDown { retry_after_secs }),
-                    "held_back".to_owned(),
-                    Some(held.retry_after),
+                    None,
                 )
             }
             Ok(_permit) => {
@@ -475,9 +475,11 @@ impl TokenRoute {
                     .forwarder
                     .exchange(parts, body, self.limits.max_token_response)
                     .await;
-                latency = Some(sent.elapsed());
+                let latency = sent.elapsed();
                 self.metrics.upstream_in_flight.dec();
-                self.classify(grant, answer, client_id, Instant::now())
+                let (shared, label, retry_after) =
+                    self.classify(grant, answer, client_id, Instant::now());
+                (shared, Some((label, retry_after, latency)))
             }
         };
         let now = Instant::now();
@@ -524,8 +526,9 @@ impl TokenRoute {
         guard.armed = false;
         let waiters = tx.receiver_count();
         tx.send_replace(Some(shared));
-        // A call the limiter held back never reached the provider: nothing to count or log here.
-        let Some(latency) = latency else { return };
+        let Some((label, retry_after, latency)) = call else {
+            return;
+        };
         self.metrics
             .upstream_call(&label, latency.as_secs_f64(), waiters);
         info!(
@@ -561,14 +564,10 @@ impl TokenRoute {
         let (reply, truncated) = match answer {
             Ok(answer) => answer,
             Err(failure) => {
-                warn!(route = %self.name, upstream = %self.forwarder.upstream_url(), reason = %failure_reason(&failure), "upstream token call failed");
+                warn!(route = %self.name, upstream = %self.forwarder.upstream_url(), reason = %failure.reason(), "upstream token call failed");
                 let left = hold(Cause::Failed, None);
-                let error = match failure {
-                    Failure::Timeout => Error::UpstreamTimeout,
-                    Failure::Unavailable(_) => Error::UpstreamUnavailable,
-                };
                 return (
-                    Shared::Failed(error),
+                    Shared::Failed(failure.to_error()),
                     failure.as_str().to_owned(),
                     Some(left),
                 );
@@ -653,13 +652,6 @@ impl Drop for FlightGuard {
 
 fn is_client_error(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 401 | 403)
-}
-
-fn failure_reason(failure: &Failure) -> &str {
-    match failure {
-        Failure::Timeout => "timeout",
-        Failure::Unavailable(why) => why,
-    }
 }
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
