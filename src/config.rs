@@ -342,19 +342,8 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
         read_file: impl Fn(&std::path::Path) -> std::io::Result<String>,
     ) -> Result<Config, ConfigError> {
-        // An empty variable is unset: `-e TOKEN_SIDECAR_LISTEN=` clears a value an image sets.
-        let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-        let env_addr = |name: &str| -> Result<Option<SocketAddr>, ConfigError> {
-            env(name)
-                .map(|v| {
-                    v.parse().map_err(|_| {
-                        err(format!(
-                            "{name}={v:?} is not an address like 127.0.0.1:8080"
-                        ))
-                    })
-                })
-                .transpose()
-        };
+        let env = non_empty(env);
+        let env_addr = |name: &str| env_addr(&env, name);
         let file = read_config_file(&flags, &env, &read_file)?;
 
         let upstream = flags
@@ -383,15 +372,11 @@ impl Config {
         };
         let mut log = file.log.clone();
         if let Some(format) = env("TOKEN_SIDECAR_LOG_FORMAT") {
-            log.format = match format.as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => {
-                    return Err(err(format!(
-                        "TOKEN_SIDECAR_LOG_FORMAT={format:?}: use text or json"
-                    )));
-                }
-            };
+            log.format = <LogFormat as clap::ValueEnum>::from_str(&format, true).map_err(|_| {
+                err(format!(
+                    "TOKEN_SIDECAR_LOG_FORMAT={format:?}: use text or json"
+                ))
+            })?;
         }
         if let Some(format) = flags.log_format {
             log.format = format;
@@ -630,20 +615,35 @@ pub fn admin_address(
     env: impl Fn(&str) -> Option<String>,
     read_file: impl Fn(&std::path::Path) -> std::io::Result<String>,
 ) -> Result<SocketAddr, ConfigError> {
-    if let Some(addr) = flags.admin {
+    let env = non_empty(env);
+    if let Some(addr) = flags.admin.or(env_addr(&env, "TOKEN_SIDECAR_ADMIN")?) {
         return Ok(addr);
-    }
-    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
-    if let Some(value) = env("TOKEN_SIDECAR_ADMIN") {
-        return value.parse().map_err(|_| {
-            err(format!(
-                "TOKEN_SIDECAR_ADMIN={value:?} is not an address like 127.0.0.1:9901"
-            ))
-        });
     }
     Ok(read_config_file(flags, &env, &read_file)?
         .admin
         .unwrap_or_else(default_admin))
+}
+
+/// The environment as the sidecar reads it: an empty variable is unset, so
+/// `-e TOKEN_SIDECAR_LISTEN=` clears a value an image sets.
+fn non_empty(env: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<String> {
+    move |name| env(name).filter(|v| !v.trim().is_empty())
+}
+
+/// An address from the environment; the error names the variable.
+fn env_addr(
+    env: &impl Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    env(name)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                err(format!(
+                    "{name}={v:?} is not an address like 127.0.0.1:8080"
+                ))
+            })
+        })
+        .transpose()
 }
 
 fn default_admin() -> SocketAddr {

@@ -40,10 +40,9 @@ impl tower::Service<Request<Incoming>> for Dispatch {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let Dispatch { token, forwarder } = self.clone();
         Box::pin(async move {
-            let response = if token.is_token_path(request.uri().path()) {
-                token.handle(request).await
-            } else {
-                forwarder.forward(request.map(boxed)).await
+            let response = match token.key_scope(request.uri().path()) {
+                Some(scope) => token.handle(scope, request).await,
+                None => forwarder.forward(request.map(boxed)).await,
             };
             Ok(response)
         })

@@ -158,12 +158,9 @@ impl TokenRoute {
     }
 
     /// Whether `path` is one of this route's token endpoints.
-    pub fn is_token_path(&self, path: &str) -> bool {
-        self.key_scope(path).is_some()
-    }
-
-    /// The part of the cache key that names where a token is valid: route and token path.
-    fn key_scope(&self, path: &str) -> Option<&str> {
+    /// For one of this route's token paths, the part of the cache key that names where a token
+    /// is valid (route and path); `None` for any other path.
+    pub fn key_scope(&self, path: &str) -> Option<&str> {
         self.token_paths
             .iter()
             .find(|(p, _)| p == path)
@@ -196,9 +193,10 @@ impl TokenRoute {
         }
     }
 
-    /// Answers a request to one of the token paths.
+    /// Answers a request to one of the token paths; `scope` is that path's [`Self::key_scope`].
     pub async fn handle(
         self: &Arc<Self>,
+        scope: &str,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
         let (parts, body) = request.into_parts();
@@ -240,9 +238,6 @@ impl TokenRoute {
             Err(_) => {
                 return self.reject(Error::InvalidRequest("the request body could not be read"));
             }
-        };
-        let Some(scope) = self.key_scope(parts.uri.path()) else {
-            return self.reject(Error::Internal);
         };
         // Everything else the provider sees that could change the token is part of the key: a
         // query (tenant or policy selectors) and, when it is passed on, the caller's Host.
