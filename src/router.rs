@@ -38,14 +38,14 @@ impl tower::Service<Request<Incoming>> for Dispatch {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let Dispatch { token, forwarder } = self.clone();
-        Box::pin(async move {
-            let response = match token.key_scope(request.uri().path()) {
-                Some(scope) => token.handle(scope, request).await,
-                None => forwarder.forward(request.map(boxed)).await,
-            };
-            Ok(response)
-        })
+        // Two boxes sized for their own path: a token hit does not carry the state of a forward.
+        if let Some(path) = self.token.token_path(request.uri().path()) {
+            let token = self.token.clone();
+            Box::pin(async move { Ok(token.handle(path, request).await) })
+        } else {
+            let forwarder = self.forwarder.clone();
+            Box::pin(async move { Ok(forwarder.forward(request.map(boxed)).await) })
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use token_sidecar::config::{
 };
 use token_sidecar::token::cooldown::{backoff, parse_retry_after};
 use token_sidecar::token::lifetime::{Token, Validated};
-use token_sidecar::token::request::{CacheKey, Parsed, parse, parse_form};
+use token_sidecar::token::request::{CacheKey, Keyer, Parsed, parse, parse_form};
 
 /// `cases` unless `PROPTEST_CASES` asks for more (or fewer). Failures are not persisted to disk:
 /// a shrunk counterexample belongs in a named regression test instead.
@@ -153,10 +153,8 @@ fn keyed(
     auth: Option<&str>,
     body: &[u8],
 ) -> Result<(CacheKey, String), TestCaseError> {
-    match parse(&HMAC_KEY, route, auth.map(str::as_bytes), body) {
-        Ok(Parsed::Cacheable { key, client_id }) | Ok(Parsed::RefreshToken { key, client_id }) => {
-            Ok((key, client_id))
-        }
+    match parse(&Keyer::new(&HMAC_KEY), route, auth.map(str::as_bytes), body) {
+        Ok(Parsed::Keyed { key, client_id, .. }) => Ok((key, client_id.into_owned())),
         other => Err(TestCaseError::fail(format!(
             "expected a keyed request, got {other:?} for auth {auth:?} body {:?}",
             String::from_utf8_lossy(body)
@@ -309,8 +307,8 @@ proptest! {
         auth in prop::option::of(hostile_bytes()),
         body in hostile_bytes(),
     ) {
-        if let Ok(Parsed::Cacheable { client_id, .. } | Parsed::RefreshToken { client_id, .. }) =
-            parse(&HMAC_KEY, ROUTE, auth.as_deref(), &body)
+        if let Ok(Parsed::Keyed { client_id, .. }) =
+            parse(&Keyer::new(&HMAC_KEY), ROUTE, auth.as_deref(), &body)
         {
             prop_assert!(!client_id.is_empty());
         }
@@ -321,8 +319,8 @@ proptest! {
     #[test]
     fn basic_header_around_arbitrary_bytes_never_panics(decoded in hostile_bytes()) {
         let header = format!("Basic {}", BASE64.encode(&decoded));
-        let result = parse(&HMAC_KEY, ROUTE, Some(header.as_bytes()), b"grant_type=client_credentials");
-        if let Ok(Parsed::Cacheable { client_id, .. }) = result {
+        let result = parse(&Keyer::new(&HMAC_KEY), ROUTE, Some(header.as_bytes()), b"grant_type=client_credentials");
+        if let Ok(Parsed::Keyed { client_id, .. }) = result {
             prop_assert!(!client_id.is_empty());
             let colon = decoded.iter().position(|&b| b == b':');
             prop_assert!(colon.is_some_and(|c| c + 1 < decoded.len()), "keyed without a secret");
@@ -1040,8 +1038,8 @@ fn basic_secrets_differing_in_a_raw_lead_byte_get_different_keys() {
     let body = b"grant_type=client_credentials";
     let key = |raw: &[u8]| {
         let header = format!("Basic {}", BASE64.encode(raw));
-        match parse(&HMAC_KEY, ROUTE, Some(header.as_bytes()), body) {
-            Ok(Parsed::Cacheable { key, client_id }) => {
+        match parse(&Keyer::new(&HMAC_KEY), ROUTE, Some(header.as_bytes()), body) {
+            Ok(Parsed::Keyed { key, client_id, .. }) => {
                 assert_eq!(client_id, "app");
                 key
             }

@@ -14,7 +14,7 @@
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::percent_decode;
-use token_sidecar::token::request::{CacheKey, Parsed, parse, parse_form};
+use token_sidecar::token::request::{CacheKey, Keyer, Parsed, parse, parse_form};
 
 const HMAC_KEY: [u8; 32] = [7; 32];
 const ROUTE: &str = "default\n/oauth/token";
@@ -84,8 +84,8 @@ fn keyed(request: &[u8]) -> Option<(CacheKey, Model)> {
             base64::engine::general_purpose::STANDARD.encode(raw)
         )
     });
-    match parse(&HMAC_KEY, ROUTE, header.as_deref().map(str::as_bytes), body) {
-        Ok(Parsed::Cacheable { key, .. } | Parsed::RefreshToken { key, .. }) => {
+    match parse(&Keyer::new(&HMAC_KEY), ROUTE, header.as_deref().map(str::as_bytes), body) {
+        Ok(Parsed::Keyed { key, .. }) => {
             Some((key, model(basic, body)))
         }
         _ => None,

@@ -16,7 +16,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::lifetime::Token;
+use super::lifetime::{Rendered, Token};
 use super::request::CacheKey;
 use crate::error::Error;
 
@@ -57,6 +57,11 @@ pub struct EntryState {
     pub refresh_not_before: Option<Instant>,
     /// How many refreshes in a row returned the token already cached.
     pub same_token_streak: u32,
+    /// The cached token rendered for the current second, shared by every hit in that second.
+    rendered: Option<Rendered>,
+    /// Set, under this lock, when the entry leaves the map: a request that fetched the entry just
+    /// before must look the key up again instead of starting a flight nobody else can find.
+    evicted: bool,
 }
 
 /// One cache entry.
@@ -79,9 +84,10 @@ impl Entry {
 
 /// What a request should do, decided under the entry's lock.
 pub enum Decision {
-    /// Serve this token; if `refresh` is set, the caller starts that background flight.
+    /// Serve this rendering of the cached token; if `refresh` is set, the caller starts that
+    /// background flight.
     Hit {
-        token: Arc<Token>,
+        rendered: Rendered,
         refresh: Option<FlightTx>,
     },
     /// Replay a remembered answer.
@@ -102,15 +108,19 @@ impl EntryState {
     /// Decides how to answer a request at `now`. `hold` tells the time left on the client's
     /// cool-down; it is consulted only when an upstream call is being considered.
     pub fn decide(&mut self, now: Instant, hold: impl Fn() -> Option<Duration>) -> Decision {
-        if let Some(token) = self.token.clone()
+        if let Some(token) = &self.token
             && token.servable(now)
         {
+            let rendered = match &self.rendered {
+                Some(rendered) if rendered.is_current(token, now) => rendered.clone(),
+                _ => self.rendered.insert(Rendered::new(token, now)).clone(),
+            };
             let refresh = (token.refresh_due(now)
                 && self.flight.is_none()
                 && self.refresh_not_before.is_none_or(|t| now >= t)
                 && hold().is_none())
             .then(|| self.start_flight().0);
-            return Decision::Hit { token, refresh };
+            return Decision::Hit { rendered, refresh };
         }
         if let Some((until, reply)) = &self.remembered {
             if *until > now {
@@ -204,7 +214,7 @@ impl Cache {
 
     /// The entry for `key`, created if needed, marked as used at `now`. Returns how many entries
     /// were evicted to make room.
-    pub fn entry(&self, key: CacheKey, now: Instant) -> (Arc<Entry>, usize) {
+    fn entry(&self, key: CacheKey, now: Instant) -> (Arc<Entry>, usize) {
         let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if let Some(entry) = self.entries.get(&key) {
             // Write only when the millisecond changed: a hot key read by every core would
@@ -224,6 +234,32 @@ impl Cache {
         (entry, evicted)
     }
 
+    /// Decides, under the entry's lock, how to answer a request for `key` at `now` (see
+    /// [`EntryState::decide`]). Returns the entry (a flight started by the decision lands in it)
+    /// and how many entries were evicted to make room.
+    pub fn decide(
+        &self,
+        key: CacheKey,
+        now: Instant,
+        hold: impl Fn() -> Option<Duration>,
+    ) -> (Arc<Entry>, Decision, usize) {
+        let mut evicted = 0;
+        loop {
+            let (entry, dropped) = self.entry(key, now);
+            evicted += dropped;
+            let mut state = entry.lock();
+            // Evicted between the lookup and the lock: the next lookup finds or creates the
+            // entry that is in the map. Each round needs another eviction of this very key, so
+            // this ends at once in practice.
+            if state.evicted {
+                continue;
+            }
+            let decision = state.decide(now, &hold);
+            drop(state);
+            return (entry, decision, evicted);
+        }
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -241,19 +277,19 @@ impl Cache {
             .map(|t| t.saturating_duration_since(self.epoch).as_millis() as u64);
         let mut swept = Swept::default();
         self.entries.retain(|_, entry| {
-            let state = entry.lock();
+            let mut state = entry.lock();
             if state.flight.is_some() {
                 return true;
             }
             if idle_before.is_some_and(|t| entry.last_used_ms.load(Ordering::Relaxed) < t) {
                 swept.idle += 1;
-                return false;
-            }
-            if state.is_dead(now) {
+            } else if state.is_dead(now) {
                 swept.expired += 1;
-                return false;
+            } else {
+                return true;
             }
-            true
+            state.evicted = true;
+            false
         });
         swept
     }
@@ -275,7 +311,11 @@ impl Cache {
             .iter()
             .filter(|(_, key)| {
                 self.entries
-                    .remove_if(key, |_, entry| entry.lock().flight.is_none())
+                    .remove_if(key, |_, entry| {
+                        let mut state = entry.lock();
+                        state.evicted = state.flight.is_none();
+                        state.evicted
+                    })
                     .is_some()
             })
             .count()
@@ -313,6 +353,53 @@ mod tests {
         );
     }
 
+    fn hit(state: &mut EntryState, now: Instant) -> Rendered {
+        match state.decide(now, || None) {
+            Decision::Hit { rendered, .. } => rendered,
+            _ => panic!("expected a hit"),
+        }
+    }
+
+    #[test]
+    fn hits_share_one_rendering_per_second_and_per_token() {
+        let t0 = Instant::now();
+        let token = |name: &str| {
+            let body = format!(r#"{{"access_token":"{name}","expires_in":3600}}"#);
+            match Token::from_upstream(
+                body.as_bytes(),
+                http::HeaderValue::from_static("application/json"),
+                t0,
+                &crate::config::TokenConfig::default(),
+                0.0,
+            ) {
+                Ok(super::super::lifetime::Validated::Token(token)) => Arc::new(token),
+                other => panic!("expected a token, got {other:?}"),
+            }
+        };
+        let mut state = EntryState {
+            token: Some(token("first")),
+            ..EntryState::default()
+        };
+        let a = hit(&mut state, t0 + Duration::from_millis(100));
+        let b = hit(&mut state, t0 + Duration::from_millis(400));
+        assert_eq!(a.body.as_ptr(), b.body.as_ptr(), "same second, same bytes");
+        let json = |r: &Rendered| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
+        assert_eq!(json(&a)["expires_in"], 3599);
+        let later = hit(&mut state, t0 + Duration::from_millis(1_500));
+        assert_eq!(
+            json(&later)["expires_in"],
+            3598,
+            "rounded down, never more than left"
+        );
+        assert_ne!(
+            a.cache_status, later.cache_status,
+            "Cache-Status ttl follows"
+        );
+        state.token = Some(token("second"));
+        let replaced = hit(&mut state, t0 + Duration::from_millis(1_600));
+        assert_eq!(json(&replaced)["access_token"], "second");
+    }
+
     #[test]
     fn capacity_evicts_the_least_recently_used() {
         let cache = Cache::new(32);
@@ -327,6 +414,52 @@ mod tests {
         assert!(cache.entries.get(&key(0)).is_none());
         assert!(cache.entries.get(&key(1)).is_none());
         assert!(cache.entries.get(&key(2)).is_some());
+    }
+
+    /// A sweep racing with requests: whatever a request decides, a flight it starts lands in the
+    /// entry the map holds, so the next request finds it instead of calling upstream again.
+    #[test]
+    fn a_flight_is_never_started_in_an_entry_already_evicted() {
+        let cache = Arc::new(Cache::new(1_000));
+        let t0 = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (cache, stop) = (cache.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sweeps = 0u32;
+                // An idle timeout of zero makes every entry without a flight sweepable at once.
+                while !stop.load(Ordering::Relaxed) && sweeps < 2_000_000 {
+                    cache.sweep(t0 + Duration::from_secs(1), Duration::ZERO);
+                    sweeps += 1;
+                }
+            })
+        };
+        let workers: Vec<_> = (0..2u8)
+            .map(|n| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    let mut leads = 0;
+                    for i in 0..20_000u32 {
+                        let k = key(n * 8 + (i % 8) as u8);
+                        let (entry, decision, _) = cache.decide(k, t0, || None);
+                        if let Decision::Lead { .. } = decision {
+                            leads += 1;
+                            let held = cache.entries.get(&k).map(|e| e.clone());
+                            assert!(
+                                held.is_some_and(|held| Arc::ptr_eq(&held, &entry)),
+                                "flight started in an evicted entry"
+                            );
+                            entry.lock().flight = None;
+                        }
+                    }
+                    leads
+                })
+            })
+            .collect();
+        let leads: u32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        stop.store(true, Ordering::Relaxed);
+        sweeper.join().unwrap();
+        assert!(leads > 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use http::HeaderValue;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -37,6 +38,52 @@ pub struct Token {
     /// refreshed ahead (refresh-token grant answers).
     pub refresh_at: Option<Instant>,
 }
+
+/// A cached token as served during one second of its life: the body with `expires_in` filled in and
+/// the hit's `Cache-Status`. Both change only when a whole second passes, so the entry keeps one
+/// and every hit in that second shares its bytes instead of rendering them again.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    token: Arc<Token>,
+    remaining: u64,
+    ttl: u64,
+    /// The response body.
+    pub body: Bytes,
+    /// `token-sidecar; hit; ttl=N`.
+    pub cache_status: HeaderValue,
+}
+
+impl Rendered {
+    /// Renders `token` for the second that contains `now`.
+    pub fn new(token: &Arc<Token>, now: Instant) -> Rendered {
+        let ttl = token.ttl_secs(now);
+        let mut status = BytesMut::with_capacity(HIT_STATUS.len() + 20);
+        status.put_slice(HIT_STATUS.as_bytes());
+        status.put_slice(itoa::Buffer::new().format(ttl).as_bytes());
+        Rendered {
+            token: token.clone(),
+            remaining: token.remaining_secs(now),
+            ttl,
+            body: token.render(now),
+            cache_status: HeaderValue::from_maybe_shared(status.freeze())
+                .expect("ASCII text and digits"),
+        }
+    }
+
+    /// Whether this is `token` as it must be served at `now`.
+    pub fn is_current(&self, token: &Arc<Token>, now: Instant) -> bool {
+        Arc::ptr_eq(&self.token, token)
+            && self.remaining == token.remaining_secs(now)
+            && self.ttl == token.ttl_secs(now)
+    }
+
+    /// The token's `Content-Type`.
+    pub fn content_type(&self) -> &HeaderValue {
+        &self.token.content_type
+    }
+}
+
+const HIT_STATUS: &str = "token-sidecar; hit; ttl=";
 
 /// What a successful upstream body turned out to be.
 #[derive(Debug)]

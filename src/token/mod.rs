@@ -15,11 +15,13 @@ pub mod limiter;
 pub mod request;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -35,9 +37,9 @@ use crate::telemetry::client_hash;
 use crate::upstream::Failure;
 use cache::{Cache, Decision, Entry, FlightRx, FlightTx, Reply, Shared};
 use cooldown::{Cause, Cooldowns};
-use lifetime::{Token, Validated};
+use lifetime::{Rendered, Token, Validated};
 use limiter::Limiter;
-use request::{CacheKey, Parsed};
+use request::{Grant, Keyer, Parsed};
 
 /// What happened to one token-path request: a log field, a metric label and the `Cache-Status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,12 +94,12 @@ impl Outcome {
     }
 }
 
-/// Which grant an entry caches; they differ in refresh-ahead and how long answers are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Grant {
-    ClientCredentials,
-    RefreshToken,
-}
+/// One of a route's token paths, found by [`TokenRoute::token_path`].
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPath(usize);
+
+/// A token-path answer that has to wait for the network: a forward, or a flight's outcome.
+type Later<'a> = Pin<Box<dyn Future<Output = Response<Body>> + Send + 'a>>;
 
 /// One route's token path.
 #[derive(Debug)]
@@ -109,7 +111,7 @@ pub struct TokenRoute {
     token_paths: Vec<(String, String)>,
     /// The caller's Host goes upstream (and so into the key) instead of the upstream's.
     preserve_host: bool,
-    hmac_key: [u8; 32],
+    keyer: Keyer,
     cache: Cache,
     cooldowns: Cooldowns,
     limiter: Limiter,
@@ -138,7 +140,7 @@ impl TokenRoute {
                 .map(|path| (path.clone(), format!("{}\n{path}", route.name)))
                 .collect(),
             preserve_host: route.preserve_host,
-            hmac_key: rand::random(),
+            keyer: Keyer::new(&rand::random()),
             cache: Cache::new(route.token.max_entries),
             cooldowns: Cooldowns::new(&route.name),
             limiter: Limiter::new(
@@ -157,14 +159,12 @@ impl TokenRoute {
         &self.name
     }
 
-    /// Whether `path` is one of this route's token endpoints.
-    /// For one of this route's token paths, the part of the cache key that names where a token
-    /// is valid (route and path); `None` for any other path.
-    pub fn key_scope(&self, path: &str) -> Option<&str> {
+    /// Which of this route's token paths `path` is, if any.
+    pub fn token_path(&self, path: &str) -> Option<TokenPath> {
         self.token_paths
             .iter()
-            .find(|(p, _)| p == path)
-            .map(|(_, scope)| scope.as_str())
+            .position(|(p, _)| p == path)
+            .map(TokenPath)
     }
 
     /// Cached keys.
@@ -193,10 +193,14 @@ impl TokenRoute {
         }
     }
 
-    /// Answers a request to one of the token paths; `scope` is that path's [`Self::key_scope`].
+    /// Answers a request to one of the token paths, as found by [`Self::token_path`].
+    ///
+    /// A hit is answered without leaving this future, which holds little more than the request
+    /// head while the body is read; the slower paths (forwarding, waiting for a flight) are boxed
+    /// futures of their own, so their state is not carried by every hit.
     pub async fn handle(
         self: &Arc<Self>,
-        scope: &str,
+        path: TokenPath,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
         let (parts, body) = request.into_parts();
@@ -211,12 +215,8 @@ impl TokenRoute {
         if media_type.eq_ignore_ascii_case("application/json") {
             // Some providers accept JSON token requests; the sidecar cannot key them, so they go
             // through untouched and streamed.
-            self.record(Outcome::Bypass);
             let request = Request::from_parts(parts, crate::body::boxed(body));
-            return with_status(
-                self.forwarder.forward(request).await,
-                "token-sidecar; fwd=bypass",
-            );
+            return Box::pin(self.bypass(request)).await;
         }
         if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
             return self.reject(Error::UnsupportedMediaType);
@@ -239,6 +239,22 @@ impl TokenRoute {
                 return self.reject(Error::InvalidRequest("the request body could not be read"));
             }
         };
+        // The part of the cache key that names where a token is valid: route and token path.
+        let scope = self.token_paths[path.0].1.as_str();
+        match self.answer(scope, parts, body) {
+            Ok(response) => response,
+            Err(later) => later.await,
+        }
+    }
+
+    /// Everything after the body is read, without waiting: the answer, or the boxed future that
+    /// produces it (a forward, or a wait on a flight).
+    fn answer(
+        self: &Arc<Self>,
+        scope: &str,
+        parts: Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, Later<'_>> {
         // Everything else the provider sees that could change the token is part of the key: a
         // query (tenant or policy selectors) and, when it is passed on, the caller's Host.
         let query = parts.uri.query();
@@ -249,7 +265,7 @@ impl TokenRoute {
         {
             Some(value) => match value.to_str() {
                 Ok(host) => Some(host),
-                Err(_) => return self.reject(Error::InvalidRequest("malformed Host header")),
+                Err(_) => return Ok(self.reject(Error::InvalidRequest("malformed Host header"))),
             },
             None => None,
         };
@@ -268,7 +284,7 @@ impl TokenRoute {
             Cow::Owned(owned)
         };
         let parsed = request::parse(
-            &self.hmac_key,
+            &self.keyer,
             &scope,
             parts
                 .headers
@@ -276,25 +292,66 @@ impl TokenRoute {
                 .map(HeaderValue::as_bytes),
             &body,
         );
-        match parsed {
-            Err(error) => self.reject(error),
+        let (key, grant, client_id) = match parsed {
+            Err(error) => return Ok(self.reject(error)),
             Ok(Parsed::PassThrough) => {
-                self.record(Outcome::Bypass);
                 let request = Request::from_parts(parts, full(body));
-                with_status(
-                    self.forwarder.forward(request).await,
-                    "token-sidecar; fwd=bypass",
-                )
+                return Err(Box::pin(self.bypass(request)));
             }
-            Ok(Parsed::Cacheable { key, client_id }) => {
-                self.serve(Grant::ClientCredentials, key, client_id, parts, body)
-                    .await
+            Ok(Parsed::Keyed {
+                key,
+                grant,
+                client_id,
+            }) => (key, grant, client_id),
+        };
+
+        let now = Instant::now();
+        let (entry, decision, evicted) = self
+            .cache
+            .decide(key, now, || self.cooldowns.remaining(&client_id, now));
+        self.metrics.evicted("capacity", evicted);
+        match decision {
+            Decision::Hit { rendered, refresh } => {
+                if let Some(tx) = refresh {
+                    debug!(route = %self.name, client = %client_hash(&client_id), "refresh ahead");
+                    let client_id = client_id.into_owned();
+                    self.launch(grant, entry, tx, client_id, parts, body);
+                }
+                self.record(Outcome::Hit);
+                Ok(render_hit(rendered))
             }
-            Ok(Parsed::RefreshToken { key, client_id }) => {
-                self.serve(Grant::RefreshToken, key, client_id, parts, body)
-                    .await
+            Decision::Remembered(reply) => {
+                self.record(Outcome::Remembered);
+                Ok(with_status(
+                    render_reply(&reply),
+                    "token-sidecar; hit; detail=remembered",
+                ))
+            }
+            Decision::Cooldown(left) => {
+                self.record(Outcome::Cooldown);
+                let retry_after_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                Ok(with_status(
+                    Error::CoolingDown { retry_after_secs }.into_response(),
+                    "token-sidecar; detail=cooldown",
+                ))
+            }
+            Decision::Join(rx) => Err(Box::pin(self.wait(rx, Outcome::Coalesced))),
+            Decision::Lead { tx, rx, stale } => {
+                let client_id = client_id.into_owned();
+                self.launch(grant, entry, tx, client_id, parts, body);
+                let role = if stale { Outcome::Stale } else { Outcome::Miss };
+                Err(Box::pin(self.wait(rx, role)))
             }
         }
+    }
+
+    /// Forwards a request the sidecar does not key, unchanged.
+    async fn bypass(&self, request: Request<Body>) -> Response<Body> {
+        self.record(Outcome::Bypass);
+        with_status(
+            self.forwarder.forward(request).await,
+            "token-sidecar; fwd=bypass",
+        )
     }
 
     /// Counts a request's outcome and writes its debug-level request line.
@@ -316,55 +373,6 @@ impl TokenRoute {
             _ => "token-sidecar; detail=error",
         };
         with_status(error.into_response(), detail)
-    }
-
-    /// Serves a keyed request: from the cache, by joining or leading a flight, or with a 429.
-    async fn serve(
-        self: &Arc<Self>,
-        grant: Grant,
-        key: CacheKey,
-        client_id: String,
-        parts: Parts,
-        body: Bytes,
-    ) -> Response<Body> {
-        let now = Instant::now();
-        let (entry, evicted) = self.cache.entry(key, now);
-        self.metrics.evicted("capacity", evicted);
-        let decision = entry
-            .lock()
-            .decide(now, || self.cooldowns.remaining(&client_id, now));
-        match decision {
-            Decision::Hit { token, refresh } => {
-                if let Some(tx) = refresh {
-                    debug!(route = %self.name, client = %client_hash(&client_id), "refresh ahead");
-                    self.launch(grant, entry, tx, client_id, parts, body);
-                }
-                self.record(Outcome::Hit);
-                let status = format!("token-sidecar; hit; ttl={}", token.ttl_secs(now));
-                render_token(&token, now, status)
-            }
-            Decision::Remembered(reply) => {
-                self.record(Outcome::Remembered);
-                with_status(
-                    render_reply(&reply),
-                    "token-sidecar; hit; detail=remembered",
-                )
-            }
-            Decision::Cooldown(left) => {
-                self.record(Outcome::Cooldown);
-                let retry_after_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-                with_status(
-                    Error::CoolingDown { retry_after_secs }.into_response(),
-                    "token-sidecar; detail=cooldown",
-                )
-            }
-            Decision::Join(rx) => self.wait(rx, Outcome::Coalesced).await,
-            Decision::Lead { tx, rx, stale } => {
-                self.launch(grant, entry, tx, client_id, parts, body);
-                self.wait(rx, if stale { Outcome::Stale } else { Outcome::Miss })
-                    .await
-            }
-        }
     }
 
     /// Waits, bounded by the wait timeout, for a flight's outcome and renders it.
@@ -395,7 +403,9 @@ impl TokenRoute {
                 self.record(role);
                 let stored = if collapsed.is_empty() { "; stored" } else { "" };
                 let status = format!("token-sidecar; fwd={fwd}; fwd-status=200{stored}{collapsed}");
-                render_token(&token, Instant::now(), status)
+                let response =
+                    render_token(token.render(Instant::now()), token.content_type.clone());
+                dynamic_status(response, status)
             }
             Shared::Reply(reply) => {
                 self.record(role);
@@ -651,16 +661,26 @@ fn is_client_error(status: StatusCode) -> bool {
 
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
-const CACHE_STATUS: &str = "cache-status";
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// A cached token as a response: remaining lifetime, RFC 6749 §5.1 cache headers, Cache-Status.
-fn render_token(token: &Token, now: Instant, cache_status: String) -> Response<Body> {
-    let mut response = Response::new(full(token.render(now)));
+/// A token as a response, with the RFC 6749 §5.1 cache headers; the caller adds Cache-Status.
+fn render_token(body: Bytes, content_type: HeaderValue) -> Response<Body> {
+    let mut response = Response::new(full(body));
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, token.content_type.clone());
+    headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CACHE_CONTROL, NO_STORE);
     headers.insert(header::PRAGMA, NO_CACHE);
-    dynamic_status(response, cache_status)
+    response
+}
+
+/// A hit: the entry's rendering for this second, shared rather than copied.
+fn render_hit(rendered: Rendered) -> Response<Body> {
+    let content_type = rendered.content_type().clone();
+    let mut response = render_token(rendered.body, content_type);
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS, rendered.cache_status);
+    response
 }
 
 /// An upstream answer as it came.

@@ -11,6 +11,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use percent_encoding::percent_decode;
 use sha2::Sha256;
+use smallvec::SmallVec;
 use std::borrow::Cow;
 
 use crate::error::Error;
@@ -30,17 +31,47 @@ impl std::fmt::Debug for CacheKey {
     }
 }
 
+/// Which grant a keyed request asks for; they differ in refresh-ahead and how long answers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// `client_credentials`: cached and refreshed ahead of expiry.
+    ClientCredentials,
+    /// `refresh_token`: coalesced and remembered briefly, keyed by everything including the
+    /// refresh token itself.
+    RefreshToken,
+}
+
 /// What kind of token request this is, once parsed.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
-    /// A client-credentials request with a full client identity: served from the cache.
-    Cacheable { key: CacheKey, client_id: String },
-    /// A refresh-token request with its credentials: coalesced and remembered briefly, keyed by
-    /// everything including the refresh token itself.
-    RefreshToken { key: CacheKey, client_id: String },
+pub enum Parsed<'a> {
+    /// A request with a full client identity, served from the cache under `key`.
+    Keyed {
+        key: CacheKey,
+        grant: Grant,
+        /// Borrowed from the body where it can be: a hit never copies it.
+        client_id: Cow<'a, str>,
+    },
     /// Anything the sidecar does not key (other grants, public clients, assertions, JSON bodies):
     /// forwarded unchanged.
     PassThrough,
+}
+
+/// The HMAC that turns a request into its [`CacheKey`], keyed once: each request clones the keyed
+/// state instead of hashing the key again.
+#[derive(Clone)]
+pub struct Keyer(Hmac<Sha256>);
+
+impl Keyer {
+    /// A keyer for this HMAC key.
+    pub fn new(key: &[u8; 32]) -> Keyer {
+        Keyer(<Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length"))
+    }
+}
+
+impl std::fmt::Debug for Keyer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keyer(..)")
+    }
 }
 
 /// Where the key's secret material is mixed in; domain tags keep fields from sliding into each other.
@@ -54,12 +85,12 @@ const TAG_PARAM: u8 = 5;
 ///
 /// `route` distinguishes routes and token paths (the same credentials at two providers are two
 /// keys). Errors name the offending field, never its value.
-pub fn parse(
-    hmac_key: &[u8; 32],
+pub fn parse<'a>(
+    keyer: &Keyer,
     route: &str,
     authorization: Option<&[u8]>,
-    body: &[u8],
-) -> Result<Parsed, Error> {
+    body: &'a [u8],
+) -> Result<Parsed<'a>, Error> {
     let params = parse_form(body)?;
     let basic = match authorization {
         Some(value) => parse_authorization(value)?,
@@ -74,7 +105,7 @@ pub fn parse(
     for (name, value) in &params {
         match name.as_ref() {
             "grant_type" => grant_type = Some(value.as_ref()),
-            "client_id" => body_client_id = Some(value.as_ref()),
+            "client_id" => body_client_id = Some(value),
             "client_secret" => body_secret = Some(value.as_ref()),
             "client_assertion" | "client_assertion_type" => has_assertion = true,
             "refresh_token" => refresh_token = Some(value.as_ref()),
@@ -82,9 +113,9 @@ pub fn parse(
         }
     }
 
-    let is_refresh = match grant_type {
-        Some("client_credentials") => false,
-        Some("refresh_token") if refresh_token.is_some() => true,
+    let grant = match grant_type {
+        Some("client_credentials") => Grant::ClientCredentials,
+        Some("refresh_token") if refresh_token.is_some() => Grant::RefreshToken,
         _ => return Ok(Parsed::PassThrough),
     };
     if has_assertion {
@@ -99,7 +130,7 @@ pub fn parse(
             ));
         }
         (Some(basic), None) => {
-            if body_client_id.is_some_and(|id| id != basic.client_id) {
+            if body_client_id.is_some_and(|id| *id != basic.client_id) {
                 return Err(Error::InvalidRequest(
                     "client_id does not match the Authorization header",
                 ));
@@ -107,7 +138,8 @@ pub fn parse(
             (basic.client_id, basic.secret, basic.raw)
         }
         (None, Some(secret)) => match body_client_id {
-            Some(id) => (Cow::Borrowed(id), Cow::Borrowed(secret), None),
+            // A clone of a borrowed `Cow` is the same borrow: no copy of the id.
+            Some(id) => (id.clone(), Cow::Borrowed(secret), None),
             None => return Err(Error::InvalidRequest("client_secret without client_id")),
         },
         // A public client (id only) has no secret to key on: a token for it would be handed to
@@ -118,8 +150,7 @@ pub fn parse(
         return Ok(Parsed::PassThrough);
     }
 
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(hmac_key).expect("HMAC takes any key length");
+    let mut mac = keyer.0.clone();
     field(&mut mac, TAG_ROUTE, route.as_bytes());
     field(&mut mac, TAG_CLIENT, client_id.as_bytes());
     match raw_basic {
@@ -128,7 +159,7 @@ pub fn parse(
         Some(raw) => field(&mut mac, TAG_RAW_BASIC, &raw),
         None => field(&mut mac, TAG_SECRET, secret.as_bytes()),
     }
-    let mut rest: Vec<(&str, Cow<'_, str>)> = params
+    let mut rest: SmallVec<[(&str, Cow<'_, str>); INLINE_PARAMS]> = params
         .iter()
         .filter(|(name, _)| !matches!(name.as_ref(), "client_id" | "client_secret"))
         .map(|(name, value)| {
@@ -145,19 +176,18 @@ pub fn parse(
         field(&mut mac, TAG_PARAM, name.as_bytes());
         field(&mut mac, TAG_PARAM, value.as_bytes());
     }
-    let key = CacheKey(mac.finalize().into_bytes().into());
-    let client_id = client_id.into_owned();
-    Ok(if is_refresh {
-        Parsed::RefreshToken { key, client_id }
-    } else {
-        Parsed::Cacheable { key, client_id }
+    Ok(Parsed::Keyed {
+        key: CacheKey(mac.finalize().into_bytes().into()),
+        grant,
+        client_id,
     })
 }
 
 /// Feeds one length-prefixed, tagged field, so `("ab","c")` and `("a","bc")` never collide.
 fn field(mac: &mut Hmac<Sha256>, tag: u8, bytes: &[u8]) {
-    mac.update(&[tag]);
-    mac.update(&(bytes.len() as u64).to_le_bytes());
+    let mut head = [tag; 9];
+    head[1..].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    mac.update(&head);
     mac.update(bytes);
 }
 
@@ -179,13 +209,16 @@ fn canonical_scope(value: &str) -> Cow<'_, str> {
     Cow::Owned(scopes.join(" "))
 }
 
+/// How many form parameters fit without a heap allocation; token requests rarely have more than five.
+const INLINE_PARAMS: usize = 8;
+
 /// Decoded form parameters in their original order.
-pub type Form<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+pub type Form<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); INLINE_PARAMS]>;
 
 /// Decodes an `application/x-www-form-urlencoded` body strictly: bad percent-escapes, invalid
 /// UTF-8 and repeated parameters (RFC 6749 §3.2) are errors rather than silently repaired.
 pub fn parse_form(body: &[u8]) -> Result<Form<'_>, Error> {
-    let mut params: Form<'_> = Vec::new();
+    let mut params: Form<'_> = SmallVec::new();
     for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
             Some(i) => (&pair[..i], &pair[i + 1..]),
@@ -206,6 +239,10 @@ pub fn parse_form(body: &[u8]) -> Result<Form<'_>, Error> {
 
 /// One form component: `+` is a space, `%XX` a byte, and the result must be UTF-8.
 fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
+    // The usual component has nothing to decode: one scan, and the bytes are the string.
+    if !raw.iter().any(|&b| b == b'%' || b == b'+') {
+        return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
+    }
     // Reject a `%` that is not followed by two hex digits, which lenient decoders pass through.
     let mut i = 0;
     while let Some(off) = raw[i..].iter().position(|&b| b == b'%') {
@@ -283,7 +320,9 @@ fn parse_authorization(value: &[u8]) -> Result<Option<Basic<'static>>, Error> {
 mod tests {
     use super::*;
 
-    const K: [u8; 32] = [7; 32];
+    fn k() -> Keyer {
+        Keyer::new(&[7; 32])
+    }
 
     fn basic(id: &str, secret: &str) -> String {
         let enc = |s: &str| {
@@ -300,8 +339,8 @@ mod tests {
     }
 
     fn key(auth: Option<&str>, body: &str) -> CacheKey {
-        match parse(&K, "r", auth.map(str::as_bytes), body.as_bytes()).unwrap() {
-            Parsed::Cacheable { key, .. } | Parsed::RefreshToken { key, .. } => key,
+        match parse(&k(), "r", auth.map(str::as_bytes), body.as_bytes()).unwrap() {
+            Parsed::Keyed { key, .. } => key,
             Parsed::PassThrough => panic!("expected a keyed request for {body}"),
         }
     }
@@ -347,13 +386,15 @@ mod tests {
             )
         );
         let other_route = parse(
-            &K,
+            &k(),
             "r2",
             None,
             b"grant_type=client_credentials&client_id=a&client_secret=s",
         )
         .unwrap();
-        assert!(matches!(other_route, Parsed::Cacheable { key, .. } if key != base));
+        assert!(
+            matches!(other_route, Parsed::Keyed { key, grant: Grant::ClientCredentials, .. } if key != base)
+        );
     }
 
     #[test]
@@ -415,7 +456,7 @@ mod tests {
             "client_id=a&client_secret=s",
         ] {
             assert_eq!(
-                parse(&K, "r", None, body.as_bytes()).unwrap(),
+                parse(&k(), "r", None, body.as_bytes()).unwrap(),
                 Parsed::PassThrough,
                 "{body}"
             );
@@ -425,27 +466,33 @@ mod tests {
     #[test]
     fn refresh_grant_is_keyed_by_its_refresh_token() {
         let a = parse(
-            &K,
+            &k(),
             "r",
             None,
             b"grant_type=refresh_token&refresh_token=1&client_id=a&client_secret=s",
         )
         .unwrap();
         let b = parse(
-            &K,
+            &k(),
             "r",
             None,
             b"grant_type=refresh_token&refresh_token=2&client_id=a&client_secret=s",
         )
         .unwrap();
-        assert!(matches!(&a, Parsed::RefreshToken { .. }));
+        assert!(matches!(
+            &a,
+            Parsed::Keyed {
+                grant: Grant::RefreshToken,
+                ..
+            }
+        ));
         assert_ne!(a, b);
     }
 
     #[test]
     fn malformed_input_is_rejected_with_a_named_problem() {
         let bad = |auth: Option<&str>, body: &str| {
-            parse(&K, "r", auth.map(str::as_bytes), body.as_bytes()).unwrap_err()
+            parse(&k(), "r", auth.map(str::as_bytes), body.as_bytes()).unwrap_err()
         };
         assert!(
             matches!(bad(None, "grant_type=client_credentials&scope=a&scope=b"), Error::DuplicateParameter(p) if p == "scope")
@@ -485,7 +532,7 @@ mod tests {
     #[test]
     fn errors_never_echo_values() {
         let err = parse(
-            &K,
+            &k(),
             "r",
             None,
             b"client_secret=hunter2&client_secret=hunter2",
