@@ -28,6 +28,9 @@ pub struct Cli {
     /// Log format [env: TOKEN_SIDECAR_LOG_FORMAT] [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Worker threads; 0 = one per CPU available [env: TOKEN_SIDECAR_WORKERS] [default: 0]
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -55,6 +58,7 @@ impl Cli {
             admin: self.admin,
             config: self.config.clone(),
             log_format: self.log_format,
+            workers: self.workers,
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct Config {
     pub admin: SocketAddr,
     /// How long in-flight requests and upstream calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Worker threads serving requests; 0 means one per CPU available to the process.
+    pub workers: usize,
     /// Log format and filter.
     pub log: LogConfig,
     /// Connection limits shared by every listener.
@@ -273,6 +275,7 @@ struct FileConfig {
     admin: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
+    workers: Option<usize>,
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
@@ -309,12 +312,15 @@ pub struct Overrides {
     pub admin: Option<SocketAddr>,
     pub config: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub workers: Option<usize>,
 }
 
 /// Default listener of the one-route shortcut.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default admin listener.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+/// Most worker threads accepted: far past any core count, low enough to catch a typo.
+pub const MAX_WORKERS: usize = 1024;
 /// Default token path.
 pub const DEFAULT_TOKEN_PATH: &str = "/oauth/token";
 
@@ -369,6 +375,15 @@ impl Config {
             None => env_addr("TOKEN_SIDECAR_ADMIN")?
                 .or(file.admin)
                 .unwrap_or_else(default_admin),
+        };
+        let workers = match (flags.workers, env("TOKEN_SIDECAR_WORKERS")) {
+            (Some(n), _) => n,
+            (None, Some(text)) => text.trim().parse().map_err(|_| {
+                err(format!(
+                    "TOKEN_SIDECAR_WORKERS={text:?}: give a whole number (0 = one per CPU)"
+                ))
+            })?,
+            (None, None) => file.workers.unwrap_or(0),
         };
         let mut log = file.log.clone();
         if let Some(format) = env("TOKEN_SIDECAR_LOG_FORMAT") {
@@ -449,6 +464,7 @@ impl Config {
         let config = Config {
             admin,
             shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(10)),
+            workers,
             log,
             limits: file.limits,
             routes,
@@ -459,6 +475,12 @@ impl Config {
 
     /// Checks values serde cannot: ranges, uniqueness, paths.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers > MAX_WORKERS {
+            return Err(err(format!(
+                "workers = {}: at most {MAX_WORKERS} (0 = one per CPU)",
+                self.workers
+            )));
+        }
         let mut addresses = vec![("admin", self.admin)];
         let mut names = Vec::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -756,6 +778,46 @@ mod tests {
         assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
         assert_eq!(c.routes[0].token_paths, vec![DEFAULT_TOKEN_PATH]);
         assert_eq!(c.routes[0].token, TokenConfig::default());
+    }
+
+    #[test]
+    fn workers_layer_like_every_setting_and_bad_values_are_named() {
+        let file = "upstream = \"http://x\"\nworkers = 3";
+        assert_eq!(load(with_file(), &[], Some(file)).unwrap().workers, 3);
+        let env = [("TOKEN_SIDECAR_WORKERS", "2")];
+        assert_eq!(load(with_file(), &env, Some(file)).unwrap().workers, 2);
+        let flags = Overrides {
+            workers: Some(1),
+            ..with_file()
+        };
+        assert_eq!(load(flags, &env, Some(file)).unwrap().workers, 1);
+        let default = load(
+            Overrides::default(),
+            &[("TOKEN_SIDECAR_UPSTREAM", "http://x")],
+            None,
+        );
+        assert_eq!(default.unwrap().workers, 0, "0: one per CPU");
+
+        let bad_env = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
+            ("TOKEN_SIDECAR_WORKERS", "two"),
+        ];
+        let e = load(Overrides::default(), &bad_env, None).unwrap_err();
+        assert!(e.0.starts_with("TOKEN_SIDECAR_WORKERS=\"two\""), "{e}");
+        let e = load(
+            with_file(),
+            &[],
+            Some("upstream = \"http://x\"\nworkers = 5000"),
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("workers = 5000"), "{e}");
+        let e = load(
+            with_file(),
+            &[],
+            Some("upstream = \"http://x\"\nworkers = -1"),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("line 2, column 11"), "{e}");
     }
 
     #[test]

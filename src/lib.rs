@@ -27,7 +27,6 @@ pub mod telemetry;
 pub mod token;
 pub mod upstream;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -116,7 +115,7 @@ pub async fn run(
     });
 
     let stop = CancellationToken::new();
-    let graceful = Arc::new(GracefulShutdown::new());
+    let connections = TaskTracker::new();
     let mut accept_loops = Vec::new();
     for (((token, forwarder), listener), route_config) in
         routes.iter().zip(listeners.routes).zip(&config.routes)
@@ -132,7 +131,7 @@ pub async fn run(
             listener,
             service,
             config.limits.clone(),
-            graceful.clone(),
+            connections.clone(),
             stop.clone(),
         )));
         let every = (route_config.token.idle_timeout / 4)
@@ -150,7 +149,7 @@ pub async fn run(
         listeners.admin,
         admin_service,
         config.limits.clone(),
-        Arc::new(GracefulShutdown::new()),
+        TaskTracker::new(),
         admin_stop.clone(),
     ));
     admin_state.ready.store(true, Ordering::Release);
@@ -165,12 +164,11 @@ pub async fn run(
     for accept_loop in accept_loops {
         let _ = accept_loop.await;
     }
+    // The accept loops have ended: no connection or flight starts from here on.
+    connections.close();
     flights.close();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
-        // The accept loops have ended, so this is the last handle: wait for every connection.
-        if let Ok(graceful) = Arc::try_unwrap(graceful) {
-            graceful.shutdown().await;
-        }
+        connections.wait().await;
         flights.wait().await;
     })
     .await;

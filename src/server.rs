@@ -5,26 +5,28 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::BoxError;
 use crate::config::Limits;
 
-/// Serves `listener` with `service` until `stop` fires. Connections are registered with
-/// `graceful` so the caller can drain them.
+/// Serves `listener` with `service` until `stop` fires. Connections run on `connections`, so the
+/// caller can wait for them to drain; when `stop` fires each one finishes the request in progress
+/// and closes (HTTP/1.1) or sends GOAWAY (HTTP/2).
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     limits: Limits,
-    graceful: Arc<GracefulShutdown>,
+    connections: TaskTracker,
     stop: CancellationToken,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -48,11 +50,11 @@ pub async fn serve<S, B>(
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         // Past the connection cap, stop accepting: new connections wait in the kernel backlog.
         let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = stop.cancelled() => break,
         };
         let accepted = tokio::select! {
@@ -71,10 +73,21 @@ pub async fn serve<S, B>(
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let service = TowerToHyperService::new(service.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        // A child token per connection: each polls its own signal, not one shared by every
+        // connection of the process.
+        let drain = stop.child_token();
+        connections.spawn(async move {
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
+            let mut connection = pin!(connection);
+            let served = tokio::select! {
+                biased;
+                served = connection.as_mut() => served,
+                () = drain.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

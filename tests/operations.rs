@@ -421,4 +421,32 @@ fn the_documented_example_config_loads_with_the_defaults_it_claims() {
     assert_eq!(route.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(config.admin.to_string(), "127.0.0.1:9901");
     assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(config.workers, 0);
+}
+
+/// `TOKEN_SIDECAR_WORKERS` sizes the runtime: the process runs exactly that many worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_setting_sizes_the_runtime() {
+    let idp = FakeProvider::start().await;
+    let worker_threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm"))
+                    .is_ok_and(|name| name.trim() == "tokio-rt-worker")
+            })
+            .count()
+    };
+    for workers in [1, 3] {
+        let sidecar = Running::start(
+            &idp.url(),
+            &[("TOKEN_SIDECAR_WORKERS", &workers.to_string())],
+        );
+        sidecar.wait_ready().await;
+        assert_eq!(worker_threads(sidecar.process.child.id()), workers);
+        sidecar.terminate();
+        let (code, stderr) = sidecar.wait();
+        assert_eq!(code, 0, "{stderr}");
+    }
 }

@@ -715,6 +715,7 @@ fn validates(token: &TokenConfig) -> Result<(), String> {
     let config = Config {
         admin: "127.0.0.1:0".parse().unwrap(),
         shutdown_grace: Duration::from_secs(1),
+        workers: 0,
         log: LogConfig::default(),
         limits: Limits::default(),
         routes: vec![RouteConfig {
