@@ -3,7 +3,7 @@
 //! dropped connection.
 //!
 //! The stack is built from named types rather than boxed services, so a request costs no
-//! service clone on the heap: the dispatcher is two `Arc`s.
+//! service clone on the heap: the dispatcher is one `Arc`.
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -23,7 +23,12 @@ use crate::token::TokenRoute;
 
 /// Sends a request to the token path or the forwarder of one route.
 #[derive(Debug, Clone)]
-pub struct Dispatch {
+pub struct Dispatch(Arc<Route>);
+
+/// What one route's requests go to. Behind a single `Arc`, because the service is cloned for every
+/// request and each reference count it touches is shared by every worker thread.
+#[derive(Debug)]
+struct Route {
     token: Arc<TokenRoute>,
     forwarder: Arc<Forwarder>,
 }
@@ -39,12 +44,11 @@ impl tower::Service<Request<Incoming>> for Dispatch {
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         // Two boxes sized for their own path: a token hit does not carry the state of a forward.
-        if let Some(path) = self.token.token_path(request.uri().path()) {
-            let token = self.token.clone();
-            Box::pin(async move { Ok(token.handle(path, request).await) })
+        let route = self.0.clone();
+        if let Some(path) = route.token.token_path(request.uri().path()) {
+            Box::pin(async move { Ok(route.token.handle(path, request).await) })
         } else {
-            let forwarder = self.forwarder.clone();
-            Box::pin(async move { Ok(forwarder.forward(request.map(boxed)).await) })
+            Box::pin(async move { Ok(route.forwarder.forward(request.map(boxed)).await) })
         }
     }
 }
@@ -63,5 +67,5 @@ pub type RouteService = CatchPanic<Dispatch, PanicHandler>;
 pub fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
     ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(internal_error as PanicHandler))
-        .service(Dispatch { token, forwarder })
+        .service(Dispatch(Arc::new(Route { token, forwarder })))
 }

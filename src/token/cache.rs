@@ -16,7 +16,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::lifetime::{Rendered, Token};
+use super::lifetime::{Hit, Rendered, Token};
 use super::request::CacheKey;
 use crate::error::Error;
 
@@ -59,9 +59,6 @@ pub struct EntryState {
     pub same_token_streak: u32,
     /// The cached token rendered for the current second, shared by every hit in that second.
     rendered: Option<Rendered>,
-    /// Set, under this lock, when the entry leaves the map: a request that fetched the entry just
-    /// before must look the key up again instead of starting a flight nobody else can find.
-    evicted: bool,
 }
 
 /// One cache entry.
@@ -84,12 +81,9 @@ impl Entry {
 
 /// What a request should do, decided under the entry's lock.
 pub enum Decision {
-    /// Serve this rendering of the cached token; if `refresh` is set, the caller starts that
-    /// background flight.
-    Hit {
-        rendered: Rendered,
-        refresh: Option<FlightTx>,
-    },
+    /// Serve the cached token as rendered for this second; if `refresh` is set, the caller starts
+    /// that background flight.
+    Hit { hit: Hit, refresh: Option<FlightTx> },
     /// Replay a remembered answer.
     Remembered(Arc<Reply>),
     /// The client id is on hold for this long and there is no token to serve.
@@ -111,16 +105,16 @@ impl EntryState {
         if let Some(token) = &self.token
             && token.servable(now)
         {
-            let rendered = match &self.rendered {
-                Some(rendered) if rendered.is_current(token, now) => rendered.clone(),
-                _ => self.rendered.insert(Rendered::new(token, now)).clone(),
+            let hit = match &self.rendered {
+                Some(rendered) if rendered.is_current(token, now) => rendered.hit(),
+                _ => self.rendered.insert(Rendered::new(token, now)).hit(),
             };
             let refresh = (token.refresh_due(now)
                 && self.flight.is_none()
                 && self.refresh_not_before.is_none_or(|t| now >= t)
                 && hold().is_none())
             .then(|| self.start_flight().0);
-            return Decision::Hit { rendered, refresh };
+            return Decision::Hit { hit, refresh };
         }
         if let Some((until, reply)) = &self.remembered {
             if *until > now {
@@ -156,6 +150,30 @@ impl EntryState {
                 .as_ref()
                 .is_none_or(|(until, _)| *until <= now)
     }
+}
+
+/// Marks `entry` used at `stamp` and decides under its lock; clones the entry only for a flight.
+fn decide_in(
+    entry: &Arc<Entry>,
+    stamp: u64,
+    now: Instant,
+    hold: impl Fn() -> Option<Duration>,
+) -> (Decision, Option<Arc<Entry>>) {
+    // Write only when the millisecond changed: a hot key read by every core would otherwise
+    // bounce this cache line on each request.
+    if entry.last_used_ms.load(Ordering::Relaxed) != stamp {
+        entry.last_used_ms.store(stamp, Ordering::Relaxed);
+    }
+    let decision = entry.lock().decide(now, hold);
+    let flies = matches!(
+        decision,
+        Decision::Lead { .. }
+            | Decision::Hit {
+                refresh: Some(_),
+                ..
+            }
+    );
+    (decision, flies.then(|| entry.clone()))
 }
 
 /// The key is already a keyed digest: its first eight bytes are a uniform hash, and an attacker
@@ -212,52 +230,33 @@ impl Cache {
         }
     }
 
-    /// The entry for `key`, created if needed, marked as used at `now`. Returns how many entries
-    /// were evicted to make room.
-    fn entry(&self, key: CacheKey, now: Instant) -> (Arc<Entry>, usize) {
+    /// Decides, under the entry's lock, how to answer a request for `key` at `now` (see
+    /// [`EntryState::decide`]), creating the entry if needed and marking it used.
+    ///
+    /// Returns the decision; the entry when the decision starts a flight (the flight lands in
+    /// it); and how many entries were evicted to make room. The map's guard is held while the
+    /// entry is locked, so an entry cannot leave the map between the lookup and the decision (a
+    /// flight started in an evicted entry would be lost to the next request). A hit clones no
+    /// reference count: nothing shared between threads is written but the locks.
+    pub fn decide(
+        &self,
+        key: CacheKey,
+        now: Instant,
+        hold: impl Fn() -> Option<Duration>,
+    ) -> (Decision, Option<Arc<Entry>>, usize) {
         let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if let Some(entry) = self.entries.get(&key) {
-            // Write only when the millisecond changed: a hot key read by every core would
-            // otherwise bounce this cache line on each request.
-            if entry.last_used_ms.load(Ordering::Relaxed) != stamp {
-                entry.last_used_ms.store(stamp, Ordering::Relaxed);
-            }
-            return (entry.clone(), 0);
+            let (decision, flight) = decide_in(&entry, stamp, now, hold);
+            return (decision, flight, 0);
         }
         let evicted = if self.entries.len() >= self.max_entries {
             self.evict_least_recent()
         } else {
             0
         };
-        let entry = self.entries.entry(key).or_default().clone();
-        entry.last_used_ms.store(stamp, Ordering::Relaxed);
-        (entry, evicted)
-    }
-
-    /// Decides, under the entry's lock, how to answer a request for `key` at `now` (see
-    /// [`EntryState::decide`]). Returns the entry (a flight started by the decision lands in it)
-    /// and how many entries were evicted to make room.
-    pub fn decide(
-        &self,
-        key: CacheKey,
-        now: Instant,
-        hold: impl Fn() -> Option<Duration>,
-    ) -> (Arc<Entry>, Decision, usize) {
-        let mut evicted = 0;
-        loop {
-            let (entry, dropped) = self.entry(key, now);
-            evicted += dropped;
-            let mut state = entry.lock();
-            // Evicted between the lookup and the lock: the next lookup finds or creates the
-            // entry that is in the map. Each round needs another eviction of this very key, so
-            // this ends at once in practice.
-            if state.evicted {
-                continue;
-            }
-            let decision = state.decide(now, &hold);
-            drop(state);
-            return (entry, decision, evicted);
-        }
+        let entry = self.entries.entry(key).or_default();
+        let (decision, flight) = decide_in(&entry, stamp, now, hold);
+        (decision, flight, evicted)
     }
 
     /// Number of keys.
@@ -277,19 +276,19 @@ impl Cache {
             .map(|t| t.saturating_duration_since(self.epoch).as_millis() as u64);
         let mut swept = Swept::default();
         self.entries.retain(|_, entry| {
-            let mut state = entry.lock();
+            let state = entry.lock();
             if state.flight.is_some() {
                 return true;
             }
             if idle_before.is_some_and(|t| entry.last_used_ms.load(Ordering::Relaxed) < t) {
                 swept.idle += 1;
-            } else if state.is_dead(now) {
-                swept.expired += 1;
-            } else {
-                return true;
+                return false;
             }
-            state.evicted = true;
-            false
+            if state.is_dead(now) {
+                swept.expired += 1;
+                return false;
+            }
+            true
         });
         swept
     }
@@ -311,11 +310,7 @@ impl Cache {
             .iter()
             .filter(|(_, key)| {
                 self.entries
-                    .remove_if(key, |_, entry| {
-                        let mut state = entry.lock();
-                        state.evicted = state.flight.is_none();
-                        state.evicted
-                    })
+                    .remove_if(key, |_, entry| entry.lock().flight.is_none())
                     .is_some()
             })
             .count()
@@ -353,9 +348,9 @@ mod tests {
         );
     }
 
-    fn hit(state: &mut EntryState, now: Instant) -> Rendered {
+    fn hit(state: &mut EntryState, now: Instant) -> Hit {
         match state.decide(now, || None) {
-            Decision::Hit { rendered, .. } => rendered,
+            Decision::Hit { hit, .. } => hit,
             _ => panic!("expected a hit"),
         }
     }
@@ -383,7 +378,7 @@ mod tests {
         let a = hit(&mut state, t0 + Duration::from_millis(100));
         let b = hit(&mut state, t0 + Duration::from_millis(400));
         assert_eq!(a.body.as_ptr(), b.body.as_ptr(), "same second, same bytes");
-        let json = |r: &Rendered| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
+        let json = |r: &Hit| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
         assert_eq!(json(&a)["expires_in"], 3599);
         let later = hit(&mut state, t0 + Duration::from_millis(1_500));
         assert_eq!(
@@ -404,11 +399,17 @@ mod tests {
     fn capacity_evicts_the_least_recently_used() {
         let cache = Cache::new(32);
         let t0 = Instant::now();
+        // Each request leads a flight; landing it leaves an entry that may be evicted.
+        let request = |n: u8, at: Instant| {
+            let (_, entry, evicted) = cache.decide(key(n), at, || None);
+            entry.expect("a cold key leads a flight").lock().flight = None;
+            evicted
+        };
         for n in 0..32u8 {
-            cache.entry(key(n), t0 + Duration::from_millis(n as u64 * 10));
+            request(n, t0 + Duration::from_millis(n as u64 * 10));
         }
         assert_eq!(cache.len(), 32);
-        let (_, evicted) = cache.entry(key(100), t0 + Duration::from_secs(1));
+        let evicted = request(100, t0 + Duration::from_secs(1));
         assert_eq!(evicted, 2);
         assert_eq!(cache.len(), 31);
         assert!(cache.entries.get(&key(0)).is_none());
@@ -441,9 +442,10 @@ mod tests {
                     let mut leads = 0;
                     for i in 0..20_000u32 {
                         let k = key(n * 8 + (i % 8) as u8);
-                        let (entry, decision, _) = cache.decide(k, t0, || None);
+                        let (decision, entry, _) = cache.decide(k, t0, || None);
                         if let Decision::Lead { .. } = decision {
                             leads += 1;
+                            let entry = entry.expect("a flight comes with its entry");
                             let held = cache.entries.get(&k).map(|e| e.clone());
                             assert!(
                                 held.is_some_and(|held| Arc::ptr_eq(&held, &entry)),
@@ -466,9 +468,10 @@ mod tests {
     fn sweep_drops_idle_and_dead_entries_but_not_flights() {
         let cache = Cache::new(100);
         let t0 = Instant::now();
-        let (busy, _) = cache.entry(key(1), t0);
-        let _flight = busy.lock().decide(t0, || None);
-        cache.entry(key(2), t0);
+        let (_flight, ..) = cache.decide(key(1), t0, || None);
+        let (decision, ..) = cache.decide(key(2), t0, || None);
+        drop(decision);
+        cache.entries.get(&key(2)).unwrap().lock().flight = None;
         let swept = cache.sweep(t0 + Duration::from_secs(1), Duration::from_secs(3600));
         assert_eq!(
             swept,

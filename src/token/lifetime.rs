@@ -39,18 +39,26 @@ pub struct Token {
     pub refresh_at: Option<Instant>,
 }
 
-/// A cached token as served during one second of its life: the body with `expires_in` filled in and
-/// the hit's `Cache-Status`. Both change only when a whole second passes, so the entry keeps one
-/// and every hit in that second shares its bytes instead of rendering them again.
-#[derive(Debug, Clone)]
+/// A cached token as served during one second of its life. The body (with `expires_in` filled in)
+/// and the hit's `Cache-Status` change only when a whole second passes, so the entry keeps one
+/// rendering and every hit in that second shares its bytes instead of rendering them again.
+#[derive(Debug)]
 pub struct Rendered {
     token: Arc<Token>,
     remaining: u64,
     ttl: u64,
+    hit: Hit,
+}
+
+/// What a hit answers: shared bytes only, so handing one out copies nothing.
+#[derive(Debug, Clone)]
+pub struct Hit {
     /// The response body.
     pub body: Bytes,
     /// `token-sidecar; hit; ttl=N`.
     pub cache_status: HeaderValue,
+    /// The provider's `Content-Type`.
+    pub content_type: HeaderValue,
 }
 
 impl Rendered {
@@ -64,9 +72,12 @@ impl Rendered {
             token: token.clone(),
             remaining: token.remaining_secs(now),
             ttl,
-            body: token.render(now),
-            cache_status: HeaderValue::from_maybe_shared(status.freeze())
-                .expect("ASCII text and digits"),
+            hit: Hit {
+                body: token.render(now),
+                cache_status: HeaderValue::from_maybe_shared(status.freeze())
+                    .expect("ASCII text and digits"),
+                content_type: token.content_type.clone(),
+            },
         }
     }
 
@@ -77,9 +88,9 @@ impl Rendered {
             && self.ttl == token.ttl_secs(now)
     }
 
-    /// The token's `Content-Type`.
-    pub fn content_type(&self) -> &HeaderValue {
-        &self.token.content_type
+    /// The answer to a hit.
+    pub fn hit(&self) -> Hit {
+        self.hit.clone()
     }
 }
 
@@ -157,8 +168,7 @@ impl Token {
         Ok(Validated::Token(Token {
             prefix,
             suffix,
-            // A copy, so the token does not pin the whole buffer the header was parsed from.
-            content_type: HeaderValue::from_bytes(content_type.as_bytes()).unwrap_or(content_type),
+            content_type: own_content_type(content_type),
             fingerprint: Sha256::digest(access_token.as_bytes()).into(),
             expires_at: now + lifetime,
             serve_until: now + (lifetime - margin),
@@ -195,6 +205,28 @@ impl Token {
         out.put_slice(digits.as_bytes());
         out.put_slice(&self.suffix);
         out.freeze()
+    }
+}
+
+/// The usual JSON media types, byte for byte: served from static memory, so handing them out
+/// touches no reference count shared between threads.
+const STATIC_CONTENT_TYPES: [&str; 5] = [
+    "application/json",
+    "application/json;charset=UTF-8",
+    "application/json; charset=UTF-8",
+    "application/json;charset=utf-8",
+    "application/json; charset=utf-8",
+];
+
+/// The provider's `Content-Type` as the token keeps it: a static value when it is one of the
+/// usual ones, otherwise a copy, so the token does not pin the buffer the header was parsed from.
+fn own_content_type(value: HeaderValue) -> HeaderValue {
+    match STATIC_CONTENT_TYPES
+        .iter()
+        .find(|known| known.as_bytes() == value.as_bytes())
+    {
+        Some(known) => HeaderValue::from_static(known),
+        None => HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value),
     }
 }
 
@@ -255,6 +287,28 @@ mod tests {
         ) {
             Ok(Validated::Token(t)) => t,
             other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn content_type_is_served_back_byte_for_byte() {
+        let now = Instant::now();
+        for sent in [
+            "application/json;charset=UTF-8",
+            "application/json",
+            "application/vnd.idp+json; charset=latin1",
+        ] {
+            let token = match Token::from_upstream(
+                br#"{"access_token":"t","expires_in":60}"#,
+                HeaderValue::from_str(sent).unwrap(),
+                now,
+                &config(),
+                0.0,
+            ) {
+                Ok(Validated::Token(t)) => t,
+                other => panic!("expected a token, got {other:?}"),
+            };
+            assert_eq!(token.content_type.as_bytes(), sent.as_bytes());
         }
     }
 

@@ -37,7 +37,7 @@ use crate::telemetry::client_hash;
 use crate::upstream::Failure;
 use cache::{Cache, Decision, Entry, FlightRx, FlightTx, Reply, Shared};
 use cooldown::{Cause, Cooldowns};
-use lifetime::{Rendered, Token, Validated};
+use lifetime::{Hit, Token, Validated};
 use limiter::Limiter;
 use request::{Grant, Keyer, Parsed};
 
@@ -306,19 +306,20 @@ impl TokenRoute {
         };
 
         let now = Instant::now();
-        let (entry, decision, evicted) = self
+        let (decision, entry, evicted) = self
             .cache
             .decide(key, now, || self.cooldowns.remaining(&client_id, now));
         self.metrics.evicted("capacity", evicted);
         match decision {
-            Decision::Hit { rendered, refresh } => {
+            Decision::Hit { hit, refresh } => {
                 if let Some(tx) = refresh {
                     debug!(route = %self.name, client = %client_hash(&client_id), "refresh ahead");
+                    let entry = entry.expect("a flight comes with its entry");
                     let client_id = client_id.into_owned();
                     self.launch(grant, entry, tx, client_id, parts, body);
                 }
                 self.record(Outcome::Hit);
-                Ok(render_hit(rendered))
+                Ok(render_hit(hit))
             }
             Decision::Remembered(reply) => {
                 self.record(Outcome::Remembered);
@@ -337,6 +338,7 @@ impl TokenRoute {
             }
             Decision::Join(rx) => Err(Box::pin(self.wait(rx, Outcome::Coalesced))),
             Decision::Lead { tx, rx, stale } => {
+                let entry = entry.expect("a flight comes with its entry");
                 let client_id = client_id.into_owned();
                 self.launch(grant, entry, tx, client_id, parts, body);
                 let role = if stale { Outcome::Stale } else { Outcome::Miss };
@@ -674,12 +676,11 @@ fn render_token(body: Bytes, content_type: HeaderValue) -> Response<Body> {
 }
 
 /// A hit: the entry's rendering for this second, shared rather than copied.
-fn render_hit(rendered: Rendered) -> Response<Body> {
-    let content_type = rendered.content_type().clone();
-    let mut response = render_token(rendered.body, content_type);
+fn render_hit(hit: Hit) -> Response<Body> {
+    let mut response = render_token(hit.body, hit.content_type);
     response
         .headers_mut()
-        .insert(CACHE_STATUS, rendered.cache_status);
+        .insert(CACHE_STATUS, hit.cache_status);
     response
 }
 

@@ -219,28 +219,54 @@ pub type Form<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); INLINE_PARAMS]>;
 /// UTF-8 and repeated parameters (RFC 6749 §3.2) are errors rather than silently repaired.
 pub fn parse_form(body: &[u8]) -> Result<Form<'_>, Error> {
     let mut params: Form<'_> = SmallVec::new();
+    // The usual body has nothing to decode: check that it is UTF-8 once and borrow every
+    // component from it (splitting at ASCII `&` and `=` keeps each piece valid UTF-8).
+    // Anything else takes the path below, which finds the first problem in order.
+    if memchr::memchr2(b'%', b'+', body).is_none()
+        && let Ok(text) = std::str::from_utf8(body)
+    {
+        for pair in text.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            push_param(&mut params, Cow::Borrowed(name), Cow::Borrowed(value))?;
+        }
+        return Ok(params);
+    }
     for pair in body.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-        let (name, value) = match pair.iter().position(|&b| b == b'=') {
+        let (name, value) = match memchr::memchr(b'=', pair) {
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &b""[..]),
         };
-        let name = decode_component(name).ok_or(Error::InvalidRequest("malformed form body"))?;
-        if name.is_empty() {
-            return Err(Error::InvalidRequest("malformed form body"));
-        }
-        let value = decode_component(value).ok_or(Error::InvalidRequest("malformed form body"))?;
-        if params.iter().any(|(n, _)| *n == name) {
-            return Err(Error::DuplicateParameter(name.into_owned()));
-        }
-        params.push((name, value));
+        let name = decode_component(name).ok_or_else(malformed_form)?;
+        let value = decode_component(value).ok_or_else(malformed_form)?;
+        push_param(&mut params, name, value)?;
     }
     Ok(params)
 }
 
+fn malformed_form() -> Error {
+    Error::InvalidRequest("malformed form body")
+}
+
+/// Adds one decoded parameter, refusing an empty name and a repeated one.
+fn push_param<'a>(
+    params: &mut Form<'a>,
+    name: Cow<'a, str>,
+    value: Cow<'a, str>,
+) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(malformed_form());
+    }
+    if params.iter().any(|(n, _)| *n == name) {
+        return Err(Error::DuplicateParameter(name.into_owned()));
+    }
+    params.push((name, value));
+    Ok(())
+}
+
 /// One form component: `+` is a space, `%XX` a byte, and the result must be UTF-8.
 fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
-    // The usual component has nothing to decode: one scan, and the bytes are the string.
-    if !raw.iter().any(|&b| b == b'%' || b == b'+') {
+    // A component with nothing to decode: one scan, and the bytes are the string.
+    if memchr::memchr2(b'%', b'+', raw).is_none() {
         return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
     }
     // Reject a `%` that is not followed by two hex digits, which lenient decoders pass through.
