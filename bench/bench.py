@@ -138,7 +138,7 @@ def provider_stats(addr):
 
 
 class Sidecar:
-    def __init__(self, run, name, upstream, binary=SIDECAR, token=None):
+    def __init__(self, run, name, upstream, binary=SIDECAR, token=None, prefix=(), workers=0):
         self.listen = "127.0.0.1:%d" % free_port()
         self.admin = "127.0.0.1:%d" % free_port()
         self.config = os.path.join(run.out, name + ".toml")
@@ -148,8 +148,10 @@ class Sidecar:
             f.write("[limits]\nmax_connections = 20000\n\n[token]\n")
             for key, value in token.items():
                 f.write("%s = %s\n" % (key, json.dumps(value)))
-        argv = [binary, "--upstream", "http://" + upstream, "--listen", self.listen,
-                "--admin", self.admin, "--config", self.config]
+        argv = list(prefix) + [binary, "--upstream", "http://" + upstream, "--listen", self.listen,
+                               "--admin", self.admin, "--config", self.config]
+        if workers:
+            argv += ["--workers", str(workers)]
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
         self.started = time.monotonic()
         self.proc, _ = run.spawn(name + "-sidecar", argv, env=env, announce=False)
@@ -205,8 +207,8 @@ def wait_ready(admin, proc, timeout):
     raise RuntimeError("sidecar not ready within %.0fs" % timeout)
 
 
-def wrk(run, url, seconds, script="hit.lua", connections=64, args=()):
-    argv = ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s",
+def wrk(run, url, seconds, script="hit.lua", connections=64, args=(), prefix=()):
+    argv = list(prefix) + ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--timeout", "10s",
             "-s", os.path.join(BENCH, script), url]
     if args:
         argv += ["--"] + [str(a) for a in args]
@@ -236,58 +238,98 @@ def token_request(url):
 # Scenarios. Each returns a dict of figures; an exception marks the scenario as failed to run.
 
 
+def cpu_seconds(pid):
+    """User and system CPU time a process has used so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def can_isolate():
+    """Whether wrk and the server under test can each have a core of their own."""
+    return (os.cpu_count() or 1) >= 2 and subprocess.run(
+        ["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
+
+
 def scenario_hit(run):
-    rounds, seconds = (1, 2) if run.quick else (8, 4)
+    """The hit path in two setups. `isolated`: the server under test (ceiling or sidecar) runs one
+    worker thread pinned to CPU 1 and wrk is pinned to CPU 0, so neither competes for a core and
+    the ratio measures the servers, not the scheduler. `shared`: default worker counts, nothing
+    pinned, as a pod would run it; on a 2-core machine wrk's thread and two server workers share
+    two cores and the ratio also measures where the scheduler puts them."""
     body_file = os.path.join(run.out, "token.json")
     with open(body_file, "wb") as f:
         f.write(provider_mod.token_body(1, 1024, 3600))
     prov, prov_addr = start_provider(run, "hit-provider", lifetime=3600, token_bytes=1024)
-    ceiling, ceiling_addr = run.spawn("hit-ceiling", [CEILING, "127.0.0.1:0", body_file])
-    sidecar = Sidecar(run, "hit", prov_addr)
-    targets = {"ceiling": "http://" + ceiling_addr + "/oauth/token",
-               "sidecar": "http://" + sidecar.listen + "/oauth/token",
-               "provider": "http://" + prov_addr + "/oauth/token"}
+    setups = {}
+    if can_isolate():
+        setups["isolated"] = hit_setup(run, "isolated", body_file, prov_addr,
+                                       *((1, 1) if run.quick else (16, 2)))
+    setups["shared"] = hit_setup(run, "shared", body_file, prov_addr,
+                                 *((1, 1) if run.quick else (10, 2)))
+    provider = wrk(run, "http://" + prov_addr + "/oauth/token", 1 if run.quick else 4)
+    stop(prov)
+    return {"setups": setups, "primary": "isolated" if "isolated" in setups else "shared",
+            "provider": provider, "body_bytes": os.path.getsize(body_file)}
+
+
+def hit_setup(run, setup, body_file, prov_addr, rounds, seconds):
+    isolated = setup == "isolated"
+    server_prefix = ["taskset", "-c", "1"] if isolated else []
+    client_prefix = ["taskset", "-c", "0"] if isolated else []
+    workers = 1 if isolated else 0
+    ceiling, ceiling_addr = run.spawn("hit-ceiling-" + setup, server_prefix + [
+        CEILING, "127.0.0.1:0", body_file, str(workers)])
+    sidecar = Sidecar(run, "hit-" + setup, prov_addr, prefix=server_prefix, workers=workers)
+    targets = {"ceiling": ("http://" + ceiling_addr + "/oauth/token", ceiling.pid),
+               "sidecar": ("http://" + sidecar.listen + "/oauth/token", sidecar.proc.pid)}
     first = token_request("http://" + sidecar.listen)
     second = token_request("http://" + sidecar.listen)
     assert first[0] == 200 and second[0] == 200, (first[0], second[0])
     assert "hit" in second[1].get("cache-status", ""), second[1]
     for name in ("ceiling", "sidecar"):  # warm both: connections, allocator, CPU caches
-        wrk(run, targets[name], 1)
+        wrk(run, targets[name][0], 1, prefix=client_prefix)
     hits_before = sidecar.metric("token_sidecar_token_requests_total", outcome="hit")
-    results = {"ceiling": [], "sidecar": [], "provider": []}
+    results = {"ceiling": [], "sidecar": []}
     for r in range(rounds):
         order = ["ceiling", "sidecar"] if r % 2 == 0 else ["sidecar", "ceiling"]
         for name in order:
-            results[name].append(wrk(run, targets[name], seconds))
+            url, pid = targets[name]
+            before = cpu_seconds(pid)
+            result = wrk(run, url, seconds, prefix=client_prefix)
+            after = cpu_seconds(pid)
+            n = max(result["requests"], 1)
+            result["user_us"] = (after[0] - before[0]) * 1e6 / n
+            result["sys_us"] = (after[1] - before[1]) * 1e6 / n
+            results[name].append(result)
     sidecar_requests = sum(x["requests"] for x in results["sidecar"])
     hits = sidecar.metric("token_sidecar_token_requests_total", outcome="hit") - hits_before
     upstream_calls = sidecar.metric("token_sidecar_upstream_token_calls_total")
-    results["provider"].append(wrk(run, targets["provider"], seconds))
     sidecar.stop()
+    stop(ceiling)
 
     def med(name, key):
         return statistics.median(x[key] for x in results[name])
 
-    ratios = [s["rps"] / c["rps"] for s, c in zip(results["sidecar"], results["ceiling"])]
-    p99_ratios = [s["p99_us"] / c["p99_us"] for s, c in zip(results["sidecar"], results["ceiling"])]
-    p50_ratios = [s["p50_us"] / c["p50_us"] for s, c in zip(results["sidecar"], results["ceiling"])]
-    p90_ratios = [s["p90_us"] / c["p90_us"] for s, c in zip(results["sidecar"], results["ceiling"])]
-    summary = {name: {k: med(name, k) for k in ("rps", "p50_us", "p90_us", "p99_us", "max_us")}
-               for name in results}
+    def paired(key):
+        return [s[key] / c[key] for s, c in zip(results["sidecar"], results["ceiling"])]
+
+    keys = ("rps", "p50_us", "p90_us", "p99_us", "max_us", "user_us", "sys_us")
+    summary = {name: {k: med(name, k) for k in keys} for name in results}
     errors = {name: sum(x[k] for x in results[name] for k in x if k.startswith("errors_"))
               for name in results}
     return {
-        "rounds": rounds, "seconds": seconds, "runs": results, "summary": summary,
-        "errors": errors, "rps_ratio_per_round": ratios, "p99_ratio_per_round": p99_ratios,
+        "rounds": rounds, "seconds": seconds, "workers": workers, "runs": results,
+        "summary": summary, "errors": errors,
         # Paired: each round's sidecar run against the ceiling run next to it, then the median.
-        "p50_ratio": statistics.median(p50_ratios),
-        "p90_ratio": statistics.median(p90_ratios),
-        "rps_ratio": statistics.median(ratios),
-        "p99_ratio": statistics.median(p99_ratios),
-        "rps_ratio_of_medians": summary["sidecar"]["rps"] / summary["ceiling"]["rps"],
-        "p99_ratio_of_medians": summary["sidecar"]["p99_us"] / summary["ceiling"]["p99_us"],
+        "rps_ratio_per_round": paired("rps"), "p99_ratio_per_round": paired("p99_us"),
+        "rps_ratio": statistics.median(paired("rps")),
+        "p99_ratio": statistics.median(paired("p99_us")),
+        "p50_ratio": statistics.median(paired("p50_us")),
+        "p90_ratio": statistics.median(paired("p90_us")),
         "sidecar_requests": sidecar_requests, "sidecar_hits": hits,
-        "sidecar_upstream_calls": upstream_calls, "body_bytes": os.path.getsize(body_file),
+        "sidecar_upstream_calls": upstream_calls,
     }
 
 
@@ -553,13 +595,14 @@ def render(run, info, results, argv):
     w("| scenario | figure | target | result |\n|---|---|---|---|")
     hit = results.get("hit")
     if isinstance(hit, dict):
-        w("| hit path | sidecar/ceiling req/s = %.2f (median of %d paired rounds: %s) "
-          "| ≥ 0.90 | %s |" % (hit["rps_ratio"], hit["rounds"],
-                                 ", ".join("%.2f" % r for r in hit["rps_ratio_per_round"]),
-                                 verdict(hit["rps_ratio"] >= 0.9)))
-        w("| hit path | sidecar/ceiling p99 = %.2f (rounds: %s) | ≤ 1.5 | %s |"
-          % (hit["p99_ratio"], ", ".join("%.2f" % r for r in hit["p99_ratio_per_round"]),
-             verdict(hit["p99_ratio"] <= 1.5)))
+        for setup, h in hit["setups"].items():
+            w("| hit path, %s | sidecar/ceiling req/s = %.2f (median of %d paired rounds: %s) "
+              "| ≥ 0.90 | %s |" % (setup, h["rps_ratio"], h["rounds"],
+                                   ", ".join("%.2f" % r for r in h["rps_ratio_per_round"]),
+                                   verdict(h["rps_ratio"] >= 0.9)))
+            w("| hit path, %s | sidecar/ceiling p99 = %.2f (rounds: %s) | ≤ 1.5 | %s |"
+              % (setup, h["p99_ratio"], ", ".join("%.2f" % r for r in h["p99_ratio_per_round"]),
+                 verdict(h["p99_ratio"] <= 1.5)))
     storm = results.get("storm")
     if isinstance(storm, dict):
         v = storm["via_sidecar"]
@@ -610,35 +653,45 @@ def render(run, info, results, argv):
 
     if isinstance(hit, dict):
         w("\n## 1. Hit path\n")
-        w("wrk, 1 thread, 64 keep-alive connections, %d s per run, the same POST "
-          "(`bench/hit.lua`) against each target. The token body is %d bytes (1 KiB "
-          "`access_token`). Ceiling and sidecar were run in %d interleaved rounds (order flipped "
-          "every round); the table shows medians over rounds, the raw runs are in "
-          "`bench/out/results.json`."
-          "\n" % (hit["seconds"], hit["body_bytes"], hit["rounds"]))
-        w("| target | req/s | p50 | p90 | p99 | max | socket/status errors |\n"
-          "|---|---|---|---|---|---|---|")
-        for name in ("ceiling", "sidecar", "provider"):
-            s = hit["summary"][name]
-            w("| %s | %.0f | %s | %s | %s | %s | %d |" % (
-                {"ceiling": "(a) ceiling (`bench/ceiling.rs`)",
-                 "sidecar": "(b) sidecar, warm cache",
-                 "provider": "(c) provider directly (Python fake, no added latency)"}[name],
-                s["rps"], us(s["p50_us"]), us(s["p90_us"]), us(s["p99_us"]), us(s["max_us"]),
-                hit["errors"][name]))
-        w("\nRatios sidecar/ceiling, median of the per-round ratios: req/s **%.2f** (target ≥ 0.9), "
-          "p99 **%.2f** (target ≤ 1.5); p50 %.2f, p90 %.2f; ratios of the medians above: req/s "
-          "%.2f, p99 %.2f. Per round (req/s, p99): %s. The tail moves with other work on the "
-          "machine far more than with the server (a single round's p99 can swing tenfold), which "
-          "is why the ratios are paired per round and the median is taken. The sidecar answered %d requests in the measured runs and counted %d hits; it made %d "
-          "upstream call(s) in total.\n"
-          % (hit["rps_ratio"], hit["p99_ratio"], hit["p50_ratio"], hit["p90_ratio"],
-             hit["rps_ratio_of_medians"],
-             hit["p99_ratio_of_medians"],
-             "; ".join("%.2f, %.2f" % rp for rp in zip(hit["rps_ratio_per_round"],
-                                                       hit["p99_ratio_per_round"])),
-             hit["sidecar_requests"],
-             hit["sidecar_hits"], hit["sidecar_upstream_calls"]))
+        w("wrk, 1 thread, 64 keep-alive connections, the same POST (`bench/hit.lua`) against "
+          "each target. The token body is %d bytes (1 KiB `access_token`). Ceiling and sidecar "
+          "run in interleaved rounds (order flipped every round); tables show medians over "
+          "rounds, ratios are the median of the per-round ratios, raw runs are in "
+          "`bench/out/results.json`. CPU per request is the server's user and system time "
+          "(from /proc) over the requests wrk completed.\n" % hit["body_bytes"])
+        labels = {
+            "isolated": "Each server runs 1 worker thread (`--workers 1`, the ceiling's third "
+                        "argument) pinned to CPU 1 with `taskset`, and wrk is pinned to CPU 0, so "
+                        "client and server never compete for a core.",
+            "shared": "Default worker counts (one per CPU), nothing pinned: wrk's thread and the "
+                      "server's workers share the cores as the scheduler decides.",
+        }
+        for setup, h in hit["setups"].items():
+            w("\n### %s setup, %d rounds of %d s\n\n%s\n"
+              % (setup.capitalize(), h["rounds"], h["seconds"], labels[setup]))
+            w("| target | req/s | p50 | p90 | p99 | max | CPU per request (user + sys) | "
+              "socket/status errors |\n|---|---|---|---|---|---|---|---|")
+            for name in ("ceiling", "sidecar"):
+                x = h["summary"][name]
+                w("| %s | %.0f | %s | %s | %s | %s | %.1f + %.1f µs | %d |" % (
+                    {"ceiling": "(a) ceiling (`bench/ceiling.rs`)",
+                     "sidecar": "(b) sidecar, warm cache"}[name],
+                    x["rps"], us(x["p50_us"]), us(x["p90_us"]), us(x["p99_us"]), us(x["max_us"]),
+                    x["user_us"], x["sys_us"], h["errors"][name]))
+            w("\nRatios sidecar/ceiling: req/s **%.2f** (target ≥ 0.9), p99 **%.2f** (target "
+              "≤ 1.5); p50 %.2f, p90 %.2f. Per round (req/s, p99): %s. The sidecar answered %d "
+              "requests in the measured runs and counted %d hits; it made %d upstream call(s) "
+              "in total.\n"
+              % (h["rps_ratio"], h["p99_ratio"], h["p50_ratio"], h["p90_ratio"],
+                 "; ".join("%.2f, %.2f" % rp for rp in zip(h["rps_ratio_per_round"],
+                                                           h["p99_ratio_per_round"])),
+                 h["sidecar_requests"], h["sidecar_hits"], h["sidecar_upstream_calls"]))
+        p = hit["provider"]
+        w("(c) The provider directly (Python fake, no added latency, shared setup): %.0f req/s, "
+          "p50 %s, p99 %s.\n\nThe machine's other work moves every figure from one round to "
+          "the next (a round's req/s can swing by half for the ceiling alone), which is why "
+          "rounds are paired and the median is taken.\n"
+          % (p["rps"], us(p["p50_us"]), us(p["p99_us"])))
 
     if isinstance(storm, dict):
         v, d = storm["via_sidecar"], storm["direct"]

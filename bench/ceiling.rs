@@ -3,8 +3,9 @@
 //! reads each request body to the end and answers `200` with the same token JSON bytes every time,
 //! so `bench/run.sh` can put the sidecar's cache-hit path side by side with it in one run.
 //!
-//! Usage: `ceiling [ADDR] [BODY_FILE]`. ADDR defaults to `127.0.0.1:0`; BODY_FILE holds the token
-//! JSON to serve (a small built-in token otherwise). The bound address is printed on stdout as
+//! Usage: `ceiling [ADDR] [BODY_FILE] [WORKERS]`. ADDR defaults to `127.0.0.1:0`; BODY_FILE holds
+//! the token JSON to serve (a small built-in token otherwise); WORKERS sizes the runtime like the
+//! sidecar's `--workers` (0, the default: one per CPU). The bound address is printed on stdout as
 //! `listening on ADDR`, so a harness can bind port 0 and read the port back.
 
 use bytes::Bytes;
@@ -23,15 +24,22 @@ use tokio::net::TcpListener;
 const DEFAULT_BODY: &str =
     r#"{"access_token":"ceiling-token","token_type":"Bearer","expires_in":3600}"#;
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let addr: SocketAddr = args.next().as_deref().unwrap_or("127.0.0.1:0").parse()?;
     let body = match args.next() {
         Some(path) => Bytes::from(std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?),
         None => Bytes::from_static(DEFAULT_BODY.as_bytes()),
     };
+    let workers: usize = args.next().as_deref().unwrap_or("0").parse()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        runtime.worker_threads(workers);
+    }
+    runtime.enable_all().build()?.block_on(serve(addr, body))
+}
 
+async fn serve(addr: SocketAddr, body: Bytes) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(addr).await?;
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on {}", listener.local_addr()?)?;
