@@ -64,6 +64,14 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // The files the upstream clients read (CA bundle, client certificate and key) are checked
+        // before any port is bound, so a typo never leaves a listener up for a moment.
+        for route in &config.routes {
+            if let Err(e) = token_sidecar::upstream::Upstream::new(route) {
+                tracing::error!("{e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
         let listeners = match Listeners::bind(&config).await {
             Ok(listeners) => listeners,
             Err(e) => {

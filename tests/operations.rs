@@ -450,3 +450,31 @@ async fn workers_setting_sizes_the_runtime() {
         assert_eq!(code, 0, "{stderr}");
     }
 }
+
+/// A TLS file the upstream client cannot read is a configuration error found before any port is
+/// bound: with the listen port already taken, the answer is still 64 naming the file, not 69.
+#[test]
+fn an_unreadable_tls_file_is_reported_before_binding() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let dir = std::env::temp_dir().join(format!("ts-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tls.toml");
+    std::fs::write(&file, "[client]\nca_file = \"/nonexistent/ca.pem\"\n").unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let (code, err) = run_to_end(
+        &[
+            "--upstream",
+            "https://127.0.0.1:1",
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--config",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!((code, err.contains("client.ca_file")), (64, true), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,9 +1,10 @@
 //! The token cache of one route: an entry per key holding the cached token, a remembered error,
 //! and the in-flight upstream call (single flight) kept separate from the cached value.
 //!
-//! Locking: the map's shard guards are held only to clone an entry's `Arc`; each entry's state
-//! sits behind a std mutex held for a few field reads and writes, never across `.await`. Lock
-//! order is always map shard, then entry state, then cool-down shard.
+//! Locking: a request holds the map's shard guard (shared) while it decides under the entry's
+//! std mutex, so an entry cannot be evicted between lookup and decision; both are held for a few
+//! field reads and writes, never across `.await`. Lock order is always map shard, then entry
+//! state, then cool-down shard.
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
