@@ -246,15 +246,19 @@ def cpu_seconds(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def can_isolate():
-    """Whether wrk and the server under test can each have a core of their own."""
-    return (os.cpu_count() or 1) >= 2 and subprocess.run(
-        ["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
+def isolation_cpus():
+    """Two CPUs this process may run on, one for wrk and one for the server under test, or None
+    when there are not two (or no taskset)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2 or subprocess.run(
+            ["sh", "-c", "command -v taskset"], capture_output=True).returncode != 0:
+        return None
+    return str(allowed[0]), str(allowed[1])
 
 
 def scenario_hit(run):
     """The hit path in two setups. `isolated`: the server under test (ceiling or sidecar) runs one
-    worker thread pinned to CPU 1 and wrk is pinned to CPU 0, so neither competes for a core and
+    worker thread pinned to one CPU and wrk is pinned to another, so neither competes for a core and
     the ratio measures the servers, not the scheduler. `shared`: default worker counts, nothing
     pinned, as a pod would run it; on a 2-core machine wrk's thread and two server workers share
     two cores and the ratio also measures where the scheduler puts them."""
@@ -263,9 +267,10 @@ def scenario_hit(run):
         f.write(provider_mod.token_body(1, 1024, 3600))
     prov, prov_addr = start_provider(run, "hit-provider", lifetime=3600, token_bytes=1024)
     setups = {}
-    if can_isolate():
+    cpus = isolation_cpus()
+    if cpus:
         setups["isolated"] = hit_setup(run, "isolated", body_file, prov_addr,
-                                       *((1, 1) if run.quick else (16, 2)))
+                                       *((1, 1) if run.quick else (16, 2)), cpus=cpus)
     setups["shared"] = hit_setup(run, "shared", body_file, prov_addr,
                                  *((1, 1) if run.quick else (10, 2)))
     provider = wrk(run, "http://" + prov_addr + "/oauth/token", 1 if run.quick else 4)
@@ -274,11 +279,10 @@ def scenario_hit(run):
             "provider": provider, "body_bytes": os.path.getsize(body_file)}
 
 
-def hit_setup(run, setup, body_file, prov_addr, rounds, seconds):
-    isolated = setup == "isolated"
-    server_prefix = ["taskset", "-c", "1"] if isolated else []
-    client_prefix = ["taskset", "-c", "0"] if isolated else []
-    workers = 1 if isolated else 0
+def hit_setup(run, setup, body_file, prov_addr, rounds, seconds, cpus=None):
+    client_prefix = ["taskset", "-c", cpus[0]] if cpus else []
+    server_prefix = ["taskset", "-c", cpus[1]] if cpus else []
+    workers = 1 if cpus else 0
     ceiling, ceiling_addr = run.spawn("hit-ceiling-" + setup, server_prefix + [
         CEILING, "127.0.0.1:0", body_file, str(workers)])
     sidecar = Sidecar(run, "hit-" + setup, prov_addr, prefix=server_prefix, workers=workers)
@@ -661,8 +665,8 @@ def render(run, info, results, argv):
           "(from /proc) over the requests wrk completed.\n" % hit["body_bytes"])
         labels = {
             "isolated": "Each server runs 1 worker thread (`--workers 1`, the ceiling's third "
-                        "argument) pinned to CPU 1 with `taskset`, and wrk is pinned to CPU 0, so "
-                        "client and server never compete for a core.",
+                        "argument) pinned to one CPU with `taskset`, and wrk is pinned to another, "
+                        "so client and server never compete for a core.",
             "shared": "Default worker counts (one per CPU), nothing pinned: wrk's thread and the "
                       "server's workers share the cores as the scheduler decides.",
         }

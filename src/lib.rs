@@ -164,7 +164,8 @@ pub async fn run(
     for accept_loop in accept_loops {
         let _ = accept_loop.await;
     }
-    // The accept loops have ended: no connection or flight starts from here on.
+    // The accept loops have ended: no connection starts from here on. Requests still running on
+    // draining connections may start flights, so the connections are awaited before the flights.
     connections.close();
     flights.close();
     let drained = tokio::time::timeout(config.shutdown_grace, async {

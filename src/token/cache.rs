@@ -1,9 +1,9 @@
 //! The token cache of one route: an entry per key holding the cached token, a remembered error,
 //! and the in-flight upstream call (single flight) kept separate from the cached value.
 //!
-//! Locking: a request holds the map's shard guard (shared) while it decides under the entry's
-//! std mutex, so an entry cannot be evicted between lookup and decision; both are held for a few
-//! field reads and writes, never across `.await`. Lock order is always map shard, then entry
+//! Locking: a request holds the map's shard guard (a read guard, or the write guard when it creates
+//! the entry) while it decides under the entry's std mutex, so an entry cannot be evicted between
+//! lookup and decision; both are held for a few field reads and writes, never across `.await`. Lock order is always map shard, then entry
 //! state, then cool-down shard.
 
 use std::hash::{BuildHasherDefault, Hasher};
@@ -134,6 +134,13 @@ impl EntryState {
         Decision::Lead { tx, rx, stale }
     }
 
+    /// Replaces the cached token and forgets the old one's rendering with it, so a replaced token
+    /// is not kept in memory by the rendering.
+    pub fn set_token(&mut self, token: Option<Arc<Token>>) {
+        self.token = token;
+        self.rendered = None;
+    }
+
     fn start_flight(&mut self) -> (FlightTx, FlightRx) {
         let (tx, rx) = watch::channel(None);
         self.flight = Some(rx.clone());
@@ -238,7 +245,7 @@ impl Cache {
     /// it); and how many entries were evicted to make room. The map's guard is held while the
     /// entry is locked, so an entry cannot leave the map between the lookup and the decision (a
     /// flight started in an evicted entry would be lost to the next request). A hit clones no
-    /// reference count: nothing shared between threads is written but the locks.
+    /// entry or token `Arc`, only the shared bytes of its rendering.
     pub fn decide(
         &self,
         key: CacheKey,
@@ -378,8 +385,10 @@ mod tests {
         };
         let a = hit(&mut state, t0 + Duration::from_millis(100));
         let b = hit(&mut state, t0 + Duration::from_millis(400));
-        assert_eq!(a.body.as_ptr(), b.body.as_ptr(), "same second, same bytes");
-        let json = |r: &Hit| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
+        for (x, y) in a.body.iter().zip(&b.body) {
+            assert_eq!(x.as_ptr(), y.as_ptr(), "same second, same bytes");
+        }
+        let json = |r: &Hit| serde_json::from_slice::<serde_json::Value>(&r.body.concat()).unwrap();
         assert_eq!(json(&a)["expires_in"], 3599);
         let later = hit(&mut state, t0 + Duration::from_millis(1_500));
         assert_eq!(
@@ -391,7 +400,11 @@ mod tests {
             a.cache_status, later.cache_status,
             "Cache-Status ttl follows"
         );
-        state.token = Some(token("second"));
+        state.set_token(Some(token("second")));
+        assert!(
+            state.rendered.is_none(),
+            "the old token's rendering goes with it"
+        );
         let replaced = hit(&mut state, t0 + Duration::from_millis(1_600));
         assert_eq!(json(&replaced)["access_token"], "second");
     }

@@ -2,9 +2,10 @@
 //! it ahead of expiry, and how to render it with the remaining lifetime in `expires_in`.
 //!
 //! The upstream JSON is validated once, when the token arrives, and split into the bytes before and
-//! after the `expires_in` value. Serving a hit is then one concatenation with the remaining seconds:
-//! no JSON parsing or serialisation on the hot path, and every other field stays byte-for-byte as
-//! the provider sent it.
+//! after the `expires_in` value. A hit is then sent as three pieces, that prefix, the remaining
+//! seconds and the suffix, without joining them: no JSON parsing, serialisation or copy on the hot
+//! path, and every other field stays byte-for-byte as the provider sent it. [`Rendered`] keeps the
+//! remaining seconds and the hit's `Cache-Status` for the current second, so hits share them too.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderValue;
@@ -39,9 +40,9 @@ pub struct Token {
     pub refresh_at: Option<Instant>,
 }
 
-/// A cached token as served during one second of its life. The body (with `expires_in` filled in)
-/// and the hit's `Cache-Status` change only when a whole second passes, so the entry keeps one
-/// rendering and every hit in that second shares its bytes instead of rendering them again.
+/// A cached token as served during one second of its life: the remaining seconds and the hit's
+/// `Cache-Status` change only when a whole second passes, so the entry keeps them and every hit in
+/// that second shares them.
 #[derive(Debug)]
 pub struct Rendered {
     token: Arc<Token>,
@@ -53,8 +54,8 @@ pub struct Rendered {
 /// What a hit answers: shared bytes only, so handing one out copies nothing.
 #[derive(Debug, Clone)]
 pub struct Hit {
-    /// The response body.
-    pub body: Bytes,
+    /// The body in order: the JSON up to `"expires_in":`, the remaining seconds, the rest.
+    pub body: [Bytes; 3],
     /// `token-sidecar; hit; ttl=N`.
     pub cache_status: HeaderValue,
     /// The provider's `Content-Type`.
@@ -64,16 +65,18 @@ pub struct Hit {
 impl Rendered {
     /// Renders `token` for the second that contains `now`.
     pub fn new(token: &Arc<Token>, now: Instant) -> Rendered {
+        let remaining = token.remaining_secs(now);
         let ttl = token.ttl_secs(now);
         let mut status = BytesMut::with_capacity(HIT_STATUS.len() + 20);
         status.put_slice(HIT_STATUS.as_bytes());
         status.put_slice(itoa::Buffer::new().format(ttl).as_bytes());
+        let digits = Bytes::copy_from_slice(itoa::Buffer::new().format(remaining).as_bytes());
         Rendered {
             token: token.clone(),
-            remaining: token.remaining_secs(now),
+            remaining,
             ttl,
             hit: Hit {
-                body: token.render(now),
+                body: [token.prefix.clone(), digits, token.suffix.clone()],
                 cache_status: HeaderValue::from_maybe_shared(status.freeze())
                     .expect("ASCII text and digits"),
                 content_type: token.content_type.clone(),

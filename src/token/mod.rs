@@ -405,8 +405,10 @@ impl TokenRoute {
                 self.record(role);
                 let stored = if collapsed.is_empty() { "; stored" } else { "" };
                 let status = format!("token-sidecar; fwd={fwd}; fwd-status=200{stored}{collapsed}");
-                let response =
-                    render_token(token.render(Instant::now()), token.content_type.clone());
+                let response = render_token(
+                    full(token.render(Instant::now())),
+                    token.content_type.clone(),
+                );
                 dynamic_status(response, status)
             }
             Shared::Reply(reply) => {
@@ -513,12 +515,12 @@ impl TokenRoute {
                         state.same_token_streak = 0;
                         state.refresh_not_before = None;
                     }
-                    state.token = Some(token.clone());
+                    state.set_token(Some(token.clone()));
                     state.remembered = None;
                 }
                 Shared::Reply(reply) if is_client_error(reply.status) => {
                     // The provider rejected these credentials: stop serving what they got before.
-                    state.token = None;
+                    state.set_token(None);
                     state.remembered = Some((now + self.config.error_ttl, reply.clone()));
                 }
                 Shared::Reply(reply)
@@ -666,8 +668,8 @@ const NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// A token as a response, with the RFC 6749 §5.1 cache headers; the caller adds Cache-Status.
-fn render_token(body: Bytes, content_type: HeaderValue) -> Response<Body> {
-    let mut response = Response::new(full(body));
+fn render_token(body: Body, content_type: HeaderValue) -> Response<Body> {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CACHE_CONTROL, NO_STORE);
@@ -675,9 +677,9 @@ fn render_token(body: Bytes, content_type: HeaderValue) -> Response<Body> {
     response
 }
 
-/// A hit: the entry's rendering for this second, shared rather than copied.
+/// A hit: the token's bytes and the entry's rendering for this second, shared rather than copied.
 fn render_hit(hit: Hit) -> Response<Body> {
-    let mut response = render_token(hit.body, hit.content_type);
+    let mut response = render_token(crate::body::pieces(hit.body), hit.content_type);
     response
         .headers_mut()
         .insert(CACHE_STATUS, hit.cache_status);
