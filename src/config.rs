@@ -734,6 +734,11 @@ mod tests {
         )
     }
 
+    /// The error for a config file with this text.
+    fn file_error(text: &str) -> ConfigError {
+        load(with_file(), &[], Some(text)).unwrap_err()
+    }
+
     fn with_file() -> Overrides {
         Overrides {
             config: Some("t.toml".into()),
@@ -804,19 +809,9 @@ mod tests {
         ];
         let e = load(Overrides::default(), &bad_env, None).unwrap_err();
         assert!(e.0.starts_with("TOKEN_SIDECAR_WORKERS=\"two\""), "{e}");
-        let e = load(
-            with_file(),
-            &[],
-            Some("upstream = \"http://x\"\nworkers = 5000"),
-        )
-        .unwrap_err();
+        let e = file_error("upstream = \"http://x\"\nworkers = 5000");
         assert!(e.0.starts_with("workers = 5000"), "{e}");
-        let e = load(
-            with_file(),
-            &[],
-            Some("upstream = \"http://x\"\nworkers = -1"),
-        )
-        .unwrap_err();
+        let e = file_error("upstream = \"http://x\"\nworkers = -1");
         assert!(e.0.contains("line 2, column 11"), "{e}");
     }
 
@@ -914,28 +909,13 @@ mod tests {
         assert!(e.0.contains("scheme://host"), "{e}");
         let e = load(with_file(), &[], None).unwrap_err();
         assert!(e.0.contains("cannot read config file"), "{e}");
-        let e = load(with_file(), &[], Some("upstream = \"http://x\"\nbogus = 1")).unwrap_err();
+        let e = file_error("upstream = \"http://x\"\nbogus = 1");
         assert!(e.0.contains("bogus") && e.0.contains("line 2"), "{e}");
-        let e = load(
-            with_file(),
-            &[],
-            Some("upstream = \"http://x\"\n[token]\nrefresh_at = \"high\""),
-        )
-        .unwrap_err();
+        let e = file_error("upstream = \"http://x\"\n[token]\nrefresh_at = \"high\"");
         assert!(e.0.contains("refresh_at") || e.0.contains("line 3"), "{e}");
-        let e = load(
-            with_file(),
-            &[],
-            Some("upstream = \"http://x\"\n[token]\nrefresh_at = 0.95"),
-        )
-        .unwrap_err();
+        let e = file_error("upstream = \"http://x\"\n[token]\nrefresh_at = 0.95");
         assert!(e.0.contains("token.refresh_at"), "{e}");
-        let e = load(
-            with_file(),
-            &[],
-            Some("upstream = \"http://x\"\n[token]\nerror_ttl = \"5 parsecs\""),
-        )
-        .unwrap_err();
+        let e = file_error("upstream = \"http://x\"\n[token]\nerror_ttl = \"5 parsecs\"");
         assert!(e.0.contains("error_ttl") || e.0.contains("line 3"), "{e}");
         let e = load(
             Overrides::default(),
@@ -982,7 +962,7 @@ mod tests {
         .unwrap_err();
         assert!(e.0.contains("several"), "{e}");
         let dup = file.replace("7102", "7101");
-        let e = load(with_file(), &[], Some(&dup)).unwrap_err();
+        let e = file_error(&dup);
         assert!(e.0.contains("127.0.0.1:7101"), "{e}");
     }
 }
