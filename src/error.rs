@@ -7,6 +7,28 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{Body, full};
 
+/// Where the fault for an error lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The local caller sent something wrong.
+    Caller,
+    /// The provider was unreachable, silent, throttling or unusable.
+    Upstream,
+    /// A bug in the sidecar.
+    Sidecar,
+}
+
+impl Fault {
+    /// A log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Caller => "caller",
+            Fault::Upstream => "upstream",
+            Fault::Sidecar => "sidecar",
+        }
+    }
+}
+
 /// Everything that can go wrong while answering a request.
 #[derive(Debug, Clone)]
 pub enum Error {
@@ -70,20 +92,20 @@ impl Error {
         }
     }
 
-    /// Who is at fault, as a log and metric label.
-    pub fn fault(&self) -> &'static str {
+    /// Who is at fault.
+    pub fn fault(&self) -> Fault {
         match self {
             Error::MethodNotAllowed
             | Error::UnsupportedMediaType
             | Error::PayloadTooLarge { .. }
             | Error::InvalidRequest(_)
-            | Error::DuplicateParameter(_) => "caller",
+            | Error::DuplicateParameter(_) => Fault::Caller,
             Error::CoolingDown { .. }
             | Error::UpstreamUnavailable
             | Error::UpstreamTimeout
             | Error::UpstreamInvalid(_)
-            | Error::WaitTimeout => "upstream",
-            Error::Internal => "sidecar",
+            | Error::WaitTimeout => Fault::Upstream,
+            Error::Internal => Fault::Sidecar,
         }
     }
 

@@ -1,14 +1,16 @@
 //! The `token-sidecar` binary: parse the command line, load the configuration, start logging,
-//! bind, and run until SIGTERM or SIGINT. A bad configuration exits 64 (EX_USAGE).
+//! build, bind, and run until SIGTERM or SIGINT. A bad configuration or unusable TLS file exits 64
+//! (EX_USAGE), a port that cannot be bound 69 (EX_UNAVAILABLE).
 
 use clap::Parser;
 use std::process::ExitCode;
 use token_sidecar::cli::{Cli, Command, healthcheck};
-use token_sidecar::config::{Config, Overrides, admin_address};
-use token_sidecar::{Listeners, run, telemetry};
+use token_sidecar::config::{Config, ConfigError, Overrides, admin_address};
+use token_sidecar::{App, Listeners, StartupError, telemetry};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
+const EX_OSERR: u8 = 71;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -41,51 +43,47 @@ fn main() -> ExitCode {
         };
     }
 
-    let config = match Config::load(cli.overrides(), env, |path| std::fs::read_to_string(path)) {
-        Ok(config) => config,
+    match start(&cli, env) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("token-sidecar: {e}");
-            return ExitCode::from(EX_USAGE);
+            // Logging is up for everything after the configuration, so those go to the log.
+            match e {
+                StartupError::Config(_) => eprintln!("token-sidecar: {e}"),
+                _ => tracing::error!("{e}"),
+            }
+            ExitCode::from(exit_code(&e))
         }
-    };
-    if let Err(e) = telemetry::init(&config.log, env) {
-        eprintln!("token-sidecar: {e}");
-        return ExitCode::from(EX_USAGE);
     }
+}
+
+/// The one place a startup failure becomes an exit code (sysexits.h).
+fn exit_code(error: &StartupError) -> u8 {
+    match error {
+        StartupError::Config(_) | StartupError::Files(_) => EX_USAGE,
+        StartupError::Bind(_) => EX_UNAVAILABLE,
+        StartupError::Runtime(_) => EX_OSERR,
+    }
+}
+
+/// Loads the configuration, starts logging and the runtime, builds, binds, and serves until a
+/// shutdown signal.
+fn start(cli: &Cli, env: impl Fn(&str) -> Option<String> + Copy) -> Result<(), StartupError> {
+    let config = Config::load(cli.overrides(), env, |path| std::fs::read_to_string(path))
+        .map_err(StartupError::Config)?;
+    telemetry::init(&config.log, env).map_err(|e| StartupError::Config(ConfigError(e)))?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
         runtime.worker_threads(config.workers);
     }
-    let runtime = match runtime.enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("token-sidecar: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        // The files the upstream clients read (CA bundle, client certificate and key) are checked
-        // before any port is bound, so a typo never leaves a listener up for a moment.
-        for route in &config.routes {
-            if let Err(e) = token_sidecar::upstream::Upstream::new(route) {
-                tracing::error!("{e}");
-                return ExitCode::from(EX_USAGE);
-            }
-        }
-        let listeners = match Listeners::bind(&config).await {
-            Ok(listeners) => listeners,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::from(EX_UNAVAILABLE);
-            }
-        };
-        match run(config, listeners, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::from(EX_USAGE)
-            }
-        }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .map_err(|e| StartupError::Runtime(e.to_string()))?;
+    runtime.block_on(async {
+        let app = App::build(&config)?;
+        let listeners = Listeners::bind(&config)?;
+        app.run(listeners, shutdown_signal()).await;
+        Ok(())
     })
 }
 

@@ -10,9 +10,19 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
+use std::time::Duration;
 
-use crate::token::{Outcome, TokenRoute};
+/// What a route shows at scrape time. Implemented by the token path; the metrics know the
+/// labels, not the types behind them.
+pub trait RouteState: Send + Sync + std::fmt::Debug {
+    /// The route's name, the `route` label.
+    fn name(&self) -> &str;
+    /// Cached keys.
+    fn cache_len(&self) -> usize;
+    /// Active cool-downs: client hash and time left.
+    fn active_cooldowns(&self) -> Vec<(String, Duration)>;
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -131,14 +141,7 @@ impl Metrics {
         };
         RouteMetrics {
             route: route.to_owned(),
-            outcomes: Outcome::ALL.map(|outcome| {
-                self.token_requests
-                    .get_or_create(&OutcomeLabels {
-                        route: route.to_owned(),
-                        outcome: outcome.as_str(),
-                    })
-                    .clone()
-            }),
+            token_requests: self.token_requests.clone(),
             upstream_calls: self.upstream_calls.clone(),
             upstream_latency: self.upstream_latency.get_or_create(&route_label).clone(),
             upstream_in_flight: self.upstream_in_flight.get_or_create(&route_label).clone(),
@@ -149,10 +152,9 @@ impl Metrics {
     }
 
     /// Adds the scrape-time view of the routes' caches and cool-downs.
-    pub fn register_routes(&mut self, routes: &[Arc<TokenRoute>]) {
-        self.registry.register_collector(Box::new(StateCollector {
-            routes: routes.iter().map(Arc::downgrade).collect(),
-        }));
+    pub fn register_routes(&mut self, routes: Vec<Weak<dyn RouteState>>) {
+        self.registry
+            .register_collector(Box::new(StateCollector { routes }));
     }
 
     /// The Prometheus text exposition.
@@ -168,7 +170,7 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {
     route: String,
-    outcomes: [Counter; Outcome::ALL.len()],
+    token_requests: Family<OutcomeLabels, Counter>,
     upstream_calls: Family<StatusLabels, Counter>,
     upstream_latency: Histogram,
     /// Token calls in progress on this route.
@@ -179,9 +181,15 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    /// Counts one token-path request.
-    pub fn outcome(&self, outcome: Outcome) {
-        self.outcomes[outcome as usize].inc();
+    /// The counter of this route's token requests with `outcome`, resolved once so that
+    /// counting costs one atomic add.
+    pub fn token_requests(&self, outcome: &'static str) -> Counter {
+        self.token_requests
+            .get_or_create(&OutcomeLabels {
+                route: self.route.clone(),
+                outcome,
+            })
+            .clone()
     }
 
     /// Counts one finished upstream token call.
@@ -222,7 +230,7 @@ impl RouteMetrics {
 /// Reads cache sizes and cool-downs from the live routes at scrape time.
 #[derive(Debug)]
 struct StateCollector {
-    routes: Vec<Weak<TokenRoute>>,
+    routes: Vec<Weak<dyn RouteState>>,
 }
 
 impl Collector for StateCollector {

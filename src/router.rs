@@ -45,8 +45,8 @@ impl tower::Service<Request<Incoming>> for Dispatch {
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         // Two boxes sized for their own path: a token hit does not carry the state of a forward.
         let route = self.0.clone();
-        if let Some(path) = route.token.token_path(request.uri().path()) {
-            Box::pin(async move { Ok(route.token.handle(path, request).await) })
+        if route.token.is_token_path(request.uri().path()) {
+            Box::pin(async move { Ok(route.token.handle(request).await) })
         } else {
             Box::pin(async move { Ok(route.forwarder.forward(request.map(boxed)).await) })
         }

@@ -1,9 +1,16 @@
-//! The HTTP client towards one identity provider: a keep-alive connection pool, connect and
-//! request timeouts, and rustls for `https://` upstreams (system roots, or the bundled webpki
-//! roots where the system has none, plus an optional private CA and client certificate).
+//! The HTTP client towards one identity provider, shared by the token path and the forwarder:
+//! how a local request is rewritten for the provider (URI, `Host`, hop-by-hop headers), a
+//! keep-alive connection pool, connect and request timeouts, and rustls for `https://` upstreams
+//! (system roots, or the bundled webpki roots where the system has none, plus an optional private
+//! CA and client certificate). [`Upstream::exchange`] is the token call: one request, the whole
+//! answer read within the deadline and the size limit. Nothing here knows about tokens.
 
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -15,43 +22,86 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::body::Body;
+use crate::body::{Body, full};
 use crate::config::{ClientConfig, RouteConfig, UpstreamUrl};
 use crate::error::Error;
 
-/// Why an upstream exchange failed before a response head arrived.
+/// Why an upstream exchange produced no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// Connecting, the TLS handshake, or the exchange itself failed; the text says why.
     Unavailable(String),
-    /// No response head within the request timeout.
+    /// No response (on the token path: no whole response) within the request timeout.
     Timeout,
+    /// A token answer whose body was over the size limit; it was not read further.
+    TooLarge(StatusCode),
 }
 
 impl Failure {
-    /// A metric label.
-    pub fn as_str(&self) -> &'static str {
+    /// The metric label of the call: the failure, or the status of an answer too large to use.
+    pub fn label(&self) -> String {
         match self {
-            Failure::Unavailable(_) => "unavailable",
-            Failure::Timeout => "timeout",
+            Failure::Unavailable(_) => "unavailable".into(),
+            Failure::Timeout => "timeout".into(),
+            Failure::TooLarge(status) => status.as_u16().to_string(),
         }
     }
 
-    /// Why, for logs: the connection error chain, or "timeout".
+    /// Why, for logs: the connection error chain, or what went wrong.
     pub fn reason(&self) -> &str {
         match self {
             Failure::Unavailable(why) => why,
             Failure::Timeout => "timeout",
+            Failure::TooLarge(_) => "response over the size limit",
         }
     }
 
-    /// The caller-facing error: 502 for an unreachable provider, 504 for a silent one.
+    /// The caller-facing error: 502 for an unreachable provider or an unusable answer, 504 for a
+    /// silent one.
     pub fn to_error(&self) -> Error {
         match self {
             Failure::Unavailable(_) => Error::UpstreamUnavailable,
             Failure::Timeout => Error::UpstreamTimeout,
+            Failure::TooLarge(_) => Error::UpstreamInvalid("response too large"),
         }
     }
+}
+
+/// A whole upstream answer, as callers get it: status, headers (hop-by-hop and `Content-Length`
+/// removed, the body is re-framed), body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the proxy
+/// headers that are meant for this hop).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::PROXY_AUTHENTICATE);
 }
 
 /// One provider and the pooled client that reaches it.
@@ -63,6 +113,8 @@ pub struct Upstream {
     pub host: HeaderValue,
     /// Time limit for a response head (and, on the token path, the whole body).
     pub request_timeout: Duration,
+    /// Send the caller's `Host` instead of [`Self::host`].
+    preserve_host: bool,
     client: Client<HttpsConnector<HttpConnector>, Body>,
 }
 
@@ -95,12 +147,64 @@ impl Upstream {
             })?,
             url: route.upstream.clone(),
             request_timeout: route.client.request_timeout,
+            preserve_host: route.preserve_host,
             client,
         })
     }
 
+    /// Rewrites a local request's head for the provider: hop-by-hop headers dropped, `Host`
+    /// set (unless preserved), the provider's scheme and authority, HTTP/1.1.
+    pub fn outbound(&self, mut parts: Parts, body: Body) -> Request<Body> {
+        strip_hop_by_hop(&mut parts.headers);
+        if !self.preserve_host || !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, self.host.clone());
+        }
+        parts.uri = self.uri(parts.uri.path_and_query());
+        parts.version = Version::HTTP_11;
+        Request::from_parts(parts, body)
+    }
+
+    /// A token call: sends the caller's request and reads the whole answer, within the request
+    /// timeout and `limit` bytes of body.
+    pub async fn exchange(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Reply, Failure> {
+        let length = HeaderValue::from(body.len());
+        let mut outbound = self.outbound(parts, full(body));
+        outbound
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, length);
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let response = self.send(outbound).await?;
+        let (parts, body) = response.into_parts();
+        let read = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await;
+        let body = match read {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Failure::TooLarge(parts.status));
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::Unavailable(format!(
+                    "reading the response body: {e}"
+                )));
+            }
+        };
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
+        Ok(Reply {
+            status: parts.status,
+            headers,
+            body,
+        })
+    }
+
     /// The upstream URI for a local request's path and query.
-    pub fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
         Uri::builder()
             .scheme(self.url.scheme.clone())
             .authority(self.url.authority.clone())

@@ -21,7 +21,7 @@ use token_sidecar::config::{
 };
 use token_sidecar::token::cooldown::{backoff, parse_retry_after};
 use token_sidecar::token::lifetime::{Token, Validated};
-use token_sidecar::token::request::{CacheKey, Keyer, Parsed, parse, parse_form};
+use token_sidecar::token::request::{CacheKey, KeyContext, Keyer, Parsed, parse, parse_form};
 
 /// `cases` unless `PROPTEST_CASES` asks for more (or fewer). Failures are not persisted to disk:
 /// a shrunk counterexample belongs in a named regression test instead.
@@ -39,8 +39,13 @@ fn cases(cases: u32) -> ProptestConfig {
 }
 
 const HMAC_KEY: [u8; 32] = [0x5a; 32];
-/// What `TokenRoute` passes: route name and token path.
-const ROUTE: &str = "default\n/oauth/token";
+/// Where most generated requests are sent: the default route's token path, no query, no Host.
+const AT: KeyContext<'static> = KeyContext {
+    route: "default",
+    path: "/oauth/token",
+    query: None,
+    host: None,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Encoding helpers: every way a client may legitimately spell the same form or Basic header.
@@ -149,11 +154,16 @@ fn basic_header(id_secret: &[u8], choices: &mut Choices<'_>) -> String {
 
 /// The key and client id of a request that must be keyed; fails the property otherwise.
 fn keyed(
-    route: &str,
+    context: &KeyContext<'_>,
     auth: Option<&str>,
     body: &[u8],
 ) -> Result<(CacheKey, String), TestCaseError> {
-    match parse(&Keyer::new(&HMAC_KEY), route, auth.map(str::as_bytes), body) {
+    match parse(
+        &Keyer::new(&HMAC_KEY),
+        context,
+        auth.map(str::as_bytes),
+        body,
+    ) {
         Ok(Parsed::Keyed { key, client_id, .. }) => Ok((key, client_id.into_owned())),
         other => Err(TestCaseError::fail(format!(
             "expected a keyed request, got {other:?} for auth {auth:?} body {:?}",
@@ -165,6 +175,64 @@ fn keyed(
 // ---------------------------------------------------------------------------------------------
 // Strategies
 // ---------------------------------------------------------------------------------------------
+
+/// The parts of a [`KeyContext`], owned: route, path, and optional query and Host, drawn from a
+/// small alphabet so that collisions between two draws are frequent enough to test equality.
+#[derive(Debug, Clone)]
+struct ContextParts {
+    route: String,
+    path: String,
+    query: Option<String>,
+    host: Option<String>,
+}
+
+impl ContextParts {
+    fn context(&self) -> KeyContext<'_> {
+        KeyContext {
+            route: &self.route,
+            path: &self.path,
+            query: self.query.as_deref(),
+            host: self.host.as_deref(),
+        }
+    }
+}
+
+/// A context whose fields number `pair` and `pair + 1` (route, path, query, Host) are `head`
+/// and `tail`.
+fn adjacent_fields<'a>(pair: usize, head: &'a str, tail: &'a str) -> KeyContext<'a> {
+    match pair {
+        0 => KeyContext {
+            route: head,
+            path: tail,
+            ..AT
+        },
+        1 => KeyContext {
+            path: head,
+            query: Some(tail),
+            ..AT
+        },
+        _ => KeyContext {
+            query: Some(head),
+            host: Some(tail),
+            ..AT
+        },
+    }
+}
+
+fn context_parts() -> impl Strategy<Value = ContextParts> {
+    (
+        "[ab]{1,2}",
+        "/[ab/]{0,2}",
+        proptest::option::of("[ab=&]{0,2}"),
+        proptest::option::of("[ab:]{0,2}"),
+    )
+        .prop_map(|(route, path, query, host)| ContextParts {
+            route,
+            path,
+            query,
+            host,
+        })
+}
 
 /// Parameter names a credential set may carry besides the ones `parse` interprets.
 fn extra_name() -> impl Strategy<Value = String> {
@@ -308,7 +376,7 @@ proptest! {
         body in hostile_bytes(),
     ) {
         if let Ok(Parsed::Keyed { client_id, .. }) =
-            parse(&Keyer::new(&HMAC_KEY), ROUTE, auth.as_deref(), &body)
+            parse(&Keyer::new(&HMAC_KEY), &AT, auth.as_deref(), &body)
         {
             prop_assert!(!client_id.is_empty());
         }
@@ -319,7 +387,7 @@ proptest! {
     #[test]
     fn basic_header_around_arbitrary_bytes_never_panics(decoded in hostile_bytes()) {
         let header = format!("Basic {}", BASE64.encode(&decoded));
-        let result = parse(&Keyer::new(&HMAC_KEY), ROUTE, Some(header.as_bytes()), b"grant_type=client_credentials");
+        let result = parse(&Keyer::new(&HMAC_KEY), &AT, Some(header.as_bytes()), b"grant_type=client_credentials");
         if let Ok(Parsed::Keyed { client_id, .. }) = result {
             prop_assert!(!client_id.is_empty());
             let colon = decoded.iter().position(|&b| b == b':');
@@ -355,7 +423,7 @@ proptest! {
         let mut choices = Choices::new(&picks);
         // The id's own colons must be escaped; the first raw colon separates id and secret.
         let header = basic_header(&basic_raw(&id, &secret, &mut choices), &mut choices);
-        let (_, client_id) = keyed(ROUTE, Some(&header), b"grant_type=client_credentials")?;
+        let (_, client_id) = keyed(&AT, Some(&header), b"grant_type=client_credentials")?;
         prop_assert_eq!(client_id, id);
     }
 }
@@ -375,8 +443,8 @@ proptest! {
         picks_a in picks(), order_a in order(),
         picks_b in picks(), order_b in order(),
     ) {
-        let (a, id_a) = keyed(ROUTE, None, &creds.form_request(&picks_a, &order_a))?;
-        let (b, id_b) = keyed(ROUTE, None, &creds.form_request(&picks_b, &order_b))?;
+        let (a, id_a) = keyed(&AT, None, &creds.form_request(&picks_a, &order_a))?;
+        let (b, id_b) = keyed(&AT, None, &creds.form_request(&picks_b, &order_b))?;
         prop_assert_eq!(a, b);
         prop_assert_eq!(&id_a, &creds.id);
         prop_assert_eq!(id_b, id_a);
@@ -391,9 +459,9 @@ proptest! {
         picks_b in picks(), order_b in order(),
         repeat_id in any::<bool>(),
     ) {
-        let (form_key, _) = keyed(ROUTE, None, &creds.form_request(&picks_a, &order_a))?;
+        let (form_key, _) = keyed(&AT, None, &creds.form_request(&picks_a, &order_a))?;
         let (header, body) = creds.basic_request(&picks_b, &order_b, repeat_id);
-        let (basic_key, client_id) = keyed(ROUTE, Some(&header), &body)?;
+        let (basic_key, client_id) = keyed(&AT, Some(&header), &body)?;
         prop_assert_eq!(form_key, basic_key, "header {:?} body {:?}", header, body);
         prop_assert_eq!(client_id, creds.id);
     }
@@ -410,8 +478,8 @@ proptest! {
         let raw_a = basic_raw(&creds.id, &creds.secret, &mut ca);
         let raw_b = basic_raw(&creds.id, &creds.secret, &mut cb);
         let body = b"grant_type=client_credentials";
-        let (a, id_a) = keyed(ROUTE, Some(&basic_header(&raw_a, &mut ca)), body)?;
-        let (b, id_b) = keyed(ROUTE, Some(&basic_header(&raw_b, &mut cb)), body)?;
+        let (a, id_a) = keyed(&AT, Some(&basic_header(&raw_a, &mut ca)), body)?;
+        let (b, id_b) = keyed(&AT, Some(&basic_header(&raw_b, &mut cb)), body)?;
         prop_assert_eq!(&id_a, &creds.id);
         prop_assert_eq!(&id_b, &creds.id);
         prop_assert_eq!(
@@ -444,7 +512,7 @@ proptest! {
         let key = |secret: &str| {
             let mut choices = Choices::new(&picks);
             let raw = basic_raw("app", secret, &mut choices);
-            keyed(ROUTE, Some(&basic_header(&raw, &mut choices)), body)
+            keyed(&AT, Some(&basic_header(&raw, &mut choices)), body)
         };
         prop_assert_ne!(key(&secret)?.0, key(&other)?.0, "secrets {:?} and {:?} share a key", secret, other);
     }
@@ -461,9 +529,9 @@ proptest! {
         let key = |c: &Creds| {
             if basic {
                 let (h, b) = c.basic_request(&picks, &order, false);
-                keyed(ROUTE, Some(&h), &b)
+                keyed(&AT, Some(&h), &b)
             } else {
-                keyed(ROUTE, None, &c.form_request(&picks, &order))
+                keyed(&AT, None, &c.form_request(&picks, &order))
             }
         };
         prop_assert_ne!(key(&creds)?.0, key(&changed)?.0);
@@ -479,8 +547,8 @@ proptest! {
         prop_assume!(other != creds.id);
         let changed = Creds { id: other, ..creds.clone() };
         prop_assert_ne!(
-            keyed(ROUTE, None, &creds.form_request(&picks, &order))?.0,
-            keyed(ROUTE, None, &changed.form_request(&picks, &order))?.0
+            keyed(&AT, None, &creds.form_request(&picks, &order))?.0,
+            keyed(&AT, None, &changed.form_request(&picks, &order))?.0
         );
     }
 
@@ -500,8 +568,8 @@ proptest! {
         };
         prop_assume!(!changed.id.contains(':'));
         prop_assert_ne!(
-            keyed(ROUTE, None, &creds.form_request(&picks, &order))?.0,
-            keyed(ROUTE, None, &changed.form_request(&picks, &order))?.0
+            keyed(&AT, None, &creds.form_request(&picks, &order))?.0,
+            keyed(&AT, None, &changed.form_request(&picks, &order))?.0
         );
     }
 
@@ -553,19 +621,37 @@ proptest! {
             }
         }
         prop_assert_ne!(
-            keyed(ROUTE, None, &creds.form_request(&picks, &order))?.0,
-            keyed(ROUTE, None, &changed.form_request(&picks, &order))?.0
+            keyed(&AT, None, &creds.form_request(&picks, &order))?.0,
+            keyed(&AT, None, &changed.form_request(&picks, &order))?.0
         );
     }
 
-    /// The same request on another route or token path gets another key.
+    /// The same request sent to two different places (route, token path, query, preserved
+    /// Host) gets two keys, and the same place always the same key.
     #[test]
-    fn different_route_gives_different_key(
-        creds in creds(), route in "[a-z]{1,8}\n/[a-z/]{0,12}", picks in picks(), order in order(),
+    fn a_different_context_gives_a_different_key(
+        creds in creds(), picks in picks(), order in order(),
+        a in context_parts(), b in context_parts(),
     ) {
-        prop_assume!(route != ROUTE);
         let body = creds.form_request(&picks, &order);
-        prop_assert_ne!(keyed(ROUTE, None, &body)?.0, keyed(&route, None, &body)?.0);
+        let (ca, cb) = (a.context(), b.context());
+        let (ka, kb) = (keyed(&ca, None, &body)?.0, keyed(&cb, None, &body)?.0);
+        prop_assert_eq!(ka == kb, ca == cb, "{:?} vs {:?}", ca, cb);
+    }
+
+    /// Moving a byte from the end of one field of the context to the start of the next never
+    /// gives the same key: each field is framed on its own.
+    #[test]
+    fn context_field_boundaries_cannot_be_shifted(
+        creds in creds(), picks in picks(), order in order(),
+        text in "[a-z/?=&:]{2,24}", cut in any::<prop::sample::Index>(), pair in 0usize..3,
+    ) {
+        let body = creds.form_request(&picks, &order);
+        // Two cuts one byte apart: `text[..at]` + `text[at..]` against `text[..at-1]` + `text[at-1..]`.
+        let at = 1 + cut.index(text.len() - 1);
+        let one = adjacent_fields(pair, &text[..at], &text[at..]);
+        let other = adjacent_fields(pair, &text[..at - 1], &text[at - 1..]);
+        prop_assert_ne!(keyed(&one, None, &body)?.0, keyed(&other, None, &body)?.0);
     }
 }
 
@@ -982,7 +1068,7 @@ proptest! {
         let input: serde_json::Value = serde_json::from_str(&text).unwrap();
         for elapsed in times {
             let at = now + elapsed;
-            let rendered = t.render(at);
+            let rendered = t.pieces(at).concat();
             let remaining = t.remaining_secs(at);
             prop_assert_eq!(std::str::from_utf8(&rendered).unwrap(), body.rendered(remaining));
             let output: serde_json::Value = serde_json::from_slice(&rendered)
@@ -1024,7 +1110,7 @@ proptest! {
             jitter,
         );
         if let Ok(Validated::Token(t)) = result {
-            let output: serde_json::Value = serde_json::from_slice(&t.render(now))
+            let output: serde_json::Value = serde_json::from_slice(&t.pieces(now).concat())
                 .map_err(|e| TestCaseError::fail(format!("render is not JSON: {e}")))?;
             prop_assert!(output["expires_in"].is_u64());
             prop_assert!(t.serve_until <= t.expires_at);
@@ -1039,7 +1125,7 @@ fn basic_secrets_differing_in_a_raw_lead_byte_get_different_keys() {
     let body = b"grant_type=client_credentials";
     let key = |raw: &[u8]| {
         let header = format!("Basic {}", BASE64.encode(raw));
-        match parse(&Keyer::new(&HMAC_KEY), ROUTE, Some(header.as_bytes()), body) {
+        match parse(&Keyer::new(&HMAC_KEY), &AT, Some(header.as_bytes()), body) {
             Ok(Parsed::Keyed { key, client_id, .. }) => {
                 assert_eq!(client_id, "app");
                 key

@@ -1,33 +1,29 @@
-//! The token cache of one route: an entry per key holding the cached token, a remembered error,
-//! and the in-flight upstream call (single flight) kept separate from the cached value.
+//! The token cache of one route and each entry's whole state machine: the cached token, a
+//! remembered answer, and the in-flight upstream call (single flight), kept apart from the cached
+//! value. [`EntryState::decide`] says how a request is answered; [`EntryState::land`] is how a
+//! flight's outcome changes the entry; [`Landing`] is a flight's right to land, which clears the
+//! flight slot even if the flight dies without landing.
 //!
 //! Locking: a request holds the map's shard guard (a read guard, or the write guard when it creates
 //! the entry) while it decides under the entry's std mutex, so an entry cannot be evicted between
-//! lookup and decision; both are held for a few field reads and writes, never across `.await`. Lock order is always map shard, then entry
-//! state, then cool-down shard.
+//! lookup and decision. Both are held for a few field reads and writes, never across `.await`.
+//! Lock order is always map shard, then entry state, then cool-down shard.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
 use dashmap::DashMap;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::lifetime::{Hit, Rendered, Token};
-use super::request::CacheKey;
+use super::cooldown;
+use super::lifetime::Token;
+use super::request::{CacheKey, Grant};
+use crate::config::TokenConfig;
 use crate::error::Error;
-
-/// An upstream answer passed to callers as it came: status, headers (hop-by-hop removed), body.
-#[derive(Debug)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
+use crate::upstream::Reply;
 
 /// What one upstream call produced, shared by every caller that waited for it.
 #[derive(Debug, Clone)]
@@ -42,24 +38,22 @@ pub enum Shared {
 
 /// The channel on which a flight publishes its outcome; `None` until it lands.
 pub type FlightRx = watch::Receiver<Option<Shared>>;
-/// The sending half, owned by the flight task.
-pub type FlightTx = watch::Sender<Option<Shared>>;
+type FlightTx = watch::Sender<Option<Shared>>;
 
-/// One key's state.
+/// One key's state. Every field is valid on its own, so a panic under the lock cannot leave it
+/// half-written in a way that matters.
 #[derive(Debug, Default)]
-pub struct EntryState {
+struct EntryState {
     /// The cached token, if any (servable or not: its timings decide).
-    pub token: Option<Arc<Token>>,
+    token: Option<Arc<Token>>,
     /// A client error (or a refresh-token answer) replayed until the instant given.
-    pub remembered: Option<(Instant, Arc<Reply>)>,
+    remembered: Option<(Instant, Arc<Reply>)>,
     /// The upstream call in progress for this key, if any.
-    pub flight: Option<FlightRx>,
+    flight: Option<FlightRx>,
     /// No background refresh before this instant (set when the provider returns the same token).
-    pub refresh_not_before: Option<Instant>,
+    refresh_not_before: Option<Instant>,
     /// How many refreshes in a row returned the token already cached.
-    pub same_token_streak: u32,
-    /// The cached token rendered for the current second, shared by every hit in that second.
-    rendered: Option<Rendered>,
+    same_token_streak: u32,
 }
 
 /// One cache entry.
@@ -71,51 +65,78 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Locks the state. A panic while the lock was held cannot leave it half-written in a way
-    /// that matters (every field is valid on its own), so poisoning is ignored.
-    pub fn lock(&self) -> MutexGuard<'_, EntryState> {
+    fn lock(&self) -> MutexGuard<'_, EntryState> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// What a request should do, decided under the entry's lock.
-pub enum Decision {
-    /// Serve the cached token as rendered for this second; if `refresh` is set, the caller starts
-    /// that background flight.
-    Hit { hit: Hit, refresh: Option<FlightTx> },
+/// What a request should do, decided under the entry's lock. `F` is the flight a decision starts:
+/// a [`Landing`] outside this file, the bare sender inside it.
+#[derive(Debug)]
+pub enum Decision<F = Landing> {
+    /// Serve the cached token; if `refresh` is set, the caller starts that background flight.
+    Hit {
+        token: Arc<Token>,
+        refresh: Option<F>,
+    },
     /// Replay a remembered answer.
     Remembered(Arc<Reply>),
-    /// The client id is on hold for this long and there is no token to serve.
+    /// The client id is cooling down for this long and there is no token to serve.
     Cooldown(Duration),
     /// Wait for the flight already in progress.
     Join(FlightRx),
-    /// Start the flight (`tx`) and wait on it (`rx`); `stale` if an expired token was there.
+    /// Start the flight and wait on `rx`; `stale` if an expired token was there.
     Lead {
-        tx: FlightTx,
+        flight: F,
         rx: FlightRx,
         stale: bool,
     },
 }
 
+impl<F> Decision<F> {
+    fn map_flight<G>(self, f: impl FnOnce(F) -> G) -> Decision<G> {
+        match self {
+            Decision::Hit { token, refresh } => Decision::Hit {
+                token,
+                refresh: refresh.map(f),
+            },
+            Decision::Remembered(reply) => Decision::Remembered(reply),
+            Decision::Cooldown(left) => Decision::Cooldown(left),
+            Decision::Join(rx) => Decision::Join(rx),
+            Decision::Lead { flight, rx, stale } => Decision::Lead {
+                flight: f(flight),
+                rx,
+                stale,
+            },
+        }
+    }
+}
+
+/// The provider rejected these credentials: what they got before must not be served again.
+fn rejects_credentials(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 401 | 403)
+}
+
 impl EntryState {
-    /// Decides how to answer a request at `now`. `hold` tells the time left on the client's
+    /// Decides how to answer a request at `now`. `cooling` tells the time left on the client's
     /// cool-down; it is consulted only when an upstream call is being considered.
-    pub fn decide(&mut self, now: Instant, hold: impl Fn() -> Option<Duration>) -> Decision {
+    fn decide(
+        &mut self,
+        now: Instant,
+        cooling: impl Fn() -> Option<Duration>,
+    ) -> Decision<FlightTx> {
         if let Some(token) = &self.token
             && token.servable(now)
         {
-            let hit = match &self.rendered {
-                Some(rendered) if rendered.is_current(token, now) => rendered.hit(),
-                _ => self.rendered.insert(Rendered::new(token, now)).hit(),
-            };
+            let token = token.clone();
             let refresh = (token.refresh_due(now)
                 && self.flight.is_none()
                 && self.refresh_not_before.is_none_or(|t| now >= t)
-                && hold().is_none())
+                && cooling().is_none())
             .then(|| self.start_flight().0);
-            return Decision::Hit { hit, refresh };
+            return Decision::Hit { token, refresh };
         }
         if let Some((until, reply)) = &self.remembered {
             if *until > now {
@@ -126,25 +147,63 @@ impl EntryState {
         if let Some(rx) = &self.flight {
             return Decision::Join(rx.clone());
         }
-        if let Some(left) = hold() {
+        if let Some(left) = cooling() {
             return Decision::Cooldown(left);
         }
         let stale = self.token.is_some();
-        let (tx, rx) = self.start_flight();
-        Decision::Lead { tx, rx, stale }
-    }
-
-    /// Replaces the cached token and forgets the old one's rendering with it, so a replaced token
-    /// is not kept in memory by the rendering.
-    pub fn set_token(&mut self, token: Option<Arc<Token>>) {
-        self.token = token;
-        self.rendered = None;
+        let (flight, rx) = self.start_flight();
+        Decision::Lead { flight, rx, stale }
     }
 
     fn start_flight(&mut self) -> (FlightTx, FlightRx) {
         let (tx, rx) = watch::channel(None);
         self.flight = Some(rx.clone());
         (tx, rx)
+    }
+
+    /// Lands a flight's outcome at `now` and frees the flight slot. `jitter` in `[0, 1]` spreads
+    /// the backoff after the provider hands back the token already cached.
+    fn land(
+        &mut self,
+        shared: &Shared,
+        grant: Grant,
+        config: &TokenConfig,
+        now: Instant,
+        jitter: f64,
+    ) {
+        self.flight = None;
+        match shared {
+            Shared::Token(token) => {
+                let same = self
+                    .token
+                    .as_ref()
+                    .is_some_and(|old| old.fingerprint == token.fingerprint);
+                if same {
+                    // Keep it, but do not ask again until a growing backoff has passed.
+                    self.same_token_streak += 1;
+                    let delay = cooldown::backoff(
+                        self.same_token_streak,
+                        config.backoff_base,
+                        config.backoff_max,
+                        0.5 + jitter / 2.0,
+                    );
+                    self.refresh_not_before = Some(now + delay);
+                } else {
+                    self.same_token_streak = 0;
+                    self.refresh_not_before = None;
+                }
+                self.token = Some(token.clone());
+                self.remembered = None;
+            }
+            Shared::Reply(reply) if rejects_credentials(reply.status) => {
+                self.token = None;
+                self.remembered = Some((now + config.error_ttl, reply.clone()));
+            }
+            Shared::Reply(reply) if grant == Grant::RefreshToken && reply.status.is_success() => {
+                self.remembered = Some((now + config.refresh_token_ttl, reply.clone()));
+            }
+            Shared::Reply(_) | Shared::Failed(_) => {}
+        }
     }
 
     /// Whether the entry holds nothing worth keeping at `now`. A token past its margin is kept
@@ -160,56 +219,42 @@ impl EntryState {
     }
 }
 
-/// Marks `entry` used at `stamp` and decides under its lock; clones the entry only for a flight.
-fn decide_in(
-    entry: &Arc<Entry>,
-    stamp: u64,
-    now: Instant,
-    hold: impl Fn() -> Option<Duration>,
-) -> (Decision, Option<Arc<Entry>>) {
-    // Write only when the millisecond changed: a hot key read by every core would otherwise
-    // bounce this cache line on each request.
-    if entry.last_used_ms.load(Ordering::Relaxed) != stamp {
-        entry.last_used_ms.store(stamp, Ordering::Relaxed);
-    }
-    let decision = entry.lock().decide(now, hold);
-    let flies = matches!(
-        decision,
-        Decision::Lead { .. }
-            | Decision::Hit {
-                refresh: Some(_),
-                ..
-            }
-    );
-    (decision, flies.then(|| entry.clone()))
+/// A flight's right to land in its entry. Landing publishes the outcome to every waiter; a
+/// `Landing` dropped without landing (the flight panicked or was aborted) clears the slot, so the
+/// key is not stuck, and its waiters see the channel close.
+#[derive(Debug)]
+pub struct Landing {
+    entry: Arc<Entry>,
+    tx: Option<FlightTx>,
 }
 
-/// The key is already a keyed digest: its first eight bytes are a uniform hash, and an attacker
-/// who does not know the per-process HMAC key cannot aim at one bucket.
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
+impl Landing {
+    /// Lands `shared` (see [`EntryState::land`]), then publishes it; returns how many callers
+    /// were waiting for it.
+    pub fn land(
+        mut self,
+        shared: Shared,
+        grant: Grant,
+        config: &TokenConfig,
+        now: Instant,
+        jitter: f64,
+    ) -> usize {
+        self.entry.lock().land(&shared, grant, config, now, jitter);
+        let tx = self
+            .tx
+            .take()
+            .expect("a landing lands once: land takes self");
+        let waiters = tx.receiver_count();
+        tx.send_replace(Some(shared));
+        waiters
     }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only reached if something other than `CacheKey` is hashed: FNV-1a keeps it
-        // deterministic (equal bytes, equal hash), which is all a Hasher must be.
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            self.entry.lock().flight = None;
         }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-impl std::hash::Hash for CacheKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(u64::from_le_bytes(
-            self.0[..8].try_into().expect("eight bytes"),
-        ));
     }
 }
 
@@ -223,7 +268,8 @@ pub struct Swept {
 /// All entries of one route.
 #[derive(Debug)]
 pub struct Cache {
-    entries: DashMap<CacheKey, Arc<Entry>, BuildHasherDefault<DigestHasher>>,
+    /// Bounded by `max_entries`, checked as a key is added.
+    entries: DashMap<CacheKey, Arc<Entry>>,
     epoch: Instant,
     max_entries: usize,
 }
@@ -232,30 +278,28 @@ impl Cache {
     /// An empty cache holding at most `max_entries` keys.
     pub fn new(max_entries: usize) -> Cache {
         Cache {
-            entries: DashMap::with_hasher(BuildHasherDefault::default()),
+            entries: DashMap::new(),
             epoch: Instant::now(),
             max_entries,
         }
     }
 
     /// Decides, under the entry's lock, how to answer a request for `key` at `now` (see
-    /// [`EntryState::decide`]), creating the entry if needed and marking it used.
+    /// [`EntryState::decide`]), creating the entry if needed and marking it used. Returns the
+    /// decision and how many entries were evicted to make room.
     ///
-    /// Returns the decision; the entry when the decision starts a flight (the flight lands in
-    /// it); and how many entries were evicted to make room. The map's guard is held while the
-    /// entry is locked, so an entry cannot leave the map between the lookup and the decision (a
-    /// flight started in an evicted entry would be lost to the next request). A hit clones no
-    /// entry or token `Arc`, only the shared bytes of its rendering.
+    /// The map's guard is held while the entry is locked, so an entry cannot leave the map between
+    /// the lookup and the decision (a flight started in an evicted entry would be lost to the next
+    /// request).
     pub fn decide(
         &self,
         key: CacheKey,
         now: Instant,
-        hold: impl Fn() -> Option<Duration>,
-    ) -> (Decision, Option<Arc<Entry>>, usize) {
+        cooling: impl Fn() -> Option<Duration>,
+    ) -> (Decision, usize) {
         let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if let Some(entry) = self.entries.get(&key) {
-            let (decision, flight) = decide_in(&entry, stamp, now, hold);
-            return (decision, flight, 0);
+            return (decide_in(&entry, stamp, now, cooling), 0);
         }
         let evicted = if self.entries.len() >= self.max_entries {
             self.evict_least_recent()
@@ -263,18 +307,12 @@ impl Cache {
             0
         };
         let entry = self.entries.entry(key).or_default();
-        let (decision, flight) = decide_in(&entry, stamp, now, hold);
-        (decision, flight, evicted)
+        (decide_in(&entry, stamp, now, cooling), evicted)
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    /// Whether the cache is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// Drops entries unused for `idle_timeout`, and entries with nothing left to serve.
@@ -325,9 +363,26 @@ impl Cache {
     }
 }
 
+/// Marks `entry` used at `stamp` and decides under its lock; a flight it starts lands in `entry`.
+fn decide_in(
+    entry: &Arc<Entry>,
+    stamp: u64,
+    now: Instant,
+    cooling: impl Fn() -> Option<Duration>,
+) -> Decision {
+    entry.last_used_ms.store(stamp, Ordering::Relaxed);
+    let decision = entry.lock().decide(now, cooling);
+    decision.map_flight(|tx| Landing {
+        entry: entry.clone(),
+        tx: Some(tx),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::lifetime::Validated;
+    use http::{HeaderMap, HeaderValue};
 
     fn key(n: u8) -> CacheKey {
         let mut k = [0u8; 32];
@@ -336,11 +391,45 @@ mod tests {
         CacheKey(k)
     }
 
+    fn token(name: &str, lifetime_s: u64, now: Instant) -> Arc<Token> {
+        let body = format!(r#"{{"access_token":"{name}","expires_in":{lifetime_s}}}"#);
+        match Token::from_upstream(
+            body.as_bytes(),
+            HeaderValue::from_static("application/json"),
+            now,
+            &TokenConfig::default(),
+            0.0,
+        ) {
+            Ok(Validated::Token(token)) => Arc::new(token),
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+
+    fn reply(status: u16) -> Shared {
+        Shared::Reply(Arc::new(Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: bytes::Bytes::from_static(b"{}"),
+        }))
+    }
+
+    fn config() -> TokenConfig {
+        TokenConfig::default()
+    }
+
+    /// Leads a flight at `now` and lands `shared` in it.
+    fn fly(state: &mut EntryState, now: Instant, grant: Grant, shared: Shared) {
+        let Decision::Lead { .. } = state.decide(now, || None) else {
+            panic!("expected to lead a flight")
+        };
+        state.land(&shared, grant, &config(), now, 1.0);
+    }
+
     #[test]
-    fn one_leader_then_joiners_while_the_flight_is_open() {
+    fn one_leader_then_joiners_while_the_flight_is_open_then_the_cool_down() {
         let mut state = EntryState::default();
         let now = Instant::now();
-        let Decision::Lead { tx, stale, .. } = state.decide(now, || None) else {
+        let Decision::Lead { stale, .. } = state.decide(now, || None) else {
             panic!("expected lead")
         };
         assert!(!stale);
@@ -349,81 +438,258 @@ mod tests {
             state.decide(now, || Some(Duration::from_secs(5))),
             Decision::Join(_)
         ));
-        drop(tx);
-        state.flight = None;
+        state.land(
+            &Shared::Failed(Error::UpstreamTimeout),
+            Grant::ClientCredentials,
+            &config(),
+            now,
+            0.0,
+        );
         assert!(
             matches!(state.decide(now, || Some(Duration::from_secs(5))), Decision::Cooldown(d) if d == Duration::from_secs(5))
         );
+        assert!(matches!(state.decide(now, || None), Decision::Lead { .. }));
     }
 
-    fn hit(state: &mut EntryState, now: Instant) -> Hit {
-        match state.decide(now, || None) {
-            Decision::Hit { hit, .. } => hit,
-            _ => panic!("expected a hit"),
+    #[test]
+    fn a_landed_token_is_served_then_refreshed_ahead_then_stale() {
+        let mut state = EntryState::default();
+        let t0 = Instant::now();
+        fly(
+            &mut state,
+            t0,
+            Grant::ClientCredentials,
+            Shared::Token(token("a", 100, t0)),
+        );
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(matches!(
+            state.decide(at(10), || None),
+            Decision::Hit { refresh: None, .. }
+        ));
+        // Refresh is due at 80 % of the lifetime, once, and not while cooling down.
+        assert!(matches!(
+            state.decide(at(81), || Some(Duration::from_secs(1))),
+            Decision::Hit { refresh: None, .. }
+        ));
+        assert!(matches!(
+            state.decide(at(81), || None),
+            Decision::Hit {
+                refresh: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            state.decide(at(82), || None),
+            Decision::Hit { refresh: None, .. }
+        ));
+        state.flight = None;
+        // Past the margin (10 s of 100 s), the next request leads a flight and says stale.
+        assert!(matches!(
+            state.decide(at(91), || None),
+            Decision::Lead { stale: true, .. }
+        ));
+    }
+
+    #[test]
+    fn the_same_token_again_backs_off_the_next_refresh() {
+        let mut state = EntryState::default();
+        let t0 = Instant::now();
+        let first = token("same", 100, t0);
+        fly(
+            &mut state,
+            t0,
+            Grant::ClientCredentials,
+            Shared::Token(first.clone()),
+        );
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let Decision::Hit {
+            refresh: Some(_), ..
+        } = state.decide(at(81), || None)
+        else {
+            panic!("expected a refresh")
+        };
+        state.land(
+            &Shared::Token(token("same", 100, t0)),
+            Grant::ClientCredentials,
+            &config(),
+            at(81),
+            1.0,
+        );
+        assert_eq!(state.same_token_streak, 1);
+        // backoff(1, 1 s, 60 s) with full jitter at 1.0: 2 s.
+        assert_eq!(state.refresh_not_before, Some(at(83)));
+        assert!(matches!(
+            state.decide(at(82), || None),
+            Decision::Hit { refresh: None, .. }
+        ));
+        assert!(matches!(
+            state.decide(at(83), || None),
+            Decision::Hit {
+                refresh: Some(_),
+                ..
+            }
+        ));
+        state.land(
+            &Shared::Token(token("new", 100, at(83))),
+            Grant::ClientCredentials,
+            &config(),
+            at(83),
+            1.0,
+        );
+        assert_eq!(state.same_token_streak, 0);
+        assert_eq!(state.refresh_not_before, None);
+    }
+
+    #[test]
+    fn a_credentials_rejection_drops_the_token_and_is_remembered_for_the_error_ttl() {
+        for status in [400, 401, 403] {
+            let mut state = EntryState::default();
+            let t0 = Instant::now();
+            fly(
+                &mut state,
+                t0,
+                Grant::ClientCredentials,
+                Shared::Token(token("a", 100, t0)),
+            );
+            let refresh_at = t0 + Duration::from_secs(81);
+            let Decision::Hit {
+                refresh: Some(_), ..
+            } = state.decide(refresh_at, || None)
+            else {
+                panic!("expected a refresh")
+            };
+            state.land(
+                &reply(status),
+                Grant::ClientCredentials,
+                &config(),
+                refresh_at,
+                0.0,
+            );
+            assert!(
+                state.token.is_none(),
+                "{status}: the old token is no longer served"
+            );
+            let later = refresh_at + config().error_ttl - Duration::from_millis(1);
+            assert!(
+                matches!(state.decide(later, || None), Decision::Remembered(r) if r.status == status)
+            );
+            let past = refresh_at + config().error_ttl;
+            assert!(matches!(
+                state.decide(past, || None),
+                Decision::Lead { stale: false, .. }
+            ));
         }
     }
 
     #[test]
-    fn hits_share_one_rendering_per_second_and_per_token() {
-        let t0 = Instant::now();
-        let token = |name: &str| {
-            let body = format!(r#"{{"access_token":"{name}","expires_in":3600}}"#);
-            match Token::from_upstream(
-                body.as_bytes(),
-                http::HeaderValue::from_static("application/json"),
+    fn other_answers_keep_the_token_and_are_not_remembered() {
+        for shared in [
+            reply(429),
+            reply(500),
+            reply(200),
+            Shared::Failed(Error::UpstreamUnavailable),
+        ] {
+            let mut state = EntryState::default();
+            let t0 = Instant::now();
+            fly(
+                &mut state,
                 t0,
-                &crate::config::TokenConfig::default(),
-                0.0,
-            ) {
-                Ok(super::super::lifetime::Validated::Token(token)) => Arc::new(token),
-                other => panic!("expected a token, got {other:?}"),
-            }
-        };
-        let mut state = EntryState {
-            token: Some(token("first")),
-            ..EntryState::default()
-        };
-        let a = hit(&mut state, t0 + Duration::from_millis(100));
-        let b = hit(&mut state, t0 + Duration::from_millis(400));
-        for (x, y) in a.body.iter().zip(&b.body) {
-            assert_eq!(x.as_ptr(), y.as_ptr(), "same second, same bytes");
+                Grant::ClientCredentials,
+                Shared::Token(token("a", 100, t0)),
+            );
+            state.land(&shared, Grant::ClientCredentials, &config(), t0, 0.0);
+            assert!(state.token.is_some());
+            assert!(state.remembered.is_none());
         }
-        let json = |r: &Hit| serde_json::from_slice::<serde_json::Value>(&r.body.concat()).unwrap();
-        assert_eq!(json(&a)["expires_in"], 3599);
-        let later = hit(&mut state, t0 + Duration::from_millis(1_500));
-        assert_eq!(
-            json(&later)["expires_in"],
-            3598,
-            "rounded down, never more than left"
-        );
-        assert_ne!(
-            a.cache_status, later.cache_status,
-            "Cache-Status ttl follows"
-        );
-        state.set_token(Some(token("second")));
+    }
+
+    #[test]
+    fn a_refresh_token_answer_is_remembered_for_the_refresh_token_ttl() {
+        let mut state = EntryState::default();
+        let t0 = Instant::now();
+        fly(&mut state, t0, Grant::RefreshToken, reply(200));
+        let until = t0 + config().refresh_token_ttl;
+        assert!(matches!(
+            state.decide(until - Duration::from_millis(1), || None),
+            Decision::Remembered(_)
+        ));
+        assert!(matches!(
+            state.decide(until, || None),
+            Decision::Lead { .. }
+        ));
+        let mut throttled = EntryState::default();
+        fly(&mut throttled, t0, Grant::RefreshToken, reply(429));
         assert!(
-            state.rendered.is_none(),
-            "the old token's rendering goes with it"
+            throttled.remembered.is_none(),
+            "only successes are remembered"
         );
-        let replaced = hit(&mut state, t0 + Duration::from_millis(1_600));
-        assert_eq!(json(&replaced)["access_token"], "second");
+    }
+
+    #[test]
+    fn a_landing_dropped_without_landing_frees_the_slot_and_closes_the_channel() {
+        let cache = Cache::new(10);
+        let now = Instant::now();
+        let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, || None) else {
+            panic!("expected lead")
+        };
+        assert!(matches!(
+            cache.decide(key(1), now, || None).0,
+            Decision::Join(_)
+        ));
+        drop(flight);
+        assert!(rx.has_changed().is_err(), "waiters see the channel close");
+        assert!(matches!(
+            cache.decide(key(1), now, || None).0,
+            Decision::Lead { .. }
+        ));
+    }
+
+    #[test]
+    fn landing_publishes_to_every_waiter() {
+        let cache = Cache::new(10);
+        let now = Instant::now();
+        let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, || None) else {
+            panic!("expected lead")
+        };
+        let (Decision::Join(joined), _) = cache.decide(key(1), now, || None) else {
+            panic!("expected join")
+        };
+        let waiters = flight.land(
+            Shared::Token(token("t", 60, now)),
+            Grant::ClientCredentials,
+            &config(),
+            now,
+            0.0,
+        );
+        assert_eq!(waiters, 2);
+        for rx in [rx, joined] {
+            assert!(matches!(&*rx.borrow(), Some(Shared::Token(_))));
+        }
+        assert!(matches!(
+            cache.decide(key(1), now, || None).0,
+            Decision::Hit { .. }
+        ));
+    }
+
+    /// Leads a flight for `n` at `at` and lets it die, leaving an entry that may be evicted.
+    fn touch(cache: &Cache, n: u8, at: Instant) -> usize {
+        let (decision, evicted) = cache.decide(key(n), at, || None);
+        assert!(
+            matches!(decision, Decision::Lead { .. }),
+            "a cold key leads a flight"
+        );
+        evicted
     }
 
     #[test]
     fn capacity_evicts_the_least_recently_used() {
         let cache = Cache::new(32);
         let t0 = Instant::now();
-        // Each request leads a flight; landing it leaves an entry that may be evicted.
-        let request = |n: u8, at: Instant| {
-            let (_, entry, evicted) = cache.decide(key(n), at, || None);
-            entry.expect("a cold key leads a flight").lock().flight = None;
-            evicted
-        };
         for n in 0..32u8 {
-            request(n, t0 + Duration::from_millis(n as u64 * 10));
+            touch(&cache, n, t0 + Duration::from_millis(n as u64 * 10));
         }
         assert_eq!(cache.len(), 32);
-        let evicted = request(100, t0 + Duration::from_secs(1));
+        let evicted = touch(&cache, 100, t0 + Duration::from_secs(1));
         assert_eq!(evicted, 2);
         assert_eq!(cache.len(), 31);
         assert!(cache.entries.get(&key(0)).is_none());
@@ -456,16 +722,13 @@ mod tests {
                     let mut leads = 0;
                     for i in 0..20_000u32 {
                         let k = key(n * 8 + (i % 8) as u8);
-                        let (decision, entry, _) = cache.decide(k, t0, || None);
-                        if let Decision::Lead { .. } = decision {
+                        if let (Decision::Lead { flight, .. }, _) = cache.decide(k, t0, || None) {
                             leads += 1;
-                            let entry = entry.expect("a flight comes with its entry");
                             let held = cache.entries.get(&k).map(|e| e.clone());
                             assert!(
-                                held.is_some_and(|held| Arc::ptr_eq(&held, &entry)),
+                                held.is_some_and(|held| Arc::ptr_eq(&held, &flight.entry)),
                                 "flight started in an evicted entry"
                             );
-                            entry.lock().flight = None;
                         }
                     }
                     leads
@@ -482,10 +745,8 @@ mod tests {
     fn sweep_drops_idle_and_dead_entries_but_not_flights() {
         let cache = Cache::new(100);
         let t0 = Instant::now();
-        let (_flight, ..) = cache.decide(key(1), t0, || None);
-        let (decision, ..) = cache.decide(key(2), t0, || None);
-        drop(decision);
-        cache.entries.get(&key(2)).unwrap().lock().flight = None;
+        let (_flight, _) = cache.decide(key(1), t0, || None);
+        touch(&cache, 2, t0);
         let swept = cache.sweep(t0 + Duration::from_secs(1), Duration::from_secs(3600));
         assert_eq!(
             swept,

@@ -83,7 +83,7 @@ impl Cooldowns {
 
     /// Starts or extends a hold after a failure or throttle, returning its length. An explicit
     /// `retry_after` wins (capped by `retry_after_max`); otherwise the backoff schedule applies.
-    pub fn hold(
+    pub fn start(
         &self,
         client: &str,
         cause: Cause,
@@ -179,7 +179,7 @@ mod tests {
         let cd = Cooldowns::new("r");
         let now = Instant::now();
         assert_eq!(cd.remaining("a", now), None);
-        let left = cd.hold(
+        let left = cd.start(
             "a",
             Cause::Throttled,
             Some(Duration::from_secs(10)),
@@ -194,7 +194,7 @@ mod tests {
         );
         assert_eq!(cd.remaining("a", now + Duration::from_secs(10)), None);
         assert_eq!(cd.remaining("b", now), None);
-        let capped = cd.hold(
+        let capped = cd.start(
             "a",
             Cause::Throttled,
             Some(Duration::from_secs(1 << 40)),
@@ -212,9 +212,9 @@ mod tests {
         let config = TokenConfig::default();
         let cd = Cooldowns::new("r");
         let now = Instant::now();
-        let first = cd.hold("a", Cause::Failed, None, &config, now, 1.0);
+        let first = cd.start("a", Cause::Failed, None, &config, now, 1.0);
         let later = now + first;
-        let second = cd.hold("a", Cause::Failed, None, &config, later, 1.0);
+        let second = cd.start("a", Cause::Failed, None, &config, later, 1.0);
         assert_eq!(first, config.backoff_base);
         assert_eq!(second, config.backoff_base * 2);
     }

@@ -2,17 +2,15 @@
 //! it ahead of expiry, and how to render it with the remaining lifetime in `expires_in`.
 //!
 //! The upstream JSON is validated once, when the token arrives, and split into the bytes before and
-//! after the `expires_in` value. A hit is then sent as three pieces, that prefix, the remaining
+//! after the `expires_in` value. An answer is then sent as three pieces, that prefix, the remaining
 //! seconds and the suffix, without joining them: no JSON parsing, serialisation or copy on the hot
-//! path, and every other field stays byte-for-byte as the provider sent it. [`Rendered`] keeps the
-//! remaining seconds and the hit's `Cache-Status` for the current second, so hits share them too.
+//! path, and every other field stays byte-for-byte as the provider sent it.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderValue;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -39,65 +37,6 @@ pub struct Token {
     /// refreshed ahead (refresh-token grant answers).
     pub refresh_at: Option<Instant>,
 }
-
-/// A cached token as served during one second of its life: the remaining seconds and the hit's
-/// `Cache-Status` change only when a whole second passes, so the entry keeps them and every hit in
-/// that second shares them.
-#[derive(Debug)]
-pub struct Rendered {
-    token: Arc<Token>,
-    remaining: u64,
-    ttl: u64,
-    hit: Hit,
-}
-
-/// What a hit answers: shared bytes only, so handing one out copies nothing.
-#[derive(Debug, Clone)]
-pub struct Hit {
-    /// The body in order: the JSON up to `"expires_in":`, the remaining seconds, the rest.
-    pub body: [Bytes; 3],
-    /// `token-sidecar; hit; ttl=N`.
-    pub cache_status: HeaderValue,
-    /// The provider's `Content-Type`.
-    pub content_type: HeaderValue,
-}
-
-impl Rendered {
-    /// Renders `token` for the second that contains `now`.
-    pub fn new(token: &Arc<Token>, now: Instant) -> Rendered {
-        let remaining = token.remaining_secs(now);
-        let ttl = token.ttl_secs(now);
-        let mut status = BytesMut::with_capacity(HIT_STATUS.len() + 20);
-        status.put_slice(HIT_STATUS.as_bytes());
-        status.put_slice(itoa::Buffer::new().format(ttl).as_bytes());
-        let digits = Bytes::copy_from_slice(itoa::Buffer::new().format(remaining).as_bytes());
-        Rendered {
-            token: token.clone(),
-            remaining,
-            ttl,
-            hit: Hit {
-                body: [token.prefix.clone(), digits, token.suffix.clone()],
-                cache_status: HeaderValue::from_maybe_shared(status.freeze())
-                    .expect("ASCII text and digits"),
-                content_type: token.content_type.clone(),
-            },
-        }
-    }
-
-    /// Whether this is `token` as it must be served at `now`.
-    pub fn is_current(&self, token: &Arc<Token>, now: Instant) -> bool {
-        Arc::ptr_eq(&self.token, token)
-            && self.remaining == token.remaining_secs(now)
-            && self.ttl == token.ttl_secs(now)
-    }
-
-    /// The answer to a hit.
-    pub fn hit(&self) -> Hit {
-        self.hit.clone()
-    }
-}
-
-const HIT_STATUS: &str = "token-sidecar; hit; ttl=";
 
 /// What a successful upstream body turned out to be.
 #[derive(Debug)]
@@ -171,7 +110,8 @@ impl Token {
         Ok(Validated::Token(Token {
             prefix,
             suffix,
-            content_type: own_content_type(content_type),
+            // A copy, so the token does not pin the buffer the header was parsed from.
+            content_type: HeaderValue::from_bytes(content_type.as_bytes()).unwrap_or(content_type),
             fingerprint: Sha256::digest(access_token.as_bytes()).into(),
             expires_at: now + lifetime,
             serve_until: now + (lifetime - margin),
@@ -199,37 +139,25 @@ impl Token {
         self.serve_until.saturating_duration_since(now).as_secs()
     }
 
-    /// The response body with the remaining lifetime in `expires_in`.
-    pub fn render(&self, now: Instant) -> Bytes {
-        let mut digits = itoa::Buffer::new();
-        let digits = digits.format(self.remaining_secs(now));
-        let mut out = BytesMut::with_capacity(self.prefix.len() + digits.len() + self.suffix.len());
-        out.put_slice(&self.prefix);
-        out.put_slice(digits.as_bytes());
-        out.put_slice(&self.suffix);
-        out.freeze()
+    /// The response body at `now`, in order: the JSON up to `"expires_in":`, the remaining
+    /// seconds, the rest. The first and last pieces are the token's own bytes, shared.
+    pub fn pieces(&self, now: Instant) -> [Bytes; 3] {
+        let digits = itoa::Buffer::new()
+            .format(self.remaining_secs(now))
+            .as_bytes()
+            .to_vec();
+        [
+            self.prefix.clone(),
+            Bytes::from(digits),
+            self.suffix.clone(),
+        ]
     }
-}
 
-/// The usual JSON media types, byte for byte: served from static memory, so handing them out
-/// touches no reference count shared between threads.
-const STATIC_CONTENT_TYPES: [&str; 5] = [
-    "application/json",
-    "application/json;charset=UTF-8",
-    "application/json; charset=UTF-8",
-    "application/json;charset=utf-8",
-    "application/json; charset=utf-8",
-];
-
-/// The provider's `Content-Type` as the token keeps it: a static value when it is one of the
-/// usual ones, otherwise a copy, so the token does not pin the buffer the header was parsed from.
-fn own_content_type(value: HeaderValue) -> HeaderValue {
-    match STATIC_CONTENT_TYPES
-        .iter()
-        .find(|known| known.as_bytes() == value.as_bytes())
-    {
-        Some(known) => HeaderValue::from_static(known),
-        None => HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value),
+    /// Makes this token one that is never refreshed ahead and served until `until` at the latest
+    /// (an answer to a refresh-token grant, kept only for late duplicates of the same request).
+    pub fn keep_briefly(&mut self, until: Instant) {
+        self.refresh_at = None;
+        self.serve_until = self.serve_until.min(until);
     }
 }
 
@@ -280,6 +208,10 @@ mod tests {
         TokenConfig::default()
     }
 
+    fn render(token: &Token, now: Instant) -> Vec<u8> {
+        token.pieces(now).concat()
+    }
+
     fn token(body: &str, now: Instant) -> Token {
         match Token::from_upstream(
             body.as_bytes(),
@@ -320,11 +252,11 @@ mod tests {
         let now = Instant::now();
         let body = r#"{"access_token":"abc","token_type":"bearer","expires_in":3600,"scope":"a b","n":1.50}"#;
         let t = token(body, now);
-        let out: serde_json::Value = serde_json::from_slice(&t.render(now)).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&render(&t, now)).unwrap();
         assert_eq!(out["expires_in"], 3600);
         assert_eq!(out["access_token"], "abc");
         assert_eq!(out["scope"], "a b");
-        let later = t.render(now + Duration::from_millis(100_500));
+        let later = render(&t, now + Duration::from_millis(100_500));
         let text = std::str::from_utf8(&later).unwrap();
         assert_eq!(
             text,
@@ -341,7 +273,7 @@ mod tests {
             r#" { "access_token" : "a" , "expires_in" : "60" } "#,
         ] {
             let out: serde_json::Value =
-                serde_json::from_slice(&token(body, now).render(now)).unwrap();
+                serde_json::from_slice(&render(&token(body, now), now)).unwrap();
             assert_eq!(out["expires_in"], 60, "{body}");
             assert_eq!(out["access_token"], "a");
         }

@@ -1,11 +1,17 @@
 //! Reading a local caller's token request: the form body, HTTP Basic client authentication, and
 //! the decision whether the request can be cached and under which key.
 //!
-//! The key is one HMAC-SHA256 over everything that makes two requests interchangeable (route, token
-//! path, grant, client id, client secret, every other parameter in canonical order). The HMAC key is
-//! random per process, so the cache key is useless outside this process and the plaintext secret is
-//! never stored. Two requests share a key only if the provider would see the same credentials and
-//! the same parameters.
+//! The key is one HMAC-SHA256 over every input that can change the token the provider issues,
+//! each fed as a tagged, length-prefixed field so no two inputs can slide into each other:
+//! - where the request was sent ([`KeyContext`]): the route, the token path, the query string, and,
+//!   when the caller's `Host` goes upstream (`preserve_host`), that Host;
+//! - who asks: the client id, and the client secret (or the exact bytes of a Basic header whose
+//!   decoding changed them);
+//! - what is asked: every other form parameter, sorted by name, with `scope` as a sorted set.
+//!
+//! The HMAC key is random per process, so the cache key is useless outside this process and the
+//! plaintext secret is never stored. Two requests share a key only if the provider would see the
+//! same credentials and the same parameters at the same place.
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -17,7 +23,7 @@ use std::borrow::Cow;
 use crate::error::Error;
 
 /// The cache key: a keyed digest, so it is fixed-size, cheap to hash and compare, and reveals nothing.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CacheKey(pub [u8; 32]);
 
 impl std::fmt::Debug for CacheKey {
@@ -74,20 +80,37 @@ impl std::fmt::Debug for Keyer {
     }
 }
 
-/// Where the key's secret material is mixed in; domain tags keep fields from sliding into each other.
+/// Where a token request was sent: the part of the key that is not in the body. The same
+/// credentials at two routes, two token paths, two queries (tenant or policy selectors) or two
+/// preserved Hosts are two keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyContext<'a> {
+    /// The route's name.
+    pub route: &'a str,
+    /// The token path the request came to.
+    pub path: &'a str,
+    /// The query string, if the request had one.
+    pub query: Option<&'a str>,
+    /// The caller's `Host`, when it goes upstream unchanged.
+    pub host: Option<&'a str>,
+}
+
+/// The domain tag of each field; a field that is absent is not fed at all, and a tag appears at
+/// most once except [`TAG_PARAM`], whose name and value fields alternate in sorted order.
 const TAG_ROUTE: u8 = 1;
 const TAG_CLIENT: u8 = 2;
 const TAG_SECRET: u8 = 3;
 const TAG_RAW_BASIC: u8 = 4;
 const TAG_PARAM: u8 = 5;
+const TAG_PATH: u8 = 6;
+const TAG_QUERY: u8 = 7;
+const TAG_HOST: u8 = 8;
 
-/// Parses a token request body and `Authorization` header into a [`Parsed`] decision.
-///
-/// `route` distinguishes routes and token paths (the same credentials at two providers are two
-/// keys). Errors name the offending field, never its value.
+/// Parses a token request body and `Authorization` header into a [`Parsed`] decision, keyed
+/// with `context`. Errors name the offending field, never its value.
 pub fn parse<'a>(
     keyer: &Keyer,
-    route: &str,
+    context: &KeyContext<'_>,
     authorization: Option<&[u8]>,
     body: &'a [u8],
 ) -> Result<Parsed<'a>, Error> {
@@ -151,7 +174,14 @@ pub fn parse<'a>(
     }
 
     let mut mac = keyer.0.clone();
-    field(&mut mac, TAG_ROUTE, route.as_bytes());
+    field(&mut mac, TAG_ROUTE, context.route.as_bytes());
+    field(&mut mac, TAG_PATH, context.path.as_bytes());
+    if let Some(query) = context.query {
+        field(&mut mac, TAG_QUERY, query.as_bytes());
+    }
+    if let Some(host) = context.host {
+        field(&mut mac, TAG_HOST, host.as_bytes());
+    }
     field(&mut mac, TAG_CLIENT, client_id.as_bytes());
     match raw_basic {
         // Percent or plus signs in a Basic header decode per RFC 6749, but not every provider
@@ -364,8 +394,20 @@ mod tests {
         )
     }
 
+    fn at(route: &str) -> KeyContext<'_> {
+        KeyContext {
+            route,
+            path: "/oauth/token",
+            ..KeyContext::default()
+        }
+    }
+
     fn key(auth: Option<&str>, body: &str) -> CacheKey {
-        match parse(&k(), "r", auth.map(str::as_bytes), body.as_bytes()).unwrap() {
+        key_at(&at("r"), auth, body)
+    }
+
+    fn key_at(context: &KeyContext<'_>, auth: Option<&str>, body: &str) -> CacheKey {
+        match parse(&k(), context, auth.map(str::as_bytes), body.as_bytes()).unwrap() {
             Parsed::Keyed { key, .. } => key,
             Parsed::PassThrough => panic!("expected a keyed request for {body}"),
         }
@@ -413,7 +455,7 @@ mod tests {
         );
         let other_route = parse(
             &k(),
-            "r2",
+            &at("r2"),
             None,
             b"grant_type=client_credentials&client_id=a&client_secret=s",
         )
@@ -421,6 +463,55 @@ mod tests {
         assert!(
             matches!(other_route, Parsed::Keyed { key, grant: Grant::ClientCredentials, .. } if key != base)
         );
+    }
+
+    #[test]
+    fn each_part_of_the_context_is_its_own_field() {
+        let body = "grant_type=client_credentials&client_id=a&client_secret=s";
+        let base = KeyContext {
+            route: "r",
+            path: "/oauth/token",
+            query: None,
+            host: None,
+        };
+        let variants = [
+            base,
+            KeyContext {
+                path: "/token",
+                ..base
+            },
+            KeyContext {
+                query: Some(""),
+                ..base
+            },
+            KeyContext {
+                query: Some("tenant=1"),
+                ..base
+            },
+            KeyContext {
+                host: Some("tenant=1"),
+                ..base
+            },
+            KeyContext {
+                host: Some("a"),
+                query: Some("b"),
+                ..base
+            },
+            KeyContext {
+                host: Some("b"),
+                query: Some("a"),
+                ..base
+            },
+            KeyContext {
+                route: "r/oauth",
+                path: "/token",
+                ..base
+            },
+        ];
+        let keys: std::collections::BTreeSet<CacheKey> =
+            variants.iter().map(|c| key_at(c, None, body)).collect();
+        assert_eq!(keys.len(), variants.len(), "every context is its own key");
+        assert_eq!(key_at(&base, None, body), key_at(&base, None, body));
     }
 
     #[test]
@@ -482,7 +573,7 @@ mod tests {
             "client_id=a&client_secret=s",
         ] {
             assert_eq!(
-                parse(&k(), "r", None, body.as_bytes()).unwrap(),
+                parse(&k(), &at("r"), None, body.as_bytes()).unwrap(),
                 Parsed::PassThrough,
                 "{body}"
             );
@@ -493,14 +584,14 @@ mod tests {
     fn refresh_grant_is_keyed_by_its_refresh_token() {
         let a = parse(
             &k(),
-            "r",
+            &at("r"),
             None,
             b"grant_type=refresh_token&refresh_token=1&client_id=a&client_secret=s",
         )
         .unwrap();
         let b = parse(
             &k(),
-            "r",
+            &at("r"),
             None,
             b"grant_type=refresh_token&refresh_token=2&client_id=a&client_secret=s",
         )
@@ -518,7 +609,7 @@ mod tests {
     #[test]
     fn malformed_input_is_rejected_with_a_named_problem() {
         let bad = |auth: Option<&str>, body: &str| {
-            parse(&k(), "r", auth.map(str::as_bytes), body.as_bytes()).unwrap_err()
+            parse(&k(), &at("r"), auth.map(str::as_bytes), body.as_bytes()).unwrap_err()
         };
         assert!(
             matches!(bad(None, "grant_type=client_credentials&scope=a&scope=b"), Error::DuplicateParameter(p) if p == "scope")
@@ -559,7 +650,7 @@ mod tests {
     fn errors_never_echo_values() {
         let err = parse(
             &k(),
-            "r",
+            &at("r"),
             None,
             b"client_secret=hunter2&client_secret=hunter2",
         )

@@ -1,11 +1,11 @@
-//! Starts the real sidecar in-process through `token_sidecar::run`, on listeners bound to
+//! Starts the real sidecar in-process through `App::build` and `App::run`, on listeners bound to
 //! 127.0.0.1:0, exactly as `main` does but with a shutdown trigger the test holds.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use token_sidecar::config::{Config, Overrides};
-use token_sidecar::{Listeners, run};
+use token_sidecar::{App, Listeners};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -62,9 +62,14 @@ impl Sidecar {
         let addr = routes[0].local_addr().unwrap();
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run(config, Listeners { routes, admin }, async move {
-            let _ = stopped.await;
-        }));
+        let app = App::build(&config).unwrap_or_else(|e| panic!("sidecar does not build: {e}"));
+        let task = tokio::spawn(async move {
+            app.run(Listeners { routes, admin }, async move {
+                let _ = stopped.await;
+            })
+            .await;
+            Ok(())
+        });
         let sidecar = Sidecar {
             urls,
             admin_url,

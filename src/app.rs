@@ -1,0 +1,245 @@
+//! Startup and the process's life: [`App::build`] turns a validated configuration into the
+//! running parts (each route's upstream client, token path and forwarder, the metrics) before any
+//! port is bound; [`Listeners::bind`] binds; [`App::run`] serves until shutdown, then drains.
+//! Every way startup can fail is a [`StartupError`], which `main` maps to an exit code in one place.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::forward::Forwarder;
+use crate::metrics::{Metrics, RouteState};
+use crate::router;
+use crate::server;
+use crate::token::TokenRoute;
+use crate::upstream::Upstream;
+
+/// Why the sidecar could not start.
+#[derive(Debug)]
+pub enum StartupError {
+    /// The configuration (flags, environment, file, log filter) is invalid.
+    Config(ConfigError),
+    /// A file the upstream clients need (CA bundle, client certificate or key) is unusable.
+    Files(String),
+    /// A listener could not be bound.
+    Bind(String),
+    /// The async runtime could not start.
+    Runtime(String),
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::Config(e) => e.fmt(f),
+            StartupError::Files(why) | StartupError::Bind(why) => f.write_str(why),
+            StartupError::Runtime(why) => write!(f, "cannot start the runtime: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// The bound sockets `run` serves: one per route, in `config.routes` order, and the admin one.
+#[derive(Debug)]
+pub struct Listeners {
+    pub routes: Vec<TcpListener>,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every listener the configuration names; an error names the address.
+    pub fn bind(config: &Config) -> Result<Listeners, StartupError> {
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| listen(route.listen))
+            .collect::<Result<_, _>>()?;
+        Ok(Listeners {
+            routes,
+            admin: listen(config.admin)?,
+        })
+    }
+}
+
+/// Binds one listener with a backlog deep enough for a burst of new connections (the default of
+/// 128 makes a thundering herd of clients wait a second or more for SYN retries).
+pub fn listen(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    let describe = |e: std::io::Error| StartupError::Bind(format!("cannot listen on {addr}: {e}"));
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(describe)?;
+    socket.set_reuseaddr(true).map_err(describe)?;
+    socket.bind(addr).map_err(describe)?;
+    socket.listen(4096).map_err(describe)
+}
+
+/// One route's running parts.
+#[derive(Debug)]
+struct Route {
+    token: Arc<TokenRoute>,
+    forwarder: Arc<Forwarder>,
+    upstream: Arc<Upstream>,
+    /// How often idle and dead entries are swept.
+    sweep_every: Duration,
+}
+
+/// The sidecar, built and ready to serve.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    routes: Vec<Route>,
+    metrics: Arc<Metrics>,
+    /// Upstream flights run here so shutdown can wait for them.
+    flights: TaskTracker,
+}
+
+impl App {
+    /// Builds every route's parts, each upstream client once. Needs no runtime and binds nothing,
+    /// so a bad file never leaves a listener up for a moment.
+    pub fn build(config: &Config) -> Result<App, StartupError> {
+        let mut metrics = Metrics::new();
+        let flights = TaskTracker::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let route_metrics = metrics.route(&route.name);
+            let upstream = Arc::new(Upstream::new(route).map_err(StartupError::Files)?);
+            let forwarder = Arc::new(Forwarder::new(
+                &route.name,
+                upstream.clone(),
+                route_metrics.clone(),
+            ));
+            let token = Arc::new(TokenRoute::new(
+                route,
+                &config.limits,
+                upstream.clone(),
+                forwarder.clone(),
+                route_metrics,
+                flights.clone(),
+            ));
+            let sweep_every = (route.token.idle_timeout / 4)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5));
+            routes.push(Route {
+                token,
+                forwarder,
+                upstream,
+                sweep_every,
+            });
+        }
+        let states: Vec<Weak<dyn RouteState>> = routes
+            .iter()
+            .map(|route| Arc::downgrade(&route.token) as Weak<dyn RouteState>)
+            .collect();
+        metrics.register_routes(states);
+        Ok(App {
+            config: config.clone(),
+            routes,
+            metrics: Arc::new(metrics),
+            flights,
+        })
+    }
+
+    /// Serves on already-bound listeners until `shutdown` completes, then drains: readiness turns
+    /// 503, listeners stop accepting, and in-flight requests and upstream calls get up to the
+    /// grace period to finish.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        assert_eq!(
+            listeners.routes.len(),
+            self.routes.len(),
+            "one listener per route, in config order"
+        );
+        let limits = &self.config.limits;
+        let admin_state = Arc::new(AdminState {
+            ready: AtomicBool::new(false),
+            metrics: self.metrics.clone(),
+        });
+        let stop = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut accept_loops = Vec::new();
+        for (route, listener) in self.routes.iter().zip(listeners.routes) {
+            info!(
+                route = route.token.name(),
+                listen = %local_addr(&listener),
+                upstream = %route.upstream.url,
+                "route listening"
+            );
+            let service = router::route_service(route.token.clone(), route.forwarder.clone());
+            accept_loops.push(tokio::spawn(server::serve(
+                listener,
+                service,
+                limits.clone(),
+                connections.clone(),
+                stop.clone(),
+            )));
+            tokio::spawn(sweep(route.token.clone(), route.sweep_every, stop.clone()));
+        }
+
+        let admin_stop = CancellationToken::new();
+        info!(admin = %local_addr(&listeners.admin), "admin listening");
+        let admin_service = {
+            let state = admin_state.clone();
+            tower::service_fn(move |request| admin::handle(state.clone(), request))
+        };
+        let admin_loop = tokio::spawn(server::serve(
+            listeners.admin,
+            admin_service,
+            limits.clone(),
+            TaskTracker::new(),
+            admin_stop.clone(),
+        ));
+        admin_state.ready.store(true, Ordering::Release);
+
+        shutdown.await;
+        admin_state.ready.store(false, Ordering::Release);
+        let grace = self.config.shutdown_grace;
+        info!(grace_s = grace.as_secs_f64(), "shutdown: draining");
+        stop.cancel();
+        for accept_loop in accept_loops {
+            let _ = accept_loop.await;
+        }
+        // The accept loops have ended: no connection starts from here on. Requests still running on
+        // draining connections may start flights, so the connections are awaited before the flights.
+        connections.close();
+        self.flights.close();
+        let drained = tokio::time::timeout(grace, async {
+            connections.wait().await;
+            self.flights.wait().await;
+        })
+        .await;
+        match drained {
+            Ok(()) => info!("shutdown: drained"),
+            Err(_) => warn!("shutdown: grace period over with requests still in flight"),
+        }
+        admin_stop.cancel();
+        let _ = admin_loop.await;
+    }
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |addr| addr.to_string())
+}
+
+/// Evicts idle and dead entries of one route every few seconds (more often for short idle
+/// timeouts) until `stop`.
+async fn sweep(route: Arc<TokenRoute>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => route.sweep(),
+            () = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! One route's upstream token calls, from launch to landing: admit (the route's outbound limits),
+//! exchange (the call itself, through [`Upstream::exchange`]), classify (what the answer means for
+//! the callers and the client's cool-down), land (into the entry, see [`Landing`]), publish (to
+//! every waiter) and log.
+//!
+//! A flight runs in its own task, so a caller that hangs up cannot cancel it for the others, and
+//! on a tracker, so shutdown waits for it. The [`Flight`] value owns everything the call needs,
+//! its [`Landing`] included: whatever happens to the task, the flight slot is freed.
+
+use bytes::Bytes;
+use http::StatusCode;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::cache::{Landing, Shared};
+use super::cooldown::{self, Cause, Cooldowns};
+use super::lifetime::{Token, Validated};
+use super::limiter::Limiter;
+use super::request::Grant;
+use crate::config::TokenConfig;
+use crate::error::Error;
+use crate::metrics::RouteMetrics;
+use crate::telemetry::client_hash;
+use crate::upstream::{Reply, Upstream};
+
+/// One upstream call to make: the request as the caller sent it and where its outcome lands.
+#[derive(Debug)]
+pub struct Flight {
+    pub landing: Landing,
+    pub grant: Grant,
+    pub client_id: String,
+    pub parts: Parts,
+    pub body: Bytes,
+}
+
+/// What a flight that reached the provider reports: the metric label, the hold it started, and
+/// how long the call took.
+struct Call {
+    label: String,
+    hold: Option<Duration>,
+    latency: Duration,
+}
+
+/// Everything one route's flights share.
+#[derive(Debug)]
+pub struct Flights {
+    route: String,
+    config: TokenConfig,
+    /// Largest token answer read from the provider.
+    max_response: usize,
+    upstream: Arc<Upstream>,
+    limiter: Limiter,
+    cooldowns: Cooldowns,
+    metrics: RouteMetrics,
+    /// Flights run here so shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+impl Flights {
+    /// The flights of route `route`, calling `upstream`.
+    pub fn new(
+        route: &str,
+        config: &TokenConfig,
+        max_response: usize,
+        upstream: Arc<Upstream>,
+        metrics: RouteMetrics,
+        tracker: TaskTracker,
+    ) -> Flights {
+        Flights {
+            route: route.to_owned(),
+            config: config.clone(),
+            max_response,
+            upstream,
+            limiter: Limiter::new(
+                config.max_concurrent_calls,
+                config.calls_per_second,
+                config.calls_burst,
+            ),
+            cooldowns: Cooldowns::new(route),
+            metrics,
+            tracker,
+        }
+    }
+
+    /// The route's cool-downs, which flights start and clear.
+    pub fn cooldowns(&self) -> &Cooldowns {
+        &self.cooldowns
+    }
+
+    /// Starts `flight` in its own tracked task.
+    pub fn launch(self: &Arc<Self>, flight: Flight) {
+        let flights = self.clone();
+        self.tracker.spawn(async move { flights.fly(flight).await });
+    }
+
+    /// One upstream call: admit, exchange, classify, land, publish, log.
+    async fn fly(&self, flight: Flight) {
+        let Flight {
+            landing,
+            grant,
+            client_id,
+            parts,
+            body,
+        } = flight;
+        // Queue behind the route's limits only as long as the call could still finish before
+        // the callers' deadline; past that, tell them honestly when to come back.
+        let max_queue = self
+            .config
+            .wait_timeout
+            .saturating_sub(self.upstream.request_timeout);
+        let (shared, call) = match self.limiter.admit(max_queue).await {
+            Err(held) => {
+                let retry_after_secs = held.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                warn!(route = %self.route, retry_after_s = retry_after_secs, "upstream token call held back by the route's limits");
+                (
+                    Shared::Failed(Error::CoolingDown { retry_after_secs }),
+                    None,
+                )
+            }
+            Ok(_permit) => {
+                let (shared, call) = self.call(grant, &client_id, parts, body).await;
+                (shared, Some(call))
+            }
+        };
+        let waiters = landing.land(shared, grant, &self.config, Instant::now(), rand::random());
+        if let Some(call) = call {
+            self.log(&client_id, &call, waiters);
+        }
+    }
+
+    /// Makes the call the limiter admitted and classifies its answer.
+    async fn call(
+        &self,
+        grant: Grant,
+        client_id: &str,
+        parts: Parts,
+        body: Bytes,
+    ) -> (Shared, Call) {
+        self.metrics.upstream_in_flight.inc();
+        let sent = Instant::now();
+        let answer = self.upstream.exchange(parts, body, self.max_response).await;
+        let latency = sent.elapsed();
+        self.metrics.upstream_in_flight.dec();
+        let now = Instant::now();
+        let (shared, label, hold) = match answer {
+            Ok(reply) => {
+                let label = reply.status.as_u16().to_string();
+                let (shared, hold) = self.classify(grant, reply, client_id, now);
+                (shared, label, hold)
+            }
+            Err(failure) => {
+                warn!(route = %self.route, upstream = %self.upstream.url, reason = %failure.reason(), "upstream token call failed");
+                let hold = self.start_hold(client_id, Cause::Failed, None, now);
+                (
+                    Shared::Failed(failure.to_error()),
+                    failure.label(),
+                    Some(hold),
+                )
+            }
+        };
+        (
+            shared,
+            Call {
+                label,
+                hold,
+                latency,
+            },
+        )
+    }
+
+    /// Turns an upstream answer into what waiters receive, starting or clearing the client's
+    /// cool-down before the flight lands (so no request slips in between).
+    fn classify(
+        &self,
+        grant: Grant,
+        reply: Reply,
+        client_id: &str,
+        now: Instant,
+    ) -> (Shared, Option<Duration>) {
+        if reply.status.is_success() {
+            return self.classify_success(grant, reply, client_id, now);
+        }
+        let hold = match reply.status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                let given = reply
+                    .headers
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| cooldown::parse_retry_after(v, SystemTime::now()));
+                Some(self.start_hold(client_id, Cause::Throttled, given, now))
+            }
+            status if status.is_server_error() => {
+                Some(self.start_hold(client_id, Cause::Failed, None, now))
+            }
+            _ => None,
+        };
+        (Shared::Reply(Arc::new(reply)), hold)
+    }
+
+    /// A 2xx answer: a token to cache, an answer to pass on, or an unusable body.
+    fn classify_success(
+        &self,
+        grant: Grant,
+        reply: Reply,
+        client_id: &str,
+        now: Instant,
+    ) -> (Shared, Option<Duration>) {
+        let content_type = reply
+            .headers
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("application/json"));
+        match Token::from_upstream(&reply.body, content_type, now, &self.config, rand::random()) {
+            Ok(Validated::Token(mut token)) => {
+                self.cooldowns.clear(client_id);
+                if grant == Grant::RefreshToken {
+                    token.keep_briefly(now + self.config.refresh_token_ttl);
+                }
+                (Shared::Token(Arc::new(token)), None)
+            }
+            Ok(Validated::Uncacheable) => {
+                self.cooldowns.clear(client_id);
+                (Shared::Reply(Arc::new(reply)), None)
+            }
+            Err(why) => {
+                warn!(route = %self.route, why, "upstream token response unusable");
+                let hold = self.start_hold(client_id, Cause::Failed, None, now);
+                (Shared::Failed(Error::UpstreamInvalid(why)), Some(hold))
+            }
+        }
+    }
+
+    fn start_hold(
+        &self,
+        client_id: &str,
+        cause: Cause,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Duration {
+        self.cooldowns.start(
+            client_id,
+            cause,
+            retry_after,
+            &self.config,
+            now,
+            rand::random(),
+        )
+    }
+
+    fn log(&self, client_id: &str, call: &Call, waiters: usize) {
+        self.metrics
+            .upstream_call(&call.label, call.latency.as_secs_f64(), waiters);
+        info!(
+            route = %self.route,
+            client = %client_hash(client_id),
+            status = %call.label,
+            latency_ms = call.latency.as_millis() as u64,
+            retry_after_s = call.hold.map(|d| d.as_secs()),
+            waiters,
+            "upstream token call"
+        );
+    }
+}
