@@ -4,7 +4,7 @@
 //! every waiter) and log.
 //!
 //! A flight runs in its own task, so a caller that hangs up cannot cancel it for the others, and
-//! on a tracker, so shutdown waits for it. The [`Flight`] value owns everything the call needs,
+//! on a tracker, so shutdown waits for it; its callers [`wait`] for it, bounded in time. The [`Flight`] value owns everything the call needs,
 //! its [`Landing`] included: whatever happens to the task, the flight slot is freed.
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::cache::{Landing, Shared};
+use super::cache::{FlightRx, Landing, Shared};
 use super::cooldown::{self, Cause, Cooldowns};
 use super::lifetime::{Token, Validated};
 use super::limiter::Limiter;
@@ -44,6 +44,16 @@ struct Call {
     label: String,
     hold: Option<Duration>,
     latency: Duration,
+}
+
+/// Waits up to `timeout` for a flight to land and returns what it brought back.
+pub async fn wait(mut rx: FlightRx, timeout: Duration) -> Shared {
+    match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(shared)) => shared.clone().expect("waited for Some"),
+        // The flight task died without landing (a bug): its landing freed the slot.
+        Ok(Err(_)) => Shared::Failed(Error::Internal),
+        Err(_) => Shared::Failed(Error::WaitTimeout),
+    }
 }
 
 /// Everything one route's flights share.

@@ -8,7 +8,8 @@
 //! - [`respond`]: rendering answers and their `Cache-Status`;
 //! - [`lifetime`]: a cached token's clock;
 //! - [`cooldown`]: `Retry-After` and backoff holds per client id;
-//! - [`limiter`]: the route's cap on concurrent and per-second upstream calls.
+//! - [`limiter`]: the route's cap on concurrent and per-second upstream calls;
+//! - [`Outcome`]: what happened to each request, counted and logged.
 //!
 //! This file ties them together: [`TokenRoute::handle`] reads the request, decides, and answers
 //! at once or waits for a flight.
@@ -18,15 +19,16 @@ pub mod cooldown;
 pub(crate) mod flight;
 pub mod lifetime;
 pub(crate) mod limiter;
+mod outcome;
 pub mod request;
 pub(crate) mod respond;
+
+pub use outcome::Outcome;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Limited};
-use prometheus_client::metrics::counter::Counter;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,55 +44,11 @@ use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
 use crate::telemetry::client_hash;
 use crate::upstream::Upstream;
-use cache::{Cache, Decision, FlightRx, Shared};
+use cache::{Cache, Decision, FlightRx, Landing, Shared};
 use flight::{Flight, Flights};
-use request::{KeyContext, Keyer, Parsed};
-use respond::{CacheStatus, Fetch, Fetched};
-
-/// Declares [`Outcome`] with its labels and the list of all of them from one table, so the metric
-/// counters (indexed by the list) cannot drift from the enum.
-macro_rules! outcomes {
-    ($($(#[doc = $doc:literal])* $variant:ident => $label:literal,)*) => {
-        /// What happened to one token-path request: a log field and a metric label.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum Outcome {
-            $($(#[doc = $doc])* $variant,)*
-        }
-
-        impl Outcome {
-            /// Every outcome, in declaration order, so `outcome as usize` indexes it.
-            pub const ALL: &'static [Outcome] = &[$(Outcome::$variant,)*];
-
-            /// The label used in logs and metrics.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Outcome::$variant => $label,)*
-                }
-            }
-        }
-    };
-}
-
-outcomes! {
-    /// Served from the cache.
-    Hit => "hit",
-    /// Fetched from the provider: nothing was cached.
-    Miss => "miss",
-    /// Fetched from the provider: the cached token was past its safety margin.
-    Stale => "stale",
-    /// Waited for another request's upstream call.
-    Coalesced => "coalesced",
-    /// Refused without an upstream call: the client id is cooling down.
-    Cooldown => "cooldown",
-    /// A remembered answer was replayed (a recent client error, or a refresh-token answer).
-    Remembered => "remembered",
-    /// Not cacheable: forwarded unchanged.
-    Bypass => "bypass",
-    /// The local request was malformed.
-    Invalid => "invalid",
-    /// The sidecar answered with its own error (upstream unreachable, unusable, wait timeout).
-    Error => "error",
-}
+use outcome::OutcomeCounters;
+use request::{KeyContext, Keyer, MediaType, Parsed};
+use respond::{CacheStatus, Fetch};
 
 /// A token-path answer: ready, or a boxed future for the paths that wait on the network (a
 /// forward, or a flight), so their state is not carried by every hit.
@@ -114,8 +72,7 @@ pub struct TokenRoute {
     flights: Arc<Flights>,
     forwarder: Arc<Forwarder>,
     metrics: RouteMetrics,
-    /// One counter per [`Outcome`], in [`Outcome::ALL`] order.
-    outcomes: Vec<Counter>,
+    outcomes: OutcomeCounters,
 }
 
 impl TokenRoute {
@@ -146,10 +103,7 @@ impl TokenRoute {
             cache: Cache::new(route.token.max_entries),
             flights: Arc::new(flights),
             forwarder,
-            outcomes: Outcome::ALL
-                .iter()
-                .map(|outcome| metrics.token_requests(outcome.as_str()))
-                .collect(),
+            outcomes: OutcomeCounters::new(&metrics),
             metrics,
         }
     }
@@ -187,21 +141,17 @@ impl TokenRoute {
         if parts.method != Method::POST {
             return self.reject(Error::MethodNotAllowed);
         }
-        let media_type = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map_or("", |v| v.split(';').next().unwrap_or("").trim());
-        if media_type.eq_ignore_ascii_case("application/json") {
+        match request::media_type(&parts) {
+            MediaType::Form => {}
             // Some providers accept JSON token requests; the sidecar cannot key them, so they go
             // through untouched and streamed.
-            let request = Request::from_parts(parts, boxed(body));
-            return Box::pin(self.bypass(request)).await;
+            MediaType::Json => {
+                let request = Request::from_parts(parts, boxed(body));
+                return Box::pin(self.bypass(request)).await;
+            }
+            MediaType::Other => return self.reject(Error::UnsupportedMediaType),
         }
-        if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-            return self.reject(Error::UnsupportedMediaType);
-        }
-        let body = match self.read_body(&parts, body).await {
+        let body = match request::read_form(&parts, body, self.max_request_body).await {
             Ok(body) => body,
             Err(error) => return self.reject(error),
         };
@@ -211,87 +161,56 @@ impl TokenRoute {
         }
     }
 
-    /// Reads the whole form body, refusing one over the limit before and while reading.
-    async fn read_body(&self, parts: &Parts, body: hyper::body::Incoming) -> Result<Bytes, Error> {
-        let limit = self.max_request_body;
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(Error::PayloadTooLarge { limit });
-        }
-        match Limited::new(body, limit).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(Error::PayloadTooLarge { limit })
-            }
-            Err(_) => Err(Error::InvalidRequest("the request body could not be read")),
-        }
-    }
-
     /// Everything after the body is read: key the request, decide under the entry's lock, and
     /// answer (a hit) or return what to wait for.
     fn answer(self: &Arc<Self>, parts: Parts, body: Bytes) -> Answer<'_> {
-        let host = match self
-            .preserve_host
-            .then(|| parts.headers.get(header::HOST))
-            .flatten()
-        {
-            Some(value) => match value.to_str() {
-                Ok(host) => Some(host),
-                Err(_) => {
-                    return Answer::Ready(
-                        self.reject(Error::InvalidRequest("malformed Host header")),
-                    );
-                }
-            },
-            None => None,
-        };
-        let context = KeyContext {
-            route: &self.name,
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            host,
-        };
         let authorization = parts
             .headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        let (key, grant, client_id) =
-            match request::parse(&self.keyer, &context, authorization, &body) {
-                Err(error) => return Answer::Ready(self.reject(error)),
-                Ok(Parsed::PassThrough) => {
-                    let request = Request::from_parts(parts, full(body));
-                    return Answer::Pending(Box::pin(self.bypass(request)));
-                }
-                Ok(Parsed::Keyed {
-                    key,
-                    grant,
-                    client_id,
-                }) => (key, grant, client_id),
-            };
+        let parsed = KeyContext::of(&self.name, &parts, self.preserve_host)
+            .and_then(|context| request::parse(&self.keyer, &context, authorization, &body));
+        let (key, grant, client_id) = match parsed {
+            Err(error) => return Answer::Ready(self.reject(error)),
+            Ok(Parsed::PassThrough) => {
+                let request = Request::from_parts(parts, full(body));
+                return Answer::Pending(Box::pin(self.bypass(request)));
+            }
+            Ok(Parsed::Keyed {
+                key,
+                grant,
+                client_id,
+            }) => (key, grant, client_id),
+        };
         let now = Instant::now();
         let cooldowns = self.flights.cooldowns();
         let (decision, evicted) = self
             .cache
             .decide(key, now, || cooldowns.remaining(&client_id, now));
         self.metrics.evicted("capacity", evicted);
-        // A flight takes the request as the caller sent it, to send it on unchanged. The client id
-        // is borrowed from the body until then.
+        // A flight sends the request on as the caller sent it.
+        let flight = |landing| Flight {
+            landing,
+            grant,
+            client_id: client_id.clone().into_owned(),
+            parts,
+            body: body.clone(),
+        };
+        self.serve(decision, now, flight)
+    }
+
+    /// Carries out a decision made at `now`; `flight` makes the flight it starts, if any.
+    fn serve(
+        self: &Arc<Self>,
+        decision: Decision,
+        now: Instant,
+        flight: impl FnOnce(Landing) -> Flight,
+    ) -> Answer<'_> {
         match decision {
             Decision::Hit { token, refresh } => {
                 if let Some(landing) = refresh {
-                    debug!(route = %self.name, client = %client_hash(&client_id), "refresh ahead");
-                    let client_id = client_id.into_owned();
-                    self.flights.launch(Flight {
-                        landing,
-                        grant,
-                        client_id,
-                        parts,
-                        body,
-                    });
+                    debug!(route = %self.name, "refresh ahead");
+                    self.flights.launch(flight(landing));
                 }
                 self.record(Outcome::Hit);
                 let status = CacheStatus::Hit {
@@ -315,14 +234,7 @@ impl TokenRoute {
                 rx,
                 stale,
             } => {
-                let client_id = client_id.into_owned();
-                self.flights.launch(Flight {
-                    landing,
-                    grant,
-                    client_id,
-                    parts,
-                    body,
-                });
+                self.flights.launch(flight(landing));
                 let role = if stale { Outcome::Stale } else { Outcome::Miss };
                 Answer::Pending(Box::pin(self.wait(rx, role)))
             }
@@ -337,7 +249,7 @@ impl TokenRoute {
 
     /// Counts a request's outcome and writes its debug-level request line.
     fn record(&self, outcome: Outcome) {
-        self.outcomes[outcome as usize].inc();
+        self.outcomes.count(outcome);
         debug!(route = %self.name, outcome = outcome.as_str(), "token request");
     }
 
@@ -354,44 +266,20 @@ impl TokenRoute {
     }
 
     /// Waits, bounded by the wait timeout, for a flight's outcome and renders it.
-    async fn wait(&self, mut rx: FlightRx, role: Outcome) -> Response<Body> {
-        let shared = match tokio::time::timeout(
-            self.config.wait_timeout,
-            rx.wait_for(Option::is_some),
-        )
-        .await
-        {
-            Ok(Ok(shared)) => shared.clone().expect("waited for Some"),
-            // The flight task died without landing (a bug): its landing freed the slot.
-            Ok(Err(_)) => Shared::Failed(Error::Internal),
-            Err(_) => Shared::Failed(Error::WaitTimeout),
-        };
+    async fn wait(&self, rx: FlightRx, role: Outcome) -> Response<Body> {
+        let shared = flight::wait(rx, self.config.wait_timeout).await;
         let fetch = if role == Outcome::Stale {
             Fetch::Stale
         } else {
             Fetch::Miss
         };
-        let collapsed = role == Outcome::Coalesced;
-        let status = |fetched| CacheStatus::Fetched {
-            fetch,
-            fetched,
-            collapsed,
-        };
-        match shared {
-            Shared::Token(token) => {
-                self.record(role);
-                respond::token(&token, Instant::now(), status(Fetched::Token))
-            }
-            Shared::Reply(reply) => {
-                self.record(role);
-                respond::reply(&reply, status(Fetched::Reply(reply.status)))
-            }
-            Shared::Failed(error) => {
-                self.record(Outcome::Error);
-                debug!(route = %self.name, fault = error.fault().as_str(), error = %error, "token request answered with an error");
-                respond::error(error.clone(), status(Fetched::Failed(error.code())))
-            }
+        if let Shared::Failed(error) = &shared {
+            self.record(Outcome::Error);
+            debug!(route = %self.name, fault = error.fault().as_str(), error = %error, "token request answered with an error");
+        } else {
+            self.record(role);
         }
+        respond::landed(shared, fetch, role == Outcome::Coalesced, Instant::now())
     }
 }
 
@@ -411,20 +299,5 @@ impl RouteState for TokenRoute {
             .into_iter()
             .map(|(client, left)| (client_hash(&client), left))
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outcome_labels_are_distinct_and_listed_in_order() {
-        for (i, outcome) in Outcome::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, i);
-        }
-        let labels: std::collections::HashSet<_> =
-            Outcome::ALL.iter().map(|o| o.as_str()).collect();
-        assert_eq!(labels.len(), Outcome::ALL.len());
     }
 }

@@ -14,7 +14,11 @@
 //! same credentials and the same parameters at the same place.
 
 use base64::Engine as _;
+use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use http::header;
+use http::request::Parts;
+use http_body_util::{BodyExt, Limited};
 use percent_encoding::percent_decode;
 use sha2::Sha256;
 use smallvec::SmallVec;
@@ -93,6 +97,80 @@ pub struct KeyContext<'a> {
     pub query: Option<&'a str>,
     /// The caller's `Host`, when it goes upstream unchanged.
     pub host: Option<&'a str>,
+}
+
+impl<'a> KeyContext<'a> {
+    /// The context of a request to route `route`; the Host counts only when it is preserved.
+    pub(crate) fn of(route: &'a str, parts: &'a Parts, preserve_host: bool) -> Result<Self, Error> {
+        let host = match preserve_host
+            .then(|| parts.headers.get(header::HOST))
+            .flatten()
+        {
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .map_err(|_| Error::InvalidRequest("malformed Host header"))?,
+            ),
+            None => None,
+        };
+        Ok(KeyContext {
+            route,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            host,
+        })
+    }
+}
+
+/// What a token request's body is, by its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MediaType {
+    /// `application/x-www-form-urlencoded`: read and keyed.
+    Form,
+    /// `application/json`: some providers take it; never keyed.
+    Json,
+    /// Anything else, or none: refused.
+    Other,
+}
+
+/// The media type of a token request, parameters ignored.
+pub(crate) fn media_type(parts: &Parts) -> MediaType {
+    let essence = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map_or("", |v| v.split(';').next().unwrap_or("").trim());
+    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        MediaType::Form
+    } else if essence.eq_ignore_ascii_case("application/json") {
+        MediaType::Json
+    } else {
+        MediaType::Other
+    }
+}
+
+/// Reads a token request's whole form body, refusing one over `limit` bytes before reading (by
+/// its `Content-Length`) and while reading.
+pub(crate) async fn read_form(
+    parts: &Parts,
+    body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<Bytes, Error> {
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Error::PayloadTooLarge { limit })
+        }
+        Err(_) => Err(Error::InvalidRequest("the request body could not be read")),
+    }
 }
 
 /// The domain tag of each field; a field that is absent is not fed at all, and a tag appears at

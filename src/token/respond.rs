@@ -7,6 +7,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use tokio::time::Instant;
 
+use super::cache::Shared;
 use super::lifetime::Token;
 use crate::body::{Body, full, pieces};
 use crate::error::Error;
@@ -122,6 +123,24 @@ pub fn reply(reply: &Reply, status: CacheStatus) -> Response<Body> {
 /// The sidecar's own error.
 pub fn error(error: Error, status: CacheStatus) -> Response<Body> {
     with_status(error.into_response(), status)
+}
+
+/// What a flight's caller gets: the flight's outcome, fetched as `fetch`; `collapsed` when
+/// another request led the flight.
+pub fn landed(shared: Shared, fetch: Fetch, collapsed: bool, now: Instant) -> Response<Body> {
+    let status = |fetched| CacheStatus::Fetched {
+        fetch,
+        fetched,
+        collapsed,
+    };
+    match shared {
+        Shared::Token(t) => token(&t, now, status(Fetched::Token)),
+        Shared::Reply(r) => reply(&r, status(Fetched::Reply(r.status))),
+        Shared::Failed(e) => {
+            let code = e.code();
+            error(e, status(Fetched::Failed(code)))
+        }
+    }
 }
 
 #[cfg(test)]
