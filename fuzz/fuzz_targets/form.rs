@@ -8,10 +8,15 @@
 
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::{NON_ALPHANUMERIC, percent_encode};
-use token_sidecar::token::request::{Keyer, Parsed, parse, parse_form};
+use token_sidecar::token::request::{KeyContext, Keyer, Parsed, parse, parse_form};
 
 const HMAC_KEY: [u8; 32] = [7; 32];
-const ROUTE: &str = "default\n/oauth/token";
+const AT: KeyContext<'static> = KeyContext {
+    route: "default",
+    path: "/oauth/token",
+    query: None,
+    host: None,
+};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(params) = parse_form(data) {
@@ -37,8 +42,8 @@ fuzz_target!(|data: &[u8]| {
         Some(at) => (Some(&data[..at]), &data[at + 1..]),
         None => (None, data),
     };
-    let first = parse(&Keyer::new(&HMAC_KEY), ROUTE, authorization, body);
-    let second = parse(&Keyer::new(&HMAC_KEY), ROUTE, authorization, body);
+    let first = parse(&Keyer::new(&HMAC_KEY), &AT, authorization, body);
+    let second = parse(&Keyer::new(&HMAC_KEY), &AT, authorization, body);
     match (&first, &second) {
         (Ok(a), Ok(b)) => assert_eq!(a, b, "parse is not deterministic"),
         (Err(_), Err(_)) => {}

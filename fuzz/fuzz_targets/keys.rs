@@ -3,7 +3,10 @@
 //! order, scope as a set, how bytes were escaped). A violation hands one client's token to
 //! another.
 //!
-//! Input: request A, a NUL byte, then request B. Each request is `basic\nbody`: when `basic` is
+//! Input: request A, a NUL byte, then request B. Each request is `[context 0x1f] basic\nbody`. The
+//! optional context is `route 0x1e path [0x1e query [0x1e host]]` (UTF-8; the default route's
+//! token path when absent), so two requests sent to different places must get different keys too.
+//! When `basic` is
 //! not empty it is base64-encoded by the harness into `Authorization: Basic ...` (so the fuzzer
 //! works on the decoded bytes), otherwise the request authenticates in its body. When B starts
 //! with 0x01 it is instead a list of 3-byte edits (position, little-endian u16; new byte) applied
@@ -14,13 +17,39 @@
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::percent_decode;
-use token_sidecar::token::request::{CacheKey, Keyer, Parsed, parse, parse_form};
+use token_sidecar::token::request::{CacheKey, KeyContext, Keyer, Parsed, parse, parse_form};
 
 const HMAC_KEY: [u8; 32] = [7; 32];
-const ROUTE: &str = "default\n/oauth/token";
+/// Where the request went (route, path, query, host), then what the provider sees,
+/// independently decoded: client id, secret, other parameters sorted.
+type Model = (
+    (String, String, Option<String>, Option<String>),
+    String,
+    String,
+    Vec<(String, String)>,
+);
 
-/// What the provider sees, independently decoded: client id, secret, other parameters sorted.
-type Model = (String, String, Vec<(String, String)>);
+/// Splits off the optional context; `None` when it is not UTF-8.
+fn context(request: &[u8]) -> Option<(KeyContext<'_>, &[u8])> {
+    let Some(at) = request.iter().position(|&b| b == 0x1f) else {
+        let default = KeyContext {
+            route: "default",
+            path: "/oauth/token",
+            query: None,
+            host: None,
+        };
+        return Some((default, request));
+    };
+    let text = std::str::from_utf8(&request[..at]).ok()?;
+    let mut fields = text.split('\u{1e}');
+    let context = KeyContext {
+        route: fields.next().unwrap_or(""),
+        path: fields.next().unwrap_or(""),
+        query: fields.next(),
+        host: fields.next(),
+    };
+    Some((context, &request[at + 1..]))
+}
 
 /// Decodes one form component the RFC 6749 §2.3.1 way: `+` is a space, `%XX` a byte, UTF-8.
 fn decode(raw: &[u8]) -> String {
@@ -35,7 +64,7 @@ fn decode(raw: &[u8]) -> String {
 }
 
 /// The credentials and parameters of a request `parse` keyed, decoded without its help.
-fn model(basic: Option<&[u8]>, body: &[u8]) -> Model {
+fn model(at: &KeyContext<'_>, basic: Option<&[u8]>, body: &[u8]) -> Model {
     let params = parse_form(body).expect("parse accepted the body");
     let find = |name: &str| {
         params
@@ -69,10 +98,17 @@ fn model(basic: Option<&[u8]>, body: &[u8]) -> Model {
         })
         .collect();
     rest.sort();
-    (id, secret, rest)
+    let place = (
+        at.route.to_owned(),
+        at.path.to_owned(),
+        at.query.map(str::to_owned),
+        at.host.map(str::to_owned),
+    );
+    (place, id, secret, rest)
 }
 
 fn keyed(request: &[u8]) -> Option<(CacheKey, Model)> {
+    let (at, request) = context(request)?;
     let (basic, body) = match request.iter().position(|&b| b == b'\n') {
         Some(at) if at > 0 => (Some(&request[..at]), &request[at + 1..]),
         Some(at) => (None, &request[at + 1..]),
@@ -84,10 +120,8 @@ fn keyed(request: &[u8]) -> Option<(CacheKey, Model)> {
             base64::engine::general_purpose::STANDARD.encode(raw)
         )
     });
-    match parse(&Keyer::new(&HMAC_KEY), ROUTE, header.as_deref().map(str::as_bytes), body) {
-        Ok(Parsed::Keyed { key, .. }) => {
-            Some((key, model(basic, body)))
-        }
+    match parse(&Keyer::new(&HMAC_KEY), &at, header.as_deref().map(str::as_bytes), body) {
+        Ok(Parsed::Keyed { key, .. }) => Some((key, model(&at, basic, body))),
         _ => None,
     }
 }

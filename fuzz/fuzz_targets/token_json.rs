@@ -1,5 +1,5 @@
 //! Fuzzes the upstream token body: `Token::from_upstream` on arbitrary bytes and, when it keeps a
-//! token, `render` at several ages.
+//! token, its rendering (`pieces`) at several ages.
 //!
 //! Oracles beyond "no panic": every rendering is JSON; its `expires_in` is `remaining_secs`;
 //! every other member equals the input's; the token's instants are ordered.
@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let input = serde_json::from_slice::<serde_json::Value>(data).ok();
     for age in [0, 1, 59, 3_599, 86_400, 1_000_000_000] {
         let at = now + Duration::from_secs(age);
-        let rendered = token.render(at);
+        let rendered = token.pieces(at).concat();
         if let Err(e) = serde_json::from_slice::<IgnoredAny>(&rendered) {
             panic!(
                 "render is not JSON ({e}): {:?}",

@@ -79,30 +79,7 @@ impl Token {
             return Ok(Validated::Uncacheable);
         }
 
-        // One allocation for both halves: the prefix and suffix are views into it.
-        let mut template = BytesMut::with_capacity(body.len() + 2);
-        let mut split = 0;
-        template.put_u8(b'{');
-        for (i, (key, value)) in object.iter().enumerate() {
-            if i > 0 {
-                template.put_u8(b',');
-            }
-            template.put_slice(
-                serde_json::to_string(key)
-                    .expect("strings serialise")
-                    .as_bytes(),
-            );
-            template.put_u8(b':');
-            if i == position {
-                split = template.len();
-            } else {
-                template.put_slice(value.get().as_bytes());
-            }
-        }
-        template.put_u8(b'}');
-        let mut prefix = template.freeze();
-        let suffix = prefix.split_off(split);
-
+        let (prefix, suffix) = split_template(&object, position, body.len());
         let margin = config
             .safety_margin_max
             .min(lifetime.mul_f64(config.safety_margin_ratio));
@@ -159,6 +136,34 @@ impl Token {
         self.refresh_at = None;
         self.serve_until = self.serve_until.min(until);
     }
+}
+
+/// The object re-serialised around member `position`, whose value is left out: the bytes before
+/// it and after it. One allocation for both halves, which are views into it.
+fn split_template(object: &[(String, &RawValue)], position: usize, size: usize) -> (Bytes, Bytes) {
+    let mut template = BytesMut::with_capacity(size + 2);
+    let mut split = 0;
+    template.put_u8(b'{');
+    for (i, (key, value)) in object.iter().enumerate() {
+        if i > 0 {
+            template.put_u8(b',');
+        }
+        template.put_slice(
+            serde_json::to_string(key)
+                .expect("strings serialise")
+                .as_bytes(),
+        );
+        template.put_u8(b':');
+        if i == position {
+            split = template.len();
+        } else {
+            template.put_slice(value.get().as_bytes());
+        }
+    }
+    template.put_u8(b'}');
+    let mut prefix = template.freeze();
+    let suffix = prefix.split_off(split);
+    (prefix, suffix)
 }
 
 /// `expires_in` as whole seconds: a non-negative JSON integer, a non-negative number (rounded

@@ -223,8 +223,24 @@ pub fn parse<'a>(
         return Ok(Parsed::PassThrough);
     }
 
-    // RFC 6749 §2.3: a client must not use more than one authentication method.
-    let (client_id, secret, raw_basic) = match (basic, body_secret) {
+    let Some(client) = credentials(basic, body_client_id, body_secret)? else {
+        return Ok(Parsed::PassThrough);
+    };
+    Ok(Parsed::Keyed {
+        key: digest(keyer, context, &client, &params),
+        grant,
+        client_id: client.client_id,
+    })
+}
+
+/// The client's credentials, from exactly one authentication method (RFC 6749 §2.3); `None` for
+/// a client that has no secret to key on.
+fn credentials<'id, 's>(
+    basic: Option<Credentials<'static, 'static>>,
+    body_client_id: Option<&Cow<'id, str>>,
+    body_secret: Option<&'s str>,
+) -> Result<Option<Credentials<'id, 's>>, Error> {
+    let client = match (basic, body_secret) {
         (Some(_), Some(_)) => {
             return Err(Error::InvalidRequest(
                 "client authenticated by both the Authorization header and client_secret",
@@ -236,21 +252,31 @@ pub fn parse<'a>(
                     "client_id does not match the Authorization header",
                 ));
             }
-            (basic.client_id, basic.secret, basic.raw)
+            basic
         }
         (None, Some(secret)) => match body_client_id {
             // A clone of a borrowed `Cow` is the same borrow: no copy of the id.
-            Some(id) => (id.clone(), Cow::Borrowed(secret), None),
+            Some(id) => Credentials {
+                client_id: id.clone(),
+                secret: Cow::Borrowed(secret),
+                raw: None,
+            },
             None => return Err(Error::InvalidRequest("client_secret without client_id")),
         },
         // A public client (id only) has no secret to key on: a token for it would be handed to
         // anyone who knows the id. Let the provider decide.
-        (None, None) => return Ok(Parsed::PassThrough),
+        (None, None) => return Ok(None),
     };
-    if client_id.is_empty() || secret.is_empty() {
-        return Ok(Parsed::PassThrough);
-    }
+    Ok((!client.client_id.is_empty() && !client.secret.is_empty()).then_some(client))
+}
 
+/// The cache key: the context, the client, then every other parameter in canonical order.
+fn digest(
+    keyer: &Keyer,
+    context: &KeyContext<'_>,
+    client: &Credentials<'_, '_>,
+    params: &Form<'_>,
+) -> CacheKey {
     let mut mac = keyer.0.clone();
     field(&mut mac, TAG_ROUTE, context.route.as_bytes());
     field(&mut mac, TAG_PATH, context.path.as_bytes());
@@ -260,12 +286,12 @@ pub fn parse<'a>(
     if let Some(host) = context.host {
         field(&mut mac, TAG_HOST, host.as_bytes());
     }
-    field(&mut mac, TAG_CLIENT, client_id.as_bytes());
-    match raw_basic {
+    field(&mut mac, TAG_CLIENT, client.client_id.as_bytes());
+    match &client.raw {
         // Percent or plus signs in a Basic header decode per RFC 6749, but not every provider
         // decodes: key on the raw bytes so two spellings never alias one cached token.
-        Some(raw) => field(&mut mac, TAG_RAW_BASIC, &raw),
-        None => field(&mut mac, TAG_SECRET, secret.as_bytes()),
+        Some(raw) => field(&mut mac, TAG_RAW_BASIC, raw),
+        None => field(&mut mac, TAG_SECRET, client.secret.as_bytes()),
     }
     let mut rest: SmallVec<[(&str, Cow<'_, str>); INLINE_PARAMS]> = params
         .iter()
@@ -284,11 +310,7 @@ pub fn parse<'a>(
         field(&mut mac, TAG_PARAM, name.as_bytes());
         field(&mut mac, TAG_PARAM, value.as_bytes());
     }
-    Ok(Parsed::Keyed {
-        key: CacheKey(mac.finalize().into_bytes().into()),
-        grant,
-        client_id,
-    })
+    CacheKey(mac.finalize().into_bytes().into())
 }
 
 /// Feeds one length-prefixed, tagged field, so `("ab","c")` and `("a","bc")` never collide.
@@ -399,18 +421,19 @@ fn decode_component(raw: &[u8]) -> Option<Cow<'_, str>> {
     }
 }
 
-/// The parts of a Basic `Authorization` header.
+/// A client's credentials: from a Basic `Authorization` header, or from the form (where the id
+/// outlives the parsed form, the secret not).
 #[derive(Debug)]
-struct Basic<'a> {
-    client_id: Cow<'a, str>,
-    secret: Cow<'a, str>,
+struct Credentials<'id, 's> {
+    client_id: Cow<'id, str>,
+    secret: Cow<'s, str>,
     /// The undecoded `id:secret`, kept only when decoding changed it (see [`parse`]).
     raw: Option<Vec<u8>>,
 }
 
 /// Parses `Authorization`. `Ok(None)` for schemes other than Basic (a bearer header on a token
 /// request is the provider's business); an error for a malformed Basic header.
-fn parse_authorization(value: &[u8]) -> Result<Option<Basic<'static>>, Error> {
+fn parse_authorization(value: &[u8]) -> Result<Option<Credentials<'static, 'static>>, Error> {
     let Some(scheme_end) = value.iter().position(|&b| b == b' ') else {
         return Ok(None);
     };
@@ -443,7 +466,7 @@ fn parse_authorization(value: &[u8]) -> Result<Option<Basic<'static>>, Error> {
         .iter()
         .any(|&b| b == b'%' || b == b'+')
         .then(|| decoded.clone());
-    Ok(Some(Basic {
+    Ok(Some(Credentials {
         client_id: Cow::Owned(client_id),
         secret: Cow::Owned(secret),
         raw,
