@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 
 /// What the admin endpoints report.
 #[derive(Debug)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// True once every listener is bound, false from the moment draining starts.
     pub ready: AtomicBool,
     /// The process's metrics.
@@ -20,7 +20,7 @@ pub struct AdminState {
 }
 
 /// Answers one admin request.
-pub async fn handle(
+pub(crate) async fn handle(
     state: Arc<AdminState>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {

@@ -5,13 +5,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 
 /// Errors inside a body stream, boxed because they come from hyper, timeouts or limits.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every request and response the sidecar handles.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body made of bytes already in memory.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
@@ -19,7 +19,7 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A body of a few pieces already in memory, sent in order without joining them (hyper writes
 /// them with one vectored write).
-pub fn pieces<const N: usize>(pieces: [Bytes; N]) -> Body {
+pub(crate) fn pieces<const N: usize>(pieces: [Bytes; N]) -> Body {
     Pieces {
         remaining: pieces.iter().map(|p| p.len() as u64).sum(),
         pieces: pieces.into_iter(),
@@ -57,12 +57,12 @@ impl<const N: usize> http_body::Body for Pieces<N> {
 }
 
 /// An empty body.
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// Boxes any body whose errors can be boxed.
-pub fn boxed<B>(body: B) -> Body
+pub(crate) fn boxed<B>(body: B) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

@@ -29,7 +29,7 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// Forwards requests of one route to its provider.
 #[derive(Debug)]
-pub struct Forwarder {
+pub(crate) struct Forwarder {
     route: String,
     upstream: Arc<Upstream>,
     metrics: RouteMetrics,
@@ -37,7 +37,7 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// A forwarder over the route's upstream client.
-    pub fn new(route: &str, upstream: Arc<Upstream>, metrics: RouteMetrics) -> Forwarder {
+    pub(crate) fn new(route: &str, upstream: Arc<Upstream>, metrics: RouteMetrics) -> Forwarder {
         Forwarder {
             route: route.to_owned(),
             upstream,
@@ -47,7 +47,7 @@ impl Forwarder {
 
     /// Proxies one request, streaming both bodies. A dead or slow provider gives a 502 or 504
     /// with a short JSON body.
-    pub async fn forward(&self, request: Request<Body>) -> Response<Body> {
+    pub(crate) async fn forward(&self, request: Request<Body>) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         let upgrade = upgrade_protocol(&parts.headers);

@@ -15,6 +15,7 @@
 //! - [`metrics`], [`telemetry`]: observability, free of secrets;
 //! - [`error`], [`body`]: the request path's error type and its responses, the one body type.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub(crate) mod admin;
 pub mod app;

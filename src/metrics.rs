@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// What a route shows at scrape time. Implemented by the token path; the metrics know the
 /// labels, not the types behind them.
-pub trait RouteState: Send + Sync + std::fmt::Debug {
+pub(crate) trait RouteState: Send + Sync + std::fmt::Debug {
     /// The route's name, the `route` label.
     fn name(&self) -> &str;
     /// Cached keys.
@@ -55,7 +55,7 @@ struct ClientLabels {
 
 /// Every metric family, registered once.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     token_requests: Family<OutcomeLabels, Counter>,
     upstream_calls: Family<StatusLabels, Counter>,
@@ -74,7 +74,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every family in a fresh registry.
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("token_sidecar");
         let token_requests = Family::default();
         registry.register(
@@ -135,7 +135,7 @@ impl Metrics {
     }
 
     /// The handles one route uses on its request path.
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    pub(crate) fn route(&self, route: &str) -> RouteMetrics {
         let route_label = RouteLabel {
             route: route.to_owned(),
         };
@@ -152,13 +152,13 @@ impl Metrics {
     }
 
     /// Adds the scrape-time view of the routes' caches and cool-downs.
-    pub fn register_routes(&mut self, routes: Vec<Weak<dyn RouteState>>) {
+    pub(crate) fn register_routes(&mut self, routes: Vec<Weak<dyn RouteState>>) {
         self.registry
             .register_collector(Box::new(StateCollector { routes }));
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -168,7 +168,7 @@ impl Metrics {
 
 /// Per-route metric handles, resolved once.
 #[derive(Debug, Clone)]
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     route: String,
     token_requests: Family<OutcomeLabels, Counter>,
     upstream_calls: Family<StatusLabels, Counter>,
@@ -183,7 +183,7 @@ pub struct RouteMetrics {
 impl RouteMetrics {
     /// The counter of this route's token requests with `outcome`, resolved once so that
     /// counting costs one atomic add.
-    pub fn token_requests(&self, outcome: &'static str) -> Counter {
+    pub(crate) fn token_requests(&self, outcome: &'static str) -> Counter {
         self.token_requests
             .get_or_create(&OutcomeLabels {
                 route: self.route.clone(),
@@ -193,7 +193,7 @@ impl RouteMetrics {
     }
 
     /// Counts one finished upstream token call.
-    pub fn upstream_call(&self, status: &str, seconds: f64, waiters: usize) {
+    pub(crate) fn upstream_call(&self, status: &str, seconds: f64, waiters: usize) {
         self.upstream_calls
             .get_or_create(&StatusLabels {
                 route: self.route.clone(),
@@ -205,7 +205,7 @@ impl RouteMetrics {
     }
 
     /// Counts evicted cache entries.
-    pub fn evicted(&self, reason: &'static str, count: usize) {
+    pub(crate) fn evicted(&self, reason: &'static str, count: usize) {
         if count > 0 {
             self.evictions
                 .get_or_create(&ReasonLabels {
@@ -217,7 +217,7 @@ impl RouteMetrics {
     }
 
     /// Counts one forwarded request.
-    pub fn forwarded(&self, status: u16) {
+    pub(crate) fn forwarded(&self, status: u16) {
         self.forwarded
             .get_or_create(&StatusLabels {
                 route: self.route.clone(),

@@ -23,7 +23,7 @@ use crate::token::TokenRoute;
 
 /// Sends a request to the token path or the forwarder of one route.
 #[derive(Debug, Clone)]
-pub struct Dispatch(Arc<Route>);
+pub(crate) struct Dispatch(Arc<Route>);
 
 /// What one route's requests go to. Behind a single `Arc`, because the service is cloned for every
 /// request and each reference count it touches is shared by every worker thread.
@@ -54,17 +54,17 @@ impl tower::Service<Request<Incoming>> for Dispatch {
 }
 
 /// What a panicking request answers: the one 500 of [`Error::Internal`], nothing of the panic.
-pub type PanicHandler = fn(Box<dyn Any + Send + 'static>) -> Response<Body>;
+pub(crate) type PanicHandler = fn(Box<dyn Any + Send + 'static>) -> Response<Body>;
 
 fn internal_error(_: Box<dyn Any + Send + 'static>) -> Response<Body> {
     Error::Internal.into_response()
 }
 
 /// The service that answers one route's listener.
-pub type RouteService = CatchPanic<Dispatch, PanicHandler>;
+pub(crate) type RouteService = CatchPanic<Dispatch, PanicHandler>;
 
 /// Builds the service of one route.
-pub fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
+pub(crate) fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
     ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(internal_error as PanicHandler))
         .service(Dispatch(Arc::new(Route { token, forwarder })))

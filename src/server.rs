@@ -22,7 +22,7 @@ use crate::config::Limits;
 /// Serves `listener` with `service` until `stop` fires. Connections run on `connections`, so the
 /// caller can wait for them to drain; when `stop` fires each one finishes the request in progress
 /// and closes (HTTP/1.1) or sends GOAWAY (HTTP/2).
-pub async fn serve<S, B>(
+pub(crate) async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     limits: Limits,

@@ -28,7 +28,7 @@ use crate::error::Error;
 
 /// Why an upstream exchange produced no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Connecting, the TLS handshake, or the exchange itself failed; the text says why.
     Unavailable(String),
     /// No response (on the token path: no whole response) within the request timeout.
@@ -39,7 +39,7 @@ pub enum Failure {
 
 impl Failure {
     /// The metric label of the call: the failure, or the status of an answer too large to use.
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Failure::Unavailable(_) => "unavailable".into(),
             Failure::Timeout => "timeout".into(),
@@ -48,7 +48,7 @@ impl Failure {
     }
 
     /// Why, for logs: the connection error chain, or what went wrong.
-    pub fn reason(&self) -> &str {
+    pub(crate) fn reason(&self) -> &str {
         match self {
             Failure::Unavailable(why) => why,
             Failure::Timeout => "timeout",
@@ -58,7 +58,7 @@ impl Failure {
 
     /// The caller-facing error: 502 for an unreachable provider or an unusable answer, 504 for a
     /// silent one.
-    pub fn to_error(&self) -> Error {
+    pub(crate) fn to_error(&self) -> Error {
         match self {
             Failure::Unavailable(_) => Error::UpstreamUnavailable,
             Failure::Timeout => Error::UpstreamTimeout,
@@ -70,7 +70,7 @@ impl Failure {
 /// A whole upstream answer, as callers get it: status, headers (hop-by-hop and `Content-Length`
 /// removed, the body is re-framed), body.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -90,7 +90,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -106,7 +106,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// One provider and the pooled client that reaches it.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// The provider's base URL.
     pub url: UpstreamUrl,
     /// The `Host` value the provider expects.
@@ -120,7 +120,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds the client for a route. Errors name the file or setting at fault.
-    pub fn new(route: &RouteConfig) -> Result<Upstream, String> {
+    pub(crate) fn new(route: &RouteConfig) -> Result<Upstream, String> {
         let tls = tls_config(
             &route.client,
             route.upstream.scheme == http::uri::Scheme::HTTPS,
@@ -154,7 +154,7 @@ impl Upstream {
 
     /// Rewrites a local request's head for the provider: hop-by-hop headers dropped, `Host`
     /// set (unless preserved), the provider's scheme and authority, HTTP/1.1.
-    pub fn outbound(&self, mut parts: Parts, body: Body) -> Request<Body> {
+    pub(crate) fn outbound(&self, mut parts: Parts, body: Body) -> Request<Body> {
         strip_hop_by_hop(&mut parts.headers);
         if !self.preserve_host || !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, self.host.clone());
@@ -166,7 +166,7 @@ impl Upstream {
 
     /// A token call: sends the caller's request and reads the whole answer, within the request
     /// timeout and `limit` bytes of body.
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         parts: Parts,
         body: Bytes,
@@ -214,7 +214,7 @@ impl Upstream {
     }
 
     /// Sends a request and waits up to the request timeout for the response head.
-    pub async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Failure> {
+    pub(crate) async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Failure> {
         match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(Failure::Unavailable(describe(&e))),

@@ -27,7 +27,7 @@ use crate::upstream::Reply;
 
 /// What one upstream call produced, shared by every caller that waited for it.
 #[derive(Debug, Clone)]
-pub enum Shared {
+pub(crate) enum Shared {
     /// A token, now cached.
     Token(Arc<Token>),
     /// An answer passed through as it came (errors, throttling, uncacheable successes).
@@ -37,7 +37,7 @@ pub enum Shared {
 }
 
 /// The channel on which a flight publishes its outcome; `None` until it lands.
-pub type FlightRx = watch::Receiver<Option<Shared>>;
+pub(crate) type FlightRx = watch::Receiver<Option<Shared>>;
 type FlightTx = watch::Sender<Option<Shared>>;
 
 /// One key's state. Every field is valid on its own, so a panic under the lock cannot leave it
@@ -58,7 +58,7 @@ struct EntryState {
 
 /// One cache entry.
 #[derive(Debug, Default)]
-pub struct Entry {
+pub(crate) struct Entry {
     state: Mutex<EntryState>,
     /// Milliseconds since the cache's epoch at the last request, for idle and LRU eviction.
     last_used_ms: AtomicU64,
@@ -75,7 +75,7 @@ impl Entry {
 /// What a request should do, decided under the entry's lock. `F` is the flight a decision starts:
 /// a [`Landing`] outside this file, the bare sender inside it.
 #[derive(Debug)]
-pub enum Decision<F = Landing> {
+pub(crate) enum Decision<F = Landing> {
     /// Serve the cached token; if `refresh` is set, the caller starts that background flight.
     Hit {
         token: Arc<Token>,
@@ -223,7 +223,7 @@ impl EntryState {
 /// `Landing` dropped without landing (the flight panicked or was aborted) clears the slot, so the
 /// key is not stuck, and its waiters see the channel close.
 #[derive(Debug)]
-pub struct Landing {
+pub(crate) struct Landing {
     entry: Arc<Entry>,
     tx: Option<FlightTx>,
 }
@@ -231,7 +231,7 @@ pub struct Landing {
 impl Landing {
     /// Lands `shared` (see [`EntryState::land`]), then publishes it; returns how many callers
     /// were waiting for it.
-    pub fn land(
+    pub(crate) fn land(
         mut self,
         shared: Shared,
         grant: Grant,
@@ -260,14 +260,14 @@ impl Drop for Landing {
 
 /// Counts of entries dropped by one sweep.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Swept {
+pub(crate) struct Swept {
     pub idle: usize,
     pub expired: usize,
 }
 
 /// All entries of one route.
 #[derive(Debug)]
-pub struct Cache {
+pub(crate) struct Cache {
     /// Bounded by `max_entries`, checked as a key is added.
     entries: DashMap<CacheKey, Arc<Entry>>,
     epoch: Instant,
@@ -276,7 +276,7 @@ pub struct Cache {
 
 impl Cache {
     /// An empty cache holding at most `max_entries` keys.
-    pub fn new(max_entries: usize) -> Cache {
+    pub(crate) fn new(max_entries: usize) -> Cache {
         Cache {
             entries: DashMap::new(),
             epoch: Instant::now(),
@@ -291,7 +291,7 @@ impl Cache {
     /// The map's guard is held while the entry is locked, so an entry cannot leave the map between
     /// the lookup and the decision (a flight started in an evicted entry would be lost to the next
     /// request).
-    pub fn decide(
+    pub(crate) fn decide(
         &self,
         key: CacheKey,
         now: Instant,
@@ -311,12 +311,12 @@ impl Cache {
     }
 
     /// Number of keys.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Drops entries unused for `idle_timeout`, and entries with nothing left to serve.
-    pub fn sweep(&self, now: Instant, idle_timeout: Duration) -> Swept {
+    pub(crate) fn sweep(&self, now: Instant, idle_timeout: Duration) -> Swept {
         let idle_before = now
             .checked_sub(idle_timeout)
             .map(|t| t.saturating_duration_since(self.epoch).as_millis() as u64);

@@ -51,7 +51,7 @@ struct Hold {
 
 /// Why a hold started, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     /// The provider answered 429 or 503.
     Throttled,
     /// A 5xx, a transport error, a timeout or an unusable answer.
@@ -60,7 +60,7 @@ pub enum Cause {
 
 /// The holds of one route, by client id.
 #[derive(Debug)]
-pub struct Cooldowns {
+pub(crate) struct Cooldowns {
     /// The route's name, for logs.
     route: String,
     holds: DashMap<Arc<str>, Hold>,
@@ -68,7 +68,7 @@ pub struct Cooldowns {
 
 impl Cooldowns {
     /// No holds yet.
-    pub fn new(route: &str) -> Cooldowns {
+    pub(crate) fn new(route: &str) -> Cooldowns {
         Cooldowns {
             route: route.to_owned(),
             holds: DashMap::new(),
@@ -76,14 +76,14 @@ impl Cooldowns {
     }
 
     /// The time left on `client`'s hold, if one is active.
-    pub fn remaining(&self, client: &str, now: Instant) -> Option<Duration> {
+    pub(crate) fn remaining(&self, client: &str, now: Instant) -> Option<Duration> {
         let hold = self.holds.get(client)?;
         (hold.until > now).then(|| hold.until - now)
     }
 
     /// Starts or extends a hold after a failure or throttle, returning its length. An explicit
     /// `retry_after` wins (capped by `retry_after_max`); otherwise the backoff schedule applies.
-    pub fn start(
+    pub(crate) fn start(
         &self,
         client: &str,
         cause: Cause,
@@ -116,7 +116,7 @@ impl Cooldowns {
     }
 
     /// Clears `client`'s hold after a success.
-    pub fn clear(&self, client: &str) {
+    pub(crate) fn clear(&self, client: &str) {
         if let Some((_, hold)) = self.holds.remove(client) {
             info!(route = %self.route, client = %client_hash(client), failures = hold.failures, "cool-down ended");
         }
@@ -124,12 +124,12 @@ impl Cooldowns {
 
     /// Drops holds that ended long enough ago that their failure count no longer matters, so the
     /// map stays bounded by the clients that failed recently.
-    pub fn sweep(&self, now: Instant, forget_after: Duration) {
+    pub(crate) fn sweep(&self, now: Instant, forget_after: Duration) {
         self.holds.retain(|_, hold| hold.until + forget_after > now);
     }
 
     /// Active holds and their seconds left, for the metrics.
-    pub fn active(&self, now: Instant) -> Vec<(Arc<str>, Duration)> {
+    pub(crate) fn active(&self, now: Instant) -> Vec<(Arc<str>, Duration)> {
         self.holds
             .iter()
             .filter(|h| h.until > now)

@@ -30,7 +30,7 @@ use crate::upstream::{Reply, Upstream};
 
 /// One upstream call to make: the request as the caller sent it and where its outcome lands.
 #[derive(Debug)]
-pub struct Flight {
+pub(crate) struct Flight {
     pub landing: Landing,
     pub grant: Grant,
     pub client_id: String,
@@ -47,7 +47,7 @@ struct Call {
 }
 
 /// Waits up to `timeout` for a flight to land and returns what it brought back.
-pub async fn wait(mut rx: FlightRx, timeout: Duration) -> Shared {
+pub(crate) async fn wait(mut rx: FlightRx, timeout: Duration) -> Shared {
     match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
         Ok(Ok(shared)) => shared.clone().expect("waited for Some"),
         // The flight task died without landing (a bug): its landing freed the slot.
@@ -58,7 +58,7 @@ pub async fn wait(mut rx: FlightRx, timeout: Duration) -> Shared {
 
 /// Everything one route's flights share.
 #[derive(Debug)]
-pub struct Flights {
+pub(crate) struct Flights {
     route: String,
     config: TokenConfig,
     /// Largest token answer read from the provider.
@@ -73,7 +73,7 @@ pub struct Flights {
 
 impl Flights {
     /// The flights of route `route`, calling `upstream`.
-    pub fn new(
+    pub(crate) fn new(
         route: &str,
         config: &TokenConfig,
         max_response: usize,
@@ -98,12 +98,12 @@ impl Flights {
     }
 
     /// The route's cool-downs, which flights start and clear.
-    pub fn cooldowns(&self) -> &Cooldowns {
+    pub(crate) fn cooldowns(&self) -> &Cooldowns {
         &self.cooldowns
     }
 
     /// Starts `flight` in its own tracked task.
-    pub fn launch(self: &Arc<Self>, flight: Flight) {
+    pub(crate) fn launch(self: &Arc<Self>, flight: Flight) {
         let flights = self.clone();
         self.tracker.spawn(async move { flights.fly(flight).await });
     }

@@ -27,7 +27,7 @@ pub struct Token {
     pub content_type: HeaderValue,
     /// A digest of `access_token`, to notice a provider handing out the same token again without
     /// keeping a second copy of the secret.
-    pub fingerprint: [u8; 32],
+    pub(crate) fingerprint: [u8; 32],
     /// When the provider says the token stops working (capped by `max_lifetime`).
     pub expires_at: Instant,
     /// The last instant this token is handed to callers (expiry less the safety margin, or sooner
@@ -112,7 +112,7 @@ impl Token {
     }
 
     /// Whole seconds the sidecar will keep serving this token (the `ttl` of `Cache-Status`).
-    pub fn ttl_secs(&self, now: Instant) -> u64 {
+    pub(crate) fn ttl_secs(&self, now: Instant) -> u64 {
         self.serve_until.saturating_duration_since(now).as_secs()
     }
 
@@ -132,7 +132,7 @@ impl Token {
 
     /// Makes this token one that is never refreshed ahead and served until `until` at the latest
     /// (an answer to a refresh-token grant, kept only for late duplicates of the same request).
-    pub fn keep_briefly(&mut self, until: Instant) {
+    pub(crate) fn keep_briefly(&mut self, until: Instant) {
         self.refresh_at = None;
         self.serve_until = self.serve_until.min(until);
     }
@@ -353,6 +353,23 @@ mod tests {
             panic!()
         };
         assert_eq!(years.expires_at, now + config().max_lifetime);
+    }
+
+    #[test]
+    fn a_token_kept_briefly_is_never_refreshed_and_served_only_until_then() {
+        let now = Instant::now();
+        let mut t = token(r#"{"access_token":"a","expires_in":3600}"#, now);
+        t.keep_briefly(now + Duration::from_secs(30));
+        assert_eq!(t.refresh_at, None);
+        assert!(!t.refresh_due(now + Duration::from_secs(3000)));
+        assert_eq!(t.serve_until, now + Duration::from_secs(30));
+        let mut short = token(r#"{"access_token":"a","expires_in":10}"#, now);
+        short.keep_briefly(now + Duration::from_secs(30));
+        assert_eq!(
+            short.serve_until,
+            now + Duration::from_secs(9),
+            "never later than before"
+        );
     }
 
     #[test]

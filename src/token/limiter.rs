@@ -45,14 +45,14 @@ impl Bucket {
 
 /// The limits of one route.
 #[derive(Debug)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     calls: Arc<Semaphore>,
     bucket: Option<Bucket>,
 }
 
 /// Why a call was not allowed to go.
 #[derive(Debug, PartialEq, Eq)]
-pub struct HeldBack {
+pub(crate) struct HeldBack {
     /// When a retry could succeed.
     pub retry_after: Duration,
 }
@@ -60,7 +60,7 @@ pub struct HeldBack {
 impl Limiter {
     /// At most `max_concurrent` calls in progress, and, if `rate` is positive, at most `rate`
     /// calls per second with bursts of `burst`.
-    pub fn new(max_concurrent: usize, rate: f64, burst: u32) -> Limiter {
+    pub(crate) fn new(max_concurrent: usize, rate: f64, burst: u32) -> Limiter {
         let bucket = (rate > 0.0).then(|| Bucket {
             rate,
             burst: f64::from(burst.max(1)),
@@ -74,7 +74,7 @@ impl Limiter {
 
     /// Waits for the right to make one call, up to `max_wait`. The permit is held for the
     /// duration of the call.
-    pub async fn admit(&self, max_wait: Duration) -> Result<OwnedSemaphorePermit, HeldBack> {
+    pub(crate) async fn admit(&self, max_wait: Duration) -> Result<OwnedSemaphorePermit, HeldBack> {
         let started = Instant::now();
         if let Some(bucket) = &self.bucket {
             let delay = bucket

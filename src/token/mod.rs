@@ -23,7 +23,7 @@ mod outcome;
 pub mod request;
 pub(crate) mod respond;
 
-pub use outcome::Outcome;
+pub(crate) use outcome::Outcome;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -59,7 +59,7 @@ enum Answer<'a> {
 
 /// One route's token path.
 #[derive(Debug)]
-pub struct TokenRoute {
+pub(crate) struct TokenRoute {
     name: String,
     config: TokenConfig,
     /// The largest token request body accepted.
@@ -77,7 +77,7 @@ pub struct TokenRoute {
 
 impl TokenRoute {
     /// Builds the token path of a route; its flights call `upstream` and run on `tracker`.
-    pub fn new(
+    pub(crate) fn new(
         route: &RouteConfig,
         limits: &Limits,
         upstream: Arc<Upstream>,
@@ -109,17 +109,17 @@ impl TokenRoute {
     }
 
     /// The route's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Whether `path` is one of this route's token paths.
-    pub fn is_token_path(&self, path: &str) -> bool {
+    pub(crate) fn is_token_path(&self, path: &str) -> bool {
         self.token_paths.iter().any(|p| p == path)
     }
 
     /// Evicts idle and dead entries and forgets old cool-downs; called periodically.
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let now = Instant::now();
         let swept = self.cache.sweep(now, self.config.idle_timeout);
         self.metrics.evicted("idle", swept.idle);
@@ -133,7 +133,7 @@ impl TokenRoute {
     }
 
     /// Answers a request to one of the token paths (see [`Self::is_token_path`]).
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: &Arc<Self>,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {

@@ -11,16 +11,16 @@ macro_rules! outcomes {
     ($($(#[doc = $doc:literal])* $variant:ident => $label:literal,)*) => {
         /// What happened to one token-path request: a log field and a metric label.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum Outcome {
+        pub(crate) enum Outcome {
             $($(#[doc = $doc])* $variant,)*
         }
 
         impl Outcome {
             /// Every outcome, in declaration order, so `outcome as usize` indexes it.
-            pub const ALL: &'static [Outcome] = &[$(Outcome::$variant,)*];
+            pub(crate) const ALL: &'static [Outcome] = &[$(Outcome::$variant,)*];
 
             /// The label used in logs and metrics.
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $(Outcome::$variant => $label,)*
                 }

@@ -17,7 +17,7 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How a flight's caller got its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fetch {
+pub(crate) enum Fetch {
     /// Nothing was cached.
     Miss,
     /// The cached token was past its safety margin.
@@ -26,7 +26,7 @@ pub enum Fetch {
 
 /// What a flight brought back, as `Cache-Status` tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fetched {
+pub(crate) enum Fetched {
     /// A token, now stored.
     Token,
     /// The provider's answer, passed through with its status.
@@ -37,7 +37,7 @@ pub enum Fetched {
 
 /// The `Cache-Status` of a token-path response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
+pub(crate) enum CacheStatus {
     /// Served from the cache, with `ttl` whole seconds of serving left.
     Hit { ttl: u64 },
     /// A remembered answer replayed.
@@ -97,13 +97,13 @@ impl CacheStatus {
 }
 
 /// Adds `status` to a response.
-pub fn with_status(mut response: Response<Body>, status: CacheStatus) -> Response<Body> {
+pub(crate) fn with_status(mut response: Response<Body>, status: CacheStatus) -> Response<Body> {
     response.headers_mut().insert(CACHE_STATUS, status.header());
     response
 }
 
 /// A token with its remaining lifetime at `now`, sent as the token's own bytes around the digits.
-pub fn token(token: &Token, now: Instant, status: CacheStatus) -> Response<Body> {
+pub(crate) fn token(token: &Token, now: Instant, status: CacheStatus) -> Response<Body> {
     let mut response = Response::new(pieces(token.pieces(now)));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, token.content_type.clone());
@@ -113,7 +113,7 @@ pub fn token(token: &Token, now: Instant, status: CacheStatus) -> Response<Body>
 }
 
 /// An upstream answer as it came.
-pub fn reply(reply: &Reply, status: CacheStatus) -> Response<Body> {
+pub(crate) fn reply(reply: &Reply, status: CacheStatus) -> Response<Body> {
     let mut response = Response::new(full(reply.body.clone()));
     *response.status_mut() = reply.status;
     *response.headers_mut() = reply.headers.clone();
@@ -121,13 +121,18 @@ pub fn reply(reply: &Reply, status: CacheStatus) -> Response<Body> {
 }
 
 /// The sidecar's own error.
-pub fn error(error: Error, status: CacheStatus) -> Response<Body> {
+pub(crate) fn error(error: Error, status: CacheStatus) -> Response<Body> {
     with_status(error.into_response(), status)
 }
 
 /// What a flight's caller gets: the flight's outcome, fetched as `fetch`; `collapsed` when
 /// another request led the flight.
-pub fn landed(shared: Shared, fetch: Fetch, collapsed: bool, now: Instant) -> Response<Body> {
+pub(crate) fn landed(
+    shared: Shared,
+    fetch: Fetch,
+    collapsed: bool,
+    now: Instant,
+) -> Response<Body> {
     let status = |fetched| CacheStatus::Fetched {
         fetch,
         fetched,
