@@ -1,17 +1,30 @@
 //! Faults, floods and absurd values: for each, what callers see (a served token while valid, a
 //! clear error otherwise, never a hang), how many upstream calls the backoff allows, and
 //! recovery on the first request after the provider is healthy again.
+//!
+//! The ways a provider can fail a token call are one table, [`faults`]; each behaviour is one
+//! test that walks it.
 mod support;
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
+use support::oauth::{
+    access_token, assert_cooling_down, assert_oauth_error, cache_status, expires_in, retry_after,
+};
 use support::sidecar::{Sidecar, config};
-use support::{Behavior, FakeProvider, Reply, client, post_form};
+use support::{Behavior, FakeProvider, Fixture, Reply, client, post_form};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FORM: &str = "grant_type=client_credentials&client_id=app&client_secret=s";
 /// Short backoff so recovery happens within a test's time.
 const FAST_BACKOFF: &str = "[token]\nbackoff_base = \"200ms\"\nbackoff_max = \"1s\"\n";
+/// For the fault table: the first hold after a failure lasts at most `backoff_base` (full
+/// jitter) and later ones double up to the default `backoff_max` of 60 s; the provider gets 1 s.
+const FAULT_CONFIG: &str = "[token]\nbackoff_base = \"1s\"\n[client]\nrequest_timeout = \"1s\"\n";
+/// The Cache-Status of an answer from a local hold.
+const COOLDOWN: &str = "token-sidecar; detail=cooldown";
 
+/// Asks for a token on a fresh connection, asserting that no caller hangs.
 async fn token(sidecar: &Sidecar) -> Reply {
     let started = Instant::now();
     let reply = post_form(&client(), &sidecar.token_url(), FORM, None).await;
@@ -22,18 +35,22 @@ async fn token(sidecar: &Sidecar) -> Reply {
     reply
 }
 
-/// Requests every 20 ms for `period`, returning the statuses seen.
-async fn hammer(sidecar: &Sidecar, period: Duration) -> Vec<u16> {
+/// Requests every 20 ms for `period`, returning the answers.
+async fn hammer(sidecar: &Sidecar, period: Duration) -> Vec<Reply> {
     let until = Instant::now() + period;
-    let mut statuses = Vec::new();
+    let mut replies = Vec::new();
     for _ in 0..1000 {
         if Instant::now() >= until {
             break;
         }
-        statuses.push(token(sidecar).await.status);
+        replies.push(token(sidecar).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    statuses
+    replies
+}
+
+fn statuses(replies: &[Reply]) -> Vec<u16> {
+    replies.iter().map(|r| r.status).collect()
 }
 
 /// Polls (bounded) until a request succeeds, returning it.
@@ -48,6 +65,215 @@ async fn until_ok(sidecar: &Sidecar) -> Reply {
     panic!("the sidecar never recovered");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Provider faults
+// ---------------------------------------------------------------------------------------------
+
+/// One way the provider can fail a token call, and what the caller is told about it.
+struct Fault {
+    /// Names the row in assertion messages.
+    name: &'static str,
+    provider: Behavior,
+    status: u16,
+    /// The RFC 6749 §5.2 `error` code of the answer.
+    error: &'static str,
+    /// The whole Cache-Status of the answer that carried the fault.
+    cache_status: &'static str,
+    /// How long after the request the answer arrives.
+    answered: Range<Duration>,
+}
+
+/// An answer without waiting on the provider (and no caller hangs).
+const PROMPT: Range<Duration> = Duration::ZERO..Duration::from_secs(5);
+
+fn faults() -> Vec<Fault> {
+    let huge = format!(
+        r#"{{"access_token":"{}","expires_in":3600}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    vec![
+        Fault {
+            name: "garbage",
+            provider: Behavior::Garbage,
+            status: 502,
+            error: "server_error",
+            cache_status: "token-sidecar; fwd=miss; detail=server_error",
+            answered: PROMPT,
+        },
+        Fault {
+            name: "a 200 without access_token",
+            provider: Behavior::Json(r#"{"token_type":"bearer","expires_in":3600}"#.into()),
+            status: 502,
+            error: "server_error",
+            cache_status: "token-sidecar; fwd=miss; detail=server_error",
+            answered: PROMPT,
+        },
+        Fault {
+            name: "a token response of megabytes",
+            provider: Behavior::Json(huge),
+            status: 502,
+            error: "server_error",
+            cache_status: "token-sidecar; fwd=miss; detail=server_error",
+            answered: PROMPT,
+        },
+        Fault {
+            name: "a dropped connection",
+            provider: Behavior::Drop,
+            status: 502,
+            error: "temporarily_unavailable",
+            cache_status: "token-sidecar; fwd=miss; detail=temporarily_unavailable",
+            answered: PROMPT,
+        },
+        Fault {
+            name: "no answer within the request timeout",
+            provider: Behavior::Hang,
+            status: 504,
+            error: "temporarily_unavailable",
+            cache_status: "token-sidecar; fwd=miss; detail=temporarily_unavailable",
+            // The 1 s request timeout of FAULT_CONFIG.
+            answered: Duration::from_millis(900)..Duration::from_millis(2500),
+        },
+        Fault {
+            name: "a 500 without Retry-After",
+            provider: Behavior::status(500, None),
+            status: 500,
+            error: "server_error",
+            cache_status: "token-sidecar; fwd=miss; fwd-status=500",
+            answered: PROMPT,
+        },
+    ]
+}
+
+/// Asserts that `reply` is the answer `fault` gives: its status, error and Cache-Status, and a
+/// short body that carries nothing of what the provider sent.
+fn assert_fault(fault: &Fault, reply: &Reply) {
+    let name = fault.name;
+    assert_eq!(reply.status, fault.status, "{name}: {}", reply.text());
+    assert_oauth_error(reply, fault.status, fault.error);
+    assert_eq!(cache_status(reply), fault.cache_status, "{name}");
+    assert!(
+        reply.body.len() < 1024,
+        "{name}: {} bytes",
+        reply.body.len()
+    );
+    assert!(!reply.text().contains("<html>"), "{name}: {}", reply.text());
+}
+
+/// Asserts a hold's answer: a local 429 whose Retry-After is at most `at_most`.
+fn assert_held(fault: &Fault, reply: &Reply, at_most: Duration) {
+    assert_eq!(cache_status(reply), COOLDOWN, "{}", fault.name);
+    assert_cooling_down(reply, at_most);
+}
+
+/// Runs `check` for every row at once, each against its own provider and sidecar.
+async fn for_each_fault<F, Fut>(rows: Vec<Fault>, check: F)
+where
+    F: Fn(Fault) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    futures_util::future::join_all(rows.into_iter().map(check)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_gives_a_clear_error_is_never_cached_and_the_first_request_past_the_hold_heals() {
+    for_each_fault(faults(), |fault| async move {
+        let name = fault.name;
+        let fx = Fixture::start(FAULT_CONFIG).await;
+        fx.idp.push(fault.provider.clone());
+
+        let started = Instant::now();
+        let first = token(&fx.sidecar).await;
+        let took = started.elapsed();
+        assert!(
+            fault.answered.contains(&took),
+            "{name}: answered after {took:?}"
+        );
+        assert_fault(&fault, &first);
+        assert_eq!(fx.idp.token_calls(), 1, "{name}");
+
+        // Held for at most `backoff_base`, then the next answer comes from a new upstream call.
+        let mut healed = None;
+        for _ in 0..60 {
+            let reply = token(&fx.sidecar).await;
+            if reply.status == 200 {
+                healed = Some(reply);
+                break;
+            }
+            assert_held(&fault, &reply, Duration::from_secs(1));
+            assert_eq!(
+                fx.idp.token_calls(),
+                1,
+                "{name}: no upstream call during the hold"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let healed = healed.unwrap_or_else(|| panic!("{name}: still held after 3 s"));
+        assert!(access_token(&healed).starts_with("tok-"), "{name}");
+        assert!(expires_in(&healed) > 3500, "{name}");
+        assert!(healed.body.len() < 1024, "{name}");
+        assert_eq!(fx.idp.token_calls(), 2, "{name}");
+        fx.sidecar.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_keeps_failing_is_backed_off_then_recovered_from_after_the_hold() {
+    // A row that hangs spends the request timeout on every call, which would measure the
+    // timeout rather than the backoff.
+    let rows = faults()
+        .into_iter()
+        .filter(|f| f.answered == PROMPT)
+        .collect();
+    for_each_fault(rows, |fault| async move {
+        let name = fault.name;
+        let fx = Fixture::start(FAULT_CONFIG).await;
+        fx.idp.set_default(fault.provider.clone());
+
+        let replies = hammer(&fx.sidecar, Duration::from_secs(1)).await;
+        assert_fault(&fault, &replies[0]);
+        for reply in &replies {
+            if reply.status == 429 {
+                assert_held(&fault, reply, Duration::from_secs(60));
+            } else {
+                assert_fault(&fault, reply);
+            }
+        }
+        // Holds of U·1 s, U·2 s, U·4 s...: six calls within a second is a 1-in-1500 event.
+        let calls = fx.idp.token_calls();
+        assert!(
+            (1..=5).contains(&calls),
+            "{name}: {calls} upstream calls in 1 s of requests every 20 ms"
+        );
+        assert!(
+            replies.len() > 2 * calls,
+            "{name}: most callers were answered from the hold: {calls} calls, {} requests",
+            replies.len()
+        );
+
+        // The first request after the advertised hold reaches the now healthy provider.
+        fx.idp.set_default(Behavior::token(3600));
+        let mut reply = token(&fx.sidecar).await;
+        if reply.status != 200 {
+            assert_held(&fault, &reply, Duration::from_secs(60));
+            assert_eq!(
+                fx.idp.token_calls(),
+                calls,
+                "{name}: no call during the hold"
+            );
+            tokio::time::sleep(Duration::from_secs(retry_after(&reply))).await;
+            reply = token(&fx.sidecar).await;
+        }
+        assert!(access_token(&reply).starts_with("tok-"), "{name}");
+        assert_eq!(fx.idp.token_calls(), calls + 1, "{name}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// An unreachable provider, throttling and absurd values
+// ---------------------------------------------------------------------------------------------
+
 #[tokio::test]
 async fn provider_down_at_start_then_up_recovers_on_the_first_request_after_the_hold() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -60,7 +286,7 @@ async fn provider_down_at_start_then_up_recovers_on_the_first_request_after_the_
     let first = token(&sidecar).await;
     assert_eq!(first.status, 502, "{}", first.text());
     assert_eq!(first.json()["error"], "temporarily_unavailable");
-    let during: Vec<u16> = hammer(&sidecar, Duration::from_millis(300)).await;
+    let during = statuses(&hammer(&sidecar, Duration::from_millis(300)).await);
     assert!(during.iter().all(|s| [429, 502].contains(s)), "{during:?}");
 
     let idp = FakeProvider::start_on(port).await;
@@ -76,157 +302,67 @@ async fn provider_down_at_start_then_up_recovers_on_the_first_request_after_the_
 }
 
 #[tokio::test]
-async fn connection_resets_are_backed_off_then_recovered_from() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::Drop);
-    let sidecar = Sidecar::start_with(config(&idp.url(), FAST_BACKOFF)).await;
-    let statuses = hammer(&sidecar, Duration::from_secs(1)).await;
-    assert!(
-        statuses.iter().all(|s| [429, 502].contains(s)),
-        "{statuses:?}"
-    );
-    let calls = idp.token_calls();
-    assert!(
-        (1..=15).contains(&calls),
-        "{calls} upstream calls in 1 s of requests every 20 ms: backoff bounds them"
-    );
-    assert!(
-        statuses.len() > 2 * calls,
-        "most callers were answered from the hold: {calls} calls, {} requests",
-        statuses.len()
-    );
-    idp.set_default(Behavior::token(3600));
-    until_ok(&sidecar).await;
-}
-
-#[tokio::test]
-async fn a_provider_slower_than_the_timeout_gives_504_then_recovers() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::Hang);
-    let sidecar = Sidecar::start_with(config(
-        &idp.url(),
-        &format!("{FAST_BACKOFF}[client]\nrequest_timeout = \"300ms\"\n"),
-    ))
-    .await;
-    let started = Instant::now();
-    let slow = token(&sidecar).await;
-    assert_eq!(slow.status, 504, "{}", slow.text());
-    assert!(started.elapsed() < Duration::from_secs(2));
-    let ok = until_ok(&sidecar).await;
-    assert_eq!(
-        ok.json()["expires_in"].as_u64().map(|e| e > 3500),
-        Some(true)
-    );
-    assert_eq!(idp.token_calls(), 2);
-}
-
-#[tokio::test]
-async fn garbage_is_a_502_and_never_cached() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::Garbage);
-    idp.push(Behavior::Json(
-        r#"{"token_type":"bearer","expires_in":3600}"#.into(),
-    ));
-    let sidecar = Sidecar::start_with(config(&idp.url(), FAST_BACKOFF)).await;
-    let garbage = token(&sidecar).await;
-    assert_eq!(garbage.status, 502);
-    assert_eq!(garbage.json()["error"], "server_error");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let no_token = token(&sidecar).await;
-    assert_eq!(
-        no_token.status, 502,
-        "a 200 without access_token is unusable too"
-    );
-    let ok = until_ok(&sidecar).await;
-    assert!(
-        ok.json()["access_token"]
-            .as_str()
-            .unwrap()
-            .starts_with("tok-")
-    );
-    assert_eq!(idp.token_calls(), 3);
-}
-
-#[tokio::test]
 async fn flapping_between_429_and_200_makes_no_call_inside_each_window() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::status(429, Some("1")));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let statuses = hammer(&sidecar, Duration::from_millis(800)).await;
-    assert_eq!(statuses[0], 429);
-    assert!(statuses.iter().all(|&s| s == 429), "{statuses:?}");
+    let fx = Fixture::start("").await;
+    fx.idp.push(Behavior::status(429, Some("1")));
+    let held = statuses(&hammer(&fx.sidecar, Duration::from_millis(800)).await);
+    assert_eq!(held[0], 429);
+    assert!(held.iter().all(|&s| s == 429), "{held:?}");
     assert_eq!(
-        idp.token_calls(),
+        fx.idp.token_calls(),
         1,
         "no call during the Retry-After window"
     );
-    let ok = until_ok(&sidecar).await;
+    let ok = until_ok(&fx.sidecar).await;
     assert_eq!(ok.status, 200);
     // Once healthy, the cached token serves everyone.
-    idp.push(Behavior::status(429, Some("1")));
-    let statuses = hammer(&sidecar, Duration::from_millis(300)).await;
-    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
-    assert_eq!(idp.token_calls(), 2);
+    fx.idp.push(Behavior::status(429, Some("1")));
+    let served = statuses(&hammer(&fx.sidecar, Duration::from_millis(300)).await);
+    assert!(served.iter().all(|&s| s == 200), "{served:?}");
+    assert_eq!(fx.idp.token_calls(), 2);
 }
 
 #[tokio::test]
 async fn a_503_with_an_http_date_is_honoured() {
-    let idp = FakeProvider::start().await;
+    let fx = Fixture::start("").await;
     let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
-    idp.push(Behavior::status(503, Some(&date)));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    assert_eq!(token(&sidecar).await.status, 503);
-    let held = token(&sidecar).await;
+    fx.idp.push(Behavior::status(503, Some(&date)));
+    assert_eq!(token(&fx.sidecar).await.status, 503);
+    let held = token(&fx.sidecar).await;
     assert_eq!(held.status, 429);
     let retry_after: u64 = held.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=3).contains(&retry_after), "{retry_after}");
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 }
 
 #[tokio::test]
 async fn absurd_lifetimes_are_bounded() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::token(10_000_000_000));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let reply = token(&sidecar).await;
+    let huge = Fixture::start("").await;
+    huge.idp.set_default(Behavior::token(10_000_000_000));
+    let reply = token(&huge.sidecar).await;
     assert!(
         reply.json()["expires_in"].as_u64().unwrap() <= 24 * 3600,
         "capped at max_lifetime"
     );
 
-    let zero = FakeProvider::start().await;
-    zero.set_default(Behavior::token(0));
-    let sidecar = Sidecar::start(&zero.url()).await;
-    assert_eq!(token(&sidecar).await.status, 200);
-    assert_eq!(token(&sidecar).await.status, 200);
+    let zero = Fixture::start("").await;
+    zero.idp.set_default(Behavior::token(0));
+    assert_eq!(token(&zero.sidecar).await.status, 200);
+    assert_eq!(token(&zero.sidecar).await.status, 200);
     assert_eq!(
-        zero.token_calls(),
+        zero.idp.token_calls(),
         2,
         "a token with no life left is passed on, never cached"
     );
 
-    let negative = FakeProvider::start().await;
-    negative.set_default(Behavior::token(-5));
-    let sidecar = Sidecar::start(&negative.url()).await;
-    assert_eq!(token(&sidecar).await.status, 502);
+    let negative = Fixture::start("").await;
+    negative.idp.set_default(Behavior::token(-5));
+    assert_eq!(token(&negative.sidecar).await.status, 502);
 }
 
-#[tokio::test]
-async fn a_token_response_of_megabytes_is_refused_and_not_cached() {
-    let idp = FakeProvider::start().await;
-    let huge = format!(
-        r#"{{"access_token":"{}","expires_in":3600}}"#,
-        "x".repeat(2 * 1024 * 1024)
-    );
-    idp.push(Behavior::Json(huge));
-    let sidecar = Sidecar::start_with(config(&idp.url(), FAST_BACKOFF)).await;
-    let reply = token(&sidecar).await;
-    assert_eq!(reply.status, 502);
-    assert!(reply.body.len() < 1024);
-    let ok = until_ok(&sidecar).await;
-    assert!(ok.body.len() < 1024);
-    assert_eq!(idp.token_calls(), 2);
-}
+// ---------------------------------------------------------------------------------------------
+// Floods and bounds
+// ---------------------------------------------------------------------------------------------
 
 /// One token request for each of `n` distinct client ids, all at once.
 async fn distinct_clients_at_once(sidecar: &Sidecar, n: usize) -> Vec<Reply> {
@@ -241,16 +377,11 @@ async fn distinct_clients_at_once(sidecar: &Sidecar, n: usize) -> Vec<Reply> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbound_rate_limit_spaces_calls_across_distinct_keys() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(
-        &idp.url(),
-        "[token]\ncalls_per_second = 10.0\ncalls_burst = 1\n",
-    ))
-    .await;
+    let fx = Fixture::start("[token]\ncalls_per_second = 10.0\ncalls_burst = 1\n").await;
     let started = Instant::now();
-    let replies = distinct_clients_at_once(&sidecar, 8).await;
+    let replies = distinct_clients_at_once(&fx.sidecar, 8).await;
     assert!(replies.iter().all(|r| r.status == 200));
-    assert_eq!(idp.token_calls(), 8);
+    assert_eq!(fx.idp.token_calls(), 8);
     assert!(
         started.elapsed() >= Duration::from_millis(650),
         "8 calls at 10/s with a burst of 1 take at least 0.7 s: {:?}",
@@ -260,13 +391,11 @@ async fn the_outbound_rate_limit_spaces_calls_across_distinct_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_the_limiter_cannot_fit_before_the_deadline_get_an_honest_429() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(
-        &idp.url(),
+    let fx = Fixture::start(
         "[token]\ncalls_per_second = 1.0\ncalls_burst = 1\nwait_timeout = \"1s\"\n[client]\nrequest_timeout = \"500ms\"\n",
-    ))
+    )
     .await;
-    let replies = distinct_clients_at_once(&sidecar, 4).await;
+    let replies = distinct_clients_at_once(&fx.sidecar, 4).await;
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let held: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
     assert_eq!(ok, 1, "one call fits the burst");
@@ -276,19 +405,17 @@ async fn calls_the_limiter_cannot_fit_before_the_deadline_get_an_honest_429() {
         assert!((1..=4).contains(&retry_after), "{retry_after}");
         assert_eq!(reply.json()["error"], "temporarily_unavailable");
     }
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 }
 
 #[tokio::test]
 async fn idle_keys_are_evicted_and_not_refreshed() {
-    let idp = FakeProvider::start().await;
-    let sidecar =
-        Sidecar::start_with(config(&idp.url(), "[token]\nidle_timeout = \"500ms\"\n")).await;
-    assert_eq!(token(&sidecar).await.status, 200);
-    assert_eq!(token(&sidecar).await.status, 200);
-    assert_eq!(idp.token_calls(), 1);
+    let fx = Fixture::start("[token]\nidle_timeout = \"500ms\"\n").await;
+    assert_eq!(token(&fx.sidecar).await.status, 200);
+    assert_eq!(token(&fx.sidecar).await.status, 200);
+    assert_eq!(fx.idp.token_calls(), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let metrics = sidecar.metrics().await;
+    let metrics = fx.sidecar.metrics().await;
     assert!(
         metrics.contains(r#"token_sidecar_cache_entries{route="default"} 0"#),
         "{metrics}"
@@ -297,26 +424,19 @@ async fn idle_keys_are_evicted_and_not_refreshed() {
         metrics.contains(r#"token_sidecar_cache_evictions_total{route="default",reason="idle"} 1"#),
         "{metrics}"
     );
-    assert_eq!(idp.token_calls(), 1, "an idle key is not refreshed");
-    assert_eq!(token(&sidecar).await.status, 200);
-    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(fx.idp.token_calls(), 1, "an idle key is not refreshed");
+    assert_eq!(token(&fx.sidecar).await.status, 200);
+    assert_eq!(fx.idp.token_calls(), 2);
 }
 
 #[tokio::test]
 async fn the_cache_never_grows_past_max_entries() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(&idp.url(), "[token]\nmax_entries = 16\n")).await;
-    let c = client();
+    let fx = Fixture::start("[token]\nmax_entries = 16\n").await;
     for i in 0..40 {
         let form = format!("grant_type=client_credentials&client_id=app{i}&client_secret=s");
-        assert_eq!(
-            post_form(&c, &sidecar.token_url(), &form, None)
-                .await
-                .status,
-            200
-        );
+        assert_eq!(fx.post_token(&form).await.status, 200);
     }
-    let metrics = sidecar.metrics().await;
+    let metrics = fx.sidecar.metrics().await;
     let entries: usize = metrics
         .lines()
         .find(|l| l.starts_with("token_sidecar_cache_entries{"))
@@ -341,37 +461,29 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn oversized_or_too_many_headers_are_refused() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(
-        &idp.url(),
-        "[limits]\nmax_headers = 20\nmax_header_bytes = 8192\n",
-    ))
-    .await;
+    let fx = Fixture::start("[limits]\nmax_headers = 20\nmax_header_bytes = 8192\n").await;
     let big = format!(
         "GET /echo HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
         "a".repeat(16 * 1024)
     );
-    let answer = raw_exchange(sidecar.addr, big.as_bytes()).await;
+    let answer = raw_exchange(fx.sidecar.addr, big.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     let many: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
     let answer = raw_exchange(
-        sidecar.addr,
+        fx.sidecar.addr,
         format!("GET /echo HTTP/1.1\r\nhost: x\r\n{many}\r\n").as_bytes(),
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert_eq!(idp.requests(), 0);
+    assert_eq!(fx.idp.requests(), 0);
 }
 
 #[tokio::test]
 async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(
-        &idp.url(),
-        "[limits]\nheader_read_timeout = \"300ms\"\n",
-    ))
-    .await;
-    let mut stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let fx = Fixture::start("[limits]\nheader_read_timeout = \"300ms\"\n").await;
+    let mut stream = tokio::net::TcpStream::connect(fx.sidecar.addr)
+        .await
+        .unwrap();
     stream
         .write_all(b"GET /echo HTTP/1.1\r\nhost: x\r\nx-slow: ")
         .await
@@ -385,25 +497,22 @@ async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(idp.requests(), 0);
+    assert_eq!(fx.idp.requests(), 0);
 }
 
 #[tokio::test]
 async fn connections_past_the_cap_wait_until_one_closes() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(&idp.url(), "[limits]\nmax_connections = 2\n")).await;
-    let hold_a = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
-    let hold_b = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let fx = Fixture::start("[limits]\nmax_connections = 2\n").await;
+    let addr = fx.sidecar.addr;
+    let hold_a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hold_b = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let third = tokio::spawn({
-        let addr = sidecar.addr;
-        async move {
-            raw_exchange(
-                addr,
-                b"GET /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-            )
-            .await
-        }
+    let third = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            b"GET /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

@@ -12,8 +12,8 @@ use hyper_util::rt::TokioExecutor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::sidecar::{Sidecar, config};
-use support::{FakeProvider, client, send};
+use support::sidecar::Sidecar;
+use support::{Behavior, Fixture, client, send};
 use tokio_tungstenite::tungstenite::Message;
 
 fn request(method: Method, url: &str) -> http::request::Builder {
@@ -22,9 +22,7 @@ fn request(method: Method, url: &str) -> http::request::Builder {
 
 #[tokio::test]
 async fn methods_paths_queries_and_end_to_end_headers_are_forwarded_unchanged() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
+    let fx = Fixture::start("").await;
     for method in [
         Method::GET,
         Method::POST,
@@ -34,7 +32,7 @@ async fn methods_paths_queries_and_end_to_end_headers_are_forwarded_unchanged() 
     ] {
         let req = request(
             method.clone(),
-            &format!("{}/echo/a%20b/c?x=1&y=%2F&x=2", sidecar.url()),
+            &format!("{}/echo/a%20b/c?x=1&y=%2F&x=2", fx.sidecar.url()),
         )
         .header("x-custom", "kept")
         .header("authorization", "Bearer abc")
@@ -44,7 +42,7 @@ async fn methods_paths_queries_and_end_to_end_headers_are_forwarded_unchanged() 
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .body(Full::new(Bytes::from_static(b"payload")))
         .unwrap();
-        let reply = send(&c, req).await;
+        let reply = send(&fx.client, req).await;
         assert_eq!(reply.status, 200, "{method}: {}", reply.text());
         assert_eq!(
             reply.header("x-echo").as_deref(),
@@ -60,7 +58,7 @@ async fn methods_paths_queries_and_end_to_end_headers_are_forwarded_unchanged() 
         assert_eq!(headers["authorization"], "Bearer abc");
         assert_eq!(
             headers["host"],
-            idp.addr().to_string(),
+            fx.idp.addr().to_string(),
             "Host is the upstream's"
         );
         for hop in ["x-hop", "keep-alive", "proxy-authorization"] {
@@ -75,25 +73,26 @@ async fn methods_paths_queries_and_end_to_end_headers_are_forwarded_unchanged() 
 
 #[tokio::test]
 async fn host_can_be_preserved_by_configuration() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(&idp.url(), "preserve_host = true")).await;
-    let req = request(Method::GET, &format!("{}/echo", sidecar.url()))
+    let fx = Fixture::start("preserve_host = true").await;
+    let req = request(Method::GET, &format!("{}/echo", fx.sidecar.url()))
         .header("host", "app.internal")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let echo = send(&client(), req).await.json();
+    let echo = send(&fx.client, req).await.json();
     assert_eq!(echo["headers"]["host"], "app.internal");
 }
 
 #[tokio::test]
 async fn upstream_statuses_come_back_as_they_came() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
+    let fx = Fixture::start("").await;
     for status in [204u16, 302, 404, 418, 500, 503] {
-        let req = request(Method::GET, &format!("{}/status/{status}", sidecar.url()))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        assert_eq!(send(&client(), req).await.status, status);
+        let req = request(
+            Method::GET,
+            &format!("{}/status/{status}", fx.sidecar.url()),
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+        assert_eq!(send(&fx.client, req).await.status, status);
     }
 }
 
@@ -118,19 +117,13 @@ async fn a_dead_upstream_gives_a_quick_502_with_json() {
 
 #[tokio::test]
 async fn a_silent_upstream_gives_504_after_the_request_timeout() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(support::Behavior::Hang);
-    let sidecar =
-        Sidecar::start_with(config(&idp.url(), "[client]\nrequest_timeout = \"500ms\"")).await;
+    let fx = Fixture::start("[client]\nrequest_timeout = \"500ms\"").await;
+    fx.idp.set_default(Behavior::Hang);
     let started = Instant::now();
     // A non-cacheable token request (password grant) goes through the forwarder.
-    let reply = support::post_form(
-        &client(),
-        &sidecar.token_url(),
-        "grant_type=password&username=u&password=p",
-        None,
-    )
-    .await;
+    let reply = fx
+        .post_token("grant_type=password&username=u&password=p")
+        .await;
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -165,17 +158,16 @@ const HUNDRED_MB: u64 = 100 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_download_streams_through_with_bounded_memory() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
+    let fx = Fixture::start("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(stop.clone());
     let req = request(
         Method::GET,
-        &format!("{}/bytes/{HUNDRED_MB}", sidecar.url()),
+        &format!("{}/bytes/{HUNDRED_MB}", fx.sidecar.url()),
     )
     .body(Full::new(Bytes::new()))
     .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(60), client().request(req))
+    let response = tokio::time::timeout(Duration::from_secs(60), fx.client.request(req))
         .await
         .unwrap()
         .unwrap();
@@ -201,8 +193,7 @@ async fn a_hundred_megabyte_download_streams_through_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_upload_streams_through_with_bounded_memory() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
+    let fx = Fixture::start("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(stop.clone());
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
@@ -214,7 +205,7 @@ async fn a_hundred_megabyte_upload_streams_through_with_bounded_memory() {
         Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))
     }));
     let streaming = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
-    let req = request(Method::POST, &format!("{}/upload", sidecar.url()))
+    let req = request(Method::POST, &format!("{}/upload", fx.sidecar.url()))
         .body(StreamBody::new(stream))
         .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(60), streaming.request(req))
@@ -238,10 +229,11 @@ async fn a_hundred_megabyte_upload_streams_through_with_bounded_memory() {
 
 #[tokio::test]
 async fn a_websocket_opens_through_the_sidecar_and_echoes_both_ways() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let stream = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
-    let url = format!("ws://{}/ws", sidecar.addr);
+    let fx = Fixture::start("").await;
+    let stream = tokio::net::TcpStream::connect(fx.sidecar.addr)
+        .await
+        .unwrap();
+    let url = format!("ws://{}/ws", fx.sidecar.addr);
     let (mut ws, response) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::client_async(url, stream),

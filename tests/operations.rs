@@ -8,8 +8,7 @@ use http_body_util::Full;
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::sidecar::Sidecar;
-use support::{Behavior, FakeProvider, client, post_form, send};
+use support::{Behavior, FakeProvider, Fixture, client, post_form, send};
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-sidecar");
 
@@ -312,26 +311,30 @@ async fn trace_logs_never_carry_secrets_tokens_or_authorization() {
 
 #[tokio::test]
 async fn healthz_readyz_and_metrics_report_the_token_path() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
+    let fx = Fixture::start("").await;
     let form = "grant_type=client_credentials&client_id=app&client_secret=hunter2";
     for _ in 0..3 {
-        post_form(&c, &sidecar.token_url(), form, None).await;
+        fx.post_token(form).await;
     }
     assert_eq!(
-        get(&format!("{}/healthz", sidecar.admin_url)).await.status,
+        get(&format!("{}/healthz", fx.sidecar.admin_url))
+            .await
+            .status,
         200
     );
     assert_eq!(
-        get(&format!("{}/readyz", sidecar.admin_url)).await.status,
+        get(&format!("{}/readyz", fx.sidecar.admin_url))
+            .await
+            .status,
         200
     );
     assert_eq!(
-        get(&format!("{}/nope", sidecar.admin_url)).await.status,
+        get(&format!("{}/nope", fx.sidecar.admin_url)).await.status,
         404
     );
-    let metrics = get(&format!("{}/metrics", sidecar.admin_url)).await.text();
+    let metrics = get(&format!("{}/metrics", fx.sidecar.admin_url))
+        .await
+        .text();
     for line in [
         r#"token_sidecar_token_requests_total{route="default",outcome="hit"} 2"#,
         r#"token_sidecar_token_requests_total{route="default",outcome="miss"} 1"#,
@@ -347,15 +350,12 @@ async fn healthz_readyz_and_metrics_report_the_token_path() {
         "no secret or token in metrics"
     );
 
-    idp.set_default(Behavior::status(429, Some("60")));
-    post_form(
-        &c,
-        &sidecar.token_url(),
-        "grant_type=client_credentials&client_id=other&client_secret=x",
-        None,
-    )
-    .await;
-    let metrics = get(&format!("{}/metrics", sidecar.admin_url)).await.text();
+    fx.idp.set_default(Behavior::status(429, Some("60")));
+    fx.post_token("grant_type=client_credentials&client_id=other&client_secret=x")
+        .await;
+    let metrics = get(&format!("{}/metrics", fx.sidecar.admin_url))
+        .await
+        .text();
     assert!(
         metrics.contains(r#"token_sidecar_cooldowns_active{route="default"} 1"#),
         "{metrics}"
@@ -371,14 +371,17 @@ async fn healthz_readyz_and_metrics_report_the_token_path() {
         !metrics.contains("\"other\""),
         "client ids appear only hashed"
     );
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn healthcheck_subcommand_reflects_readiness() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let admin = sidecar.admin_url.trim_start_matches("http://").to_owned();
+    let fx = Fixture::start("").await;
+    let admin = fx
+        .sidecar
+        .admin_url
+        .trim_start_matches("http://")
+        .to_owned();
     let ok =
         tokio::task::spawn_blocking(move || run_to_end(&["healthcheck", "--admin", &admin], &[]))
             .await

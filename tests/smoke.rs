@@ -1,18 +1,15 @@
 //! A first end-to-end check: a cold request, then a hit.
 mod support;
 
-use support::sidecar::Sidecar;
-use support::{FakeProvider, client, post_form};
+use support::Fixture;
 
 #[tokio::test]
 async fn second_request_is_a_hit() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
+    let fx = Fixture::start("").await;
     let form = "grant_type=client_credentials&client_id=app&client_secret=s3cret";
-    let first = post_form(&c, &sidecar.token_url(), form, None).await;
+    let first = fx.post_token(form).await;
     assert_eq!(first.status, 200, "{}", first.text());
-    let second = post_form(&c, &sidecar.token_url(), form, None).await;
+    let second = fx.post_token(form).await;
     assert_eq!(second.status, 200);
     assert_eq!(first.json()["access_token"], second.json()["access_token"]);
     assert!(
@@ -20,6 +17,6 @@ async fn second_request_is_a_hit() {
         "{:?}",
         second.headers
     );
-    assert_eq!(idp.token_calls(), 1);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 1);
+    fx.sidecar.stop().await.unwrap();
 }

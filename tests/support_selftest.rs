@@ -9,7 +9,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Method, Request};
 use http_body_util::Full;
-use support::{Behavior, FakeProvider, client, form_encode, post_form, send, test_ca, tls_client};
+use support::tls::{test_pki, tls_client};
+use support::{Behavior, FakeProvider, client, form_encode, post_form, send};
 use tokio_tungstenite::tungstenite::Message;
 
 const CC: &str = "grant_type=client_credentials";
@@ -371,10 +372,10 @@ async fn websocket_echoes_frames() {
 
 #[tokio::test]
 async fn tls_provider_answers_a_client_trusting_the_test_ca() {
-    let (ca, cert, key) = test_ca();
-    let idp = FakeProvider::start_tls(cert, key).await;
+    let pki = test_pki();
+    let idp = FakeProvider::start_tls(&pki).await;
     assert!(idp.url().starts_with("https://127.0.0.1:"));
-    let c = tls_client(&ca);
+    let c = tls_client(&pki.ca);
 
     let r = post_form(&c, &format!("{}/token", idp.url()), CC, None).await;
     assert_eq!(r.status, 200);
@@ -398,8 +399,7 @@ async fn tls_provider_answers_a_client_trusting_the_test_ca() {
     assert_eq!(idp.requests(), 3);
 
     // A client that does not trust the CA is refused.
-    let (other_ca, _, _) = test_ca();
-    let untrusting = tls_client(&other_ca);
+    let untrusting = tls_client(&test_pki().ca);
     let res = untrusting
         .request(get(&format!("{}/echo", idp.url())))
         .await;

@@ -1,6 +1,7 @@
 //! Behaviour of the token path against the real server on 127.0.0.1:0 and the fake identity
-//! provider: single flight, credential isolation, lifetimes and refresh ahead, Retry-After and
-//! backoff holds, shared errors, caller disconnects, local validation, pass-through and timeouts.
+//! provider: single flight, credential isolation, lifetimes and refresh ahead, Retry-After
+//! holds, shared errors, caller disconnects, local validation, pass-through, and what is part of
+//! the key. Provider faults (garbage, dropped connections, timeouts, 5xx) are in faults.rs.
 //!
 //! Every test starts its own provider and sidecar, so tests run in parallel without sharing
 //! state. Assertions are on the provider's call count and on response headers; wall-clock bounds
@@ -15,8 +16,10 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{Method, Request, header};
 use http_body_util::Full;
-use support::sidecar::{Sidecar, config};
-use support::{Behavior, Client, FakeProvider, Reply, client, form_encode, post_form, send};
+use support::oauth::{
+    access_token, assert_cooling_down, assert_oauth_error, cache_status, expires_in,
+};
+use support::{Behavior, Client, FakeProvider, Fixture, form_encode, post_form, send};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -33,54 +36,6 @@ fn cc(id: &str, secret: &str) -> String {
         form_encode(id),
         form_encode(secret)
     )
-}
-
-/// The `Cache-Status` header, or a panic naming the response.
-fn cache_status(reply: &Reply) -> String {
-    reply
-        .header("cache-status")
-        .unwrap_or_else(|| panic!("no Cache-Status: {} {:?}", reply.status, reply.headers))
-}
-
-fn access_token(reply: &Reply) -> String {
-    assert_eq!(reply.status, 200, "expected a token, got {}", reply.text());
-    reply.json()["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no access_token in {}", reply.text()))
-        .to_owned()
-}
-
-fn expires_in(reply: &Reply) -> u64 {
-    reply.json()["expires_in"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no integer expires_in in {}", reply.text()))
-}
-
-/// Asserts an RFC 6749 §5.2 error response with this status and `error` code.
-fn assert_oauth_error(reply: &Reply, status: u16, error: &str) {
-    assert_eq!(reply.status, status, "{}", reply.text());
-    assert_eq!(
-        reply.header("content-type").as_deref(),
-        Some("application/json"),
-        "{:?}",
-        reply.headers
-    );
-    assert_eq!(reply.json()["error"], error, "{}", reply.text());
-}
-
-/// `Retry-After` as whole seconds.
-fn retry_after(reply: &Reply) -> u64 {
-    let value = reply
-        .header("retry-after")
-        .unwrap_or_else(|| panic!("no Retry-After: {} {:?}", reply.status, reply.headers));
-    value
-        .parse()
-        .unwrap_or_else(|_| panic!("Retry-After {value:?} is not delay-seconds"))
-}
-
-/// Whole seconds, rounded up.
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Runs `n` requests at once, each in its own task, and returns their results in completion order.
@@ -176,13 +131,13 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_hundred_concurrent_cold_requests_make_one_upstream_call() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(3600, Duration::from_millis(300)));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp
+        .set_default(Behavior::slow_token(3600, Duration::from_millis(300)));
+    let c = fx.client.clone();
+    let url = fx.sidecar.token_url();
     warm_up(&c, &url, 500).await;
-    assert_eq!(idp.requests(), 0);
+    assert_eq!(fx.idp.requests(), 0);
 
     let replies = concurrently(500, |_| {
         let c = c.clone();
@@ -191,7 +146,7 @@ async fn five_hundred_concurrent_cold_requests_make_one_upstream_call() {
     })
     .await;
 
-    assert_eq!(idp.token_calls(), 1, "one upstream call for 500 callers");
+    assert_eq!(fx.idp.token_calls(), 1, "one upstream call for 500 callers");
     let first = access_token(&replies[0]);
     let mut leaders = 0;
     let mut collapsed = 0;
@@ -216,16 +171,16 @@ async fn five_hundred_concurrent_cold_requests_make_one_upstream_call() {
         collapsed >= 50,
         "callers should have waited for the leader's call, only {collapsed} did"
     );
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_requests_for_twenty_clients_make_twenty_upstream_calls() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(3600, Duration::from_millis(300)));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp
+        .set_default(Behavior::slow_token(3600, Duration::from_millis(300)));
+    let c = fx.client.clone();
+    let url = fx.sidecar.token_url();
 
     let replies = concurrently(200, |i| {
         let c = c.clone();
@@ -247,7 +202,7 @@ async fn two_hundred_concurrent_requests_for_twenty_clients_make_twenty_upstream
         }
     }
     assert_eq!(
-        idp.token_calls(),
+        fx.idp.token_calls(),
         20,
         "one upstream call per credential set"
     );
@@ -255,7 +210,7 @@ async fn two_hundred_concurrent_requests_for_twenty_clients_make_twenty_upstream
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 20, "every client got its own token");
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,42 +219,42 @@ async fn two_hundred_concurrent_requests_for_twenty_clients_make_twenty_upstream
 
 #[tokio::test]
 async fn a_wrong_secret_never_gets_the_cached_token() {
-    let idp = FakeProvider::start().await;
-    idp.set_clients(&[("app", "s3cret")]);
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp.set_clients(&[("app", "s3cret")]);
 
-    let good = post_form(&c, &url, &cc("app", "s3cret"), None).await;
+    let good = fx.post_token(&cc("app", "s3cret")).await;
     let token = access_token(&good);
 
-    let wrong = post_form(&c, &url, &cc("app", "wrong"), None).await;
+    let wrong = fx.post_token(&cc("app", "wrong")).await;
     assert_eq!(wrong.status, 401, "{}", wrong.text());
     assert_eq!(wrong.json()["error"], "invalid_client");
     assert!(!wrong.text().contains(&token), "{}", wrong.text());
-    let wrong_basic = post_form(&c, &url, CC, Some(("app", "wrong"))).await;
+    let wrong_basic = post_form(
+        &fx.client,
+        &fx.sidecar.token_url(),
+        CC,
+        Some(("app", "wrong")),
+    )
+    .await;
     assert_eq!(wrong_basic.status, 401, "{}", wrong_basic.text());
     assert!(!wrong_basic.text().contains(&token));
     assert_eq!(
-        idp.token_calls(),
+        fx.idp.token_calls(),
         2,
         "the wrong secret went to the provider"
     );
 
     // The rejected secret did not disturb the good entry.
-    let again = post_form(&c, &url, &cc("app", "s3cret"), None).await;
+    let again = fx.post_token(&cc("app", "s3cret")).await;
     assert_eq!(access_token(&again), token);
     assert!(cache_status(&again).contains("hit"));
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 2);
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn different_scope_audience_or_resource_get_their_own_upstream_call_and_token() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
     let base = cc("app", "s3cret");
     let forms = [
         base.clone(),
@@ -310,9 +265,9 @@ async fn different_scope_audience_or_resource_get_their_own_upstream_call_and_to
 
     let mut tokens = Vec::new();
     for form in &forms {
-        tokens.push(access_token(&post_form(&c, &url, form, None).await));
+        tokens.push(access_token(&fx.post_token(form).await));
     }
-    assert_eq!(idp.token_calls(), forms.len());
+    assert_eq!(fx.idp.token_calls(), forms.len());
     let mut distinct = tokens.clone();
     distinct.sort();
     distinct.dedup();
@@ -320,31 +275,34 @@ async fn different_scope_audience_or_resource_get_their_own_upstream_call_and_to
 
     // Each variant is now cached under its own key.
     for (form, token) in forms.iter().zip(&tokens) {
-        let again = post_form(&c, &url, form, None).await;
+        let again = fx.post_token(form).await;
         assert_eq!(access_token(&again), *token, "{form}");
     }
-    assert_eq!(idp.token_calls(), forms.len());
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), forms.len());
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn basic_and_form_authentication_with_the_same_credentials_share_one_entry() {
-    let idp = FakeProvider::start().await;
-    idp.set_clients(&[("app", "s3cret")]);
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp.set_clients(&[("app", "s3cret")]);
 
-    let form = post_form(&c, &url, &cc("app", "s3cret"), None).await;
-    let basic = post_form(&c, &url, CC, Some(("app", "s3cret"))).await;
+    let form = fx.post_token(&cc("app", "s3cret")).await;
+    let basic = post_form(
+        &fx.client,
+        &fx.sidecar.token_url(),
+        CC,
+        Some(("app", "s3cret")),
+    )
+    .await;
     assert_eq!(access_token(&form), access_token(&basic));
     assert!(
         cache_status(&basic).contains("hit"),
         "{}",
         cache_status(&basic)
     );
-    assert_eq!(idp.token_calls(), 1);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 1);
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,27 +311,24 @@ async fn basic_and_form_authentication_with_the_same_credentials_share_one_entry
 
 #[tokio::test]
 async fn served_expires_in_counts_down_and_other_fields_are_kept() {
-    let idp = FakeProvider::start().await;
+    let fx = Fixture::start("").await;
     let body = r#"{"access_token":"fixed-abc","token_type":"Bearer","expires_in":3600,"scope":"read write","ext":{"nested":[1,2,{"x":null}]},"n":1.50}"#;
-    idp.set_default(Behavior::Json(body.to_owned()));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    fx.idp.set_default(Behavior::Json(body.to_owned()));
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     assert_eq!(first.status, 200, "{}", first.text());
     let first_expiry = expires_in(&first);
     assert!(first_expiry <= 3600, "{first_expiry}");
     sleep(Duration::from_millis(1100)).await;
-    let second = post_form(&c, &url, &form, None).await;
+    let second = fx.post_token(&form).await;
     assert_eq!(second.status, 200, "{}", second.text());
     let second_expiry = expires_in(&second);
     assert!(
         second_expiry < first_expiry,
         "expires_in must count down: {first_expiry} then {second_expiry}"
     );
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 
     let status = cache_status(&second);
     let ttl: u64 = status
@@ -403,7 +358,7 @@ async fn served_expires_in_counts_down_and_other_fields_are_kept() {
         let expected = body.replace("3600", &expires_in(reply).to_string());
         assert_eq!(reply.text(), expected);
     }
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,28 +367,25 @@ async fn served_expires_in_counts_down_and_other_fields_are_kept() {
 
 #[tokio::test]
 async fn a_token_past_its_safety_margin_is_fetched_again() {
-    let idp = FakeProvider::start().await;
+    let fx = Fixture::start("").await;
     // Lifetime 3 s: margin min(30 s, 10 %) = 0.3 s, so it is served until 2.7 s; refresh ahead
     // would start at 2.25..2.4 s, so no request is sent in that window.
-    idp.set_default(Behavior::token(3));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    fx.idp.set_default(Behavior::token(3));
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     let t0 = Instant::now();
     let old = access_token(&first);
     assert!(cache_status(&first).contains("fwd=miss"));
 
     sleep_until(t0 + Duration::from_millis(1000)).await;
-    let hit = post_form(&c, &url, &form, None).await;
+    let hit = fx.post_token(&form).await;
     assert_eq!(access_token(&hit), old);
     assert!(cache_status(&hit).contains("hit"));
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 
     sleep_until(t0 + Duration::from_millis(2900)).await;
-    let stale = post_form(&c, &url, &form, None).await;
+    let stale = fx.post_token(&form).await;
     let new = access_token(&stale);
     assert_ne!(
         new, old,
@@ -442,8 +394,8 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
     let status = cache_status(&stale);
     assert!(status.contains("fwd=stale"), "{status}");
     assert!(expires_in(&stale) <= 3);
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 2);
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,22 +404,19 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_ahead_serves_the_old_token_at_once_and_fetches_the_new_one_in_the_background() {
-    let idp = FakeProvider::start().await;
+    let fx = Fixture::start("").await;
     let delay = Duration::from_millis(500);
     // Lifetime 4 s: refresh due at 3.0..3.2 s, served until 3.6 s.
-    idp.set_default(Behavior::slow_token(4, delay));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    fx.idp.set_default(Behavior::slow_token(4, delay));
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     let t0 = Instant::now();
     let old = access_token(&first);
 
     sleep_until(t0 + Duration::from_millis(3220)).await;
     let started = Instant::now();
-    let trigger = post_form(&c, &url, &form, None).await;
+    let trigger = fx.post_token(&form).await;
     let latency = started.elapsed();
     assert_eq!(access_token(&trigger), old, "the hit serves the old token");
     assert!(
@@ -479,69 +428,62 @@ async fn refresh_ahead_serves_the_old_token_at_once_and_fetches_the_new_one_in_t
         latency < Duration::from_millis(200),
         "the triggering request waited {latency:?} for a {delay:?} upstream call"
     );
-    wait_for_calls(&idp, 2).await;
+    wait_for_calls(&fx.idp, 2).await;
 
     // While the refresh is in flight, hits keep serving the old token and start nothing new.
     for _ in 0..3 {
-        let reply = post_form(&c, &url, &form, None).await;
+        let reply = fx.post_token(&form).await;
         assert_eq!(access_token(&reply), old);
     }
-    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(fx.idp.token_calls(), 2);
 
     sleep(delay + Duration::from_millis(200)).await;
     let started = Instant::now();
-    let after = post_form(&c, &url, &form, None).await;
+    let after = fx.post_token(&form).await;
     let latency = started.elapsed();
     let new = access_token(&after);
     assert_ne!(new, old, "the refreshed token is served");
     assert!(cache_status(&after).contains("hit"));
     assert!(latency < Duration::from_millis(200), "{latency:?}");
-    assert_eq!(idp.token_calls(), 2, "exactly one background call");
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 2, "exactly one background call");
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_provider_returning_the_same_token_causes_no_refresh_loop() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::Json(
+    let fx = Fixture::start("").await;
+    fx.idp.set_default(Behavior::Json(
         r#"{"access_token":"same-token","token_type":"bearer","expires_in":4}"#.to_owned(),
     ));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     let t0 = Instant::now();
     assert_eq!(access_token(&first), "same-token");
 
     // Past the refresh point (3.0..3.2 s), keep asking for two more seconds.
     sleep_until(t0 + Duration::from_millis(3000)).await;
     for _ in 0..40 {
-        let reply = post_form(&c, &url, &form, None).await;
+        let reply = fx.post_token(&form).await;
         assert_eq!(access_token(&reply), "same-token");
         sleep(Duration::from_millis(50)).await;
     }
-    let calls = idp.token_calls();
+    let calls = fx.idp.token_calls();
     assert!(
         (2..=3).contains(&calls),
         "expected one or two refreshes over ~2 s, the provider saw {calls} calls"
     );
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn early_refreshes_that_return_the_same_token_back_off() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::Json(
-        r#"{"access_token":"same-token","token_type":"bearer","expires_in":4}"#.to_owned(),
-    ));
     // Refresh due 0.4 s into every token's life: without a guard, a steady stream of requests
     // would refresh every 0.4 s although the provider keeps handing back the same token.
-    let toml = "[token]\nrefresh_at = 0.1\nrefresh_jitter = 0.0\n";
-    let sidecar = Sidecar::start_with(config(&idp.url(), toml)).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("[token]\nrefresh_at = 0.1\nrefresh_jitter = 0.0\n").await;
+    fx.idp.set_default(Behavior::Json(
+        r#"{"access_token":"same-token","token_type":"bearer","expires_in":4}"#.to_owned(),
+    ));
     let form = cc("app", "s3cret");
 
     let t0 = Instant::now();
@@ -549,44 +491,32 @@ async fn early_refreshes_that_return_the_same_token_back_off() {
         if t0.elapsed() >= Duration::from_millis(2500) {
             break;
         }
-        let reply = post_form(&c, &url, &form, None).await;
+        let reply = fx.post_token(&form).await;
         assert_eq!(access_token(&reply), "same-token");
         sleep(Duration::from_millis(50)).await;
     }
     // The first call, one refresh at 0.4 s, then holds of 1..2 s and 2..4 s: at most three.
-    let calls = idp.token_calls();
+    let calls = fx.idp.token_calls();
     assert!(
         (2..=3).contains(&calls),
         "{calls} upstream calls in 2.5 s for a token that never changes"
     );
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
 // 6. Retry-After
 // ---------------------------------------------------------------------------------------------
 
-/// Asserts a local cool-down answer: 429, OAuth JSON, and `1 <= Retry-After <= ceil(at_most)`.
-fn assert_cooling_down(reply: &Reply, at_most: Duration) {
-    assert_oauth_error(reply, 429, "temporarily_unavailable");
-    let seconds = retry_after(reply);
-    assert!(
-        seconds >= 1 && seconds <= ceil_secs(at_most),
-        "Retry-After {seconds} outside 1..={} s",
-        ceil_secs(at_most)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_seconds_hold_every_caller_without_upstream_calls() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::status(429, Some("2")));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp.push(Behavior::status(429, Some("2")));
+    let c = fx.client.clone();
+    let url = fx.sidecar.token_url();
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     // The hold started before this answer reached us, so it ends by `window_end` at the latest.
     let window_end = Instant::now() + Duration::from_secs(2);
     assert_eq!(first.status, 429, "the provider's answer is passed on");
@@ -594,7 +524,7 @@ async fn retry_after_seconds_hold_every_caller_without_upstream_calls() {
     assert_eq!(first.json()["error"], "temporarily_unavailable");
     assert!(cache_status(&first).contains("fwd-status=429"));
 
-    let held = post_form(&c, &url, &form, None).await;
+    let held = fx.post_token(&form).await;
     assert_cooling_down(&held, window_end - Instant::now());
     assert!(cache_status(&held).contains("cooldown"));
 
@@ -611,27 +541,28 @@ async fn retry_after_seconds_hold_every_caller_without_upstream_calls() {
     }
 
     sleep_until(window_end - Duration::from_millis(800)).await;
-    let late = post_form(&c, &url, &form, None).await;
+    let late = fx.post_token(&form).await;
     assert_cooling_down(&late, window_end - Instant::now());
-    assert_eq!(idp.token_calls(), 1, "no upstream call during the window");
+    assert_eq!(
+        fx.idp.token_calls(),
+        1,
+        "no upstream call during the window"
+    );
 
     sleep_until(window_end + Duration::from_millis(100)).await;
-    let after = post_form(&c, &url, &form, None).await;
+    let after = fx.post_token(&form).await;
     access_token(&after);
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 2);
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn retry_after_http_date_holds_until_that_date() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
+    let fx = Fixture::start("").await;
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
     // HTTP-dates have whole seconds: the hold ends at the truncated instant, 2..3 s from now.
     let until = httpdate::parse_http_date(&date).unwrap();
-    idp.push(Behavior::status(429, Some(&date)));
-    let c = client();
-    let url = sidecar.token_url();
+    fx.idp.push(Behavior::status(429, Some(&date)));
     let form = cc("app", "s3cret");
     let left = || {
         until
@@ -639,87 +570,85 @@ async fn retry_after_http_date_holds_until_that_date() {
             .unwrap_or(Duration::ZERO)
     };
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     assert_eq!(first.status, 429);
     assert_eq!(first.header("retry-after"), Some(date.clone()));
 
-    let held = post_form(&c, &url, &form, None).await;
+    let held = fx.post_token(&form).await;
     // Small slack for the sidecar's and the test's clocks being read at different moments.
     assert_cooling_down(&held, left() + Duration::from_millis(50));
     sleep(left().saturating_sub(Duration::from_millis(700))).await;
-    let late = post_form(&c, &url, &form, None).await;
+    let late = fx.post_token(&form).await;
     assert_cooling_down(&late, left() + Duration::from_millis(50));
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 
     sleep(left() + Duration::from_millis(150)).await;
-    let after = post_form(&c, &url, &form, None).await;
+    let after = fx.post_token(&form).await;
     access_token(&after);
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 2);
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_throttled_refresh_keeps_serving_the_cached_token() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::token(4));
     // Refresh due at 1.8..2.0 s, served until 3.6 s: a wide window to observe.
-    let sidecar = Sidecar::start_with(config(&idp.url(), "[token]\nrefresh_at = 0.5\n")).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("[token]\nrefresh_at = 0.5\n").await;
+    fx.idp.set_default(Behavior::token(4));
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     let t0 = Instant::now();
     let token = access_token(&first);
-    idp.set_default(Behavior::status(429, Some("30")));
+    fx.idp.set_default(Behavior::status(429, Some("30")));
 
     sleep_until(t0 + Duration::from_millis(2050)).await;
-    let trigger = post_form(&c, &url, &form, None).await;
+    let trigger = fx.post_token(&form).await;
     assert_eq!(access_token(&trigger), token);
-    wait_for_calls(&idp, 2).await;
+    wait_for_calls(&fx.idp, 2).await;
 
     let mut served = 0;
     for _ in 0..30 {
         if Instant::now() >= t0 + Duration::from_millis(3300) {
             break;
         }
-        let reply = post_form(&c, &url, &form, None).await;
+        let reply = fx.post_token(&form).await;
         assert_eq!(access_token(&reply), token, "no client error while cached");
         assert!(cache_status(&reply).contains("hit"));
         served += 1;
         sleep(Duration::from_millis(100)).await;
     }
     assert!(served >= 5, "only {served} requests in the window");
-    assert_eq!(idp.token_calls(), 2, "no retry during the provider's hold");
-    sidecar.stop().await.unwrap();
+    assert_eq!(
+        fx.idp.token_calls(),
+        2,
+        "no retry during the provider's hold"
+    );
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn service_unavailable_with_retry_after_holds_like_too_many_requests() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::status(503, Some("2")));
-    let sidecar = Sidecar::start_with(config(&idp.url(), BACKOFF)).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start(BACKOFF).await;
+    fx.idp.push(Behavior::status(503, Some("2")));
     let form = cc("app", "s3cret");
 
-    let first = post_form(&c, &url, &form, None).await;
+    let first = fx.post_token(&form).await;
     let window_end = Instant::now() + Duration::from_secs(2);
     assert_eq!(first.status, 503);
     assert_eq!(first.json()["error"], "temporarily_unavailable");
 
-    let held = post_form(&c, &url, &form, None).await;
+    let held = fx.post_token(&form).await;
     assert_cooling_down(&held, window_end - Instant::now());
     // Past any backoff of a plain 5xx (at most `backoff_base`), the provider's 2 s still hold.
     sleep_until(window_end - Duration::from_millis(600)).await;
-    let late = post_form(&c, &url, &form, None).await;
+    let late = fx.post_token(&form).await;
     assert_cooling_down(&late, window_end - Instant::now());
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 
     sleep_until(window_end + Duration::from_millis(100)).await;
-    access_token(&post_form(&c, &url, &form, None).await);
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
+    access_token(&fx.post_token(&form).await);
+    assert_eq!(fx.idp.token_calls(), 2);
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -728,17 +657,16 @@ async fn service_unavailable_with_retry_after_holds_like_too_many_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_callers_share_one_slow_client_error_which_is_then_remembered() {
-    let idp = FakeProvider::start().await;
+    let fx = Fixture::start("").await;
     let body = r#"{"error":"invalid_client","error_description":"unknown client"}"#;
-    idp.set_default(Behavior::Status {
+    fx.idp.set_default(Behavior::Status {
         status: 401,
         retry_after: None,
         body: body.to_owned(),
         delay: Duration::from_millis(500),
     });
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let c = fx.client.clone();
+    let url = fx.sidecar.token_url();
     let form = cc("app", "s3cret");
 
     let replies = concurrently(50, |_| {
@@ -752,128 +680,28 @@ async fn concurrent_callers_share_one_slow_client_error_which_is_then_remembered
         assert_eq!(reply.status, 401);
         assert_eq!(reply.text(), body);
     }
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 
-    let again = post_form(&c, &url, &form, None).await;
+    let again = fx.post_token(&form).await;
     assert_eq!(again.status, 401);
     assert_eq!(again.text(), body);
     let status = cache_status(&again);
     assert!(status.contains("remembered"), "{status}");
-    assert_eq!(idp.token_calls(), 1, "a remembered error is not retried");
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 1, "a remembered error is not retried");
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
-// 8. Backoff without Retry-After
-// ---------------------------------------------------------------------------------------------
-
-#[tokio::test]
-async fn server_errors_back_off_instead_of_being_retried_at_once() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::status(500, None));
-    let sidecar = Sidecar::start_with(config(&idp.url(), BACKOFF)).await;
-    let c = client();
-    let url = sidecar.token_url();
-    let form = cc("app", "s3cret");
-
-    let first = post_form(&c, &url, &form, None).await;
-    assert_eq!(first.status, 500);
-    assert_eq!(first.json()["error"], "server_error");
-    for _ in 0..20 {
-        sleep(Duration::from_millis(50)).await;
-        let reply = post_form(&c, &url, &form, None).await;
-        match reply.status {
-            500 => assert_eq!(reply.json()["error"], "server_error"),
-            429 => assert_cooling_down(&reply, Duration::from_secs(60)),
-            other => panic!("unexpected {other}: {}", reply.text()),
-        }
-    }
-    // Holds of U·1 s, U·2 s, U·4 s...: five calls within a second is already a 1-in-1500 event.
-    let calls = idp.token_calls();
-    assert!(calls <= 5, "{calls} upstream calls in about a second");
-    sidecar.stop().await.unwrap();
-}
-
-/// After one failure the client is held for at most `backoff_base`; polls until a request is
-/// let through, checking that everything before it was a local cool-down answer.
-async fn poll_until_success(idp: &FakeProvider, c: &Client, url: &str, form: &str) -> Reply {
-    for _ in 0..60 {
-        let reply = post_form(c, url, form, None).await;
-        if reply.status == 200 {
-            return reply;
-        }
-        assert_cooling_down(&reply, Duration::from_secs(1));
-        assert_eq!(idp.token_calls(), 1, "no upstream call during the hold");
-        sleep(Duration::from_millis(50)).await;
-    }
-    panic!("still held after 3 s");
-}
-
-#[tokio::test]
-async fn after_a_server_error_the_first_request_past_the_hold_succeeds() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::status(500, None));
-    let sidecar = Sidecar::start_with(config(&idp.url(), BACKOFF)).await;
-    let c = client();
-    let url = sidecar.token_url();
-    let form = cc("app", "s3cret");
-
-    let first = post_form(&c, &url, &form, None).await;
-    assert_eq!(first.status, 500);
-    let healed = poll_until_success(&idp, &c, &url, &form).await;
-    access_token(&healed);
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
-}
-
-#[tokio::test]
-async fn a_dropped_connection_gives_502_then_backs_off() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::Drop);
-    let sidecar = Sidecar::start_with(config(&idp.url(), BACKOFF)).await;
-    let c = client();
-    let url = sidecar.token_url();
-    let form = cc("app", "s3cret");
-
-    let first = post_form(&c, &url, &form, None).await;
-    assert_oauth_error(&first, 502, "temporarily_unavailable");
-    assert_eq!(idp.token_calls(), 1);
-    let healed = poll_until_success(&idp, &c, &url, &form).await;
-    access_token(&healed);
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
-}
-
-#[tokio::test]
-async fn garbage_from_the_provider_gives_502_and_is_never_cached() {
-    let idp = FakeProvider::start().await;
-    idp.push(Behavior::Garbage);
-    let sidecar = Sidecar::start_with(config(&idp.url(), BACKOFF)).await;
-    let c = client();
-    let url = sidecar.token_url();
-    let form = cc("app", "s3cret");
-
-    let first = post_form(&c, &url, &form, None).await;
-    assert_oauth_error(&first, 502, "server_error");
-    assert!(!first.text().contains("<html>"), "{}", first.text());
-    // The next answer comes from a new upstream call, not from the garbage.
-    let healed = poll_until_success(&idp, &c, &url, &form).await;
-    assert!(access_token(&healed).starts_with("tok-"));
-    assert_eq!(idp.token_calls(), 2);
-    sidecar.stop().await.unwrap();
-}
-
-// ---------------------------------------------------------------------------------------------
-// 9. A caller that hangs up
+// 8. A caller that hangs up
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_that_hangs_up_does_not_cancel_the_call_for_its_followers() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(3600, Duration::from_secs(1)));
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp
+        .set_default(Behavior::slow_token(3600, Duration::from_secs(1)));
+    let c = fx.client.clone();
+    let url = fx.sidecar.token_url();
     let form = cc("app", "s3cret");
 
     let started = Instant::now();
@@ -881,7 +709,7 @@ async fn a_leader_that_hangs_up_does_not_cancel_the_call_for_its_followers() {
         let (c, url, form) = (c.clone(), url.clone(), form.clone());
         tokio::spawn(async move { post_form(&c, &url, &form, None).await })
     };
-    wait_for_calls(&idp, 1).await;
+    wait_for_calls(&fx.idp, 1).await;
     let followers: Vec<_> = (0..10)
         .map(|_| {
             let (c, url, form) = (c.clone(), url.clone(), form.clone());
@@ -903,78 +731,72 @@ async fn a_leader_that_hangs_up_does_not_cancel_the_call_for_its_followers() {
     }
     tokens.dedup();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 
     // The leader's call was stored for later callers too.
-    let later = post_form(&c, &url, &form, None).await;
+    let later = fx.post_token(&form).await;
     assert_eq!(access_token(&later), tokens[0]);
     assert!(cache_status(&later).contains("hit"));
-    assert_eq!(idp.token_calls(), 1);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.token_calls(), 1);
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
-// 10. Bad input is refused locally
+// 9. Bad input is refused locally
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn get_on_the_token_path_is_405_with_allow_post() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let reply = send(&client(), get(&sidecar.token_url())).await;
+    let fx = Fixture::start("").await;
+    let reply = send(&fx.client, get(&fx.sidecar.token_url())).await;
     assert_oauth_error(&reply, 405, "invalid_request");
     assert_eq!(reply.header("allow").as_deref(), Some("POST"));
-    assert_eq!(idp.requests(), 0);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.requests(), 0);
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_token_request_that_is_not_a_form_is_415() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    let url = fx.sidecar.token_url();
     let form = cc("app", "s3cret");
-    let reply = send(&c, post(&url, "text/plain", None, form.clone())).await;
+    let reply = send(&fx.client, post(&url, "text/plain", None, form.clone())).await;
     assert_oauth_error(&reply, 415, "invalid_request");
     let untyped = Request::post(&url)
         .body(Full::new(Bytes::from(form)))
         .unwrap();
-    let reply = send(&c, untyped).await;
+    let reply = send(&fx.client, untyped).await;
     assert_oauth_error(&reply, 415, "invalid_request");
-    assert_eq!(idp.requests(), 0);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.requests(), 0);
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_body_over_16_kib_is_413() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
+    let fx = Fixture::start("").await;
     let pad = "x".repeat(16 * 1024);
     let form = format!("{}&pad={pad}", cc("app", "s3cret"));
 
-    let reply = post_form(&client(), &sidecar.token_url(), &form, None).await;
+    let reply = fx.post_token(&form).await;
     assert_oauth_error(&reply, 413, "invalid_request");
 
     // Without a Content-Length the limit is enforced while reading.
     let chunked = format!(
         "POST /oauth/token HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/x-www-form-urlencoded\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{len:x}\r\n{form}\r\n0\r\n\r\n",
-        addr = sidecar.addr,
+        addr = fx.sidecar.addr,
         len = form.len(),
     );
-    let raw = raw_exchange(sidecar.addr, chunked.as_bytes()).await;
+    let raw = raw_exchange(fx.sidecar.addr, chunked.as_bytes()).await;
     assert!(raw.starts_with("HTTP/1.1 413"), "{raw:.200}");
     assert!(raw.contains(r#""error":"invalid_request""#), "{raw:.400}");
-    assert_eq!(idp.requests(), 0);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.requests(), 0);
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn malformed_form_duplicate_parameter_and_bad_basic_header_are_400_invalid_request() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    let url = fx.sidecar.token_url();
     let form_type = "application/x-www-form-urlencoded";
     let cases = [
         (
@@ -996,39 +818,36 @@ async fn malformed_form_duplicate_parameter_and_bad_basic_header_are_400_invalid
         ),
     ];
     for (what, authorization, body) in cases {
-        let reply = send(&c, post(&url, form_type, authorization, body)).await;
+        let reply = send(&fx.client, post(&url, form_type, authorization, body)).await;
         assert_eq!(reply.status, 400, "{what}: {}", reply.text());
         assert_oauth_error(&reply, 400, "invalid_request");
         assert_eq!(reply.header("cache-control").as_deref(), Some("no-store"));
     }
-    assert_eq!(idp.requests(), 0);
-    sidecar.stop().await.unwrap();
+    assert_eq!(fx.idp.requests(), 0);
+    fx.sidecar.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
-// 11. Pass-through
+// 10. Pass-through
 // ---------------------------------------------------------------------------------------------
 
 /// Sends `form` twice and checks both went to the provider unchanged and were not cached.
 async fn assert_passed_through(form: &str) {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
 
-    let a = post_form(&c, &url, form, None).await;
-    let b = post_form(&c, &url, form, None).await;
+    let a = fx.post_token(form).await;
+    let b = fx.post_token(form).await;
     assert_ne!(access_token(&a), access_token(&b), "{form}: served twice");
     for reply in [&a, &b] {
         let status = cache_status(reply);
         assert!(status.contains("fwd=bypass"), "{form}: {status}");
     }
-    assert_eq!(idp.token_calls(), 2, "{form}");
-    for recorded in idp.recorded() {
+    assert_eq!(fx.idp.token_calls(), 2, "{form}");
+    for recorded in fx.idp.recorded() {
         assert_eq!(recorded.path_and_query, "/oauth/token");
         assert_eq!(recorded.body, form.as_bytes(), "{form}");
     }
-    sidecar.stop().await.unwrap();
+    fx.sidecar.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -1046,64 +865,25 @@ async fn a_public_client_credentials_request_is_forwarded_unchanged_and_not_cach
 }
 
 // ---------------------------------------------------------------------------------------------
-// 12. Timeout
+// 11. What else is part of the key
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn a_hanging_provider_gives_504_within_the_request_timeout() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::Hang);
-    let sidecar =
-        Sidecar::start_with(config(&idp.url(), "[client]\nrequest_timeout = \"1s\"\n")).await;
-    let c = client();
-
-    let started = Instant::now();
-    let reply = post_form(&c, &sidecar.token_url(), &cc("app", "s3cret"), None).await;
-    let elapsed = started.elapsed();
-    assert_oauth_error(&reply, 504, "temporarily_unavailable");
-    assert!(
-        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(2500),
-        "answered after {elapsed:?}"
-    );
-    assert_eq!(idp.token_calls(), 1);
-    sidecar.stop().await.unwrap();
-}
-
-#[tokio::test]
 async fn a_query_string_is_part_of_the_key() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let c = client();
+    let fx = Fixture::start("").await;
     let form = cc("app", "s3cret");
-    let a = post_form(
-        &c,
-        &format!("{}?p=policy_a", sidecar.token_url()),
-        &form,
-        None,
-    )
-    .await;
-    let b = post_form(
-        &c,
-        &format!("{}?p=policy_b", sidecar.token_url()),
-        &form,
-        None,
-    )
-    .await;
-    let a_again = post_form(
-        &c,
-        &format!("{}?p=policy_a", sidecar.token_url()),
-        &form,
-        None,
-    )
-    .await;
+    let with_query = |query: &str| format!("{}?{query}", fx.sidecar.token_url());
+    let a = post_form(&fx.client, &with_query("p=policy_a"), &form, None).await;
+    let b = post_form(&fx.client, &with_query("p=policy_b"), &form, None).await;
+    let a_again = post_form(&fx.client, &with_query("p=policy_a"), &form, None).await;
     assert_ne!(
         access_token(&a),
         access_token(&b),
         "another query, another token"
     );
     assert_eq!(access_token(&a), access_token(&a_again));
-    assert_eq!(idp.token_calls(), 2);
-    let recorded = idp.recorded();
+    assert_eq!(fx.idp.token_calls(), 2);
+    let recorded = fx.idp.recorded();
     assert!(
         recorded
             .iter()
@@ -1114,25 +894,23 @@ async fn a_query_string_is_part_of_the_key() {
 
 #[tokio::test]
 async fn with_preserve_host_the_callers_host_is_part_of_the_key() {
-    let idp = FakeProvider::start().await;
-    let sidecar = Sidecar::start_with(config(&idp.url(), "preserve_host = true")).await;
-    let c = client();
+    let fx = Fixture::start("preserve_host = true").await;
     let form = cc("app", "s3cret");
     let with_host = |host: &'static str| {
-        Request::post(sidecar.token_url())
+        Request::post(fx.sidecar.token_url())
             .header("host", host)
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form.clone())))
             .unwrap()
     };
-    let a = send(&c, with_host("tenant-a.example")).await;
-    let b = send(&c, with_host("tenant-b.example")).await;
-    let a_again = send(&c, with_host("tenant-a.example")).await;
+    let a = send(&fx.client, with_host("tenant-a.example")).await;
+    let b = send(&fx.client, with_host("tenant-b.example")).await;
+    let a_again = send(&fx.client, with_host("tenant-a.example")).await;
     assert_ne!(
         access_token(&a),
         access_token(&b),
         "another tenant host, another token"
     );
     assert_eq!(access_token(&a), access_token(&a_again));
-    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(fx.idp.token_calls(), 2);
 }

@@ -3,21 +3,18 @@ mod support;
 
 use std::time::Duration;
 use support::sidecar::{Sidecar, config, config_toml};
-use support::{FakeProvider, client, post_form, test_ca};
+use support::tls::test_pki;
+use support::{Behavior, FakeProvider, Fixture, client, post_form};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_identical_refreshes_make_one_call_and_all_succeed() {
-    let idp = FakeProvider::start().await;
-    idp.set_refresh_delay(Duration::from_millis(300));
-    let refresh_token = idp.issue_refresh_token();
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let url = sidecar.token_url();
+    let fx = Fixture::start("").await;
+    fx.idp.set_refresh_delay(Duration::from_millis(300));
+    let refresh_token = fx.idp.issue_refresh_token();
     let form = format!(
         "grant_type=refresh_token&refresh_token={refresh_token}&client_id=app&client_secret=s"
     );
-    let c = client();
-    let replies =
-        futures_util::future::join_all((0..50).map(|_| post_form(&c, &url, &form, None))).await;
+    let replies = futures_util::future::join_all((0..50).map(|_| fx.post_token(&form))).await;
     let first = replies[0].json();
     for reply in &replies {
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -29,71 +26,56 @@ async fn concurrent_identical_refreshes_make_one_call_and_all_succeed() {
         assert_eq!(reply.json()["access_token"], first["access_token"]);
     }
     assert_eq!(
-        idp.token_calls(),
+        fx.idp.token_calls(),
         1,
         "a single-use refresh token is spent once"
     );
 
     // A late duplicate within the window gets the same answer instead of invalid_grant.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let late = post_form(&c, &url, &form, None).await;
+    let late = fx.post_token(&form).await;
     assert_eq!(late.status, 200, "{}", late.text());
     assert_eq!(late.json()["refresh_token"], first["refresh_token"]);
-    assert_eq!(idp.token_calls(), 1);
+    assert_eq!(fx.idp.token_calls(), 1);
 }
 
 #[tokio::test]
 async fn a_refresh_answer_is_never_shared_with_other_credentials_or_tokens() {
-    let idp = FakeProvider::start().await;
-    let rt = idp.issue_refresh_token();
-    let sidecar = Sidecar::start(&idp.url()).await;
-    let url = sidecar.token_url();
-    let c = client();
-    let ok = post_form(
-        &c,
-        &url,
-        &format!("grant_type=refresh_token&refresh_token={rt}&client_id=app&client_secret=s"),
-        None,
-    )
-    .await;
+    let fx = Fixture::start("").await;
+    let rt = fx.idp.issue_refresh_token();
+    let ok = fx
+        .post_token(&format!(
+            "grant_type=refresh_token&refresh_token={rt}&client_id=app&client_secret=s"
+        ))
+        .await;
     assert_eq!(ok.status, 200);
     // Same refresh token, other secret: not served from memory; the provider decides (and the
     // token is spent, so it says invalid_grant).
-    let other = post_form(
-        &c,
-        &url,
-        &format!("grant_type=refresh_token&refresh_token={rt}&client_id=app&client_secret=x"),
-        None,
-    )
-    .await;
+    let other = fx
+        .post_token(&format!(
+            "grant_type=refresh_token&refresh_token={rt}&client_id=app&client_secret=x"
+        ))
+        .await;
     assert_eq!(other.status, 400, "{}", other.text());
     assert_eq!(other.json()["error"], "invalid_grant");
-    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(fx.idp.token_calls(), 2);
 }
 
 #[tokio::test]
 async fn a_refresh_answer_is_kept_only_for_the_configured_window() {
-    let idp = FakeProvider::start().await;
-    let rt = idp.issue_refresh_token();
-    let sidecar =
-        Sidecar::start_with(config(&idp.url(), "[token]\nrefresh_token_ttl = \"300ms\"")).await;
+    let fx = Fixture::start("[token]\nrefresh_token_ttl = \"300ms\"").await;
+    let rt = fx.idp.issue_refresh_token();
     let form = format!("grant_type=refresh_token&refresh_token={rt}&client_id=app&client_secret=s");
-    let c = client();
-    assert_eq!(
-        post_form(&c, &sidecar.token_url(), &form, None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(fx.post_token(&form).await.status, 200);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let after = post_form(&c, &sidecar.token_url(), &form, None).await;
+    let after = fx.post_token(&form).await;
     assert_eq!(
         after.status,
         400,
         "after the window the provider sees the reuse: {}",
         after.text()
     );
-    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(fx.idp.token_calls(), 2);
 }
 
 #[tokio::test]
@@ -141,7 +123,7 @@ async fn two_routes_serve_two_providers_with_separate_caches() {
 async fn a_throttled_route_does_not_hold_back_the_other() {
     let eu = FakeProvider::start().await;
     let us = FakeProvider::start().await;
-    eu.set_default(support::Behavior::status(429, Some("30")));
+    eu.set_default(Behavior::status(429, Some("30")));
     let sidecar = Sidecar::start_with(config_toml(&format!(
         "[[routes]]\nname = \"eu\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n[[routes]]\nname = \"us\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
         eu.url(),
@@ -173,12 +155,12 @@ async fn a_throttled_route_does_not_hold_back_the_other() {
 
 #[tokio::test]
 async fn an_https_upstream_signed_by_a_private_ca_is_trusted_via_ca_file() {
-    let (ca, leaf, key) = test_ca();
-    let idp = FakeProvider::start_tls(leaf, key).await;
+    let pki = test_pki();
+    let idp = FakeProvider::start_tls(&pki).await;
     let dir = std::env::temp_dir().join(format!("token-sidecar-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca).unwrap();
+    std::fs::write(&ca_path, &pki.ca).unwrap();
     let upstream = format!("https://localhost:{}", idp.addr().port());
     let sidecar = Sidecar::start_with(config(
         &upstream,
@@ -197,8 +179,8 @@ async fn an_https_upstream_signed_by_a_private_ca_is_trusted_via_ca_file() {
 
 #[tokio::test]
 async fn an_untrusted_https_upstream_is_a_clear_502() {
-    let (_, leaf, key) = test_ca();
-    let idp = FakeProvider::start_tls(leaf, key).await;
+    // The sidecar is not told about this PKI's CA.
+    let idp = FakeProvider::start_tls(&test_pki()).await;
     let sidecar = Sidecar::start(&format!("https://localhost:{}", idp.addr().port())).await;
     let reply = post_form(
         &client(),
@@ -218,9 +200,8 @@ async fn an_untrusted_https_upstream_is_a_clear_502() {
 
 #[tokio::test]
 async fn mutual_tls_presents_the_configured_client_certificate() {
-    let pki = support::test_pki();
-    let idp =
-        FakeProvider::start_mtls(pki.server_cert.clone(), pki.server_key.clone(), &pki.ca).await;
+    let pki = test_pki();
+    let idp = FakeProvider::start_mtls(&pki).await;
     let dir = std::env::temp_dir().join(format!("token-sidecar-mtls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, pem) in [

@@ -6,13 +6,26 @@
 //! single-use rotation; a handful of utility endpoints (`/echo`, `/bytes/<N>`, `/upload`, `/ws`,
 //! `/status/<code>`) exercise the generic proxy paths. Dropping the provider stops its accept loop
 //! and every connection it is serving.
-#![allow(dead_code)]
+//!
+//! [`Fixture`] is the setup most tests start with: a provider, a sidecar in front of it and a
+//! client. [`oauth`] holds assertions on token-endpoint answers, [`tls`] the HTTPS side.
+//!
+//! Every integration test binary compiles this module on its own and uses a different part of
+//! it, so the parts some binaries leave unused carry a `dead_code` allowance of their own.
 
+#[allow(dead_code, reason = "for the binaries that test the token path")]
+pub mod oauth;
+#[allow(
+    dead_code,
+    reason = "each test binary drives a different part; support_selftest none"
+)]
 pub mod sidecar;
+#[allow(dead_code, reason = "for the binaries that test HTTPS")]
+pub mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::io::{self, Read as _, Write as _};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -32,9 +45,6 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
@@ -43,13 +53,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
+use sidecar::Sidecar;
+
 /// Response body type of the fake provider.
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Upper bound on accepted connections per provider (keeps the accept loop bounded).
 const MAX_ACCEPTS: usize = 10_000_000;
-/// Upper bound on steps of one TLS pump (one step moves at most 16 KiB).
-const MAX_PUMP_STEPS: usize = 100_000_000;
+/// Bound on one TLS handshake with the provider.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound on frames handled by one WebSocket echo session.
 const MAX_WS_FRAMES: usize = 1_000_000;
 /// Upper bound on body frames consumed by `/upload`.
@@ -67,6 +79,7 @@ static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static NEXT_REFRESH: AtomicU64 = AtomicU64::new(1);
 
 /// What the provider does with the next token call (anything but `grant_type=refresh_token`).
+#[allow(dead_code, reason = "each test binary scripts different behaviours")]
 #[derive(Clone, Debug)]
 pub enum Behavior {
     /// 200 `{"access_token":"tok-<n>","token_type":"bearer","expires_in":<expires_in>}` plus
@@ -99,6 +112,7 @@ impl Behavior {
     }
 
     /// A token that expires in `expires_in` seconds, answered after `delay`.
+    #[allow(dead_code, reason = "each test binary scripts different behaviours")]
     pub fn slow_token(expires_in: i64, delay: Duration) -> Self {
         Behavior::Token { expires_in, delay }
     }
@@ -106,6 +120,7 @@ impl Behavior {
     /// An error status with an OAuth error body chosen from the status: 429/503 ->
     /// `temporarily_unavailable`, 401 -> `invalid_client`, 400 -> `invalid_request`, else
     /// `server_error`.
+    #[allow(dead_code, reason = "each test binary scripts different behaviours")]
     pub fn status(status: u16, retry_after: Option<&str>) -> Self {
         let error = match status {
             429 | 503 => "temporarily_unavailable",
@@ -123,6 +138,7 @@ impl Behavior {
 }
 
 /// One request as the provider saw it.
+#[allow(dead_code, reason = "each test binary reads different fields")]
 #[derive(Clone, Debug)]
 pub struct Recorded {
     pub method: Method,
@@ -195,75 +211,7 @@ impl Drop for FakeProvider {
 impl FakeProvider {
     /// Starts a plain-HTTP provider on `127.0.0.1:0`.
     pub async fn start() -> FakeProvider {
-        Self::spawn(None).await
-    }
-
-    /// Starts an HTTPS provider with this certificate chain (PEM, leaf first) and private key
-    /// (PEM: PKCS#8, PKCS#1 or SEC1). ALPN offers `h2` and `http/1.1`.
-    /// Starts an HTTPS provider that requires a client certificate signed by `client_ca_pem`.
-    pub async fn start_mtls(
-        cert_pem: String,
-        key_pem: String,
-        client_ca_pem: &str,
-    ) -> FakeProvider {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(client_ca_pem.as_bytes()) {
-            roots
-                .add(cert.expect("start_mtls: client CA PEM"))
-                .expect("start_mtls: client CA");
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .expect("start_mtls: verifier");
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .expect("start_mtls: cert_pem");
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("start_mtls: key_pem");
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("start_mtls: protocol versions")
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .expect("start_mtls: certificate and key do not match");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Self::spawn(Some(Arc::new(config))).await
-    }
-
-    pub async fn start_tls(cert_pem: String, key_pem: String) -> FakeProvider {
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .expect("start_tls: cert_pem is not valid PEM");
-        assert!(
-            !certs.is_empty(),
-            "start_tls: cert_pem holds no certificate"
-        );
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .expect("start_tls: key_pem holds no usable private key");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("start_tls: protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("start_tls: certificate and key do not match");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self::spawn(Some(Arc::new(config))).await
-    }
-
-    /// Starts a plain-HTTP provider on a given loopback port (for "down, then up" tests).
-    pub async fn start_on(port: u16) -> FakeProvider {
-        Self::spawn_on(None, port).await
-    }
-
-    async fn spawn(tls: Option<Arc<rustls::ServerConfig>>) -> FakeProvider {
-        Self::spawn_on(tls, 0).await
+        Self::spawn_on(None, 0).await
     }
 
     async fn spawn_on(tls: Option<Arc<rustls::ServerConfig>>, port: u16) -> FakeProvider {
@@ -303,14 +251,23 @@ impl FakeProvider {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `http://127.0.0.1:PORT` (or `https://` for a TLS provider), without a trailing slash.
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+}
+
+/// Scripting and inspection: each test binary uses the few it needs.
+#[allow(dead_code, reason = "each test binary uses a different part")]
+impl FakeProvider {
+    /// Starts a plain-HTTP provider on a given loopback port (for "down, then up" tests).
+    pub async fn start_on(port: u16) -> FakeProvider {
+        Self::spawn_on(None, port).await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// POSTs received on any path ending in `/token` (including rejected and refresh calls).
@@ -397,16 +354,14 @@ async fn serve_tcp(tcp: TcpStream, state: Arc<State>, tls: Option<Arc<rustls::Se
     match tls {
         None => serve_io(TokioIo::new(tcp), state).await,
         Some(config) => {
-            let Ok(conn) = rustls::ServerConnection::new(config) else {
-                return;
-            };
-            let (app, pump) = tokio::io::duplex(256 * 1024);
-            tokio::join!(
-                async {
-                    let _ = tls_pump(tcp, conn, pump).await;
-                },
-                serve_io(TokioIo::new(app), state),
-            );
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            // A failed or stalled handshake (an untrusted or missing client certificate) just
+            // ends the connection; rustls has sent its alert.
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                serve_io(TokioIo::new(stream), state).await;
+            }
         }
     }
 }
@@ -418,96 +373,6 @@ where
     let service = service_fn(move |req| handle(state.clone(), req));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let _ = builder.serve_connection_with_upgrades(io, service).await;
-}
-
-/// Server-side TLS without tokio-rustls: moves ciphertext between `tcp` and `conn`, and plaintext
-/// between `conn` and `app` (the other end of which hyper serves). Ends when either side closes.
-async fn tls_pump(
-    tcp: TcpStream,
-    mut conn: rustls::ServerConnection,
-    app: DuplexStream,
-) -> io::Result<()> {
-    let (mut tcp_r, mut tcp_w) = tcp.into_split();
-    let (mut app_r, mut app_w) = tokio::io::split(app);
-    let mut net_buf = vec![0u8; 16 * 1024];
-    let mut app_buf = vec![0u8; 16 * 1024];
-    // Decrypted bytes not yet handed to hyper; the socket is not read while this is non-empty.
-    let mut pending: Vec<u8> = Vec::new();
-    let mut tcp_eof = false;
-    for _ in 0..MAX_PUMP_STEPS {
-        flush_tls(&mut conn, &mut tcp_w).await?;
-        if tcp_eof && pending.is_empty() {
-            let _ = app_w.shutdown().await;
-            return Ok(());
-        }
-        let read_net = !tcp_eof && pending.is_empty();
-        let read_app = !conn.is_handshaking();
-        tokio::select! {
-            r = tcp_r.read(&mut net_buf), if read_net => {
-                let n = r?;
-                if n == 0 {
-                    tcp_eof = true;
-                    continue;
-                }
-                let mut slice = &net_buf[..n];
-                while !slice.is_empty() {
-                    conn.read_tls(&mut slice)?;
-                    let io_state = match conn.process_new_packets() {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // Send the alert rustls queued, then give up on this connection.
-                            let _ = flush_tls(&mut conn, &mut tcp_w).await;
-                            return Err(io::Error::other(e));
-                        }
-                    };
-                    let avail = io_state.plaintext_bytes_to_read();
-                    if avail > 0 {
-                        let start = pending.len();
-                        pending.resize(start + avail, 0);
-                        conn.reader().read_exact(&mut pending[start..])?;
-                    }
-                    if io_state.peer_has_closed() {
-                        tcp_eof = true;
-                    }
-                }
-            }
-            r = app_w.write(&pending), if !pending.is_empty() => {
-                let n = r?;
-                pending.drain(..n);
-            }
-            r = app_r.read(&mut app_buf), if read_app => {
-                let n = r?;
-                if n == 0 {
-                    // hyper is done with the connection (or dropped it on purpose).
-                    conn.send_close_notify();
-                    flush_tls(&mut conn, &mut tcp_w).await?;
-                    let _ = tcp_w.shutdown().await;
-                    return Ok(());
-                }
-                conn.writer().write_all(&app_buf[..n])?;
-            }
-            else => return Ok(()),
-        }
-    }
-    Ok(())
-}
-
-async fn flush_tls(
-    conn: &mut rustls::ServerConnection,
-    tcp_w: &mut tokio::net::tcp::OwnedWriteHalf,
-) -> io::Result<()> {
-    let mut out = Vec::new();
-    // Each write_tls call drains at least one queued record; the queue is finite.
-    for _ in 0..MAX_PUMP_STEPS {
-        if !conn.wants_write() {
-            break;
-        }
-        conn.write_tls(&mut out)?;
-    }
-    if !out.is_empty() {
-        tcp_w.write_all(&out).await?;
-    }
-    Ok(())
 }
 
 /// The error returned by the service to make hyper close the connection without a response.
@@ -758,7 +623,7 @@ fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
 }
 
 /// Parses an `application/x-www-form-urlencoded` body into ordered pairs.
-pub fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     String::from_utf8_lossy(body)
         .split('&')
         .filter(|pair| !pair.is_empty())
@@ -774,7 +639,7 @@ fn form_get<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 /// `application/x-www-form-urlencoded` decoding of one name or value (`+` is a space).
-pub fn form_decode(s: &str) -> String {
+fn form_decode(s: &str) -> String {
     percent_decode_str(&s.replace('+', " "))
         .decode_utf8_lossy()
         .into_owned()
@@ -936,10 +801,6 @@ fn websocket(state: &State, req: Request<Incoming>) -> Response<Body> {
 /// The plain-HTTP test client.
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>;
 
-/// An HTTPS test client (see [`tls_client`]).
-pub type TlsClient =
-    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// A buffered response.
 #[derive(Clone, Debug)]
 pub struct Reply {
@@ -978,31 +839,6 @@ pub fn client() -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(2048)
         .build_http()
-}
-
-/// An HTTPS (and plain HTTP) HTTP/1 client that trusts only the CA certificates in `ca_pem`.
-pub fn tls_client(ca_pem: &str) -> TlsClient {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.expect("tls_client: ca_pem is not valid PEM"))
-            .expect("tls_client: CA certificate rejected");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("tls_client: protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(2048)
-        .build(connector)
 }
 
 /// `Basic` credentials per RFC 6749 2.3.1: form-urlencode id and secret, join with `:`, base64.
@@ -1068,95 +904,37 @@ where
         .unwrap_or_else(|_| panic!("{what}: no complete response within {CLIENT_TIMEOUT:?}"))
 }
 
-/// A fresh CA and a leaf certificate it signed for `localhost` and `127.0.0.1`:
-/// `(ca_cert_pem, leaf_cert_pem, leaf_key_pem)`.
-pub fn test_ca() -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
+// ---------------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------------
 
-    let ca_key = KeyPair::generate().expect("test_ca: CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("test_ca: CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "token-sidecar test CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("test_ca: CA cert");
-
-    let leaf_key = KeyPair::generate().expect("test_ca: leaf key");
-    let mut leaf_params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("test_ca: leaf params");
-    leaf_params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    leaf_params.is_ca = IsCa::NoCa;
-    leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_cert = leaf_params
-        .signed_by(&leaf_key, &ca_cert, &ca_key)
-        .expect("test_ca: leaf cert");
-
-    (ca_cert.pem(), leaf_cert.pem(), leaf_key.serialize_pem())
+/// The setup most tests start with: a fake provider, a one-route sidecar in front of it, and a
+/// keep-alive client. Script `idp` at any time: the sidecar calls it only when asked for a token.
+#[allow(dead_code, reason = "support_selftest tests the provider alone")]
+pub struct Fixture {
+    /// Declared first so that it is dropped first: the sidecar stops before its provider.
+    pub sidecar: Sidecar,
+    pub idp: FakeProvider,
+    pub client: Client,
 }
 
-/// A CA with a server leaf (for `localhost`/`127.0.0.1`) and a client leaf, all as PEM.
-pub struct Pki {
-    pub ca: String,
-    pub server_cert: String,
-    pub server_key: String,
-    pub client_cert: String,
-    pub client_key: String,
-}
+#[allow(dead_code, reason = "support_selftest tests the provider alone")]
+impl Fixture {
+    /// A provider with default behaviour and a sidecar for it configured by `toml` (see
+    /// [`sidecar::config`]; `""` for the defaults).
+    pub async fn start(toml: &str) -> Fixture {
+        let idp = FakeProvider::start().await;
+        let sidecar = Sidecar::start_with(sidecar::config(&idp.url(), toml)).await;
+        Fixture {
+            sidecar,
+            idp,
+            client: client(),
+        }
+    }
 
-/// A fresh CA that signed a server certificate and a client certificate (for mTLS tests).
-pub fn test_pki() -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "token-sidecar mTLS test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
-    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
-        let key = KeyPair::generate().expect("leaf key");
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "token-sidecar test leaf");
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        let cert = params
-            .signed_by(&key, &ca_cert, &ca_key)
-            .expect("leaf cert");
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = leaf(
-        vec!["localhost".into(), "127.0.0.1".into()],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (client_cert, client_key) = leaf(
-        vec!["token-sidecar".into()],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    );
-    Pki {
-        ca: ca_cert.pem(),
-        server_cert,
-        server_key,
-        client_cert,
-        client_key,
+    /// POSTs `form` (already urlencoded) to the sidecar's token endpoint, without Basic
+    /// credentials. Panics on transport error or after 30 s.
+    pub async fn post_token(&self, form: &str) -> Reply {
+        post_form(&self.client, &self.sidecar.token_url(), form, None).await
     }
 }
