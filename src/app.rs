@@ -47,7 +47,8 @@ impl std::fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
-/// The bound sockets `run` serves: one per route, in `config.routes` order, and the admin one.
+/// The bound sockets `run` serves: one per distinct route address, in [`Config::listeners`]
+/// order, and the admin one.
 #[derive(Debug)]
 pub struct Listeners {
     pub routes: Vec<TcpListener>,
@@ -58,9 +59,9 @@ impl Listeners {
     /// Binds every listener the configuration names; an error names the address.
     pub fn bind(config: &Config) -> Result<Listeners, StartupError> {
         let routes = config
-            .routes
-            .iter()
-            .map(|route| listen(route.listen))
+            .listeners()
+            .into_iter()
+            .map(listen)
             .collect::<Result<_, _>>()?;
         Ok(Listeners {
             routes,
@@ -87,6 +88,9 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener, StartupError> {
 /// One route's running parts.
 #[derive(Debug)]
 struct Route {
+    listen: SocketAddr,
+    prefix: String,
+    strip: bool,
     token: Arc<TokenRoute>,
     forwarder: Arc<Forwarder>,
     upstream: Arc<Upstream>,
@@ -130,6 +134,9 @@ impl App {
             let sweep_every = (route.token.idle_timeout / 4)
                 .clamp(Duration::from_millis(100), Duration::from_secs(5));
             routes.push(Route {
+                listen: route.listen,
+                prefix: route.path_prefix.clone(),
+                strip: route.strip_prefix,
                 token,
                 forwarder,
                 upstream,
@@ -153,10 +160,11 @@ impl App {
     /// 503, listeners stop accepting, and in-flight requests and upstream calls get up to the
     /// grace period to finish.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let addresses = self.config.listeners();
         assert_eq!(
             listeners.routes.len(),
-            self.routes.len(),
-            "one listener per route, in config order"
+            addresses.len(),
+            "one listener per route address, in config order"
         );
         let limits = &self.config.limits;
         let admin_state = Arc::new(AdminState {
@@ -166,22 +174,31 @@ impl App {
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
         let mut accept_loops = Vec::new();
-        for (route, listener) in self.routes.iter().zip(listeners.routes) {
-            info!(
-                route = route.token.name(),
-                listen = %local_addr(&listener),
-                upstream = %route.upstream.url,
-                "route listening"
-            );
-            let service = router::route_service(route.token.clone(), route.forwarder.clone());
+        for (address, listener) in addresses.into_iter().zip(listeners.routes) {
+            let mut served = Vec::new();
+            for route in self.routes.iter().filter(|route| route.listen == address) {
+                info!(
+                    route = route.token.name(),
+                    listen = %local_addr(&listener),
+                    path_prefix = %route.prefix,
+                    upstream = %route.upstream.url,
+                    "route listening"
+                );
+                served.push(router::Route {
+                    prefix: route.prefix.clone(),
+                    strip: route.strip,
+                    token: route.token.clone(),
+                    forwarder: route.forwarder.clone(),
+                });
+                tokio::spawn(sweep(route.token.clone(), route.sweep_every, stop.clone()));
+            }
             accept_loops.push(tokio::spawn(server::serve(
                 listener,
-                service,
+                router::listener_service(served),
                 limits.clone(),
                 connections.clone(),
                 stop.clone(),
             )));
-            tokio::spawn(sweep(route.token.clone(), route.sweep_every, stop.clone()));
         }
 
         let admin_stop = CancellationToken::new();

@@ -16,6 +16,10 @@ pub struct Cli {
     /// The identity provider's base URL, e.g. https://login.mypurecloud.com [env: TOKEN_SIDECAR_UPSTREAM]
     #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
+    /// A Genesys Cloud region (e.g. us-east-1) or domain (e.g. mypurecloud.com): routes login and
+    /// API calls to its hosts, instead of --upstream [env: TOKEN_SIDECAR_GENESYS_REGION]
+    #[arg(long, value_name = "REGION")]
+    pub genesys_region: Option<String>,
     /// Where local apps connect [env: TOKEN_SIDECAR_LISTEN] [default: 127.0.0.1:8080]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
@@ -54,6 +58,7 @@ impl Cli {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             upstream: self.upstream.clone(),
+            genesys_region: self.genesys_region.clone(),
             listen: self.listen,
             admin: self.admin,
             config: self.config.clone(),

@@ -94,8 +94,15 @@ impl Default for Limits {
 pub struct RouteConfig {
     /// A short name for logs and metric labels.
     pub name: String,
-    /// Where local apps connect.
+    /// Where local apps connect. Routes with the same address share one listener and are chosen
+    /// by `path_prefix`.
     pub listen: SocketAddr,
+    /// The requests this route serves on its listener: a path equal to it or below it (segment
+    /// boundaries: `/api` matches `/api` and `/api/x`, not `/apix`); the longest prefix wins.
+    pub path_prefix: String,
+    /// Remove `path_prefix` before the route sees the path (token paths match the rest, and
+    /// forwarding sends the rest).
+    pub strip_prefix: bool,
     /// The provider's base URL.
     pub upstream: UpstreamUrl,
     /// Paths that are token endpoints; everything else is forwarded.
@@ -280,6 +287,10 @@ struct FileConfig {
     log: LogConfig,
     #[serde(default)]
     limits: Limits,
+    // The Genesys Cloud preset, instead of the one-route shortcut.
+    genesys_region: Option<String>,
+    genesys_login_upstream: Option<String>,
+    genesys_api_upstream: Option<String>,
     // The one-route shortcut, mirrored by the flags.
     upstream: Option<String>,
     listen: Option<SocketAddr>,
@@ -297,6 +308,8 @@ struct FileConfig {
 struct FileRoute {
     name: Option<String>,
     listen: SocketAddr,
+    path_prefix: Option<String>,
+    strip_prefix: Option<bool>,
     upstream: String,
     token_paths: Option<Vec<String>>,
     preserve_host: Option<bool>,
@@ -308,6 +321,7 @@ struct FileRoute {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub upstream: Option<String>,
+    pub genesys_region: Option<String>,
     pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub config: Option<PathBuf>,
@@ -399,22 +413,33 @@ impl Config {
 
         let top_token = file.token.clone().unwrap_or_default();
         let top_client = file.client.clone().unwrap_or_default();
+        let listen_one = listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let mut routes = Vec::new();
-        if file.routes.is_empty() {
-            let (upstream, source) = match (upstream, &file.upstream) {
+        let preset = genesys_preset(&flags, &env, &file, listen_one, &top_token, &top_client)?;
+        if let Some(preset) = &preset {
+            if upstream.is_some() || file.upstream.is_some() {
+                return Err(err(
+                    "genesys_region (or --genesys-region, TOKEN_SIDECAR_GENESYS_REGION) and upstream both name the provider: give one",
+                ));
+            }
+            routes.extend(preset.routes());
+        } else if file.routes.is_empty() {
+            let (upstream, source) = match (upstream.clone(), &file.upstream) {
                 (Some(u), _) => u,
                 (None, Some(u)) => (u.clone(), "upstream"),
                 (None, None) => {
                     return Err(err(
-                        "no upstream: give --upstream URL, TOKEN_SIDECAR_UPSTREAM, or `upstream` in the config file",
+                        "no upstream: give --upstream URL, TOKEN_SIDECAR_UPSTREAM, `upstream` in the config file, or a Genesys Cloud region (--genesys-region)",
                     ));
                 }
             };
             routes.push(RouteConfig {
                 name: "default".into(),
-                listen: listen
-                    .or(file.listen)
-                    .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+                listen: listen_one,
+                path_prefix: "/".into(),
+                strip_prefix: false,
                 upstream: UpstreamUrl::parse(&upstream)
                     .map_err(|e| err(format!("{source}: {e}")))?,
                 token_paths: file
@@ -422,12 +447,15 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| vec![DEFAULT_TOKEN_PATH.into()]),
                 preserve_host: file.preserve_host.unwrap_or(false),
-                token: top_token,
-                client: top_client,
+                token: top_token.clone(),
+                client: top_client.clone(),
             });
-        } else {
+        }
+        if !file.routes.is_empty() {
+            // With the preset, the top-level listen is the preset's listener.
+            let listen_set = preset.is_none() && file.listen.is_some();
             if file.upstream.is_some()
-                || file.listen.is_some()
+                || listen_set
                 || file.token_paths.is_some()
                 || file.preserve_host.is_some()
             {
@@ -435,30 +463,19 @@ impl Config {
                     "config file: top-level upstream/listen/token_paths/preserve_host cannot be combined with [[routes]]; move them into each route",
                 ));
             }
-            if file.routes.len() > 1 && (upstream.is_some() || listen.is_some()) {
+            let single = preset.is_none() && file.routes.len() == 1;
+            if !single && (upstream.is_some() || (preset.is_none() && listen.is_some())) {
                 return Err(err(
-                    "--upstream/--listen (or their TOKEN_SIDECAR_* variables) set a single route, but the config file defines several [[routes]]",
+                    "--upstream/--listen (or their TOKEN_SIDECAR_* variables) set a single route, but the config file defines several routes",
                 ));
             }
-            for (i, route) in file.routes.into_iter().enumerate() {
-                let name = route.name.unwrap_or_else(|| format!("route{i}"));
-                let (url, source) = match &upstream {
-                    Some((u, source)) => (u.clone(), source.to_string()),
-                    None => (route.upstream, format!("routes[{i}].upstream")),
-                };
-                routes.push(RouteConfig {
-                    listen: listen.unwrap_or(route.listen),
-                    upstream: UpstreamUrl::parse(&url)
-                        .map_err(|e| err(format!("{source}: {e}")))?,
-                    token_paths: route
-                        .token_paths
-                        .unwrap_or_else(|| vec![DEFAULT_TOKEN_PATH.into()]),
-                    preserve_host: route.preserve_host.unwrap_or(false),
-                    token: route.token.unwrap_or_else(|| top_token.clone()),
-                    client: route.client.unwrap_or_else(|| top_client.clone()),
-                    name,
-                });
-            }
+            let overrides = (upstream, if preset.is_none() { listen } else { None });
+            routes.extend(file_routes(
+                file.routes,
+                overrides,
+                &top_token,
+                &top_client,
+            )?);
         }
 
         let config = Config {
@@ -471,6 +488,18 @@ impl Config {
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// The distinct listen addresses of the routes, in the order they first appear: one listener
+    /// each.
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        let mut addresses: Vec<SocketAddr> = Vec::new();
+        for route in &self.routes {
+            if !addresses.contains(&route.listen) {
+                addresses.push(route.listen);
+            }
+        }
+        addresses
     }
 
     /// Checks values serde cannot: ranges, uniqueness, paths.
@@ -501,10 +530,26 @@ impl Config {
                 )));
             }
             names.push(&route.name);
-            if route.token_paths.is_empty() {
+            let prefix = &route.path_prefix;
+            if !prefix.starts_with('/')
+                || (prefix.len() > 1 && prefix.ends_with('/'))
+                || prefix.contains(['?', '#'])
+            {
                 return Err(err(format!(
-                    "{}: give at least one path",
-                    at("token_paths")
+                    "{}: {prefix:?} must be a path starting with / and not ending with one (\"/\" for everything)",
+                    at("path_prefix")
+                )));
+            }
+            if let Some(other) = self.routes[..i]
+                .iter()
+                .find(|o| o.listen == route.listen && o.path_prefix == route.path_prefix)
+            {
+                return Err(err(format!(
+                    "{}: routes {:?} and {:?} both serve path_prefix {prefix:?} on {}",
+                    at("path_prefix"),
+                    other.name,
+                    route.name,
+                    route.listen
                 )));
             }
             for path in &route.token_paths {
@@ -517,7 +562,9 @@ impl Config {
             }
             route.token.validate(&at("token"))?;
             route.client.validate(&at("client"))?;
-            addresses.push(("listen", route.listen));
+        }
+        for listen in self.listeners() {
+            addresses.push(("listen", listen));
         }
         for (i, (what, addr)) in addresses.iter().enumerate() {
             if let Some((other, _)) = addresses[..i]
@@ -628,6 +675,99 @@ impl ClientConfig {
         }
         Ok(())
     }
+}
+
+/// The `[[routes]]` tables as routes; `overrides` are the flags' upstream and listen, which apply
+/// when the file has a single route.
+fn file_routes(
+    file_routes: Vec<FileRoute>,
+    overrides: (Option<(String, &str)>, Option<SocketAddr>),
+    top_token: &TokenConfig,
+    top_client: &ClientConfig,
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let (upstream, listen) = overrides;
+    let mut routes = Vec::with_capacity(file_routes.len());
+    for (i, route) in file_routes.into_iter().enumerate() {
+        let name = route.name.unwrap_or_else(|| format!("route{i}"));
+        let (url, source) = match &upstream {
+            Some((u, source)) => (u.clone(), source.to_string()),
+            None => (route.upstream, format!("routes[{i}].upstream")),
+        };
+        routes.push(RouteConfig {
+            listen: listen.unwrap_or(route.listen),
+            path_prefix: route.path_prefix.unwrap_or_else(|| "/".into()),
+            strip_prefix: route.strip_prefix.unwrap_or(false),
+            upstream: UpstreamUrl::parse(&url).map_err(|e| err(format!("{source}: {e}")))?,
+            token_paths: route
+                .token_paths
+                .unwrap_or_else(|| vec![DEFAULT_TOKEN_PATH.into()]),
+            preserve_host: route.preserve_host.unwrap_or(false),
+            token: route.token.unwrap_or_else(|| top_token.clone()),
+            client: route.client.unwrap_or_else(|| top_client.clone()),
+            name,
+        });
+    }
+    Ok(routes)
+}
+
+/// The Genesys Cloud preset, if a region is given (flag beats env beats file). Its login and API
+/// upstreams default to the region's hosts; `genesys_login_upstream` and `genesys_api_upstream`
+/// (or their `TOKEN_SIDECAR_*` twins) replace them, for private proxies and tests.
+fn genesys_preset(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    file: &FileConfig,
+    listen: SocketAddr,
+    token: &TokenConfig,
+    client: &ClientConfig,
+) -> Result<Option<crate::genesys::Preset>, ConfigError> {
+    use crate::genesys::{Preset, Region};
+    let given = match (&flags.genesys_region, env("TOKEN_SIDECAR_GENESYS_REGION")) {
+        (Some(region), _) => Some((region.clone(), "--genesys-region")),
+        (None, Some(region)) => Some((region, "TOKEN_SIDECAR_GENESYS_REGION")),
+        (None, None) => file.genesys_region.clone().map(|r| (r, "genesys_region")),
+    };
+    let Some((text, source)) = given else {
+        if file.genesys_login_upstream.is_some() || file.genesys_api_upstream.is_some() {
+            return Err(err(
+                "genesys_login_upstream/genesys_api_upstream need genesys_region",
+            ));
+        }
+        return Ok(None);
+    };
+    let region = Region::find(&text).ok_or_else(|| {
+        err(format!(
+            "{source}={text:?}: not a Genesys Cloud region; use one of {} (or its domain, e.g. mypurecloud.com)",
+            Region::names()
+        ))
+    })?;
+    let upstream =
+        |key: &str, var: &str, default: UpstreamUrl, value: &Option<String>| match env(var)
+            .map(|v| (v, var))
+            .or_else(|| value.clone().map(|v| (v, key)))
+        {
+            Some((url, source)) => {
+                UpstreamUrl::parse(&url).map_err(|e| err(format!("{source}: {e}")))
+            }
+            None => Ok(default),
+        };
+    Ok(Some(Preset {
+        listen,
+        login: upstream(
+            "genesys_login_upstream",
+            "TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM",
+            region.login(),
+            &file.genesys_login_upstream,
+        )?,
+        api: upstream(
+            "genesys_api_upstream",
+            "TOKEN_SIDECAR_GENESYS_API_UPSTREAM",
+            region.api(),
+            &file.genesys_api_upstream,
+        )?,
+        token: token.clone(),
+        client: client.clone(),
+    }))
 }
 
 /// The admin address alone, layered like [`Config::load`] does, for the `healthcheck`
@@ -961,8 +1101,94 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("several"), "{e}");
-        let dup = file.replace("7102", "7101");
-        let e = file_error(&dup);
-        assert!(e.0.contains("127.0.0.1:7101"), "{e}");
+        // One listener may serve both, by prefix; the same prefix twice is an error naming both.
+        let shared = file.replace("7102", "7101");
+        let e = file_error(&shared);
+        assert!(
+            e.0.contains("path_prefix") && e.0.contains("\"eu\"") && e.0.contains("\"us\""),
+            "{e}"
+        );
+        let by_prefix = shared.replace(
+            "name = \"us\"",
+            "name = \"us\"\npath_prefix = \"/us\"\nstrip_prefix = true",
+        );
+        let c = load(with_file(), &[], Some(&by_prefix)).unwrap();
+        assert_eq!(c.listeners().len(), 1);
+        assert_eq!(
+            (c.routes[1].path_prefix.as_str(), c.routes[1].strip_prefix),
+            ("/us", true)
+        );
+        for bad in ["us", "/us/", "/us?x"] {
+            let text = by_prefix.replace("\"/us\"", &format!("{bad:?}"));
+            let e = file_error(&text);
+            assert!(e.0.contains("routes[1] (us).path_prefix"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_genesys_region_expands_to_login_and_api_routes_on_one_listener() {
+        let c = load(
+            Overrides {
+                genesys_region: Some("apse1.pure.cloud".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap();
+        let summary: Vec<(&str, &str, bool, String)> = c
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.path_prefix.as_str(),
+                    r.strip_prefix,
+                    r.upstream.to_string(),
+                )
+            })
+            .collect();
+        let (login, api) = (
+            "https://login.apse1.pure.cloud",
+            "https://api.apse1.pure.cloud",
+        );
+        assert_eq!(
+            summary,
+            [
+                ("genesys-login", "/", false, login.to_owned()),
+                ("genesys-api", "/api/v2", false, api.to_owned()),
+                ("genesys-login-gateway", "/login", true, login.to_owned()),
+                ("genesys-api-gateway", "/api", true, api.to_owned()),
+            ]
+        );
+        assert_eq!(
+            c.listeners(),
+            [DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]
+        );
+        assert!(
+            c.routes[1].token_paths.is_empty(),
+            "API routes only forward"
+        );
+
+        let env = [
+            ("TOKEN_SIDECAR_GENESYS_REGION", "eu-west-1"),
+            ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", "http://127.0.0.1:9"),
+        ];
+        let c = load(Overrides::default(), &env, None).unwrap();
+        assert_eq!(
+            c.routes[0].upstream.to_string(),
+            "https://login.mypurecloud.ie"
+        );
+        assert_eq!(c.routes[1].upstream.to_string(), "http://127.0.0.1:9");
+
+        let e = file_error("genesys_region = \"moon-1\"");
+        assert!(
+            e.0.contains("moon-1") && e.0.contains("us-east-1") && e.0.contains("ap-southeast-1"),
+            "{e}"
+        );
+        let e = file_error("genesys_region = \"us-east-1\"\nupstream = \"http://x\"");
+        assert!(e.0.contains("give one"), "{e}");
+        let e = file_error("genesys_login_upstream = \"http://x\"\nupstream = \"http://y\"");
+        assert!(e.0.contains("need genesys_region"), "{e}");
     }
 }

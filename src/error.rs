@@ -43,6 +43,8 @@ pub enum Error {
     InvalidRequest(&'static str),
     /// A parameter given twice (RFC 6749 §3.2).
     DuplicateParameter(String),
+    /// No route of the listener serves the request's path.
+    NoRoute,
     /// The client id is cooling down after the provider said to wait.
     CoolingDown { retry_after_secs: u64 },
 
@@ -69,6 +71,7 @@ impl Error {
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::InvalidRequest(_) | Error::DuplicateParameter(_) => StatusCode::BAD_REQUEST,
+            Error::NoRoute => StatusCode::NOT_FOUND,
             Error::CoolingDown { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamUnavailable | Error::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout | Error::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -83,7 +86,8 @@ impl Error {
             | Error::UnsupportedMediaType
             | Error::PayloadTooLarge { .. }
             | Error::InvalidRequest(_)
-            | Error::DuplicateParameter(_) => "invalid_request",
+            | Error::DuplicateParameter(_)
+            | Error::NoRoute => "invalid_request",
             Error::CoolingDown { .. }
             | Error::UpstreamUnavailable
             | Error::UpstreamTimeout
@@ -99,7 +103,8 @@ impl Error {
             | Error::UnsupportedMediaType
             | Error::PayloadTooLarge { .. }
             | Error::InvalidRequest(_)
-            | Error::DuplicateParameter(_) => Fault::Caller,
+            | Error::DuplicateParameter(_)
+            | Error::NoRoute => Fault::Caller,
             Error::CoolingDown { .. }
             | Error::UpstreamUnavailable
             | Error::UpstreamTimeout
@@ -172,6 +177,7 @@ impl std::fmt::Display for Error {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
             Error::InvalidRequest(what) => f.write_str(what),
+            Error::NoRoute => f.write_str("no route of this listener serves this path"),
             Error::DuplicateParameter(name) => {
                 // Named only when it is a known OAuth parameter: an unknown "name" may be a
                 // fragment of a secret that held an unescaped `&`.

@@ -4,9 +4,10 @@
 //!
 //! Map of the crate, from the outside in:
 //! - [`cli`], [`config`]: the command line, and typed configuration with layering and validation;
+//! - [`genesys`]: the Genesys Cloud region table and the routes a region expands to;
 //! - [`app`]: building the parts before any port is bound, serving, draining; startup errors;
 //! - [`server`]: accept loops, connection limits, graceful drain;
-//! - [`router`]: dispatch between the token path and forwarding;
+//! - [`router`]: dispatch by path prefix to a route, then between its token path and forwarding;
 //! - [`token`]: the token path (parsing and keys, cache, single flight, cool-downs, rendering);
 //! - [`forward`]: streaming pass-through proxying, upgrades included;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub(crate) mod error;
 pub(crate) mod forward;
+pub mod genesys;
 pub(crate) mod metrics;
 pub(crate) mod router;
 pub(crate) mod server;

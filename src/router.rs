@@ -1,10 +1,10 @@
-//! The one place requests are dispatched: a route's token paths go to its token cache, every
-//! other request is forwarded. The tower stack around it turns a panic into a 500 instead of a
-//! dropped connection.
-//!
-//! The stack is built from named types rather than boxed services, so a request costs no
-//! service clone on the heap: the dispatcher is one `Arc`.
+//! The one place requests are dispatched. A listener serves one or more routes, chosen by the
+//! longest `path_prefix` that matches on a segment boundary (`/api` matches `/api` and `/api/x`,
+//! not `/apix`), with the prefix removed first when the route says `strip_prefix`. Within a route,
+//! its token paths go to its token cache and every other request is forwarded. The tower stack
+//! around it turns a panic into a 500 instead of a dropped connection.
 
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::any::Any;
@@ -21,16 +21,46 @@ use crate::error::Error;
 use crate::forward::Forwarder;
 use crate::token::TokenRoute;
 
-/// Sends a request to the token path or the forwarder of one route.
-#[derive(Debug, Clone)]
-pub(crate) struct Dispatch(Arc<Route>);
-
-/// What one route's requests go to. Behind a single `Arc`, because the service is cloned for every
-/// request and each reference count it touches is shared by every worker thread.
+/// One route as the dispatcher sees it.
 #[derive(Debug)]
-struct Route {
-    token: Arc<TokenRoute>,
-    forwarder: Arc<Forwarder>,
+pub(crate) struct Route {
+    pub(crate) prefix: String,
+    pub(crate) strip: bool,
+    pub(crate) token: Arc<TokenRoute>,
+    pub(crate) forwarder: Arc<Forwarder>,
+}
+
+/// Sends a request to the route its path selects, then to that route's token path or forwarder.
+#[derive(Debug, Clone)]
+pub(crate) struct Dispatch(Arc<[Route]>);
+
+/// Whether `prefix` covers `path`, on a segment boundary.
+fn covers(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// `path` without `prefix`, always starting with `/`.
+fn strip<'a>(prefix: &str, path: &'a str) -> &'a str {
+    match path.get(prefix.len()..) {
+        Some(rest) if prefix != "/" && !rest.is_empty() => rest,
+        Some(_) if prefix != "/" => "/",
+        _ => path,
+    }
+}
+
+/// The request's URI with `prefix` removed from its path; the query stays.
+fn stripped_uri(uri: &Uri, prefix: &str) -> Uri {
+    let path = strip(prefix, uri.path());
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(path_and_query).ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
 impl tower::Service<Request<Incoming>> for Dispatch {
@@ -42,13 +72,21 @@ impl tower::Service<Request<Incoming>> for Dispatch {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let routes = self.0.clone();
+        let path = request.uri().path();
+        // Sorted longest prefix first, so the first that covers the path is the longest.
+        let Some(index) = routes.iter().position(|route| covers(&route.prefix, path)) else {
+            return Box::pin(async { Ok(Error::NoRoute.into_response()) });
+        };
+        if routes[index].strip {
+            *request.uri_mut() = stripped_uri(request.uri(), &routes[index].prefix);
+        }
         // Two boxes sized for their own path: a token hit does not carry the state of a forward.
-        let route = self.0.clone();
-        if route.token.is_token_path(request.uri().path()) {
-            Box::pin(async move { Ok(route.token.handle(request).await) })
+        if routes[index].token.is_token_path(request.uri().path()) {
+            Box::pin(async move { Ok(routes[index].token.handle(request).await) })
         } else {
-            Box::pin(async move { Ok(route.forwarder.forward(request.map(boxed)).await) })
+            Box::pin(async move { Ok(routes[index].forwarder.forward(request.map(boxed)).await) })
         }
     }
 }
@@ -60,12 +98,46 @@ fn internal_error(_: Box<dyn Any + Send + 'static>) -> Response<Body> {
     Error::Internal.into_response()
 }
 
-/// The service that answers one route's listener.
-pub(crate) type RouteService = CatchPanic<Dispatch, PanicHandler>;
+/// The service that answers one listener.
+pub(crate) type ListenerService = CatchPanic<Dispatch, PanicHandler>;
 
-/// Builds the service of one route.
-pub(crate) fn route_service(token: Arc<TokenRoute>, forwarder: Arc<Forwarder>) -> RouteService {
+/// Builds the service of one listener from its routes.
+pub(crate) fn listener_service(mut routes: Vec<Route>) -> ListenerService {
+    routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
     ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(internal_error as PanicHandler))
-        .service(Dispatch(Arc::new(Route { token, forwarder })))
+        .service(Dispatch(routes.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        assert!(covers("/", "/anything"));
+        assert!(covers("/api", "/api"));
+        assert!(covers("/api", "/api/"));
+        assert!(covers("/api", "/api/v2/users"));
+        assert!(!covers("/api", "/apix"));
+        assert!(!covers("/api", "/ap"));
+        assert!(!covers("/api/v2", "/api/api/v2"));
+    }
+
+    #[test]
+    fn stripping_leaves_a_path_that_starts_with_a_slash_and_keeps_the_query() {
+        assert_eq!(strip("/login", "/login/oauth/token"), "/oauth/token");
+        assert_eq!(strip("/login", "/login"), "/");
+        assert_eq!(strip("/", "/oauth/token"), "/oauth/token");
+        let uri: Uri = "/api/api/v2/users/me?expand=x".parse().unwrap();
+        assert_eq!(
+            stripped_uri(&uri, "/api").to_string(),
+            "/api/v2/users/me?expand=x"
+        );
+        let absolute: Uri = "http://sidecar:8080/login/oauth/token".parse().unwrap();
+        assert_eq!(
+            stripped_uri(&absolute, "/login").to_string(),
+            "http://sidecar:8080/oauth/token"
+        );
+    }
 }

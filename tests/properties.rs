@@ -807,6 +807,8 @@ fn validates(token: &TokenConfig) -> Result<(), String> {
         routes: vec![RouteConfig {
             name: "default".into(),
             listen: "127.0.0.1:0".parse().unwrap(),
+            path_prefix: "/".into(),
+            strip_prefix: false,
             upstream: UpstreamUrl::parse("http://127.0.0.1:1").unwrap(),
             token_paths: vec!["/oauth/token".into()],
             preserve_host: false,

@@ -90,7 +90,8 @@ async fn two_routes_serve_two_providers_with_separate_caches() {
         upstream = "{}"
         [[routes]]
         name = "us"
-        listen = "127.0.0.1:0"
+        # Another address, so another listener (the test binds each on 127.0.0.1:0).
+        listen = "127.0.0.2:0"
         upstream = "{}"
         token_paths = ["/v1/token"]
         "#,
@@ -125,7 +126,7 @@ async fn a_throttled_route_does_not_hold_back_the_other() {
     let us = FakeProvider::start().await;
     eu.set_default(Behavior::status(429, Some("30")));
     let sidecar = Sidecar::start_with(config_toml(&format!(
-        "[[routes]]\nname = \"eu\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n[[routes]]\nname = \"us\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        "[[routes]]\nname = \"eu\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n[[routes]]\nname = \"us\"\nlisten = \"127.0.0.2:0\"\nupstream = \"{}\"\n",
         eu.url(),
         us.url()
     )))

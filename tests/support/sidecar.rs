@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 /// A running sidecar.
 pub struct Sidecar {
-    /// Base URL of each route's listener, in config order.
+    /// Base URL of each listener (one per distinct route address), in config order.
     pub urls: Vec<String>,
     /// Base URL of the admin listener.
     pub admin_url: String,
@@ -51,7 +51,7 @@ impl Sidecar {
     /// Starts a sidecar with `config`, every listener on 127.0.0.1:0.
     pub async fn start_with(config: Config) -> Sidecar {
         let mut routes = Vec::new();
-        for _ in &config.routes {
+        for _ in config.listeners() {
             routes.push(TcpListener::bind("127.0.0.1:0").await.expect("bind route"));
         }
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");

@@ -1,0 +1,203 @@
+//! The Genesys Cloud preset: the region table (the one place it lives in the code) and the routes
+//! a region expands to, so that both ways the Genesys SDKs can be pointed at the sidecar work
+//! unmodified on one listener.
+//!
+//! No Genesys SDK has a login host setting of its own: `ApiClient(host=...)` and the gateway
+//! settings send the login call and every API call to the same host. The preset therefore routes
+//! by path:
+//! - host (or gateway without path params) pointed at the sidecar: `/oauth/token` (cached) and the
+//!   rest of `/` go to `https://login.<domain>`, `/api/v2/...` to `https://api.<domain>`;
+//! - gateway with `path_params_login = "login"` and `path_params_api = "api"`: `/login/...` goes
+//!   to the login host and `/api/...` to the API host, each with its prefix removed.
+
+use std::net::SocketAddr;
+
+use crate::config::{ClientConfig, RouteConfig, TokenConfig, UpstreamUrl};
+
+/// One Genesys Cloud region: its AWS-style name and its domain. The login host is
+/// `login.<domain>`, the API host `api.<domain>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub name: &'static str,
+    pub domain: &'static str,
+}
+
+/// Every Genesys Cloud region (docs/GENESYS.md has the same table).
+pub const REGIONS: &[Region] = &[
+    Region {
+        name: "us-east-1",
+        domain: "mypurecloud.com",
+    },
+    Region {
+        name: "us-east-2",
+        domain: "use2.us-gov-pure.cloud",
+    },
+    Region {
+        name: "us-west-2",
+        domain: "usw2.pure.cloud",
+    },
+    Region {
+        name: "ca-central-1",
+        domain: "cac1.pure.cloud",
+    },
+    Region {
+        name: "sa-east-1",
+        domain: "sae1.pure.cloud",
+    },
+    Region {
+        name: "eu-west-1",
+        domain: "mypurecloud.ie",
+    },
+    Region {
+        name: "eu-west-2",
+        domain: "euw2.pure.cloud",
+    },
+    Region {
+        name: "eu-central-1",
+        domain: "mypurecloud.de",
+    },
+    Region {
+        name: "eu-central-2",
+        domain: "euc2.pure.cloud",
+    },
+    Region {
+        name: "me-central-1",
+        domain: "mec1.pure.cloud",
+    },
+    Region {
+        name: "ap-south-1",
+        domain: "aps1.pure.cloud",
+    },
+    Region {
+        name: "ap-southeast-1",
+        domain: "apse1.pure.cloud",
+    },
+    Region {
+        name: "ap-southeast-2",
+        domain: "mypurecloud.com.au",
+    },
+    Region {
+        name: "ap-northeast-1",
+        domain: "mypurecloud.jp",
+    },
+    Region {
+        name: "ap-northeast-2",
+        domain: "apne2.pure.cloud",
+    },
+    Region {
+        name: "ap-northeast-3",
+        domain: "apne3.pure.cloud",
+    },
+];
+
+impl Region {
+    /// The region a name (`ap-southeast-1`, `ap_southeast_1`) or a domain (`apse1.pure.cloud`,
+    /// also as `login.` or `api.` host) stands for.
+    pub fn find(text: &str) -> Option<&'static Region> {
+        let text = text.trim().trim_end_matches('.').to_ascii_lowercase();
+        let domain = text
+            .strip_prefix("login.")
+            .or_else(|| text.strip_prefix("api."))
+            .unwrap_or(&text);
+        let name = text.replace('_', "-");
+        REGIONS
+            .iter()
+            .find(|r| r.name == name || r.domain == domain)
+    }
+
+    /// The valid names, for an error message.
+    pub fn names() -> String {
+        REGIONS
+            .iter()
+            .map(|r| r.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `https://login.<domain>`.
+    pub fn login(&self) -> UpstreamUrl {
+        UpstreamUrl::parse(&format!("https://login.{}", self.domain)).expect("valid host")
+    }
+
+    /// `https://api.<domain>`.
+    pub fn api(&self) -> UpstreamUrl {
+        UpstreamUrl::parse(&format!("https://api.{}", self.domain)).expect("valid host")
+    }
+}
+
+/// Where the preset's routes go and how they are tuned.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    pub listen: SocketAddr,
+    pub login: UpstreamUrl,
+    pub api: UpstreamUrl,
+    pub token: TokenConfig,
+    pub client: ClientConfig,
+}
+
+impl Preset {
+    /// The four routes, all on `listen`: login and API, each plainly and behind the gateway's
+    /// path params. The longest prefix wins, so `/api/v2/...` is the plain API route and
+    /// `/api/api/v2/...` the gateway's.
+    pub fn routes(&self) -> Vec<RouteConfig> {
+        let route =
+            |name: &str, prefix: &str, strip, upstream: &UpstreamUrl, token_paths| RouteConfig {
+                name: name.to_owned(),
+                listen: self.listen,
+                path_prefix: prefix.to_owned(),
+                strip_prefix: strip,
+                upstream: upstream.clone(),
+                token_paths,
+                preserve_host: false,
+                token: self.token.clone(),
+                client: self.client.clone(),
+            };
+        let token_path = || vec![crate::config::DEFAULT_TOKEN_PATH.to_owned()];
+        vec![
+            route("genesys-login", "/", false, &self.login, token_path()),
+            route("genesys-api", "/api/v2", false, &self.api, vec![]),
+            route(
+                "genesys-login-gateway",
+                "/login",
+                true,
+                &self.login,
+                token_path(),
+            ),
+            route("genesys-api-gateway", "/api", true, &self.api, vec![]),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_found_by_name_or_domain() {
+        let apse1 = Region::find("ap-southeast-1").unwrap();
+        assert_eq!(apse1.domain, "apse1.pure.cloud");
+        for alias in [
+            "apse1.pure.cloud",
+            "login.apse1.pure.cloud",
+            "API.apse1.pure.cloud.",
+            "ap_southeast_1",
+        ] {
+            assert_eq!(Region::find(alias), Some(apse1), "{alias}");
+        }
+        assert_eq!(Region::find("mypurecloud.com").unwrap().name, "us-east-1");
+        assert_eq!(Region::find("moon-1"), None);
+        assert!(Region::names().contains("eu-west-1"));
+        assert_eq!(apse1.login().to_string(), "https://login.apse1.pure.cloud");
+        assert_eq!(apse1.api().to_string(), "https://api.apse1.pure.cloud");
+    }
+
+    #[test]
+    fn names_and_domains_are_unique() {
+        for (i, a) in REGIONS.iter().enumerate() {
+            for b in &REGIONS[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert_ne!(a.domain, b.domain);
+            }
+        }
+    }
+}
