@@ -204,6 +204,14 @@ pub struct TokenConfig {
     /// Longest a caller waits for a shared upstream call before getting 504.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
+    /// Longest the sidecar keeps callers waiting through holds (a `Retry-After`, a backoff) and
+    /// calls again, instead of passing the provider's 429 on; `0s` passes every one on. Never
+    /// past the callers' `wait_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub absorb_hold: Duration,
+    /// Distinct tokens kept per key and handed out in turn (the provider limits API calls per
+    /// token); each costs one upstream call per lifetime.
+    pub pool_size: usize,
     /// Most cached keys; past it the least recently used are evicted.
     pub max_entries: usize,
     /// A key nobody asked for within this time is dropped (and so never refreshed again).
@@ -231,6 +239,8 @@ impl Default for TokenConfig {
             refresh_token_ttl: Duration::from_secs(30),
             max_lifetime: Duration::from_secs(24 * 3600),
             wait_timeout: Duration::from_secs(30),
+            absorb_hold: Duration::from_secs(5),
+            pool_size: 1,
             max_entries: 100_000,
             idle_timeout: Duration::from_secs(3600),
             max_concurrent_calls: 64,
@@ -335,6 +345,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 /// Most worker threads accepted: far past any core count, low enough to catch a typo.
 pub const MAX_WORKERS: usize = 1024;
+/// Most tokens kept per key: each is one upstream call per lifetime.
+pub const MAX_POOL_SIZE: usize = 64;
 /// Default token path.
 pub const DEFAULT_TOKEN_PATH: &str = "/oauth/token";
 
@@ -637,6 +649,12 @@ impl TokenConfig {
         if self.backoff_base > self.backoff_max {
             return Err(err(format!(
                 "{at}.backoff_base must not exceed backoff_max"
+            )));
+        }
+        if !(1..=MAX_POOL_SIZE).contains(&self.pool_size) {
+            return Err(err(format!(
+                "{at}.pool_size = {}: between 1 and {MAX_POOL_SIZE}",
+                self.pool_size
             )));
         }
         if self.max_entries == 0 {

@@ -29,6 +29,18 @@ impl Fault {
     }
 }
 
+/// Who is holding a client's token calls back, so a refusal says what really happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldBy {
+    /// The provider answered 429 or 503 (with or without `Retry-After`).
+    Provider,
+    /// The provider failed, could not be reached, or sent an unusable answer: the sidecar backs
+    /// off.
+    Backoff,
+    /// The route's own outbound limits (`max_concurrent_calls`, `calls_per_second`).
+    OwnLimit,
+}
+
 /// Everything that can go wrong while answering a request.
 #[derive(Debug, Clone)]
 pub enum Error {
@@ -45,8 +57,8 @@ pub enum Error {
     DuplicateParameter(String),
     /// No route of the listener serves the request's path.
     NoRoute,
-    /// The client id is cooling down after the provider said to wait.
-    CoolingDown { retry_after_secs: u64 },
+    /// The client's token calls are held back for this long, by `by`.
+    CoolingDown { retry_after_secs: u64, by: HeldBy },
 
     // The upstream's fault.
     /// Could not connect, or the connection broke.
@@ -134,7 +146,9 @@ impl Error {
             Error::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
             }
-            Error::CoolingDown { retry_after_secs } => {
+            Error::CoolingDown {
+                retry_after_secs, ..
+            } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             _ => {}
@@ -187,10 +201,19 @@ impl std::fmt::Display for Error {
                     f.write_str("a parameter is included more than once")
                 }
             }
-            Error::CoolingDown { retry_after_secs } => write!(
-                f,
-                "the identity provider asked to wait; retry after {retry_after_secs} s"
-            ),
+            Error::CoolingDown {
+                retry_after_secs,
+                by,
+            } => {
+                f.write_str(match by {
+                    HeldBy::Provider => "the identity provider asked to wait",
+                    HeldBy::Backoff => {
+                        "the identity provider failed or could not be reached, so the sidecar is backing off"
+                    }
+                    HeldBy::OwnLimit => "the sidecar's outbound limit for this route is reached",
+                })?;
+                write!(f, "; retry after {retry_after_secs} s")
+            }
             Error::UpstreamUnavailable => f.write_str("the identity provider is unreachable"),
             Error::UpstreamTimeout => f.write_str("the identity provider did not answer in time"),
             Error::UpstreamInvalid(why) => {
@@ -218,6 +241,7 @@ mod tests {
             Error::PayloadTooLarge { limit: 10 },
             Error::CoolingDown {
                 retry_after_secs: 7,
+                by: HeldBy::Provider,
             },
             Error::UpstreamInvalid("not JSON"),
             Error::Internal,
@@ -229,6 +253,7 @@ mod tests {
         }
         let resp = Error::CoolingDown {
             retry_after_secs: 7,
+            by: HeldBy::OwnLimit,
         }
         .into_response();
         assert_eq!(resp.headers()["retry-after"], "7");
@@ -236,5 +261,25 @@ mod tests {
             Error::MethodNotAllowed.into_response().headers()["allow"],
             "POST"
         );
+    }
+
+    #[test]
+    fn a_refusal_says_who_holds_the_call_back() {
+        let text = |by| {
+            Error::CoolingDown {
+                retry_after_secs: 3,
+                by,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            text(HeldBy::Provider),
+            "the identity provider asked to wait; retry after 3 s"
+        );
+        assert!(text(HeldBy::Backoff).contains("backing off"));
+        assert!(text(HeldBy::OwnLimit).contains("outbound limit"));
+        for by in [HeldBy::Backoff, HeldBy::OwnLimit] {
+            assert!(!text(by).contains("asked to wait"), "{by:?}");
+        }
     }
 }

@@ -64,6 +64,7 @@ pub(crate) struct Metrics {
     flight_waiters: Family<RouteLabel, Histogram>,
     evictions: Family<ReasonLabels, Counter>,
     forwarded: Family<StatusLabels, Counter>,
+    holds_absorbed: Family<RouteLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -122,7 +123,14 @@ impl Metrics {
             "Requests forwarded unchanged to the provider, by response status",
             forwarded.clone(),
         );
+        let holds_absorbed = Family::default();
+        registry.register(
+            "holds_absorbed",
+            "Holds (Retry-After, backoff) waited out with the callers waiting, instead of answering 429",
+            holds_absorbed.clone(),
+        );
         Metrics {
+            holds_absorbed,
             registry,
             token_requests,
             upstream_calls,
@@ -148,6 +156,7 @@ impl Metrics {
             flight_waiters: self.flight_waiters.get_or_create(&route_label).clone(),
             evictions: self.evictions.clone(),
             forwarded: self.forwarded.clone(),
+            holds_absorbed: self.holds_absorbed.get_or_create(&route_label).clone(),
         }
     }
 
@@ -178,9 +187,15 @@ pub(crate) struct RouteMetrics {
     flight_waiters: Histogram,
     evictions: Family<ReasonLabels, Counter>,
     forwarded: Family<StatusLabels, Counter>,
+    holds_absorbed: Counter,
 }
 
 impl RouteMetrics {
+    /// Counts one hold waited out for waiting callers.
+    pub(crate) fn hold_absorbed(&self) {
+        self.holds_absorbed.inc();
+    }
+
     /// The counter of this route's token requests with `outcome`, resolved once so that
     /// counting costs one atomic add.
     pub(crate) fn token_requests(&self, outcome: &'static str) -> Counter {

@@ -20,7 +20,12 @@ const FORM: &str = "grant_type=client_credentials&client_id=app&client_secret=s"
 const FAST_BACKOFF: &str = "[token]\nbackoff_base = \"200ms\"\nbackoff_max = \"1s\"\n";
 /// For the fault table: the first hold after a failure lasts at most `backoff_base` (full
 /// jitter) and later ones double up to the default `backoff_max` of 60 s; the provider gets 1 s.
-const FAULT_CONFIG: &str = "[token]\nbackoff_base = \"1s\"\n[client]\nrequest_timeout = \"1s\"\n";
+/// Holds are passed on (`absorb_hold = "0s"`), so what callers see during one is what is tested;
+/// tests/token_path.rs tests absorbing them.
+const FAULT_CONFIG: &str =
+    "[token]\nbackoff_base = \"1s\"\nabsorb_hold = \"0s\"\n[client]\nrequest_timeout = \"1s\"\n";
+/// Passes holds on instead of absorbing them.
+const PASS_HOLDS: &str = "[token]\nabsorb_hold = \"0s\"\n";
 /// The Cache-Status of an answer from a local hold.
 const COOLDOWN: &str = "token-sidecar; detail=cooldown";
 
@@ -163,6 +168,12 @@ fn assert_fault(fault: &Fault, reply: &Reply) {
 fn assert_held(fault: &Fault, reply: &Reply, at_most: Duration) {
     assert_eq!(cache_status(reply), COOLDOWN, "{}", fault.name);
     assert_cooling_down(reply, at_most);
+    let description = reply.json()["error_description"].to_string();
+    assert!(
+        description.contains("backing off") && !description.contains("asked to wait"),
+        "{}: a hold after a failure says so: {description}",
+        fault.name
+    );
 }
 
 /// Runs `check` for every row at once, each against its own provider and sidecar.
@@ -303,7 +314,7 @@ async fn provider_down_at_start_then_up_recovers_on_the_first_request_after_the_
 
 #[tokio::test]
 async fn flapping_between_429_and_200_makes_no_call_inside_each_window() {
-    let fx = Fixture::start("").await;
+    let fx = Fixture::start(PASS_HOLDS).await;
     fx.idp.push(Behavior::status(429, Some("1")));
     let held = statuses(&hammer(&fx.sidecar, Duration::from_millis(800)).await);
     assert_eq!(held[0], 429);
@@ -324,7 +335,7 @@ async fn flapping_between_429_and_200_makes_no_call_inside_each_window() {
 
 #[tokio::test]
 async fn a_503_with_an_http_date_is_honoured() {
-    let fx = Fixture::start("").await;
+    let fx = Fixture::start(PASS_HOLDS).await;
     let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
     fx.idp.push(Behavior::status(503, Some(&date)));
     assert_eq!(token(&fx.sidecar).await.status, 503);
@@ -404,6 +415,11 @@ async fn calls_the_limiter_cannot_fit_before_the_deadline_get_an_honest_429() {
         let retry_after: u64 = reply.header("retry-after").unwrap().parse().unwrap();
         assert!((1..=4).contains(&retry_after), "{retry_after}");
         assert_eq!(reply.json()["error"], "temporarily_unavailable");
+        let description = reply.json()["error_description"].to_string();
+        assert!(
+            description.contains("outbound limit") && !description.contains("identity provider"),
+            "the sidecar's own limit says so: {description}"
+        );
     }
     assert_eq!(fx.idp.token_calls(), 1);
 }

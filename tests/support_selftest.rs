@@ -226,6 +226,56 @@ async fn refresh_tokens_rotate_and_are_single_use() {
 }
 
 #[tokio::test]
+async fn users_me_answers_only_bearer_tokens_its_issuer_gave_out() {
+    let login = FakeProvider::start().await;
+    let api = FakeProvider::start().await;
+    api.accept_tokens_of(&login);
+    let c = client();
+    let users_me = |base: &str, auth: Option<&str>| {
+        let mut req = Request::get(format!("{base}/api/v2/users/me"));
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        req.body(Full::new(Bytes::new())).unwrap()
+    };
+
+    let token = post_form(&c, &format!("{}/oauth/token", login.url()), CC, None)
+        .await
+        .json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bearer = format!("Bearer {token}");
+    let me = send(&c, users_me(&api.url(), Some(&bearer))).await;
+    assert_eq!(me.status, 200, "{}", me.text());
+    assert_eq!(me.json()["id"], "fake-user");
+    // The issuer accepts its own tokens too; the scheme is case-insensitive.
+    let me = send(&c, users_me(&login.url(), Some(&format!("bearer {token}")))).await;
+    assert_eq!(me.status, 200, "{}", me.text());
+
+    for auth in [None, Some("Bearer tok-never-issued"), Some("Basic dTpw")] {
+        let me = send(&c, users_me(&api.url(), auth)).await;
+        assert_eq!(me.status, 401, "{auth:?}");
+        assert_eq!(me.json()["code"], "bad.credentials");
+    }
+    // A provider that accepts nobody else's tokens rejects this one.
+    let stranger = FakeProvider::start().await;
+    assert_eq!(
+        send(&c, users_me(&stranger.url(), Some(&bearer)))
+            .await
+            .status,
+        401
+    );
+
+    let rec = api.recorded();
+    assert_eq!(rec.len(), 4, "API calls are recorded");
+    assert_eq!(rec[0].path_and_query, "/api/v2/users/me");
+    assert_eq!(rec[0].headers["authorization"], bearer.as_str());
+    assert_eq!(api.token_calls(), 0);
+    assert_eq!(login.token_calls(), 1);
+}
+
+#[tokio::test]
 async fn echo_reports_the_request() {
     let idp = FakeProvider::start().await;
     let c = client();

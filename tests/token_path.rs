@@ -508,9 +508,74 @@ async fn early_refreshes_that_return_the_same_token_back_off() {
 // 6. Retry-After
 // ---------------------------------------------------------------------------------------------
 
+/// Passes holds on to the callers instead of absorbing them, to test what callers see during one.
+const PASS_HOLDS: &str = "[token]\nabsorb_hold = \"0s\"\n";
+
+/// Five cold client ids at once, behind a provider whose burst is three: the fourth and fifth
+/// calls get 429 with `Retry-After: 1`. The sidecar keeps those callers waiting, calls again
+/// when the hold ends, and every caller gets a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn short_holds_are_absorbed_so_no_caller_sees_a_429() {
+    let fx = Fixture::start("").await;
+    for _ in 0..3 {
+        fx.idp.push(Behavior::token(3600));
+    }
+    for _ in 0..2 {
+        fx.idp.push(Behavior::status(429, Some("1")));
+    }
+    let (c, url) = (fx.client.clone(), fx.sidecar.token_url());
+    let started = Instant::now();
+    let replies = concurrently(5 * 20, |i| {
+        let c = c.clone();
+        let url = url.clone();
+        async move { post_form(&c, &url, &cc(&format!("app{}", i % 5), "s"), None).await }
+    })
+    .await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(
+        fx.idp.token_calls(),
+        7,
+        "five first calls, two again after the hold"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "the hold was honoured: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let metrics = fx.sidecar.metrics().await;
+    assert!(
+        metrics.contains("token_sidecar_holds_absorbed_total{route=\"default\"} 2"),
+        "{metrics}"
+    );
+    fx.sidecar.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hold_longer_than_absorb_hold_is_passed_on_at_once() {
+    let fx = Fixture::start("[token]\nabsorb_hold = \"2s\"\n").await;
+    fx.idp.push(Behavior::status(429, Some("3")));
+    let started = Instant::now();
+    let first = fx.post_token(&cc("app", "s")).await;
+    assert_eq!(first.status, 429, "{}", first.text());
+    assert_eq!(first.header("retry-after").as_deref(), Some("3"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "not held: {:?}",
+        started.elapsed()
+    );
+    let held = fx.post_token(&cc("app", "s")).await;
+    assert_cooling_down(&held, Duration::from_secs(3));
+    let description = held.json()["error_description"].to_string();
+    assert!(description.contains("asked to wait"), "{description}");
+    assert_eq!(fx.idp.token_calls(), 1);
+    fx.sidecar.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_seconds_hold_every_caller_without_upstream_calls() {
-    let fx = Fixture::start("").await;
+    let fx = Fixture::start(PASS_HOLDS).await;
     fx.idp.push(Behavior::status(429, Some("2")));
     let c = fx.client.clone();
     let url = fx.sidecar.token_url();
@@ -558,7 +623,7 @@ async fn retry_after_seconds_hold_every_caller_without_upstream_calls() {
 
 #[tokio::test]
 async fn retry_after_http_date_holds_until_that_date() {
-    let fx = Fixture::start("").await;
+    let fx = Fixture::start(PASS_HOLDS).await;
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
     // HTTP-dates have whole seconds: the hold ends at the truncated instant, 2..3 s from now.
     let until = httpdate::parse_http_date(&date).unwrap();
@@ -628,7 +693,7 @@ async fn a_throttled_refresh_keeps_serving_the_cached_token() {
 
 #[tokio::test]
 async fn service_unavailable_with_retry_after_holds_like_too_many_requests() {
-    let fx = Fixture::start(BACKOFF).await;
+    let fx = Fixture::start(&format!("{BACKOFF}absorb_hold = \"0s\"\n")).await;
     fx.idp.push(Behavior::status(503, Some("2")));
     let form = cc("app", "s3cret");
 

@@ -18,7 +18,7 @@ use http::StatusCode;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::cooldown;
+use super::cooldown::{self, Cooling};
 use super::lifetime::Token;
 use super::request::{CacheKey, Grant};
 use crate::config::TokenConfig;
@@ -83,8 +83,8 @@ pub(crate) enum Decision<F = Landing> {
     },
     /// Replay a remembered answer.
     Remembered(Arc<Reply>),
-    /// The client id is cooling down for this long and there is no token to serve.
-    Cooldown(Duration),
+    /// The client id is cooling down and there is no token to serve.
+    Cooldown(Cooling),
     /// Wait for the flight already in progress.
     Join(FlightRx),
     /// Start the flight and wait on `rx`; `stale` if an expired token was there.
@@ -103,7 +103,7 @@ impl<F> Decision<F> {
                 refresh: refresh.map(f),
             },
             Decision::Remembered(reply) => Decision::Remembered(reply),
-            Decision::Cooldown(left) => Decision::Cooldown(left),
+            Decision::Cooldown(cooling) => Decision::Cooldown(cooling),
             Decision::Join(rx) => Decision::Join(rx),
             Decision::Lead { flight, rx, stale } => Decision::Lead {
                 flight: f(flight),
@@ -125,7 +125,7 @@ impl EntryState {
     fn decide(
         &mut self,
         now: Instant,
-        cooling: impl Fn() -> Option<Duration>,
+        cooling: impl Fn() -> Option<Cooling>,
     ) -> Decision<FlightTx> {
         if let Some(token) = &self.token
             && token.servable(now)
@@ -147,8 +147,8 @@ impl EntryState {
         if let Some(rx) = &self.flight {
             return Decision::Join(rx.clone());
         }
-        if let Some(left) = cooling() {
-            return Decision::Cooldown(left);
+        if let Some(hold) = cooling() {
+            return Decision::Cooldown(hold);
         }
         let stale = self.token.is_some();
         let (flight, rx) = self.start_flight();
@@ -229,6 +229,14 @@ pub(crate) struct Landing {
 }
 
 impl Landing {
+    /// How many callers are waiting for this flight now.
+    pub(crate) fn waiters(&self) -> usize {
+        // The entry keeps a receiver of its own, for callers that join later.
+        self.tx
+            .as_ref()
+            .map_or(0, |tx| tx.receiver_count().saturating_sub(1))
+    }
+
     /// Lands `shared` (see [`EntryState::land`]), then publishes it; returns how many callers
     /// were waiting for it.
     pub(crate) fn land(
@@ -295,7 +303,7 @@ impl Cache {
         &self,
         key: CacheKey,
         now: Instant,
-        cooling: impl Fn() -> Option<Duration>,
+        cooling: impl Fn() -> Option<Cooling>,
     ) -> (Decision, usize) {
         let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if let Some(entry) = self.entries.get(&key) {
@@ -368,7 +376,7 @@ fn decide_in(
     entry: &Arc<Entry>,
     stamp: u64,
     now: Instant,
-    cooling: impl Fn() -> Option<Duration>,
+    cooling: impl Fn() -> Option<Cooling>,
 ) -> Decision {
     entry.last_used_ms.store(stamp, Ordering::Relaxed);
     let decision = entry.lock().decide(now, cooling);
@@ -417,6 +425,13 @@ mod tests {
         TokenConfig::default()
     }
 
+    fn cooling(secs: u64) -> Option<Cooling> {
+        Some(Cooling {
+            left: Duration::from_secs(secs),
+            by: crate::error::HeldBy::Provider,
+        })
+    }
+
     /// Leads a flight at `now` and lands `shared` in it.
     fn fly(state: &mut EntryState, now: Instant, grant: Grant, shared: Shared) {
         let Decision::Lead { .. } = state.decide(now, || None) else {
@@ -435,7 +450,7 @@ mod tests {
         assert!(!stale);
         assert!(matches!(state.decide(now, || None), Decision::Join(_)));
         assert!(matches!(
-            state.decide(now, || Some(Duration::from_secs(5))),
+            state.decide(now, || cooling(5)),
             Decision::Join(_)
         ));
         state.land(
@@ -446,7 +461,7 @@ mod tests {
             0.0,
         );
         assert!(
-            matches!(state.decide(now, || Some(Duration::from_secs(5))), Decision::Cooldown(d) if d == Duration::from_secs(5))
+            matches!(state.decide(now, || cooling(5)), Decision::Cooldown(c) if c.left == Duration::from_secs(5))
         );
         assert!(matches!(state.decide(now, || None), Decision::Lead { .. }));
     }
@@ -468,7 +483,7 @@ mod tests {
         ));
         // Refresh is due at 80 % of the lifetime, once, and not while cooling down.
         assert!(matches!(
-            state.decide(at(81), || Some(Duration::from_secs(1))),
+            state.decide(at(81), || cooling(1)),
             Decision::Hit { refresh: None, .. }
         ));
         assert!(matches!(

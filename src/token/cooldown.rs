@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use crate::config::TokenConfig;
+use crate::error::HeldBy;
 use crate::telemetry::client_hash;
 
 /// Parses `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date. A date in the past, an
@@ -47,15 +48,15 @@ struct Hold {
     until: Instant,
     /// Consecutive failures, for the exponent; reset by a success.
     failures: u32,
+    /// Why the hold was last started or extended.
+    by: HeldBy,
 }
 
-/// Why a hold started, for logs.
+/// An active hold as a request sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Cause {
-    /// The provider answered 429 or 503.
-    Throttled,
-    /// A 5xx, a transport error, a timeout or an unusable answer.
-    Failed,
+pub(crate) struct Cooling {
+    pub(crate) left: Duration,
+    pub(crate) by: HeldBy,
 }
 
 /// The holds of one route, by client id.
@@ -75,10 +76,13 @@ impl Cooldowns {
         }
     }
 
-    /// The time left on `client`'s hold, if one is active.
-    pub(crate) fn remaining(&self, client: &str, now: Instant) -> Option<Duration> {
+    /// `client`'s hold at `now`, if one is active.
+    pub(crate) fn remaining(&self, client: &str, now: Instant) -> Option<Cooling> {
         let hold = self.holds.get(client)?;
-        (hold.until > now).then(|| hold.until - now)
+        (hold.until > now).then(|| Cooling {
+            left: hold.until - now,
+            by: hold.by,
+        })
     }
 
     /// Starts or extends a hold after a failure or throttle, returning its length. An explicit
@@ -86,7 +90,7 @@ impl Cooldowns {
     pub(crate) fn start(
         &self,
         client: &str,
-        cause: Cause,
+        by: HeldBy,
         retry_after: Option<Duration>,
         config: &TokenConfig,
         now: Instant,
@@ -95,7 +99,9 @@ impl Cooldowns {
         let mut hold = self.holds.entry(Arc::from(client)).or_insert(Hold {
             until: now,
             failures: 0,
+            by,
         });
+        hold.by = by;
         let delay = match retry_after {
             Some(wait) => wait.min(config.retry_after_max),
             None => backoff(hold.failures, config.backoff_base, config.backoff_max, unit),
@@ -107,7 +113,7 @@ impl Cooldowns {
         info!(
             route = %self.route,
             client = %client_hash(client),
-            cause = ?cause,
+            cause = ?by,
             retry_after_s = left.as_secs_f64(),
             failures = hold.failures,
             "cool-down started"
@@ -181,7 +187,7 @@ mod tests {
         assert_eq!(cd.remaining("a", now), None);
         let left = cd.start(
             "a",
-            Cause::Throttled,
+            HeldBy::Provider,
             Some(Duration::from_secs(10)),
             &config,
             now,
@@ -190,13 +196,16 @@ mod tests {
         assert_eq!(left, Duration::from_secs(10));
         assert_eq!(
             cd.remaining("a", now + Duration::from_secs(4)),
-            Some(Duration::from_secs(6))
+            Some(Cooling {
+                left: Duration::from_secs(6),
+                by: HeldBy::Provider
+            })
         );
         assert_eq!(cd.remaining("a", now + Duration::from_secs(10)), None);
         assert_eq!(cd.remaining("b", now), None);
         let capped = cd.start(
             "a",
-            Cause::Throttled,
+            HeldBy::Provider,
             Some(Duration::from_secs(1 << 40)),
             &config,
             now,
@@ -212,9 +221,9 @@ mod tests {
         let config = TokenConfig::default();
         let cd = Cooldowns::new("r");
         let now = Instant::now();
-        let first = cd.start("a", Cause::Failed, None, &config, now, 1.0);
+        let first = cd.start("a", HeldBy::Backoff, None, &config, now, 1.0);
         let later = now + first;
-        let second = cd.start("a", Cause::Failed, None, &config, later, 1.0);
+        let second = cd.start("a", HeldBy::Backoff, None, &config, later, 1.0);
         assert_eq!(first, config.backoff_base);
         assert_eq!(second, config.backoff_base * 2);
     }

@@ -18,12 +18,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::cache::{FlightRx, Landing, Shared};
-use super::cooldown::{self, Cause, Cooldowns};
+use super::cooldown::{self, Cooldowns};
 use super::lifetime::{Token, Validated};
 use super::limiter::Limiter;
 use super::request::Grant;
 use crate::config::TokenConfig;
-use crate::error::Error;
+use crate::error::{Error, HeldBy};
 use crate::metrics::RouteMetrics;
 use crate::telemetry::client_hash;
 use crate::upstream::{Reply, Upstream};
@@ -44,6 +44,26 @@ struct Call {
     label: String,
     hold: Option<Duration>,
     latency: Duration,
+}
+
+/// Calls one flight makes at most, absorbed holds included (each hold is at least 1 ms and all of
+/// them together at most `absorb_hold`; this bounds the loop whatever the clock does).
+const MAX_ATTEMPTS: usize = 16;
+
+/// Whole seconds, rounded up: a `Retry-After` is never early.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// A copy of a request head for one attempt: what the provider needs, without the extensions
+/// the local connection attached.
+fn head(parts: &Parts) -> Parts {
+    let mut request = http::Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
 }
 
 /// Waits up to `timeout` for a flight to land and returns what it brought back.
@@ -108,7 +128,9 @@ impl Flights {
         self.tracker.spawn(async move { flights.fly(flight).await });
     }
 
-    /// One upstream call: admit, exchange, classify, land, publish, log.
+    /// One flight: admit, exchange, classify, land, publish, log. A hold that ends before the
+    /// callers' deadline and within `absorb_hold` is waited out and the call made again, so the
+    /// callers get the token instead of the provider's 429.
     async fn fly(&self, flight: Flight) {
         let Flight {
             landing,
@@ -117,29 +139,81 @@ impl Flights {
             parts,
             body,
         } = flight;
+        let deadline = Instant::now() + self.config.wait_timeout;
+        let mut absorbed = Duration::ZERO;
+        let mut shared = None;
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(hold) = self.cooldowns.remaining(&client_id, Instant::now()) {
+                if self.absorb(hold.left, &mut absorbed, deadline).await {
+                    continue;
+                }
+                let error = Error::CoolingDown {
+                    retry_after_secs: ceil_secs(hold.left),
+                    by: hold.by,
+                };
+                shared = Some(Shared::Failed(error));
+                break;
+            }
+            let (answer, call) = self.attempt(grant, &client_id, &parts, &body).await;
+            let hold = call.as_ref().and_then(|call| call.hold);
+            if let Some(call) = &call {
+                self.log(&client_id, call, landing.waiters());
+            }
+            shared = Some(answer);
+            match hold {
+                Some(hold) if self.absorb(hold, &mut absorbed, deadline).await => continue,
+                _ => break,
+            }
+        }
+        let shared = shared.expect("at least one attempt: MAX_ATTEMPTS > 0");
+        landing.land(shared, grant, &self.config, Instant::now(), rand::random());
+    }
+
+    /// Waits out a hold of `left` if it fits in what is left of `absorb_hold` and ends early
+    /// enough for a call to finish before `deadline`; false if it does not.
+    async fn absorb(&self, left: Duration, absorbed: &mut Duration, deadline: Instant) -> bool {
+        let fits = *absorbed + left <= self.config.absorb_hold
+            && Instant::now() + left + self.upstream.request_timeout <= deadline;
+        if fits {
+            self.metrics.hold_absorbed();
+            tokio::time::sleep(left).await;
+            *absorbed += left;
+        }
+        fits
+    }
+
+    /// One call through the route's limits: what the callers would get, and what to count and log
+    /// (`None` when the limits held the call back and the provider never saw it).
+    async fn attempt(
+        &self,
+        grant: Grant,
+        client_id: &str,
+        parts: &Parts,
+        body: &Bytes,
+    ) -> (Shared, Option<Call>) {
         // Queue behind the route's limits only as long as the call could still finish before
         // the callers' deadline; past that, tell them honestly when to come back.
         let max_queue = self
             .config
             .wait_timeout
             .saturating_sub(self.upstream.request_timeout);
-        let (shared, call) = match self.limiter.admit(max_queue).await {
+        match self.limiter.admit(max_queue).await {
             Err(held) => {
-                let retry_after_secs = held.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let retry_after_secs = ceil_secs(held.retry_after).max(1);
                 warn!(route = %self.route, retry_after_s = retry_after_secs, "upstream token call held back by the route's limits");
+                let by = HeldBy::OwnLimit;
                 (
-                    Shared::Failed(Error::CoolingDown { retry_after_secs }),
+                    Shared::Failed(Error::CoolingDown {
+                        retry_after_secs,
+                        by,
+                    }),
                     None,
                 )
             }
             Ok(_permit) => {
-                let (shared, call) = self.call(grant, &client_id, parts, body).await;
+                let (shared, call) = self.call(grant, client_id, head(parts), body.clone()).await;
                 (shared, Some(call))
             }
-        };
-        let waiters = landing.land(shared, grant, &self.config, Instant::now(), rand::random());
-        if let Some(call) = call {
-            self.log(&client_id, &call, waiters);
         }
     }
 
@@ -165,7 +239,7 @@ impl Flights {
             }
             Err(failure) => {
                 warn!(route = %self.route, upstream = %self.upstream.url, reason = %failure.reason(), "upstream token call failed");
-                let hold = self.start_hold(client_id, Cause::Failed, None, now);
+                let hold = self.start_hold(client_id, HeldBy::Backoff, None, now);
                 (
                     Shared::Failed(failure.to_error()),
                     failure.label(),
@@ -201,10 +275,10 @@ impl Flights {
                     .headers
                     .get(header::RETRY_AFTER)
                     .and_then(|v| cooldown::parse_retry_after(v, SystemTime::now()));
-                Some(self.start_hold(client_id, Cause::Throttled, given, now))
+                Some(self.start_hold(client_id, HeldBy::Provider, given, now))
             }
             status if status.is_server_error() => {
-                Some(self.start_hold(client_id, Cause::Failed, None, now))
+                Some(self.start_hold(client_id, HeldBy::Backoff, None, now))
             }
             _ => None,
         };
@@ -238,7 +312,7 @@ impl Flights {
             }
             Err(why) => {
                 warn!(route = %self.route, why, "upstream token response unusable");
-                let hold = self.start_hold(client_id, Cause::Failed, None, now);
+                let hold = self.start_hold(client_id, HeldBy::Backoff, None, now);
                 (Shared::Failed(Error::UpstreamInvalid(why)), Some(hold))
             }
         }
@@ -247,13 +321,13 @@ impl Flights {
     fn start_hold(
         &self,
         client_id: &str,
-        cause: Cause,
+        by: HeldBy,
         retry_after: Option<Duration>,
         now: Instant,
     ) -> Duration {
         self.cooldowns.start(
             client_id,
-            cause,
+            by,
             retry_after,
             &self.config,
             now,

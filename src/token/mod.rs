@@ -183,10 +183,14 @@ impl TokenRoute {
             }) => (key, grant, client_id),
         };
         let now = Instant::now();
+        // A hold short enough to absorb does not stop a flight: the flight waits it out.
         let cooldowns = self.flights.cooldowns();
-        let (decision, evicted) = self
-            .cache
-            .decide(key, now, || cooldowns.remaining(&client_id, now));
+        let cooling = || {
+            cooldowns
+                .remaining(&client_id, now)
+                .filter(|hold| hold.left > self.config.absorb_hold)
+        };
+        let (decision, evicted) = self.cache.decide(key, now, cooling);
         self.metrics.evicted("capacity", evicted);
         // A flight sends the request on as the caller sent it.
         let flight = |landing| Flight {
@@ -222,10 +226,12 @@ impl TokenRoute {
                 self.record(Outcome::Remembered);
                 Answer::Ready(respond::reply(&reply, CacheStatus::Remembered))
             }
-            Decision::Cooldown(left) => {
+            Decision::Cooldown(hold) => {
                 self.record(Outcome::Cooldown);
-                let retry_after_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-                let error = Error::CoolingDown { retry_after_secs };
+                let error = Error::CoolingDown {
+                    retry_after_secs: ceil_secs(hold.left),
+                    by: hold.by,
+                };
                 Answer::Ready(respond::error(error, CacheStatus::Cooldown))
             }
             Decision::Join(rx) => Answer::Pending(Box::pin(self.wait(rx, Outcome::Coalesced))),
@@ -281,6 +287,11 @@ impl TokenRoute {
         }
         respond::landed(shared, fetch, role == Outcome::Coalesced, Instant::now())
     }
+}
+
+/// Whole seconds, rounded up: a `Retry-After` is never early.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 impl RouteState for TokenRoute {

@@ -4,8 +4,11 @@
 //! [`FakeProvider`] serves plain HTTP or HTTPS on `127.0.0.1:0`. Token calls (POSTs to any path
 //! ending in `/token`) are answered according to scripted [`Behavior`]s; refresh-token grants get
 //! single-use rotation; a handful of utility endpoints (`/echo`, `/bytes/<N>`, `/upload`, `/ws`,
-//! `/status/<code>`) exercise the generic proxy paths. Dropping the provider stops its accept loop
-//! and every connection it is serving.
+//! `/status/<code>`) exercise the generic proxy paths. One API endpoint stands in for a resource
+//! server: a `GET` on any path ending in `/api/v2/users/me` answers a fake user to a bearer token
+//! the provider issued (or one issued by a provider whose tokens it accepts, see
+//! [`FakeProvider::accept_tokens_of`]) and 401 otherwise. Dropping the provider stops its accept
+//! loop and every connection it is serving.
 //!
 //! [`Fixture`] is the setup most tests start with: a provider, a sidecar in front of it and a
 //! client. [`oauth`] holds assertions on token-endpoint answers, [`tls`] the HTTPS side.
@@ -23,7 +26,7 @@ pub mod sidecar;
 #[allow(dead_code, reason = "for the binaries that test HTTPS")]
 pub mod tls;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -156,6 +159,10 @@ struct Inner {
     /// Registered refresh tokens; `true` once used.
     refresh_tokens: HashMap<String, bool>,
     refresh_delay: Duration,
+    /// Access tokens the API endpoint accepts: every one this provider issued, in a set that
+    /// [`FakeProvider::accept_tokens_of`] can share with another provider. One entry per token
+    /// issued, so bounded by the calls a test makes.
+    issued: Arc<Mutex<HashSet<String>>>,
 }
 
 struct State {
@@ -237,6 +244,7 @@ impl FakeProvider {
                 clients: Vec::new(),
                 refresh_tokens: HashMap::new(),
                 refresh_delay: Duration::ZERO,
+                issued: Arc::default(),
             }),
             shutdown: shutdown_rx,
         });
@@ -324,6 +332,14 @@ impl FakeProvider {
     pub fn set_refresh_delay(&self, delay: Duration) {
         self.state.lock().refresh_delay = delay;
     }
+
+    /// Makes this provider's API endpoint accept the access tokens `issuer` issues, as an API
+    /// host accepts the login host's tokens: from now on both use `issuer`'s issued-token set
+    /// (tokens this provider issued before are forgotten).
+    pub fn accept_tokens_of(&self, issuer: &FakeProvider) {
+        let issued = issuer.state.lock().issued.clone();
+        self.state.lock().issued = issued;
+    }
 }
 
 async fn accept_loop(
@@ -396,6 +412,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     }
     if path.ends_with("/token") && method == Method::POST {
         return handle_token(&state, req).await;
+    }
+    if method == Method::GET && path.ends_with("/api/v2/users/me") {
+        let (parts, body) = req.into_parts();
+        let body = collect(body).await?;
+        record(&state, &parts, body);
+        return Ok(users_me(&state, &parts.headers));
     }
     if let (&Method::GET, Some(n)) = (&method, path.strip_prefix("/bytes/")) {
         let (parts, _) = req.into_parts();
@@ -513,9 +535,8 @@ async fn handle_token(state: &State, req: Request<Incoming>) -> Result<Response<
     match behavior {
         Behavior::Token { expires_in, delay } => {
             tokio::time::sleep(delay).await;
-            let n = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst);
             let mut body = serde_json::json!({
-                "access_token": format!("tok-{n}"),
+                "access_token": issue_access_token(state),
                 "token_type": "bearer",
                 "expires_in": expires_in,
             });
@@ -572,9 +593,8 @@ async fn refresh(state: &State, form: &[(String, String)]) -> Response<Body> {
     };
     match new_rt {
         Some(rt) => {
-            let n = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst);
             let body = serde_json::json!({
-                "access_token": format!("tok-{n}"),
+                "access_token": issue_access_token(state),
                 "token_type": "bearer",
                 "expires_in": 3600,
                 "refresh_token": rt,
@@ -582,6 +602,40 @@ async fn refresh(state: &State, form: &[(String, String)]) -> Response<Body> {
             json_response(StatusCode::OK, body.to_string())
         }
         None => oauth_error(StatusCode::BAD_REQUEST, "invalid_grant"),
+    }
+}
+
+/// A fresh `tok-<n>` access token, remembered for the API endpoint.
+fn issue_access_token(state: &State) -> String {
+    let token = format!("tok-{}", NEXT_TOKEN.fetch_add(1, Ordering::SeqCst));
+    // Clone the set's handle first: the two locks are never held together.
+    let issued = state.lock().issued.clone();
+    lock_set(&issued).insert(token.clone());
+    token
+}
+
+fn lock_set(set: &Mutex<HashSet<String>>) -> MutexGuard<'_, HashSet<String>> {
+    set.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The API endpoint: 200 with a fake user for `Authorization: Bearer <an issued token>`, else a
+/// 401 in Genesys Cloud's error shape.
+fn users_me(state: &State, headers: &HeaderMap) -> Response<Body> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let issued = state.lock().issued.clone();
+    let known = bearer.is_some_and(|token| lock_set(&issued).contains(token));
+    if known {
+        let body = serde_json::json!({"id": "fake-user", "name": "Fake User", "state": "active"});
+        json_response(StatusCode::OK, body.to_string())
+    } else {
+        let body =
+            serde_json::json!({"message": "bad token", "code": "bad.credentials", "status": 401});
+        json_response(StatusCode::UNAUTHORIZED, body.to_string())
     }
 }
 
