@@ -16,8 +16,10 @@ use support::{Behavior, FakeProvider, Fixture, Reply, client, post_form};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FORM: &str = "grant_type=client_credentials&client_id=app&client_secret=s";
-/// Short backoff so recovery happens within a test's time.
-const FAST_BACKOFF: &str = "[token]\nbackoff_base = \"200ms\"\nbackoff_max = \"1s\"\n";
+/// Short backoff so recovery happens within a test's time, passed on to callers (not absorbed) so
+/// the test sees each hold.
+const FAST_BACKOFF: &str =
+    "[token]\nbackoff_base = \"200ms\"\nbackoff_max = \"1s\"\nabsorb_hold = \"0s\"\n";
 /// For the fault table: the first hold after a failure lasts at most `backoff_base` (full
 /// jitter) and later ones double up to the default `backoff_max` of 60 s; the provider gets 1 s.
 /// Holds are passed on (`absorb_hold = "0s"`), so what callers see during one is what is tested;

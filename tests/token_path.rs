@@ -979,3 +979,40 @@ async fn with_preserve_host_the_callers_host_is_part_of_the_key() {
     assert_eq!(access_token(&a), access_token(&a_again));
     assert_eq!(fx.idp.token_calls(), 2);
 }
+
+/// `pool_size = 3`: the first caller waits for one token, the pool fills in the background
+/// while callers are served, and then three distinct tokens go out in turn, for three calls.
+#[tokio::test]
+async fn a_token_pool_hands_out_its_tokens_in_turn_for_one_call_each() {
+    let fx = Fixture::start("[token]\npool_size = 3\n").await;
+    let form = cc("app", "s3cret");
+    let first = fx.post_token(&form).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        fx.idp.token_calls(),
+        1,
+        "the first caller waits for one token only"
+    );
+    for _ in 0..20 {
+        let reply = fx.post_token(&form).await;
+        assert_eq!(reply.status, 200);
+        assert!(
+            cache_status(&reply).contains("hit"),
+            "{}",
+            cache_status(&reply)
+        );
+        if fx.idp.token_calls() == 3 {
+            break;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    wait_for_calls(&fx.idp, 3).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..9 {
+        seen.insert(access_token(&fx.post_token(&form).await));
+    }
+    assert_eq!(seen.len(), 3, "three tokens in turn: {seen:?}");
+    sleep(Duration::from_millis(100)).await;
+    assert_eq!(fx.idp.token_calls(), 3, "a full pool makes no more calls");
+    fx.sidecar.stop().await.unwrap();
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use http::StatusCode;
+use smallvec::SmallVec;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -44,8 +45,11 @@ type FlightTx = watch::Sender<Option<Shared>>;
 /// half-written in a way that matters.
 #[derive(Debug, Default)]
 struct EntryState {
-    /// The cached token, if any (servable or not: its timings decide).
-    token: Option<Arc<Token>>,
+    /// The cached tokens (servable or not: their timings decide): one, or up to `pool_size`,
+    /// handed out in turn. Bounded by `pool_size` when a token lands.
+    tokens: SmallVec<[Arc<Token>; 1]>,
+    /// Which servable token the next hit gets.
+    turn: usize,
     /// A client error (or a refresh-token answer) replayed until the instant given.
     remembered: Option<(Instant, Arc<Reply>)>,
     /// The upstream call in progress for this key, if any.
@@ -120,18 +124,25 @@ fn rejects_credentials(status: StatusCode) -> bool {
 }
 
 impl EntryState {
-    /// Decides how to answer a request at `now`. `cooling` tells the time left on the client's
-    /// cool-down; it is consulted only when an upstream call is being considered.
+    /// Decides how to answer a request at `now`, keeping up to `pool` tokens. `cooling` tells
+    /// the client's cool-down; it is consulted only when an upstream call is being considered.
     fn decide(
         &mut self,
         now: Instant,
+        pool: usize,
         cooling: impl Fn() -> Option<Cooling>,
     ) -> Decision<FlightTx> {
-        if let Some(token) = &self.token
-            && token.servable(now)
-        {
-            let token = token.clone();
-            let refresh = (token.refresh_due(now)
+        let servable = self.tokens.iter().filter(|t| t.servable(now)).count();
+        if servable > 0 {
+            self.turn = self.turn.wrapping_add(1);
+            let pick = self.turn % servable;
+            let token = self.tokens.iter().filter(|t| t.servable(now)).nth(pick);
+            let token = token.expect("pick < servable").clone();
+            // Refresh when a token is due, or fill the pool; tokens that are never refreshed
+            // ahead (refresh-token answers) are never pooled either.
+            let due = self.tokens.iter().any(|t| t.refresh_due(now));
+            let fill = servable < pool && self.tokens.iter().all(|t| t.refresh_at.is_some());
+            let refresh = ((due || fill)
                 && self.flight.is_none()
                 && self.refresh_not_before.is_none_or(|t| now >= t)
                 && cooling().is_none())
@@ -150,7 +161,7 @@ impl EntryState {
         if let Some(hold) = cooling() {
             return Decision::Cooldown(hold);
         }
-        let stale = self.token.is_some();
+        let stale = !self.tokens.is_empty();
         let (flight, rx) = self.start_flight();
         Decision::Lead { flight, rx, stale }
     }
@@ -174,12 +185,14 @@ impl EntryState {
         self.flight = None;
         match shared {
             Shared::Token(token) => {
+                self.remembered = None;
                 let same = self
-                    .token
-                    .as_ref()
-                    .is_some_and(|old| old.fingerprint == token.fingerprint);
-                if same {
-                    // Keep it, but do not ask again until a growing backoff has passed.
+                    .tokens
+                    .iter()
+                    .position(|old| old.fingerprint == token.fingerprint);
+                if let Some(at) = same {
+                    // Keep it (with its new timings), but do not ask again until a growing
+                    // backoff has passed.
                     self.same_token_streak += 1;
                     let delay = cooldown::backoff(
                         self.same_token_streak,
@@ -188,15 +201,23 @@ impl EntryState {
                         0.5 + jitter / 2.0,
                     );
                     self.refresh_not_before = Some(now + delay);
-                } else {
-                    self.same_token_streak = 0;
-                    self.refresh_not_before = None;
+                    self.tokens[at] = token.clone();
+                    return;
                 }
-                self.token = Some(token.clone());
-                self.remembered = None;
+                self.same_token_streak = 0;
+                self.refresh_not_before = None;
+                self.tokens.retain(|t| t.servable(now));
+                if self.tokens.len() >= config.pool_size {
+                    // Full: the new token replaces the one that is most due for a refresh.
+                    let most_due = (0..self.tokens.len())
+                        .min_by_key(|&i| self.tokens[i].refresh_at)
+                        .expect("a full pool is not empty");
+                    self.tokens.remove(most_due);
+                }
+                self.tokens.push(token.clone());
             }
             Shared::Reply(reply) if rejects_credentials(reply.status) => {
-                self.token = None;
+                self.tokens.clear();
                 self.remembered = Some((now + config.error_ttl, reply.clone()));
             }
             Shared::Reply(reply) if grant == Grant::RefreshToken && reply.status.is_success() => {
@@ -211,7 +232,7 @@ impl EntryState {
     /// is remembered.
     fn is_dead(&self, now: Instant) -> bool {
         self.flight.is_none()
-            && self.token.as_ref().is_none_or(|t| now >= t.expires_at)
+            && self.tokens.iter().all(|t| now >= t.expires_at)
             && self
                 .remembered
                 .as_ref()
@@ -280,15 +301,18 @@ pub(crate) struct Cache {
     entries: DashMap<CacheKey, Arc<Entry>>,
     epoch: Instant,
     max_entries: usize,
+    /// Tokens kept per key.
+    pool_size: usize,
 }
 
 impl Cache {
-    /// An empty cache holding at most `max_entries` keys.
-    pub(crate) fn new(max_entries: usize) -> Cache {
+    /// An empty cache holding at most `max_entries` keys of up to `pool_size` tokens each.
+    pub(crate) fn new(max_entries: usize, pool_size: usize) -> Cache {
         Cache {
             entries: DashMap::new(),
             epoch: Instant::now(),
             max_entries,
+            pool_size,
         }
     }
 
@@ -307,7 +331,7 @@ impl Cache {
     ) -> (Decision, usize) {
         let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if let Some(entry) = self.entries.get(&key) {
-            return (decide_in(&entry, stamp, now, cooling), 0);
+            return (decide_in(&entry, stamp, now, self.pool_size, cooling), 0);
         }
         let evicted = if self.entries.len() >= self.max_entries {
             self.evict_least_recent()
@@ -315,7 +339,10 @@ impl Cache {
             0
         };
         let entry = self.entries.entry(key).or_default();
-        (decide_in(&entry, stamp, now, cooling), evicted)
+        (
+            decide_in(&entry, stamp, now, self.pool_size, cooling),
+            evicted,
+        )
     }
 
     /// Number of keys.
@@ -376,10 +403,11 @@ fn decide_in(
     entry: &Arc<Entry>,
     stamp: u64,
     now: Instant,
+    pool: usize,
     cooling: impl Fn() -> Option<Cooling>,
 ) -> Decision {
     entry.last_used_ms.store(stamp, Ordering::Relaxed);
-    let decision = entry.lock().decide(now, cooling);
+    let decision = entry.lock().decide(now, pool, cooling);
     decision.map_flight(|tx| Landing {
         entry: entry.clone(),
         tx: Some(tx),
@@ -434,7 +462,7 @@ mod tests {
 
     /// Leads a flight at `now` and lands `shared` in it.
     fn fly(state: &mut EntryState, now: Instant, grant: Grant, shared: Shared) {
-        let Decision::Lead { .. } = state.decide(now, || None) else {
+        let Decision::Lead { .. } = state.decide(now, 1, || None) else {
             panic!("expected to lead a flight")
         };
         state.land(&shared, grant, &config(), now, 1.0);
@@ -444,13 +472,13 @@ mod tests {
     fn one_leader_then_joiners_while_the_flight_is_open_then_the_cool_down() {
         let mut state = EntryState::default();
         let now = Instant::now();
-        let Decision::Lead { stale, .. } = state.decide(now, || None) else {
+        let Decision::Lead { stale, .. } = state.decide(now, 1, || None) else {
             panic!("expected lead")
         };
         assert!(!stale);
-        assert!(matches!(state.decide(now, || None), Decision::Join(_)));
+        assert!(matches!(state.decide(now, 1, || None), Decision::Join(_)));
         assert!(matches!(
-            state.decide(now, || cooling(5)),
+            state.decide(now, 1, || cooling(5)),
             Decision::Join(_)
         ));
         state.land(
@@ -461,9 +489,12 @@ mod tests {
             0.0,
         );
         assert!(
-            matches!(state.decide(now, || cooling(5)), Decision::Cooldown(c) if c.left == Duration::from_secs(5))
+            matches!(state.decide(now, 1, || cooling(5)), Decision::Cooldown(c) if c.left == Duration::from_secs(5))
         );
-        assert!(matches!(state.decide(now, || None), Decision::Lead { .. }));
+        assert!(matches!(
+            state.decide(now, 1, || None),
+            Decision::Lead { .. }
+        ));
     }
 
     #[test]
@@ -478,29 +509,29 @@ mod tests {
         );
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(matches!(
-            state.decide(at(10), || None),
+            state.decide(at(10), 1, || None),
             Decision::Hit { refresh: None, .. }
         ));
         // Refresh is due at 80 % of the lifetime, once, and not while cooling down.
         assert!(matches!(
-            state.decide(at(81), || cooling(1)),
+            state.decide(at(81), 1, || cooling(1)),
             Decision::Hit { refresh: None, .. }
         ));
         assert!(matches!(
-            state.decide(at(81), || None),
+            state.decide(at(81), 1, || None),
             Decision::Hit {
                 refresh: Some(_),
                 ..
             }
         ));
         assert!(matches!(
-            state.decide(at(82), || None),
+            state.decide(at(82), 1, || None),
             Decision::Hit { refresh: None, .. }
         ));
         state.flight = None;
         // Past the margin (10 s of 100 s), the next request leads a flight and says stale.
         assert!(matches!(
-            state.decide(at(91), || None),
+            state.decide(at(91), 1, || None),
             Decision::Lead { stale: true, .. }
         ));
     }
@@ -519,7 +550,7 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let Decision::Hit {
             refresh: Some(_), ..
-        } = state.decide(at(81), || None)
+        } = state.decide(at(81), 1, || None)
         else {
             panic!("expected a refresh")
         };
@@ -534,11 +565,11 @@ mod tests {
         // backoff(1, 1 s, 60 s) with full jitter at 1.0: 2 s.
         assert_eq!(state.refresh_not_before, Some(at(83)));
         assert!(matches!(
-            state.decide(at(82), || None),
+            state.decide(at(82), 1, || None),
             Decision::Hit { refresh: None, .. }
         ));
         assert!(matches!(
-            state.decide(at(83), || None),
+            state.decide(at(83), 1, || None),
             Decision::Hit {
                 refresh: Some(_),
                 ..
@@ -569,7 +600,7 @@ mod tests {
             let refresh_at = t0 + Duration::from_secs(81);
             let Decision::Hit {
                 refresh: Some(_), ..
-            } = state.decide(refresh_at, || None)
+            } = state.decide(refresh_at, 1, || None)
             else {
                 panic!("expected a refresh")
             };
@@ -581,16 +612,16 @@ mod tests {
                 0.0,
             );
             assert!(
-                state.token.is_none(),
+                state.tokens.is_empty(),
                 "{status}: the old token is no longer served"
             );
             let later = refresh_at + config().error_ttl - Duration::from_millis(1);
             assert!(
-                matches!(state.decide(later, || None), Decision::Remembered(r) if r.status == status)
+                matches!(state.decide(later, 1, || None), Decision::Remembered(r) if r.status == status)
             );
             let past = refresh_at + config().error_ttl;
             assert!(matches!(
-                state.decide(past, || None),
+                state.decide(past, 1, || None),
                 Decision::Lead { stale: false, .. }
             ));
         }
@@ -613,7 +644,7 @@ mod tests {
                 Shared::Token(token("a", 100, t0)),
             );
             state.land(&shared, Grant::ClientCredentials, &config(), t0, 0.0);
-            assert!(state.token.is_some());
+            assert!(!state.tokens.is_empty());
             assert!(state.remembered.is_none());
         }
     }
@@ -625,11 +656,11 @@ mod tests {
         fly(&mut state, t0, Grant::RefreshToken, reply(200));
         let until = t0 + config().refresh_token_ttl;
         assert!(matches!(
-            state.decide(until - Duration::from_millis(1), || None),
+            state.decide(until - Duration::from_millis(1), 1, || None),
             Decision::Remembered(_)
         ));
         assert!(matches!(
-            state.decide(until, || None),
+            state.decide(until, 1, || None),
             Decision::Lead { .. }
         ));
         let mut throttled = EntryState::default();
@@ -641,8 +672,84 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_fills_in_the_background_then_hands_its_tokens_out_in_turn() {
+        let pooled = TokenConfig {
+            pool_size: 3,
+            ..config()
+        };
+        let mut state = EntryState::default();
+        let t0 = Instant::now();
+        let Decision::Lead { .. } = state.decide(t0, 3, || None) else {
+            panic!("a cold key leads")
+        };
+        state.land(
+            &Shared::Token(token("a", 100, t0)),
+            Grant::ClientCredentials,
+            &pooled,
+            t0,
+            0.0,
+        );
+        // Each hit is served at once; while the pool is short, one starts the next fill.
+        for name in ["b", "c"] {
+            let Decision::Hit {
+                refresh: Some(_), ..
+            } = state.decide(t0, 3, || None)
+            else {
+                panic!("a short pool fills in the background")
+            };
+            assert!(
+                matches!(
+                    state.decide(t0, 3, || None),
+                    Decision::Hit { refresh: None, .. }
+                ),
+                "one fill at a time"
+            );
+            state.land(
+                &Shared::Token(token(name, 100, t0)),
+                Grant::ClientCredentials,
+                &pooled,
+                t0,
+                0.0,
+            );
+        }
+        assert_eq!(state.tokens.len(), 3);
+        let served: std::collections::HashSet<[u8; 32]> = (0..3)
+            .map(|_| match state.decide(t0, 3, || None) {
+                Decision::Hit {
+                    token,
+                    refresh: None,
+                } => token.fingerprint,
+                other => panic!("a full pool serves without calls: {other:?}"),
+            })
+            .collect();
+        assert_eq!(served.len(), 3, "three hits in a row get the three tokens");
+        // Refresh ahead replaces the most due token; the pool never grows past its size.
+        let at81 = t0 + Duration::from_secs(81);
+        let Decision::Hit {
+            refresh: Some(_), ..
+        } = state.decide(at81, 3, || None)
+        else {
+            panic!("due tokens are refreshed")
+        };
+        state.land(
+            &Shared::Token(token("d", 100, at81)),
+            Grant::ClientCredentials,
+            &pooled,
+            at81,
+            0.0,
+        );
+        assert_eq!(state.tokens.len(), 3);
+        assert!(
+            state
+                .tokens
+                .iter()
+                .any(|t| t.refresh_at == Some(at81 + Duration::from_secs(80)))
+        );
+    }
+
+    #[test]
     fn a_landing_dropped_without_landing_frees_the_slot_and_closes_the_channel() {
-        let cache = Cache::new(10);
+        let cache = Cache::new(10, 1);
         let now = Instant::now();
         let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, || None) else {
             panic!("expected lead")
@@ -661,7 +768,7 @@ mod tests {
 
     #[test]
     fn landing_publishes_to_every_waiter() {
-        let cache = Cache::new(10);
+        let cache = Cache::new(10, 1);
         let now = Instant::now();
         let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, || None) else {
             panic!("expected lead")
@@ -698,7 +805,7 @@ mod tests {
 
     #[test]
     fn capacity_evicts_the_least_recently_used() {
-        let cache = Cache::new(32);
+        let cache = Cache::new(32, 1);
         let t0 = Instant::now();
         for n in 0..32u8 {
             touch(&cache, n, t0 + Duration::from_millis(n as u64 * 10));
@@ -716,7 +823,7 @@ mod tests {
     /// entry the map holds, so the next request finds it instead of calling upstream again.
     #[test]
     fn a_flight_is_never_started_in_an_entry_already_evicted() {
-        let cache = Arc::new(Cache::new(1_000));
+        let cache = Arc::new(Cache::new(1_000, 1));
         let t0 = Instant::now();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sweeper = {
@@ -758,7 +865,7 @@ mod tests {
 
     #[test]
     fn sweep_drops_idle_and_dead_entries_but_not_flights() {
-        let cache = Cache::new(100);
+        let cache = Cache::new(100, 1);
         let t0 = Instant::now();
         let (_flight, _) = cache.decide(key(1), t0, || None);
         touch(&cache, 2, t0);

@@ -100,7 +100,7 @@ impl TokenRoute {
             token_paths: route.token_paths.clone(),
             preserve_host: route.preserve_host,
             keyer: Keyer::new(&rand::random()),
-            cache: Cache::new(route.token.max_entries),
+            cache: Cache::new(route.token.max_entries, route.token.pool_size),
             flights: Arc::new(flights),
             forwarder,
             outcomes: OutcomeCounters::new(&metrics),
