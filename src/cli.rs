@@ -32,7 +32,8 @@ pub struct Cli {
     /// Log format [env: TOKEN_SIDECAR_LOG_FORMAT] [default: text]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Worker threads; 0 = one per CPU available [env: TOKEN_SIDECAR_WORKERS] [default: 0]
+    /// Worker threads; 1 = a single-threaded runtime, 0 = one per CPU available (CPU quota
+    /// included) [env: TOKEN_SIDECAR_WORKERS] [default: 1]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     #[command(subcommand)]

@@ -18,7 +18,9 @@ pub struct Config {
     pub admin: SocketAddr,
     /// How long in-flight requests and upstream calls may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// Worker threads serving requests; 0 means one per CPU available to the process.
+    /// Worker threads serving requests: 1 (the default) runs everything on one thread, as a
+    /// sidecar sharing its pod's CPUs should; 0 means one per CPU available to the process (its
+    /// cgroup CPU quota included).
     pub workers: usize,
     /// Log format and filter.
     pub log: LogConfig,
@@ -409,7 +411,7 @@ impl Config {
                     "TOKEN_SIDECAR_WORKERS={text:?}: give a whole number (0 = one per CPU)"
                 ))
             })?,
-            (None, None) => file.workers.unwrap_or(0),
+            (None, None) => file.workers.unwrap_or(1),
         };
         let mut log = file.log.clone();
         if let Some(format) = env("TOKEN_SIDECAR_LOG_FORMAT") {
@@ -959,7 +961,7 @@ mod tests {
             &[("TOKEN_SIDECAR_UPSTREAM", "http://x")],
             None,
         );
-        assert_eq!(default.unwrap().workers, 0, "0: one per CPU");
+        assert_eq!(default.unwrap().workers, 1, "one thread unless asked for more");
 
         let bad_env = [
             ("TOKEN_SIDECAR_UPSTREAM", "http://x"),

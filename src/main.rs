@@ -71,11 +71,7 @@ fn start(cli: &Cli, env: impl Fn(&str) -> Option<String> + Copy) -> Result<(), S
     let config = Config::load(cli.overrides(), env, |path| std::fs::read_to_string(path))
         .map_err(StartupError::Config)?;
     telemetry::init(&config.log, env).map_err(|e| StartupError::Config(ConfigError(e)))?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
-        runtime.worker_threads(config.workers);
-    }
-    let runtime = runtime
+    let runtime = runtime(config.workers)
         .enable_all()
         .build()
         .map_err(|e| StartupError::Runtime(e.to_string()))?;
@@ -85,6 +81,22 @@ fn start(cli: &Cli, env: impl Fn(&str) -> Option<String> + Copy) -> Result<(), S
         app.run(listeners, shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// The runtime for `workers` threads: one runs on the main thread (a current-thread runtime,
+/// like linkerd2-proxy's default for a sidecar that shares its pod's CPUs with the app); 0 means
+/// one per CPU the process may use, which the standard library reads from the cgroup quota too.
+fn runtime(workers: usize) -> tokio::runtime::Builder {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread();
+    }
+    let threads = match workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(threads);
+    builder
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -424,10 +424,12 @@ fn the_documented_example_config_loads_with_the_defaults_it_claims() {
     assert_eq!(route.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(config.admin.to_string(), "127.0.0.1:9901");
     assert_eq!(config.shutdown_grace, Duration::from_secs(10));
-    assert_eq!(config.workers, 0);
+    assert_eq!(config.workers, 1);
 }
 
-/// `TOKEN_SIDECAR_WORKERS` sizes the runtime: the process runs exactly that many worker threads.
+/// `TOKEN_SIDECAR_WORKERS` sizes the runtime: by default (1) everything runs on the main thread
+/// (a current-thread runtime, no worker threads); N > 1 runs exactly N worker threads; 0 one per
+/// CPU the process may use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_setting_sizes_the_runtime() {
     let idp = FakeProvider::start().await;
@@ -441,13 +443,19 @@ async fn workers_setting_sizes_the_runtime() {
             })
             .count()
     };
-    for workers in [1, 3] {
-        let sidecar = Running::start(
-            &idp.url(),
-            &[("TOKEN_SIDECAR_WORKERS", &workers.to_string())],
-        );
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    for (workers, threads) in [(None, 0), (Some("1"), 0), (Some("3"), 3), (Some("0"), cpus)] {
+        let env: Vec<(&str, &str)> = workers
+            .map(|w| ("TOKEN_SIDECAR_WORKERS", w))
+            .into_iter()
+            .collect();
+        let sidecar = Running::start(&idp.url(), &env);
         sidecar.wait_ready().await;
-        assert_eq!(worker_threads(sidecar.process.child.id()), workers);
+        assert_eq!(
+            worker_threads(sidecar.process.child.id()),
+            threads,
+            "workers {workers:?}"
+        );
         sidecar.terminate();
         let (code, stderr) = sidecar.wait();
         assert_eq!(code, 0, "{stderr}");
