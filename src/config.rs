@@ -74,6 +74,9 @@ pub struct Limits {
     /// A connection that has not sent a complete request head within this time is closed.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A token request whose whole body has not arrived within this time gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Most open client connections per listener; further ones wait in the accept backlog.
     pub max_connections: usize,
 }
@@ -86,6 +89,7 @@ impl Default for Limits {
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
             max_connections: 4096,
         }
     }
@@ -438,6 +442,11 @@ impl Config {
                     "genesys_region (or --genesys-region, TOKEN_SIDECAR_GENESYS_REGION) and upstream both name the provider: give one",
                 ));
             }
+            if file.token_paths.is_some() || file.preserve_host.is_some() {
+                return Err(err(
+                    "config file: top-level token_paths/preserve_host do not apply to the genesys_region preset; remove them",
+                ));
+            }
             routes.extend(preset.routes());
         } else if file.routes.is_empty() {
             let (upstream, source) = match (upstream.clone(), &file.upstream) {
@@ -606,6 +615,9 @@ impl Config {
         if limits.header_read_timeout.is_zero() {
             return Err(err("limits.header_read_timeout must be greater than 0"));
         }
+        if limits.body_read_timeout.is_zero() {
+            return Err(err("limits.body_read_timeout must be greater than 0"));
+        }
         Ok(())
     }
 }
@@ -748,9 +760,13 @@ fn genesys_preset(
         (None, None) => file.genesys_region.clone().map(|r| (r, "genesys_region")),
     };
     let Some((text, source)) = given else {
-        if file.genesys_login_upstream.is_some() || file.genesys_api_upstream.is_some() {
+        if file.genesys_login_upstream.is_some()
+            || file.genesys_api_upstream.is_some()
+            || env("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM").is_some()
+            || env("TOKEN_SIDECAR_GENESYS_API_UPSTREAM").is_some()
+        {
             return Err(err(
-                "genesys_login_upstream/genesys_api_upstream need genesys_region",
+                "genesys_login_upstream/genesys_api_upstream (or their TOKEN_SIDECAR_* twins) need genesys_region",
             ));
         }
         return Ok(None);
@@ -961,7 +977,11 @@ mod tests {
             &[("TOKEN_SIDECAR_UPSTREAM", "http://x")],
             None,
         );
-        assert_eq!(default.unwrap().workers, 1, "one thread unless asked for more");
+        assert_eq!(
+            default.unwrap().workers,
+            1,
+            "one thread unless asked for more"
+        );
 
         let bad_env = [
             ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
@@ -1210,5 +1230,13 @@ mod tests {
         assert!(e.0.contains("give one"), "{e}");
         let e = file_error("genesys_login_upstream = \"http://x\"\nupstream = \"http://y\"");
         assert!(e.0.contains("need genesys_region"), "{e}");
+        let stray = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://y"),
+            ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", "http://x"),
+        ];
+        let e = load(Overrides::default(), &stray, None).unwrap_err();
+        assert!(e.0.contains("need genesys_region"), "{e}");
+        let e = file_error("genesys_region = \"us-east-1\"\npreserve_host = true");
+        assert!(e.0.contains("preserve_host"), "{e}");
     }
 }

@@ -51,6 +51,8 @@ pub enum Error {
     UnsupportedMediaType,
     /// A body over the configured limit.
     PayloadTooLarge { limit: usize },
+    /// A token request body that did not arrive within the body read timeout.
+    BodyTimeout,
     /// A malformed form or Authorization header; the text names the field, never its value.
     InvalidRequest(&'static str),
     /// A parameter given twice (RFC 6749 §3.2).
@@ -82,6 +84,7 @@ impl Error {
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Error::InvalidRequest(_) | Error::DuplicateParameter(_) => StatusCode::BAD_REQUEST,
             Error::NoRoute => StatusCode::NOT_FOUND,
             Error::CoolingDown { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -97,6 +100,7 @@ impl Error {
             Error::MethodNotAllowed
             | Error::UnsupportedMediaType
             | Error::PayloadTooLarge { .. }
+            | Error::BodyTimeout
             | Error::InvalidRequest(_)
             | Error::DuplicateParameter(_)
             | Error::NoRoute => "invalid_request",
@@ -114,6 +118,7 @@ impl Error {
             Error::MethodNotAllowed
             | Error::UnsupportedMediaType
             | Error::PayloadTooLarge { .. }
+            | Error::BodyTimeout
             | Error::InvalidRequest(_)
             | Error::DuplicateParameter(_)
             | Error::NoRoute => Fault::Caller,
@@ -191,6 +196,7 @@ impl std::fmt::Display for Error {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
             Error::InvalidRequest(what) => f.write_str(what),
+            Error::BodyTimeout => f.write_str("the request body did not arrive in time"),
             Error::NoRoute => f.write_str("no route of this listener serves this path"),
             Error::DuplicateParameter(name) => {
                 // Named only when it is a known OAuth parameter: an unknown "name" may be a

@@ -164,8 +164,8 @@ impl Upstream {
         Request::from_parts(parts, body)
     }
 
-    /// A token call: sends the caller's request and reads the whole answer, within the request
-    /// timeout and `limit` bytes of body.
+    /// A token call: sends the caller's request (without `Accept-Encoding`) and reads the whole
+    /// answer, within the request timeout and `limit` bytes of body.
     pub(crate) async fn exchange(
         &self,
         parts: Parts,
@@ -174,9 +174,11 @@ impl Upstream {
     ) -> Result<Reply, Failure> {
         let length = HeaderValue::from(body.len());
         let mut outbound = self.outbound(parts, full(body));
-        outbound
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, length);
+        let headers = outbound.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, length);
+        // The answer is read as JSON and cached as bytes: ask for it unencoded, whatever the
+        // caller accepts (a gzipped token would otherwise be an unusable answer).
+        headers.remove(header::ACCEPT_ENCODING);
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let response = self.send(outbound).await?;
         let (parts, body) = response.into_parts();

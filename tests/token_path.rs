@@ -1016,3 +1016,73 @@ async fn a_token_pool_hands_out_its_tokens_in_turn_for_one_call_each() {
     assert_eq!(fx.idp.token_calls(), 3, "a full pool makes no more calls");
     fx.sidecar.stop().await.unwrap();
 }
+
+/// Python `requests` and `curl --compressed` send `Accept-Encoding: gzip`. The token call must
+/// not pass it on: a provider (or CDN) that gzips would make the answer unusable JSON.
+#[tokio::test]
+async fn token_calls_ask_for_an_unencoded_answer_whatever_the_caller_accepts() {
+    let fx = Fixture::start("").await;
+    let request = Request::post(fx.sidecar.token_url())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept-encoding", "gzip, deflate, br")
+        .body(Full::new(Bytes::from(cc("app", "s3cret"))))
+        .unwrap();
+    let reply = send(&fx.client, request).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(access_token(&reply).starts_with("tok-"));
+    let recorded = fx.idp.recorded();
+    assert_eq!(recorded.len(), 1);
+    assert!(
+        !recorded[0].headers.contains_key("accept-encoding"),
+        "{:?}",
+        recorded[0].headers
+    );
+    fx.sidecar.stop().await.unwrap();
+}
+
+/// RFC 9449: a DPoP-bound token belongs to the key pair that signed the `DPoP` proof, and the
+/// provider's `use_dpop_nonce` answer must reach the client's retry. Such requests are forwarded
+/// as they come and nothing of them is cached or remembered.
+#[tokio::test]
+async fn dpop_requests_bypass_the_cache_and_nothing_of_them_is_remembered() {
+    let fx = Fixture::start("").await;
+    fx.idp.push(Behavior::status(400, None));
+    for proof in ["proof-1", "proof-2", "proof-2"] {
+        let request = Request::post(fx.sidecar.token_url())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("dpop", proof)
+            .body(Full::new(Bytes::from(cc("app", "s3cret"))))
+            .unwrap();
+        let reply = send(&fx.client, request).await;
+        assert_eq!(cache_status(&reply), "token-sidecar; fwd=bypass");
+    }
+    let recorded = fx.idp.recorded();
+    assert_eq!(recorded.len(), 3, "every DPoP request reaches the provider");
+    assert_eq!(recorded[1].headers["dpop"], "proof-2");
+    // And the 400 a DPoP request got is not replayed to a plain one.
+    let plain = fx.post_token(&cc("app", "s3cret")).await;
+    assert_eq!(plain.status, 200);
+    fx.sidecar.stop().await.unwrap();
+}
+
+/// A caller that sends a token request's head and then dribbles (or never sends) its body gets
+/// 408 after `limits.body_read_timeout`, instead of holding the request open.
+#[tokio::test]
+async fn a_token_request_body_that_never_arrives_gets_408_after_the_body_read_timeout() {
+    let fx = Fixture::start("[limits]\nbody_read_timeout = \"300ms\"\n").await;
+    let started = Instant::now();
+    let answer = raw_exchange(
+        fx.sidecar.addr,
+        b"POST /oauth/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=",
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("invalid_request"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(fx.idp.requests(), 0);
+    fx.sidecar.stop().await.unwrap();
+}

@@ -57,6 +57,9 @@ enum Answer<'a> {
     Pending(Pin<Box<dyn Future<Output = Response<Body>> + Send + 'a>>),
 }
 
+/// The proof-of-possession header of RFC 9449.
+const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
+
 /// One route's token path.
 #[derive(Debug)]
 pub(crate) struct TokenRoute {
@@ -64,6 +67,8 @@ pub(crate) struct TokenRoute {
     config: TokenConfig,
     /// The largest token request body accepted.
     max_request_body: usize,
+    /// How long the whole body may take to arrive.
+    body_read_timeout: Duration,
     token_paths: Vec<String>,
     /// The caller's Host goes upstream (and so into the key) instead of the upstream's.
     preserve_host: bool,
@@ -97,6 +102,7 @@ impl TokenRoute {
             name: route.name.clone(),
             config: route.token.clone(),
             max_request_body: limits.max_request_body,
+            body_read_timeout: limits.body_read_timeout,
             token_paths: route.token_paths.clone(),
             preserve_host: route.preserve_host,
             keyer: Keyer::new(&rand::random()),
@@ -141,6 +147,12 @@ impl TokenRoute {
         if parts.method != Method::POST {
             return self.reject(Error::MethodNotAllowed);
         }
+        // RFC 9449: a DPoP-bound token belongs to the key pair that signed the proof, which the
+        // key cannot see, and a nonce challenge must reach the client's retry: never cached.
+        if parts.headers.contains_key(DPOP) {
+            let request = Request::from_parts(parts, boxed(body));
+            return Box::pin(self.bypass(request)).await;
+        }
         match request::media_type(&parts) {
             MediaType::Form => {}
             // Some providers accept JSON token requests; the sidecar cannot key them, so they go
@@ -151,10 +163,13 @@ impl TokenRoute {
             }
             MediaType::Other => return self.reject(Error::UnsupportedMediaType),
         }
-        let body = match request::read_form(&parts, body, self.max_request_body).await {
-            Ok(body) => body,
-            Err(error) => return self.reject(error),
-        };
+        let body =
+            match request::read_form(&parts, body, self.max_request_body, self.body_read_timeout)
+                .await
+            {
+                Ok(body) => body,
+                Err(error) => return self.reject(error),
+            };
         match self.answer(parts, body) {
             Answer::Ready(response) => response,
             Answer::Pending(later) => later.await,

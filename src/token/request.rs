@@ -149,12 +149,13 @@ pub(crate) fn media_type(parts: &Parts) -> MediaType {
     }
 }
 
-/// Reads a token request's whole form body, refusing one over `limit` bytes before reading (by
-/// its `Content-Length`) and while reading.
+/// Reads a token request's whole form body within `timeout`, refusing one over `limit` bytes
+/// before reading (by its `Content-Length`) and while reading.
 pub(crate) async fn read_form(
     parts: &Parts,
     body: hyper::body::Incoming,
     limit: usize,
+    timeout: std::time::Duration,
 ) -> Result<Bytes, Error> {
     let declared = parts
         .headers
@@ -164,12 +165,13 @@ pub(crate) async fn read_form(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Error::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(Error::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(Error::PayloadTooLarge { limit })
         }
-        Err(_) => Err(Error::InvalidRequest("the request body could not be read")),
+        Ok(Err(_)) => Err(Error::InvalidRequest("the request body could not be read")),
     }
 }
 

@@ -28,7 +28,7 @@ pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -492,6 +492,27 @@ fn empty(status: StatusCode) -> Response<Body> {
         .expect("valid response")
 }
 
+/// Like a provider behind a CDN: a token answer is gzipped when the request accepts gzip.
+fn maybe_gzip(request: &HeaderMap, plain: Response<Body>, text: String) -> Response<Body> {
+    let accepts_gzip = request
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("gzip"));
+    if !accepts_gzip {
+        return plain;
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder
+        .write_all(text.as_bytes())
+        .expect("gzip into memory");
+    let (mut parts, _) = plain.into_parts();
+    parts
+        .headers
+        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    Response::from_parts(parts, full(encoder.finish().expect("gzip into memory")))
+}
+
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -543,7 +564,11 @@ async fn handle_token(state: &State, req: Request<Incoming>) -> Result<Response<
             if let Some(scope) = form_get(&form, "scope") {
                 body["scope"] = serde_json::Value::from(scope);
             }
-            Ok(json_response(StatusCode::OK, body.to_string()))
+            Ok(maybe_gzip(
+                &parts.headers,
+                json_response(StatusCode::OK, body.to_string()),
+                body.to_string(),
+            ))
         }
         Behavior::Json(body) => Ok(json_response(StatusCode::OK, body)),
         Behavior::Status {
