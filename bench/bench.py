@@ -1,9 +1,10 @@
 """The benchmark driver behind bench/run.sh: starts the processes of each scenario on 127.0.0.1,
 runs the load, reads the counters on both sides, and writes the report.
 
-Scenarios (see bench/README.md): hit path, cold storm, the story (a throttled provider), steady
-state with rotation, memory and start. References run in the same process tree and, where the
-scenario allows, interleaved with the sidecar, so that only ratios from this one run are compared.
+Scenarios (see bench/README.md): hit path, cold storm, the story (a throttled provider), the
+burst (a provider whose limit is below the cold-key burst), steady state with rotation, memory and
+start. References run in the same process tree and, where the scenario allows, interleaved with
+the sidecar, so that only ratios from this one run are compared.
 
 Every child process is ours and is ended by its pid; every wait is bounded.
 """
@@ -393,6 +394,45 @@ def scenario_story(run):
             "expected_upstream_calls": keys * expected_per_key}
 
 
+BURST_LIMIT = 3  # the provider's token calls per one-second window, below the 5 cold keys
+
+
+def scenario_burst(run):
+    """The story's load against a provider whose limit (3 calls per second) is below the burst of
+    5 cold keys at once, three ways in one run: the provider directly, through the sidecar with
+    default settings (holds absorbed), and through the sidecar with `absorb_hold = "0s"` (holds
+    passed on as 429s)."""
+    clients, keys, interval = 100, 5, 1.0
+    duration, lifetime = (4, 3) if run.quick else (30, 10)
+    common = ["--clients", clients, "--keys", keys, "--interval", interval,
+              "--duration", duration]
+    outcomes = ("hit", "miss", "coalesced", "stale", "cooldown", "error")
+    legs = {}
+    for leg, token in (("direct", None), ("absorb", {}), ("pass", {"absorb_hold": "0s"})):
+        prov, prov_addr = start_provider(run, "burst-%s-provider" % leg, latency_ms=50,
+                                         lifetime=lifetime, rate_limit=BURST_LIMIT)
+        sidecar = None
+        target = prov_addr
+        if token is not None:
+            sidecar = Sidecar(run, "burst-" + leg, prov_addr, token=token)
+            target = sidecar.listen
+        result = client(run, "story", duration + 60, "--target", target, *common)
+        stats = provider_stats(prov_addr)
+        result["upstream_calls"] = stats["counts"]
+        result["retry_after"] = stats["retry_after"]
+        if sidecar is not None:
+            result["sidecar_outcomes"] = {
+                o: sidecar.metric("token_sidecar_token_requests_total", outcome=o)
+                for o in outcomes}
+            result["holds_absorbed"] = sidecar.metric("token_sidecar_holds_absorbed_total")
+            result["config"] = rel(sidecar.config)
+            sidecar.stop()
+        stop(prov)
+        legs[leg] = result
+    return {"clients": clients, "keys": keys, "interval_s": interval, "duration_s": duration,
+            "lifetime_s": lifetime, "rate_limit": BURST_LIMIT, **legs}
+
+
 def scenario_steady(run):
     duration, lifetime = (6, 3) if run.quick else (60, 10)
     keys = 10
@@ -630,6 +670,15 @@ def render(run, info, results, argv):
              verdict(s["errors"] == 0
                      and s["upstream_calls"].get("calls", 0)
                      <= story["expected_upstream_calls"] + story["keys"])))
+    burst = results.get("burst")
+    if isinstance(burst, dict):
+        a, p, d = burst["absorb"], burst["pass"], burst["direct"]
+        w("| burst (limit %d/s < %d cold keys) | via sidecar, defaults: %d ok, %d × 429, %d other "
+          "errors; with `absorb_hold = \"0s\"`: %d × 429; direct: %d × 429 of %d "
+          "| 0 × 429, 0 errors (defaults) | %s |"
+          % (burst["rate_limit"], burst["keys"], a["ok"], a["throttled_429"],
+             a["errors"] - a["throttled_429"], p["throttled_429"], d["throttled_429"],
+             d["requests"], verdict(a["errors"] == 0 and a["requests"] > 0)))
     steady = results.get("steady")
     if isinstance(steady, dict):
         dr, el = steady["during_refresh"], steady["elsewhere"]
@@ -749,9 +798,51 @@ def render(run, info, results, argv):
              story["expected_upstream_calls"],
              ", ".join("%s %d" % (k, v) for k, v in s["sidecar_outcomes"].items() if v)))
 
+    if isinstance(burst, dict):
+        w("\n## 4. The burst: a provider whose limit is below the cold-key burst\n")
+        w("The story's load (`bench/client.py story`: %d clients sharing %d credential sets, a "
+          "token every %.0f s for %d s) against a provider that allows %d token calls in any "
+          "one-second window, fewer than the %d cold keys that all ask at once; beyond that it "
+          "answers 429 with `Retry-After` (sent this run: %s); 50 ms per token, tokens live %d s. "
+          "Three legs, each with its own provider: directly, through the sidecar with default "
+          "settings (`absorb_hold` 5 s: a hold that ends in time is waited out with the callers "
+          "waiting), and through the sidecar with `absorb_hold = \"0s\"` (`%s`: holds passed "
+          "on as 429s).\n"
+          % (burst["clients"], burst["keys"], burst["interval_s"], burst["duration_s"],
+             burst["rate_limit"], burst["keys"],
+             "; ".join("%s: %s" % (label, ", ".join("`Retry-After: %s` × %d" % kv
+                                                     for kv in burst[leg]["retry_after"].items())
+                                   or "none")
+                       for label, leg in (("directly", "direct"), ("defaults", "absorb"),
+                                          ("`0s`", "pass"))),
+             burst["lifetime_s"], burst["pass"]["config"]))
+        w("| | client requests | ok | 429 | other errors | slowest answer | provider calls "
+          "(429 included) | sidecar `cooldown` answers | holds absorbed |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+        for name, leg in (("directly", "direct"), ("via sidecar, defaults", "absorb"),
+                          ("via sidecar, `absorb_hold = \"0s\"`", "pass")):
+            x = burst[leg]
+            w("| %s | %d | %d | %d | %d | %.0f ms | %d (%d ok, %d × 429) | %s | %s |"
+              % (name, x["requests"], x["ok"], x["throttled_429"],
+                 x["errors"] - x["throttled_429"], x["max_ms"] or 0,
+                 x["upstream_calls"].get("calls", 0), x["upstream_calls"].get("ok", 0),
+                 x["upstream_calls"].get("throttled", 0),
+                 "%d" % x["sidecar_outcomes"]["cooldown"] if "sidecar_outcomes" in x else "—",
+                 "%d" % x["holds_absorbed"] if "holds_absorbed" in x else "—"))
+        w("\nA client 429 through the sidecar is either a `cooldown` refusal (no upstream call) "
+          "or the throttled answer of the flight the caller was waiting on, passed on. What "
+          "absorbing costs is time: the callers of a held key wait out its `Retry-After` (the "
+          "slowest answer). Sidecar outcomes, defaults: %s; with `absorb_hold = \"0s\"`: %s. "
+          "Client latency p50 / p99: directly %.1f / %.1f ms, defaults %.1f / %.1f ms, `0s` "
+          "%.1f / %.1f ms.\n"
+          % tuple([", ".join("%s %d" % (k, v) for k, v in burst[leg]["sidecar_outcomes"].items()
+                             if v) for leg in ("absorb", "pass")]
+                  + [burst[leg][k] or 0 for leg in ("direct", "absorb", "pass")
+                     for k in ("p50_ms", "p99_ms")]))
+
     if isinstance(steady, dict):
         dr, el = steady["during_refresh"], steady["elsewhere"]
-        w("\n## 4. Steady state with rotation\n")
+        w("\n## 5. Steady state with rotation\n")
         w("%d keep-alive connections in a closed loop over %d keys for %.0f s "
           "(`bench/client.py steady`); tokens live %d s, the provider adds 50 ms. A request is "
           "\"during a refresh\" if it started between 20 ms before a background refresh reached "
@@ -776,7 +867,7 @@ def render(run, info, results, argv):
              ", ".join("%s %d" % (k, v) for k, v in steady["sidecar_outcomes"].items() if v)))
 
     if isinstance(mem, dict):
-        w("\n## 5. Memory and start\n")
+        w("\n## 6. Memory and start\n")
         w("| | |\n|---|---|")
         w("| release binary (`target/release/token-sidecar`, stripped) | %d bytes (%.2f MiB) |"
           % (mem["binary_bytes"], mem["binary_bytes"] / 2**20))
@@ -832,6 +923,8 @@ def render(run, info, results, argv):
     w("```")
     w("\nSidecar config used by every scenario (plus the flags above):\n")
     w("```toml\n[limits]\nmax_connections = 20000\n\n[token]\nmax_entries = 200000\n```")
+    if isinstance(results.get("burst"), dict):
+        w("\nThe burst's third sidecar adds `absorb_hold = \"0s\"` to its `[token]` table.")
     for k, v in results.items():
         if not isinstance(v, dict):
             w("\n### %s failed to run\n\n```\n%s\n```" % (k, v))
@@ -842,15 +935,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--only", help="comma-separated scenarios (hit,storm,story,steady,memory)")
+    parser.add_argument("--only",
+                        help="comma-separated scenarios (hit,storm,story,burst,steady,memory)")
     args, _ = parser.parse_known_args()
     out = os.path.join(BENCH, "out")
     run = Run(args.quick, out, args.profile)
-    names = ["hit", "storm", "story", "steady", "memory"] + (["profile"] if args.profile else [])
+    names = ["hit", "storm", "story", "burst", "steady", "memory"] + \
+        (["profile"] if args.profile else [])
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     scenarios = {"hit": scenario_hit, "storm": scenario_storm, "story": scenario_story,
-                 "steady": scenario_steady, "memory": scenario_memory,
+                 "burst": scenario_burst, "steady": scenario_steady, "memory": scenario_memory,
                  "profile": scenario_profile}
     info = machine()
     results = {}

@@ -1,7 +1,8 @@
 """Load clients for the benchmark scenarios wrk cannot express, on 127.0.0.1 only. Stdlib asyncio.
 
   storm   N connections opened first, then one cold token request on each, all at once.
-  story   C clients, each fetching a token every INTERVAL seconds for DURATION seconds.
+  story   C clients, each fetching a token every INTERVAL seconds for DURATION seconds (also the
+          `burst` scenario's load); keeps each answer's latency.
   steady  closed-loop load over K keys for DURATION seconds, with every request's latency kept,
           then split into "during a refresh" and "elsewhere" using the provider's call log.
 
@@ -225,6 +226,7 @@ class Conn:
 
 async def story(args):
     statuses, outcomes, errors = collections.Counter(), collections.Counter(), collections.Counter()
+    latencies = []  # seconds from sending to the whole answer, every answered request
     start = time.monotonic()
     deadline = start + args.duration
 
@@ -239,7 +241,9 @@ async def story(args):
                 break
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             try:
+                sent = time.monotonic()
                 status, cache_status, _ = await conn.request(payload, args.timeout)
+                latencies.append(time.monotonic() - sent)
                 statuses[status] += 1
                 outcomes[outcome(cache_status)] += 1
             except Exception as e:  # noqa: BLE001 - counted as a client-side error
@@ -263,6 +267,9 @@ async def story(args):
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "outcomes": dict(outcomes),
         "transport_errors": dict(errors),
+        "p50_ms": ms(percentile(latencies, 50)),
+        "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies) if latencies else None),
         "elapsed_s": round(time.monotonic() - start, 3),
     }
 

@@ -6,8 +6,8 @@ can be told to be slow (`--latency-ms`), short-lived (`--lifetime`), large (`--t
 throttled (`--rate-limit N`: at most N token calls in any one-second window; beyond that it answers
 429 with `Retry-After` in whole seconds, rounded up, never less than 1).
 
-`GET /stats` returns what it saw as JSON: counts, and one `[arrival, done, client_id, status]` row
-per token call, with times from `time.monotonic()` (CLOCK_MONOTONIC, comparable across processes on
+`GET /stats` returns what it saw as JSON: counts, the `Retry-After` values it sent (value → how
+many times), and one `[arrival, done, client_id, status]` row per token call, with times from `time.monotonic()` (CLOCK_MONOTONIC, comparable across processes on
 this machine). The listening address is printed on stdout as `listening on HOST:PORT`.
 """
 
@@ -39,6 +39,7 @@ class Provider:
         self.window = collections.deque()  # arrival times of admitted calls in the last second
         self.calls = []  # [arrival, done, client_id, status]
         self.counts = collections.Counter()
+        self.retry_after = collections.Counter()  # Retry-After value sent → times
 
     def admit(self, now):
         """None if the call may proceed, else the Retry-After to send (seconds)."""
@@ -63,6 +64,7 @@ class Provider:
         retry_after = self.admit(now)
         if retry_after is not None:
             self.counts["throttled"] += 1
+            self.retry_after[retry_after] += 1
             row[3] = 429
             payload = b'{"error":"rate_limited","error_description":"slow down"}'
             return 429, [("Retry-After", str(retry_after))], payload, row
@@ -71,7 +73,9 @@ class Provider:
         return 200, [], token_body(self.serial, self.args.token_bytes, self.args.lifetime), row
 
     def stats(self):
-        return json.dumps({"counts": dict(self.counts), "calls": self.calls}).encode()
+        return json.dumps({"counts": dict(self.counts),
+                           "retry_after": {str(k): v for k, v in sorted(self.retry_after.items())},
+                           "calls": self.calls}).encode()
 
 
 REASONS = {200: "OK", 404: "Not Found", 429: "Too Many Requests"}
