@@ -137,7 +137,8 @@ impl std::fmt::Display for UpstreamUrl {
 }
 
 impl UpstreamUrl {
-    /// Parses `scheme://host[:port]`, allowing a trailing `/`.
+    /// Parses `scheme://host[:port]`, allowing a trailing `/`. Errors never repeat the value: a
+    /// mistyped URL may carry a credential in its path or query.
     pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
         if text.contains('@') {
             // Never echo it: the part before the @ would be credentials.
@@ -147,30 +148,28 @@ impl UpstreamUrl {
         }
         let uri: Uri = text
             .parse()
-            .map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+            .map_err(|e| format!("not a URL ({e}); give scheme://host[:port]"))?;
         let scheme = uri
             .scheme()
             .cloned()
-            .ok_or_else(|| format!("{text:?} has no scheme; use http:// or https://"))?;
+            .ok_or_else(|| "no scheme; use http:// or https://".to_owned())?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-            return Err(format!("{text:?}: scheme must be http or https"));
+            return Err("the scheme must be http or https".into());
         }
         let authority = uri
             .authority()
             .cloned()
-            .ok_or_else(|| format!("{text:?} has no host"))?;
+            .ok_or_else(|| "no host; give scheme://host[:port]".to_owned())?;
         if authority.as_str().contains('@') {
-            return Err(format!(
-                "{text:?}: credentials in the URL are not supported"
-            ));
+            return Err("credentials in the URL are not supported".into());
         }
         if authority.host().is_empty() {
-            return Err(format!("{text:?} has no host"));
+            return Err("no host; give scheme://host[:port]".into());
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(format!(
-                "{text:?}: give only scheme://host[:port]; request paths are forwarded as they come"
-            ));
+            return Err(
+                "give only scheme://host[:port]; request paths are forwarded as they come".into(),
+            );
         }
         Ok(UpstreamUrl { scheme, authority })
     }
@@ -1087,6 +1086,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("scheme://host"), "{e}");
+        for secret_url in [
+            "https://idp.example/oauth?key=hunter2",
+            "ftp://hunter2",
+            "hunter2",
+        ] {
+            let e = load(
+                Overrides {
+                    upstream: Some(secret_url.into()),
+                    ..Default::default()
+                },
+                &[],
+                None,
+            )
+            .unwrap_err();
+            assert!(
+                e.0.contains("--upstream") && !e.0.contains("hunter2"),
+                "{e}"
+            );
+        }
         let e = load(with_file(), &[], None).unwrap_err();
         assert!(e.0.contains("cannot read config file"), "{e}");
         let e = file_error("upstream = \"http://x\"\nbogus = 1");

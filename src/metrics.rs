@@ -242,6 +242,9 @@ impl RouteMetrics {
     }
 }
 
+/// Most `cooldown_remaining_seconds` series per route: the holds with the most time left.
+pub(crate) const MAX_COOLDOWN_SERIES: usize = 20;
+
 /// Reads cache sizes and cool-downs from the live routes at scrape time.
 #[derive(Debug)]
 struct StateCollector {
@@ -259,8 +262,12 @@ impl Collector for StateCollector {
                 route: route.name().to_owned(),
             };
             entries.get_or_create(&label).set(route.cache_len() as i64);
-            let active = route.active_cooldowns();
+            let mut active = route.active_cooldowns();
             cooldowns.get_or_create(&label).set(active.len() as i64);
+            // One series per client, but only for the longest holds: a caller inventing client
+            // ids must not be able to grow the exposition without bound.
+            active.sort_by_key(|(_, left)| std::cmp::Reverse(*left));
+            active.truncate(MAX_COOLDOWN_SERIES);
             for (client, left) in active {
                 cooldown_left
                     .get_or_create(&ClientLabels {
@@ -286,7 +293,7 @@ impl Collector for StateCollector {
         cooldowns.encode(m)?;
         let m = encoder.encode_descriptor(
             "cooldown_remaining_seconds",
-            "Seconds left on each active hold, by client hash",
+            "Seconds left on the active holds with the most time left (at most 20 per route), by client hash",
             None,
             cooldown_left.metric_type(),
         )?;

@@ -374,6 +374,31 @@ async fn healthz_readyz_and_metrics_report_the_token_path() {
     fx.sidecar.stop().await.unwrap();
 }
 
+/// Thirty client ids on hold: all are counted, but at most 20 get a series of their own, so a
+/// caller inventing client ids cannot grow `/metrics` without bound.
+#[tokio::test]
+async fn per_client_cool_down_series_are_capped() {
+    let fx = Fixture::start("").await;
+    fx.idp.set_default(Behavior::status(429, Some("60")));
+    for i in 0..30 {
+        let form = format!("grant_type=client_credentials&client_id=c{i}&client_secret=x");
+        assert_eq!(fx.post_token(&form).await.status, 429);
+    }
+    let metrics = get(&format!("{}/metrics", fx.sidecar.admin_url))
+        .await
+        .text();
+    assert!(
+        metrics.contains(r#"token_sidecar_cooldowns_active{route="default"} 30"#),
+        "{metrics}"
+    );
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("token_sidecar_cooldown_remaining_seconds{"))
+        .count();
+    assert_eq!(series, 20, "{metrics}");
+    fx.sidecar.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn healthcheck_subcommand_reflects_readiness() {
     let fx = Fixture::start("").await;
