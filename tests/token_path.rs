@@ -1086,3 +1086,44 @@ async fn a_token_request_body_that_never_arrives_gets_408_after_the_body_read_ti
     assert_eq!(fx.idp.requests(), 0);
     fx.sidecar.stop().await.unwrap();
 }
+
+/// A header the caller names in `Connection` is removed before the request goes upstream, so it
+/// must not count in the key either; and a second Authorization or Host header is refused,
+/// since the key would see one and the provider both.
+#[tokio::test]
+async fn the_key_sees_only_what_goes_upstream() {
+    let fx = Fixture::start("").await;
+    let basic = support::basic_auth("app", "s3cret");
+    let request = Request::post(fx.sidecar.token_url())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("connection", "authorization")
+        .header("authorization", &basic)
+        .body(Full::new(Bytes::from_static(
+            b"grant_type=client_credentials",
+        )))
+        .unwrap();
+    let reply = send(&fx.client, request).await;
+    assert_eq!(
+        cache_status(&reply),
+        "token-sidecar; fwd=bypass",
+        "no credentials left to key"
+    );
+    assert!(!fx.idp.recorded()[0].headers.contains_key("authorization"));
+
+    for name in ["authorization", "host"] {
+        let request = Request::post(fx.sidecar.token_url())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("authorization", &basic)
+            .header(name, if name == "host" { "a" } else { "Basic eDp5" })
+            .header(name, if name == "host" { "b" } else { "Basic eTp6" })
+            .body(Full::new(Bytes::from_static(
+                b"grant_type=client_credentials",
+            )))
+            .unwrap();
+        let reply = send(&fx.client, request).await;
+        assert_eq!(reply.status, 400, "two {name} headers: {}", reply.text());
+        assert_eq!(reply.json()["error"], "invalid_request");
+    }
+    assert_eq!(fx.idp.requests(), 1);
+    fx.sidecar.stop().await.unwrap();
+}

@@ -43,7 +43,7 @@ use crate::error::{Error, Fault};
 use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
 use crate::telemetry::client_hash;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, strip_hop_by_hop};
 use cache::{Cache, Decision, FlightRx, Landing, Shared};
 use flight::{Flight, Flights};
 use outcome::OutcomeCounters;
@@ -143,9 +143,19 @@ impl TokenRoute {
         self: &Arc<Self>,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         if parts.method != Method::POST {
             return self.reject(Error::MethodNotAllowed);
+        }
+        // The key must see what the provider will see: hop-by-hop headers, those the caller
+        // names in `Connection` included, go before keying, and one credential header only.
+        strip_hop_by_hop(&mut parts.headers);
+        for name in [header::AUTHORIZATION, header::HOST] {
+            if parts.headers.get_all(&name).iter().nth(1).is_some() {
+                return self.reject(Error::InvalidRequest(
+                    "a header that must appear once is repeated",
+                ));
+            }
         }
         // RFC 9449: a DPoP-bound token belongs to the key pair that signed the proof, which the
         // key cannot see, and a nonce challenge must reach the client's retry: never cached.
