@@ -85,8 +85,9 @@ impl Cooldowns {
         })
     }
 
-    /// Starts or extends a hold after a failure or throttle, returning its length. An explicit
-    /// `retry_after` wins (capped by `retry_after_max`); otherwise the backoff schedule applies.
+    /// Starts or extends a hold after a failure or throttle, returning its length. An explicit,
+    /// non-zero `retry_after` wins (capped by `retry_after_max`); otherwise the backoff schedule
+    /// applies.
     pub(crate) fn start(
         &self,
         client: &str,
@@ -102,9 +103,10 @@ impl Cooldowns {
             by,
         });
         hold.by = by;
+        // `Retry-After: 0` would be no hold at all, and an immediate retry herd: back off instead.
         let delay = match retry_after {
-            Some(wait) => wait.min(config.retry_after_max),
-            None => backoff(hold.failures, config.backoff_base, config.backoff_max, unit),
+            Some(wait) if !wait.is_zero() => wait.min(config.retry_after_max),
+            _ => backoff(hold.failures, config.backoff_base, config.backoff_max, unit),
         };
         hold.failures = hold.failures.saturating_add(1);
         // Never shorten a hold another flight of the same client already set.
@@ -214,6 +216,23 @@ mod tests {
         assert_eq!(capped, config.retry_after_max);
         cd.clear("a");
         assert_eq!(cd.remaining("a", now), None);
+    }
+
+    #[test]
+    fn a_retry_after_of_zero_backs_off_instead_of_holding_nothing() {
+        let config = TokenConfig::default();
+        let cd = Cooldowns::new("r");
+        let now = Instant::now();
+        let left = cd.start(
+            "a",
+            HeldBy::Provider,
+            Some(Duration::ZERO),
+            &config,
+            now,
+            1.0,
+        );
+        assert_eq!(left, config.backoff_base);
+        assert!(cd.remaining("a", now).is_some());
     }
 
     #[test]
