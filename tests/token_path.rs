@@ -406,12 +406,13 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
 async fn refresh_ahead_serves_the_old_token_at_once_and_fetches_the_new_one_in_the_background() {
     let fx = Fixture::start("").await;
     let delay = Duration::from_millis(500);
-    // Lifetime 4 s: refresh due at 3.0..3.2 s, served until 3.6 s.
+    // Lifetime 4 s, counted from when the first request left (t0): refresh due at 3.0..3.2 s,
+    // served until 3.6 s.
     fx.idp.set_default(Behavior::slow_token(4, delay));
     let form = cc("app", "s3cret");
 
-    let first = fx.post_token(&form).await;
     let t0 = Instant::now();
+    let first = fx.post_token(&form).await;
     let old = access_token(&first);
 
     sleep_until(t0 + Duration::from_millis(3220)).await;
@@ -1125,5 +1126,22 @@ async fn the_key_sees_only_what_goes_upstream() {
         assert_eq!(reply.json()["error"], "invalid_request");
     }
     assert_eq!(fx.idp.requests(), 1);
+    fx.sidecar.stop().await.unwrap();
+}
+
+/// A token's lifetime counts from when the request left, not from when the answer arrived: a
+/// provider that takes 1.5 s to answer a 10 s token has already spent 1.5 s of it.
+#[tokio::test]
+async fn a_tokens_lifetime_counts_from_the_request_not_the_answer() {
+    let fx = Fixture::start("").await;
+    fx.idp
+        .set_default(Behavior::slow_token(10, Duration::from_millis(1500)));
+    let reply = fx.post_token(&cc("app", "s3cret")).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        expires_in(&reply) <= 8,
+        "served {} s of a 10 s token 1.5 s old",
+        expires_in(&reply)
+    );
     fx.sidecar.stop().await.unwrap();
 }

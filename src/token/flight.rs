@@ -234,7 +234,7 @@ impl Flights {
         let (shared, label, hold) = match answer {
             Ok(reply) => {
                 let label = reply.status.as_u16().to_string();
-                let (shared, hold) = self.classify(grant, reply, client_id, now);
+                let (shared, hold) = self.classify(grant, reply, client_id, sent, now);
                 (shared, label, hold)
             }
             Err(failure) => {
@@ -264,10 +264,11 @@ impl Flights {
         grant: Grant,
         reply: Reply,
         client_id: &str,
+        sent: Instant,
         now: Instant,
     ) -> (Shared, Option<Duration>) {
         if reply.status.is_success() {
-            return self.classify_success(grant, reply, client_id, now);
+            return self.classify_success(grant, reply, client_id, sent, now);
         }
         let hold = match reply.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
@@ -285,12 +286,14 @@ impl Flights {
         (Shared::Reply(Arc::new(reply)), hold)
     }
 
-    /// A 2xx answer: a token to cache, an answer to pass on, or an unusable body.
+    /// A 2xx answer: a token to cache (its lifetime counted from `sent`), an answer to pass on,
+    /// or an unusable body.
     fn classify_success(
         &self,
         grant: Grant,
         reply: Reply,
         client_id: &str,
+        sent: Instant,
         now: Instant,
     ) -> (Shared, Option<Duration>) {
         let content_type = reply
@@ -298,7 +301,14 @@ impl Flights {
             .get(header::CONTENT_TYPE)
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static("application/json"));
-        match Token::from_upstream(&reply.body, content_type, now, &self.config, rand::random()) {
+        // The lifetime counts from when the request left: the provider's clock started no later.
+        match Token::from_upstream(
+            &reply.body,
+            content_type,
+            sent,
+            &self.config,
+            rand::random(),
+        ) {
             Ok(Validated::Token(mut token)) => {
                 self.cooldowns.clear(client_id);
                 if grant == Grant::RefreshToken {
