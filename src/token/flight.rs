@@ -46,8 +46,8 @@ struct Call {
     latency: Duration,
 }
 
-/// Calls one flight makes at most, absorbed holds included (each hold is at least 1 ms and all of
-/// them together at most `absorb_hold`; this bounds the loop whatever the clock does).
+/// Rounds of one flight at most, each a call or a hold waited out (each hold is at least 1 ms
+/// and all of them together at most `absorb_hold`; this bounds the loop whatever others do).
 const MAX_ATTEMPTS: usize = 16;
 
 /// Whole seconds, rounded up: a `Retry-After` is never early.
@@ -165,7 +165,14 @@ impl Flights {
                 _ => break,
             }
         }
-        let shared = shared.expect("at least one attempt: MAX_ATTEMPTS > 0");
+        // Every attempt went to waiting out holds that others kept extending: say so.
+        let shared = shared.unwrap_or_else(|| {
+            let hold = self.cooldowns.remaining(&client_id, Instant::now());
+            Shared::Failed(Error::CoolingDown {
+                retry_after_secs: hold.map_or(1, |hold| ceil_secs(hold.left).max(1)),
+                by: hold.map_or(HeldBy::Backoff, |hold| hold.by),
+            })
+        });
         landing.land(shared, grant, &self.config, Instant::now(), rand::random());
     }
 
