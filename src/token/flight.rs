@@ -51,7 +51,7 @@ struct Call {
 const MAX_ATTEMPTS: usize = 16;
 
 /// Whole seconds, rounded up: a `Retry-After` is never early.
-fn ceil_secs(d: Duration) -> u64 {
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 

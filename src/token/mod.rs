@@ -45,7 +45,7 @@ use crate::metrics::{RouteMetrics, RouteState};
 use crate::telemetry::client_hash;
 use crate::upstream::{Upstream, strip_hop_by_hop};
 use cache::{Cache, Decision, FlightRx, Landing, Shared};
-use flight::{Flight, Flights};
+use flight::{Flight, Flights, ceil_secs};
 use outcome::OutcomeCounters;
 use request::{KeyContext, Keyer, MediaType, Parsed};
 use respond::{CacheStatus, Fetch};
@@ -312,11 +312,6 @@ impl TokenRoute {
         }
         respond::landed(shared, fetch, role == Outcome::Coalesced, Instant::now())
     }
-}
-
-/// Whole seconds, rounded up: a `Retry-After` is never early.
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 impl RouteState for TokenRoute {
