@@ -217,7 +217,12 @@ pub struct TokenConfig {
     /// Distinct tokens kept per key and handed out in turn (the provider limits API calls per
     /// token); each costs one upstream call per lifetime.
     pub pool_size: usize,
-    /// Most cached keys; past it the least recently used are evicted.
+    /// After the provider rejects a call for a key that never had a token (wrong secret,
+    /// throttling), the client's next such call waits this long; such keys make one call at a
+    /// time per client id. Keys that have had a token are never paced.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Most cached keys, calls in progress included; past it the least recently used are evicted.
     pub max_entries: usize,
     /// A key nobody asked for within this time is dropped (and so never refreshed again).
     #[serde(with = "humantime_serde")]
@@ -246,6 +251,7 @@ impl Default for TokenConfig {
             wait_timeout: Duration::from_secs(30),
             absorb_hold: Duration::from_secs(5),
             pool_size: 1,
+            probe_interval: Duration::from_secs(1),
             max_entries: 100_000,
             idle_timeout: Duration::from_secs(3600),
             max_concurrent_calls: 64,

@@ -73,6 +73,8 @@ pub enum Error {
     WaitTimeout,
 
     // Ours.
+    /// The route's cache is full of calls in progress and tokens in use: a new key must wait.
+    CacheFull,
     /// A bug: a task died or an invariant broke.
     Internal,
 }
@@ -90,6 +92,7 @@ impl Error {
             Error::CoolingDown { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamUnavailable | Error::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout | Error::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::CacheFull => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -107,7 +110,8 @@ impl Error {
             Error::CoolingDown { .. }
             | Error::UpstreamUnavailable
             | Error::UpstreamTimeout
-            | Error::WaitTimeout => "temporarily_unavailable",
+            | Error::WaitTimeout
+            | Error::CacheFull => "temporarily_unavailable",
             Error::UpstreamInvalid(_) | Error::Internal => "server_error",
         }
     }
@@ -127,7 +131,7 @@ impl Error {
             | Error::UpstreamTimeout
             | Error::UpstreamInvalid(_)
             | Error::WaitTimeout => Fault::Upstream,
-            Error::Internal => Fault::Sidecar,
+            Error::CacheFull | Error::Internal => Fault::Sidecar,
         }
     }
 
@@ -155,6 +159,9 @@ impl Error {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            Error::CacheFull => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             _ => {}
         }
@@ -229,6 +236,9 @@ impl std::fmt::Display for Error {
                 )
             }
             Error::WaitTimeout => f.write_str("timed out waiting for the identity provider"),
+            Error::CacheFull => f.write_str(
+                "the sidecar's token cache is full of calls in progress and tokens in use; retry after 1 s",
+            ),
             Error::Internal => f.write_str("internal error in token-sidecar"),
         }
     }

@@ -198,10 +198,12 @@ impl Upstream {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
+        // Replies may be kept for minutes (remembered errors): own their bytes instead of
+        // pinning the connection's read buffers.
         Ok(Reply {
             status: parts.status,
-            headers,
-            body,
+            headers: compact_headers(&headers),
+            body: Bytes::copy_from_slice(&body),
         })
     }
 
@@ -223,6 +225,19 @@ impl Upstream {
             Err(_) => Err(Failure::Timeout),
         }
     }
+}
+
+/// A copy of `headers` that owns its bytes. Parsed header values are slices of the connection's
+/// read buffer; a copy kept past the request would pin the whole buffer.
+pub(crate) fn compact_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut owned = HeaderValue::from_bytes(value.as_bytes())
+            .expect("the bytes of a valid header value are valid");
+        owned.set_sensitive(value.is_sensitive());
+        copy.append(name.clone(), owned);
+    }
+    copy
 }
 
 /// The error chain in one line: the innermost causes say what really happened (refused, reset,

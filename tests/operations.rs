@@ -5,20 +5,9 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::process::{Running, free_port, run_to_end};
 use support::{Behavior, FakeProvider, Fixture, client, post_form, send};
-
-const BIN: &str = env!("CARGO_BIN_EXE_token-sidecar");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn get(url: &str) -> support::Reply {
     send(
@@ -26,53 +15,6 @@ async fn get(url: &str) -> support::Reply {
         Request::get(url).body(Full::new(Bytes::new())).unwrap(),
     )
     .await
-}
-
-/// A child process whose stderr is drained on a thread from the start, so a chatty child
-/// (trace-level logs) can never block on a full pipe.
-struct Drained {
-    child: Child,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-impl Drained {
-    fn spawn(mut cmd: Command) -> Drained {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        });
-        Drained { child, stderr }
-    }
-
-    /// Waits (bounded) for exit and returns (exit code, stderr).
-    fn wait(mut self, limit: Duration) -> (i32, String) {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("the binary did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status.code().unwrap_or(-1), self.stderr.join().unwrap())
-    }
-}
-
-/// Runs the binary to completion (bounded) and returns (exit code, stderr).
-fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env_clear().envs(env.iter().copied());
-    Drained::spawn(cmd).wait(Duration::from_secs(20))
 }
 
 #[test]
@@ -127,55 +69,6 @@ fn bad_configuration_exits_64_with_one_clear_line() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     let _ = std::fs::remove_dir_all(dir);
-}
-
-struct Running {
-    process: Drained,
-    listen: u16,
-    admin: u16,
-}
-
-impl Running {
-    fn start(upstream: &str, extra_env: &[(&str, &str)]) -> Running {
-        let (listen, admin) = (free_port(), free_port());
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--upstream", upstream])
-            .args(["--listen", &format!("127.0.0.1:{listen}")])
-            .env_clear()
-            .env("TOKEN_SIDECAR_ADMIN", format!("127.0.0.1:{admin}"))
-            .envs(extra_env.iter().copied());
-        Running {
-            process: Drained::spawn(cmd),
-            listen,
-            admin,
-        }
-    }
-
-    async fn wait_ready(&self) {
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.admin)).is_ok() {
-                let reply = get(&format!("http://127.0.0.1:{}/readyz", self.admin)).await;
-                if reply.status == 200 {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the sidecar did not become ready");
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.process.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits (bounded) for exit after SIGTERM and returns (code, stderr).
-    fn wait(self) -> (i32, String) {
-        self.process.wait(Duration::from_secs(30))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,6 +58,10 @@ struct EntryState {
     refresh_not_before: Option<Instant>,
     /// How many refreshes in a row returned the token already cached.
     same_token_streak: u32,
+    /// A token has landed for this key and its credentials were not rejected since: the key has
+    /// shown it holds valid credentials. Unproven keys' calls are paced per client id, and their
+    /// holds do not stop proven keys (see `docs/SECURITY.md`).
+    proven: bool,
 }
 
 /// One cache entry.
@@ -91,11 +95,13 @@ pub(crate) enum Decision<F = Landing> {
     Cooldown(Cooling),
     /// Wait for the flight already in progress.
     Join(FlightRx),
-    /// Start the flight and wait on `rx`; `stale` if an expired token was there.
+    /// Start the flight and wait on `rx`; `stale` if an expired token was there; `proven` if a
+    /// token ever landed for this key (see [`EntryState::proven`]).
     Lead {
         flight: F,
         rx: FlightRx,
         stale: bool,
+        proven: bool,
     },
 }
 
@@ -109,28 +115,35 @@ impl<F> Decision<F> {
             Decision::Remembered(reply) => Decision::Remembered(reply),
             Decision::Cooldown(cooling) => Decision::Cooldown(cooling),
             Decision::Join(rx) => Decision::Join(rx),
-            Decision::Lead { flight, rx, stale } => Decision::Lead {
+            Decision::Lead {
+                flight,
+                rx,
+                stale,
+                proven,
+            } => Decision::Lead {
                 flight: f(flight),
                 rx,
                 stale,
+                proven,
             },
         }
     }
 }
 
 /// The provider rejected these credentials: what they got before must not be served again.
-fn rejects_credentials(status: StatusCode) -> bool {
+pub(crate) fn rejects_credentials(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 401 | 403)
 }
 
 impl EntryState {
     /// Decides how to answer a request at `now`, keeping up to `pool` tokens. `cooling` tells
-    /// the client's cool-down; it is consulted only when an upstream call is being considered.
+    /// the client's cool-down as a key proven or not sees it; it is consulted only when an
+    /// upstream call is being considered.
     fn decide(
         &mut self,
         now: Instant,
         pool: usize,
-        cooling: impl Fn() -> Option<Cooling>,
+        cooling: impl Fn(bool) -> Option<Cooling>,
     ) -> Decision<FlightTx> {
         let servable = self.tokens.iter().filter(|t| t.servable(now)).count();
         if servable > 0 {
@@ -145,7 +158,7 @@ impl EntryState {
             let refresh = ((due || fill)
                 && self.flight.is_none()
                 && self.refresh_not_before.is_none_or(|t| now >= t)
-                && cooling().is_none())
+                && cooling(self.proven).is_none())
             .then(|| self.start_flight().0);
             return Decision::Hit { token, refresh };
         }
@@ -158,12 +171,17 @@ impl EntryState {
         if let Some(rx) = &self.flight {
             return Decision::Join(rx.clone());
         }
-        if let Some(hold) = cooling() {
+        if let Some(hold) = cooling(self.proven) {
             return Decision::Cooldown(hold);
         }
         let stale = !self.tokens.is_empty();
         let (flight, rx) = self.start_flight();
-        Decision::Lead { flight, rx, stale }
+        Decision::Lead {
+            flight,
+            rx,
+            stale,
+            proven: self.proven,
+        }
     }
 
     fn start_flight(&mut self) -> (FlightTx, FlightRx) {
@@ -186,6 +204,7 @@ impl EntryState {
         match shared {
             Shared::Token(token) => {
                 self.remembered = None;
+                self.proven = true;
                 let same = self
                     .tokens
                     .iter()
@@ -218,6 +237,7 @@ impl EntryState {
             }
             Shared::Reply(reply) if rejects_credentials(reply.status) => {
                 self.tokens.clear();
+                self.proven = false;
                 self.remembered = Some((now + config.error_ttl, reply.clone()));
             }
             Shared::Reply(reply) if grant == Grant::RefreshToken && reply.status.is_success() => {
@@ -237,6 +257,19 @@ impl EntryState {
                 .remembered
                 .as_ref()
                 .is_none_or(|(until, _)| *until <= now)
+    }
+}
+
+impl EntryState {
+    /// How a full cache may treat this entry at `now` (see [`Cache::make_room`]).
+    fn rank(&self, now: Instant) -> Rank {
+        let serving = self.tokens.iter().any(|t| t.servable(now));
+        match (self.flight.is_some(), serving) {
+            (true, true) => Rank::Refreshing,
+            (true, false) => Rank::Probation,
+            (false, true) => Rank::Serving,
+            (false, false) => Rank::Empty,
+        }
     }
 }
 
@@ -294,15 +327,45 @@ pub(crate) struct Swept {
     pub expired: usize,
 }
 
+/// A new key found the cache full of entries it may not evict: keys whose calls are still in
+/// progress and keys holding tokens their callers proved they may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Full;
+
+/// After a scan of a full cache found nothing to evict, new keys are refused for this long
+/// without scanning again, so a flood of new keys costs one scan per period, not one per key.
+const FULL_MEMO_MS: u64 = 50;
+
 /// All entries of one route.
 #[derive(Debug)]
 pub(crate) struct Cache {
-    /// Bounded by `max_entries`, checked as a key is added.
+    /// Bounded by `max_entries`, flights included: a new key is added only when there is room.
     entries: DashMap<CacheKey, Arc<Entry>>,
     epoch: Instant,
     max_entries: usize,
+    /// Keys whose first call is in progress may hold this many slots and still push out a
+    /// proven key's token; past it, new keys only take slots with nothing to serve.
+    probation: usize,
     /// Tokens kept per key.
     pool_size: usize,
+    /// Milliseconds since `epoch` until which the cache is known to be full (see
+    /// [`FULL_MEMO_MS`]).
+    full_until_ms: AtomicU64,
+}
+
+/// How a full cache ranks an entry for eviction, from a look under its lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    /// Nothing to serve and no call in progress: evicted first.
+    Empty,
+    /// A servable token, no call in progress: evicted (least recent first) only while few keys
+    /// are on probation.
+    Serving,
+    /// A call in progress for a key with nothing to serve: a key on probation. Never evicted
+    /// (its callers wait for it); counted.
+    Probation,
+    /// A call in progress for a key that serves a token (a refresh): never evicted.
+    Refreshing,
 }
 
 impl Cache {
@@ -312,13 +375,15 @@ impl Cache {
             entries: DashMap::new(),
             epoch: Instant::now(),
             max_entries,
+            probation: (max_entries / 8).max(1),
             pool_size,
+            full_until_ms: AtomicU64::new(0),
         }
     }
 
     /// Decides, under the entry's lock, how to answer a request for `key` at `now` (see
-    /// [`EntryState::decide`]), creating the entry if needed and marking it used. Returns the
-    /// decision and how many entries were evicted to make room.
+    /// [`EntryState::decide`]), creating the entry if there is room and marking it used. Returns
+    /// the decision and how many entries were evicted to make room, or [`Full`].
     ///
     /// The map's guard is held while the entry is locked, so an entry cannot leave the map between
     /// the lookup and the decision (a flight started in an evicted entry would be lost to the next
@@ -327,22 +392,26 @@ impl Cache {
         &self,
         key: CacheKey,
         now: Instant,
-        cooling: impl Fn() -> Option<Cooling>,
-    ) -> (Decision, usize) {
-        let stamp = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        cooling: impl Fn(bool) -> Option<Cooling>,
+    ) -> Result<(Decision, usize), Full> {
+        let stamp = self.stamp(now);
         if let Some(entry) = self.entries.get(&key) {
-            return (decide_in(&entry, stamp, now, self.pool_size, cooling), 0);
+            return Ok((decide_in(&entry, stamp, now, self.pool_size, cooling), 0));
         }
         let evicted = if self.entries.len() >= self.max_entries {
-            self.evict_least_recent()
+            self.make_room(stamp, now)?
         } else {
             0
         };
         let entry = self.entries.entry(key).or_default();
-        (
+        Ok((
             decide_in(&entry, stamp, now, self.pool_size, cooling),
             evicted,
-        )
+        ))
+    }
+
+    fn stamp(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Number of keys.
@@ -374,27 +443,51 @@ impl Cache {
         swept
     }
 
-    /// Evicts the least recently used sixteenth of the entries (none with a flight in progress),
-    /// so a full cache pays for one scan per sixteenth of its size in new keys.
-    fn evict_least_recent(&self) -> usize {
-        let mut stamps: Vec<(u64, CacheKey)> = self
+    /// Frees room for a new key in a full cache: the least recently used sixteenth of the
+    /// entries with nothing to serve; if there are none, and fewer than `probation` keys wait
+    /// for their first call, of the entries serving a token. Never an entry with a call in
+    /// progress. [`Full`] if nothing may go.
+    fn make_room(&self, stamp: u64, now: Instant) -> Result<usize, Full> {
+        if stamp < self.full_until_ms.load(Ordering::Relaxed) {
+            return Err(Full);
+        }
+        let mut ranked: Vec<(Rank, u64, CacheKey)> = self
             .entries
             .iter()
-            .map(|e| (e.last_used_ms.load(Ordering::Relaxed), *e.key()))
+            .map(|e| {
+                let rank = e.lock().rank(now);
+                (rank, e.last_used_ms.load(Ordering::Relaxed), *e.key())
+            })
             .collect();
-        let count = (stamps.len() / 16).max(1).min(stamps.len());
+        let on_probation = ranked.iter().filter(|r| r.0 == Rank::Probation).count();
+        let allowed = if ranked.iter().any(|r| r.0 == Rank::Empty) {
+            Rank::Empty
+        } else if on_probation < self.probation {
+            Rank::Serving
+        } else {
+            self.full_until_ms
+                .store(stamp + FULL_MEMO_MS, Ordering::Relaxed);
+            return Err(Full);
+        };
+        ranked.retain(|r| r.0 == allowed);
+        let count = (self.entries.len() / 16).clamp(1, ranked.len().max(1));
+        let count = count.min(ranked.len());
         if count == 0 {
-            return 0;
+            return Err(Full);
         }
-        stamps.select_nth_unstable(count - 1);
-        stamps[..count]
+        ranked.select_nth_unstable_by_key(count - 1, |r| r.1);
+        let evicted = ranked[..count]
             .iter()
-            .filter(|(_, key)| {
+            .filter(|(_, _, key)| {
                 self.entries
-                    .remove_if(key, |_, entry| entry.lock().flight.is_none())
+                    .remove_if(key, |_, entry| entry.lock().rank(now) == allowed)
                     .is_some()
             })
-            .count()
+            .count();
+        if evicted == 0 {
+            return Err(Full);
+        }
+        Ok(evicted)
     }
 }
 
@@ -404,7 +497,7 @@ fn decide_in(
     stamp: u64,
     now: Instant,
     pool: usize,
-    cooling: impl Fn() -> Option<Cooling>,
+    cooling: impl Fn(bool) -> Option<Cooling>,
 ) -> Decision {
     entry.last_used_ms.store(stamp, Ordering::Relaxed);
     let decision = entry.lock().decide(now, pool, cooling);
@@ -462,7 +555,7 @@ mod tests {
 
     /// Leads a flight at `now` and lands `shared` in it.
     fn fly(state: &mut EntryState, now: Instant, grant: Grant, shared: Shared) {
-        let Decision::Lead { .. } = state.decide(now, 1, || None) else {
+        let Decision::Lead { .. } = state.decide(now, 1, |_| None) else {
             panic!("expected to lead a flight")
         };
         state.land(&shared, grant, &config(), now, 1.0);
@@ -472,13 +565,13 @@ mod tests {
     fn one_leader_then_joiners_while_the_flight_is_open_then_the_cool_down() {
         let mut state = EntryState::default();
         let now = Instant::now();
-        let Decision::Lead { stale, .. } = state.decide(now, 1, || None) else {
+        let Decision::Lead { stale, .. } = state.decide(now, 1, |_| None) else {
             panic!("expected lead")
         };
         assert!(!stale);
-        assert!(matches!(state.decide(now, 1, || None), Decision::Join(_)));
+        assert!(matches!(state.decide(now, 1, |_| None), Decision::Join(_)));
         assert!(matches!(
-            state.decide(now, 1, || cooling(5)),
+            state.decide(now, 1, |_| cooling(5)),
             Decision::Join(_)
         ));
         state.land(
@@ -489,10 +582,10 @@ mod tests {
             0.0,
         );
         assert!(
-            matches!(state.decide(now, 1, || cooling(5)), Decision::Cooldown(c) if c.left == Duration::from_secs(5))
+            matches!(state.decide(now, 1, |_| cooling(5)), Decision::Cooldown(c) if c.left == Duration::from_secs(5))
         );
         assert!(matches!(
-            state.decide(now, 1, || None),
+            state.decide(now, 1, |_| None),
             Decision::Lead { .. }
         ));
     }
@@ -509,29 +602,29 @@ mod tests {
         );
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(matches!(
-            state.decide(at(10), 1, || None),
+            state.decide(at(10), 1, |_| None),
             Decision::Hit { refresh: None, .. }
         ));
         // Refresh is due at 80 % of the lifetime, once, and not while cooling down.
         assert!(matches!(
-            state.decide(at(81), 1, || cooling(1)),
+            state.decide(at(81), 1, |_| cooling(1)),
             Decision::Hit { refresh: None, .. }
         ));
         assert!(matches!(
-            state.decide(at(81), 1, || None),
+            state.decide(at(81), 1, |_| None),
             Decision::Hit {
                 refresh: Some(_),
                 ..
             }
         ));
         assert!(matches!(
-            state.decide(at(82), 1, || None),
+            state.decide(at(82), 1, |_| None),
             Decision::Hit { refresh: None, .. }
         ));
         state.flight = None;
         // Past the margin (10 s of 100 s), the next request leads a flight and says stale.
         assert!(matches!(
-            state.decide(at(91), 1, || None),
+            state.decide(at(91), 1, |_| None),
             Decision::Lead { stale: true, .. }
         ));
     }
@@ -550,7 +643,7 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let Decision::Hit {
             refresh: Some(_), ..
-        } = state.decide(at(81), 1, || None)
+        } = state.decide(at(81), 1, |_| None)
         else {
             panic!("expected a refresh")
         };
@@ -565,11 +658,11 @@ mod tests {
         // backoff(1, 1 s, 60 s) with full jitter at 1.0: 2 s.
         assert_eq!(state.refresh_not_before, Some(at(83)));
         assert!(matches!(
-            state.decide(at(82), 1, || None),
+            state.decide(at(82), 1, |_| None),
             Decision::Hit { refresh: None, .. }
         ));
         assert!(matches!(
-            state.decide(at(83), 1, || None),
+            state.decide(at(83), 1, |_| None),
             Decision::Hit {
                 refresh: Some(_),
                 ..
@@ -600,7 +693,7 @@ mod tests {
             let refresh_at = t0 + Duration::from_secs(81);
             let Decision::Hit {
                 refresh: Some(_), ..
-            } = state.decide(refresh_at, 1, || None)
+            } = state.decide(refresh_at, 1, |_| None)
             else {
                 panic!("expected a refresh")
             };
@@ -617,11 +710,11 @@ mod tests {
             );
             let later = refresh_at + config().error_ttl - Duration::from_millis(1);
             assert!(
-                matches!(state.decide(later, 1, || None), Decision::Remembered(r) if r.status == status)
+                matches!(state.decide(later, 1, |_| None), Decision::Remembered(r) if r.status == status)
             );
             let past = refresh_at + config().error_ttl;
             assert!(matches!(
-                state.decide(past, 1, || None),
+                state.decide(past, 1, |_| None),
                 Decision::Lead { stale: false, .. }
             ));
         }
@@ -656,11 +749,11 @@ mod tests {
         fly(&mut state, t0, Grant::RefreshToken, reply(200));
         let until = t0 + config().refresh_token_ttl;
         assert!(matches!(
-            state.decide(until - Duration::from_millis(1), 1, || None),
+            state.decide(until - Duration::from_millis(1), 1, |_| None),
             Decision::Remembered(_)
         ));
         assert!(matches!(
-            state.decide(until, 1, || None),
+            state.decide(until, 1, |_| None),
             Decision::Lead { .. }
         ));
         let mut throttled = EntryState::default();
@@ -679,7 +772,7 @@ mod tests {
         };
         let mut state = EntryState::default();
         let t0 = Instant::now();
-        let Decision::Lead { .. } = state.decide(t0, 3, || None) else {
+        let Decision::Lead { .. } = state.decide(t0, 3, |_| None) else {
             panic!("a cold key leads")
         };
         state.land(
@@ -693,13 +786,13 @@ mod tests {
         for name in ["b", "c"] {
             let Decision::Hit {
                 refresh: Some(_), ..
-            } = state.decide(t0, 3, || None)
+            } = state.decide(t0, 3, |_| None)
             else {
                 panic!("a short pool fills in the background")
             };
             assert!(
                 matches!(
-                    state.decide(t0, 3, || None),
+                    state.decide(t0, 3, |_| None),
                     Decision::Hit { refresh: None, .. }
                 ),
                 "one fill at a time"
@@ -714,7 +807,7 @@ mod tests {
         }
         assert_eq!(state.tokens.len(), 3);
         let served: std::collections::HashSet<[u8; 32]> = (0..3)
-            .map(|_| match state.decide(t0, 3, || None) {
+            .map(|_| match state.decide(t0, 3, |_| None) {
                 Decision::Hit {
                     token,
                     refresh: None,
@@ -727,7 +820,7 @@ mod tests {
         let at81 = t0 + Duration::from_secs(81);
         let Decision::Hit {
             refresh: Some(_), ..
-        } = state.decide(at81, 3, || None)
+        } = state.decide(at81, 3, |_| None)
         else {
             panic!("due tokens are refreshed")
         };
@@ -751,17 +844,18 @@ mod tests {
     fn a_landing_dropped_without_landing_frees_the_slot_and_closes_the_channel() {
         let cache = Cache::new(10, 1);
         let now = Instant::now();
-        let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, || None) else {
+        let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, |_| None).unwrap()
+        else {
             panic!("expected lead")
         };
         assert!(matches!(
-            cache.decide(key(1), now, || None).0,
+            cache.decide(key(1), now, |_| None).unwrap().0,
             Decision::Join(_)
         ));
         drop(flight);
         assert!(rx.has_changed().is_err(), "waiters see the channel close");
         assert!(matches!(
-            cache.decide(key(1), now, || None).0,
+            cache.decide(key(1), now, |_| None).unwrap().0,
             Decision::Lead { .. }
         ));
     }
@@ -770,10 +864,11 @@ mod tests {
     fn landing_publishes_to_every_waiter() {
         let cache = Cache::new(10, 1);
         let now = Instant::now();
-        let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, || None) else {
+        let (Decision::Lead { flight, rx, .. }, _) = cache.decide(key(1), now, |_| None).unwrap()
+        else {
             panic!("expected lead")
         };
-        let (Decision::Join(joined), _) = cache.decide(key(1), now, || None) else {
+        let (Decision::Join(joined), _) = cache.decide(key(1), now, |_| None).unwrap() else {
             panic!("expected join")
         };
         let waiters = flight.land(
@@ -788,14 +883,14 @@ mod tests {
             assert!(matches!(&*rx.borrow(), Some(Shared::Token(_))));
         }
         assert!(matches!(
-            cache.decide(key(1), now, || None).0,
+            cache.decide(key(1), now, |_| None).unwrap().0,
             Decision::Hit { .. }
         ));
     }
 
     /// Leads a flight for `n` at `at` and lets it die, leaving an entry that may be evicted.
     fn touch(cache: &Cache, n: u8, at: Instant) -> usize {
-        let (decision, evicted) = cache.decide(key(n), at, || None);
+        let (decision, evicted) = cache.decide(key(n), at, |_| None).unwrap();
         assert!(
             matches!(decision, Decision::Lead { .. }),
             "a cold key leads a flight"
@@ -844,7 +939,9 @@ mod tests {
                     let mut leads = 0;
                     for i in 0..20_000u32 {
                         let k = key(n * 8 + (i % 8) as u8);
-                        if let (Decision::Lead { flight, .. }, _) = cache.decide(k, t0, || None) {
+                        if let (Decision::Lead { flight, .. }, _) =
+                            cache.decide(k, t0, |_| None).unwrap()
+                        {
                             leads += 1;
                             let held = cache.entries.get(&k).map(|e| e.clone());
                             assert!(
@@ -867,7 +964,7 @@ mod tests {
     fn sweep_drops_idle_and_dead_entries_but_not_flights() {
         let cache = Cache::new(100, 1);
         let t0 = Instant::now();
-        let (_flight, _) = cache.decide(key(1), t0, || None);
+        let (_flight, _) = cache.decide(key(1), t0, |_| None).unwrap();
         touch(&cache, 2, t0);
         let swept = cache.sweep(t0 + Duration::from_secs(1), Duration::from_secs(3600));
         assert_eq!(
@@ -885,5 +982,83 @@ mod tests {
             1,
             "an entry with a flight in progress is never dropped"
         );
+    }
+
+    /// Leads a flight for `n` at `at` and lands a token, leaving a key that serves it.
+    fn serve(cache: &Cache, n: u8, at: Instant) {
+        let (Decision::Lead { flight, .. }, _) = cache.decide(key(n), at, |_| None).unwrap() else {
+            panic!("a cold key leads a flight")
+        };
+        flight.land(
+            Shared::Token(token("t", 3600, at)),
+            Grant::ClientCredentials,
+            &config(),
+            at,
+            0.0,
+        );
+    }
+
+    #[test]
+    fn calls_in_progress_never_push_the_cache_past_its_bound() {
+        let cache = Cache::new(16, 1);
+        let t0 = Instant::now();
+        let flights: Vec<_> = (0..16u8)
+            .map(|n| cache.decide(key(n), t0, |_| None).unwrap())
+            .collect();
+        let at = t0 + Duration::from_secs(1);
+        assert_eq!(cache.decide(key(100), at, |_| None).err(), Some(Full));
+        assert_eq!(cache.len(), 16);
+        // A known key is still answered: it joins its flight.
+        assert!(matches!(
+            cache.decide(key(3), at, |_| None).unwrap().0,
+            Decision::Join(_)
+        ));
+        // Refused at once for the memo's period, then room made once flights have ended.
+        drop(flights);
+        assert_eq!(cache.decide(key(101), at, |_| None).err(), Some(Full));
+        let later = at + Duration::from_millis(FULL_MEMO_MS);
+        assert_eq!(cache.decide(key(102), later, |_| None).unwrap().1, 1);
+        assert_eq!(cache.len(), 16);
+    }
+
+    #[test]
+    fn keys_on_probation_cannot_push_out_proven_tokens() {
+        let cache = Cache::new(16, 1);
+        let t0 = Instant::now();
+        for n in 0..14u8 {
+            serve(&cache, n, t0);
+        }
+        // Fill the rest with first calls in progress, up to the probation share (16 / 8 = 2).
+        let _a = cache.decide(key(50), t0, |_| None).unwrap();
+        let _b = cache.decide(key(51), t0, |_| None).unwrap();
+        let at = t0 + Duration::from_secs(1);
+        assert_eq!(cache.decide(key(52), at, |_| None).err(), Some(Full));
+        for n in 0..14u8 {
+            assert!(
+                matches!(
+                    cache.decide(key(n), at, |_| None).unwrap().0,
+                    Decision::Hit { .. }
+                ),
+                "proven key {n} still served"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_cache_of_tokens_still_turns_over_least_recent_first() {
+        let cache = Cache::new(16, 1);
+        let t0 = Instant::now();
+        for n in 0..16u8 {
+            serve(&cache, n, t0 + Duration::from_millis(u64::from(n)));
+        }
+        let at = t0 + Duration::from_secs(1);
+        let (decision, evicted) = cache.decide(key(200), at, |_| None).unwrap();
+        assert!(matches!(decision, Decision::Lead { proven: false, .. }));
+        assert_eq!(evicted, 1);
+        assert!(
+            cache.entries.get(&key(0)).is_none(),
+            "the least recent went"
+        );
+        assert_eq!(cache.len(), 16);
     }
 }

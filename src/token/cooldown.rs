@@ -5,14 +5,30 @@
 
 use dashmap::DashMap;
 use http::HeaderValue;
-use std::sync::Arc;
+use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::TokenConfig;
 use crate::error::HeldBy;
-use crate::telemetry::client_hash;
+
+/// A client id as the per-client tables hold it: its SHA-256, so a table entry costs 32 bytes
+/// however long the id, and no table holds an id in plain text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ClientKey([u8; 32]);
+
+impl ClientKey {
+    pub(crate) fn of(client_id: &str) -> ClientKey {
+        ClientKey(Sha256::digest(client_id.as_bytes()).into())
+    }
+
+    /// The client's name in logs and metric labels: the same eight hex digits as
+    /// [`crate::telemetry::client_hash`] gives for the id.
+    pub(crate) fn label(&self) -> String {
+        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
 
 /// Parses `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date. A date in the past, an
 /// empty value or garbage is not usable (`None`), so the caller falls back to backoff.
@@ -59,25 +75,28 @@ pub(crate) struct Cooling {
     pub(crate) by: HeldBy,
 }
 
-/// The holds of one route, by client id.
+/// The holds of one route, by client id, at most `cap` of them.
 #[derive(Debug)]
 pub(crate) struct Cooldowns {
-    /// The route's name, for logs.
+    /// The route's name and which table this is, for logs.
     route: String,
-    holds: DashMap<Arc<str>, Hold>,
+    holds: DashMap<ClientKey, Hold>,
+    /// Most client ids held; a new one past it takes the place of the hold that ends first.
+    cap: usize,
 }
 
 impl Cooldowns {
-    /// No holds yet.
-    pub(crate) fn new(route: &str) -> Cooldowns {
+    /// No holds yet; at most `cap` client ids at once.
+    pub(crate) fn new(route: &str, cap: usize) -> Cooldowns {
         Cooldowns {
             route: route.to_owned(),
             holds: DashMap::new(),
+            cap: cap.max(1),
         }
     }
 
     /// `client`'s hold at `now`, if one is active.
-    pub(crate) fn remaining(&self, client: &str, now: Instant) -> Option<Cooling> {
+    pub(crate) fn remaining(&self, client: &ClientKey, now: Instant) -> Option<Cooling> {
         let hold = self.holds.get(client)?;
         (hold.until > now).then(|| Cooling {
             left: hold.until - now,
@@ -90,14 +109,17 @@ impl Cooldowns {
     /// applies.
     pub(crate) fn start(
         &self,
-        client: &str,
+        client: &ClientKey,
         by: HeldBy,
         retry_after: Option<Duration>,
         config: &TokenConfig,
         now: Instant,
         unit: f64,
     ) -> Duration {
-        let mut hold = self.holds.entry(Arc::from(client)).or_insert(Hold {
+        if !self.holds.contains_key(client) && self.holds.len() >= self.cap {
+            self.make_room(now);
+        }
+        let mut hold = self.holds.entry(*client).or_insert(Hold {
             until: now,
             failures: 0,
             by,
@@ -114,7 +136,7 @@ impl Cooldowns {
         let left = hold.until - now;
         info!(
             route = %self.route,
-            client = %client_hash(client),
+            client = %client.label(),
             cause = ?by,
             retry_after_s = left.as_secs_f64(),
             failures = hold.failures,
@@ -124,10 +146,30 @@ impl Cooldowns {
     }
 
     /// Clears `client`'s hold after a success.
-    pub(crate) fn clear(&self, client: &str) {
+    pub(crate) fn clear(&self, client: &ClientKey) {
         if let Some((_, hold)) = self.holds.remove(client) {
-            info!(route = %self.route, client = %client_hash(client), failures = hold.failures, "cool-down ended");
+            info!(route = %self.route, client = %client.label(), failures = hold.failures, "cool-down ended");
         }
+    }
+
+    /// A full table: forget the holds that have ended, and if every hold is active, the one that
+    /// ends first (its client's next failure starts a fresh backoff).
+    fn make_room(&self, now: Instant) {
+        self.holds.retain(|_, hold| hold.until > now);
+        if self.holds.len() < self.cap {
+            return;
+        }
+        let first = self.holds.iter().min_by_key(|h| h.until).map(|h| *h.key());
+        if let Some(first) = first {
+            self.holds.remove(&first);
+            warn!(route = %self.route, cap = self.cap, "cool-down table full: the hold ending first was dropped");
+        }
+    }
+
+    /// Number of client ids in the table, active or not.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.holds.len()
     }
 
     /// Drops holds that ended long enough ago that their failure count no longer matters, so the
@@ -137,11 +179,11 @@ impl Cooldowns {
     }
 
     /// Active holds and their seconds left, for the metrics.
-    pub(crate) fn active(&self, now: Instant) -> Vec<(Arc<str>, Duration)> {
+    pub(crate) fn active(&self, now: Instant) -> Vec<(ClientKey, Duration)> {
         self.holds
             .iter()
             .filter(|h| h.until > now)
-            .map(|h| (h.key().clone(), h.until - now))
+            .map(|h| (*h.key(), h.until - now))
             .collect()
     }
 }
@@ -149,6 +191,43 @@ impl Cooldowns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(id: &str) -> ClientKey {
+        ClientKey::of(id)
+    }
+
+    #[test]
+    fn a_client_key_labels_like_the_logs_and_never_holds_the_id() {
+        let id = "x".repeat(8192);
+        assert_eq!(key(&id).label(), crate::telemetry::client_hash(&id));
+        assert_eq!(std::mem::size_of::<ClientKey>(), 32);
+    }
+
+    #[test]
+    fn the_table_never_holds_more_than_its_cap() {
+        let config = TokenConfig::default();
+        let cd = Cooldowns::new("r", 8);
+        let now = Instant::now();
+        for n in 0..100u64 {
+            let wait = Some(Duration::from_secs(10 + n));
+            cd.start(
+                &key(&format!("id-{n}")),
+                HeldBy::Provider,
+                wait,
+                &config,
+                now,
+                0.5,
+            );
+        }
+        assert_eq!(cd.len(), 8);
+        // The newest holds stay (the ones ending first made room), and each is whole.
+        assert!(cd.remaining(&key("id-99"), now).is_some());
+        assert!(cd.remaining(&key("id-0"), now).is_none());
+        // Holds that have ended make room first.
+        let later = now + Duration::from_secs(1000);
+        cd.start(&key("new"), HeldBy::Backoff, None, &config, later, 0.5);
+        assert_eq!(cd.len(), 1);
+    }
 
     #[test]
     fn retry_after_accepts_seconds_and_http_dates() {
@@ -184,11 +263,11 @@ mod tests {
     #[test]
     fn holds_honour_retry_after_cap_and_clear_on_success() {
         let config = TokenConfig::default();
-        let cd = Cooldowns::new("r");
+        let cd = Cooldowns::new("r", 16);
         let now = Instant::now();
-        assert_eq!(cd.remaining("a", now), None);
+        assert_eq!(cd.remaining(&key("a"), now), None);
         let left = cd.start(
-            "a",
+            &key("a"),
             HeldBy::Provider,
             Some(Duration::from_secs(10)),
             &config,
@@ -197,16 +276,16 @@ mod tests {
         );
         assert_eq!(left, Duration::from_secs(10));
         assert_eq!(
-            cd.remaining("a", now + Duration::from_secs(4)),
+            cd.remaining(&key("a"), now + Duration::from_secs(4)),
             Some(Cooling {
                 left: Duration::from_secs(6),
                 by: HeldBy::Provider
             })
         );
-        assert_eq!(cd.remaining("a", now + Duration::from_secs(10)), None);
-        assert_eq!(cd.remaining("b", now), None);
+        assert_eq!(cd.remaining(&key("a"), now + Duration::from_secs(10)), None);
+        assert_eq!(cd.remaining(&key("b"), now), None);
         let capped = cd.start(
-            "a",
+            &key("a"),
             HeldBy::Provider,
             Some(Duration::from_secs(1 << 40)),
             &config,
@@ -214,17 +293,17 @@ mod tests {
             0.5,
         );
         assert_eq!(capped, config.retry_after_max);
-        cd.clear("a");
-        assert_eq!(cd.remaining("a", now), None);
+        cd.clear(&key("a"));
+        assert_eq!(cd.remaining(&key("a"), now), None);
     }
 
     #[test]
     fn a_retry_after_of_zero_backs_off_instead_of_holding_nothing() {
         let config = TokenConfig::default();
-        let cd = Cooldowns::new("r");
+        let cd = Cooldowns::new("r", 16);
         let now = Instant::now();
         let left = cd.start(
-            "a",
+            &key("a"),
             HeldBy::Provider,
             Some(Duration::ZERO),
             &config,
@@ -232,17 +311,17 @@ mod tests {
             1.0,
         );
         assert_eq!(left, config.backoff_base);
-        assert!(cd.remaining("a", now).is_some());
+        assert!(cd.remaining(&key("a"), now).is_some());
     }
 
     #[test]
     fn consecutive_failures_grow_the_backoff_ceiling() {
         let config = TokenConfig::default();
-        let cd = Cooldowns::new("r");
+        let cd = Cooldowns::new("r", 16);
         let now = Instant::now();
-        let first = cd.start("a", HeldBy::Backoff, None, &config, now, 1.0);
+        let first = cd.start(&key("a"), HeldBy::Backoff, None, &config, now, 1.0);
         let later = now + first;
-        let second = cd.start("a", HeldBy::Backoff, None, &config, later, 1.0);
+        let second = cd.start(&key("a"), HeldBy::Backoff, None, &config, later, 1.0);
         assert_eq!(first, config.backoff_base);
         assert_eq!(second, config.backoff_base * 2);
     }

@@ -17,25 +17,51 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::cache::{FlightRx, Landing, Shared};
-use super::cooldown::{self, Cooldowns};
+use super::cache::{FlightRx, Landing, Shared, rejects_credentials};
+use super::cooldown::{self, ClientKey, Cooldowns, Cooling};
 use super::lifetime::{Token, Validated};
-use super::limiter::Limiter;
+use super::limiter::{Limiter, ProbeSlot, Probes};
 use super::request::Grant;
 use crate::config::TokenConfig;
 use crate::error::{Error, HeldBy};
 use crate::metrics::RouteMetrics;
-use crate::telemetry::client_hash;
-use crate::upstream::{Reply, Upstream};
+use crate::upstream::{Reply, Upstream, compact_headers};
 
-/// One upstream call to make: the request as the caller sent it and where its outcome lands.
+/// One upstream call to make: the request as the caller sent it (a compact copy: see
+/// [`Flight::new`]) and where its outcome lands.
 #[derive(Debug)]
 pub(crate) struct Flight {
-    pub landing: Landing,
-    pub grant: Grant,
-    pub client_id: String,
-    pub parts: Parts,
-    pub body: Bytes,
+    landing: Landing,
+    grant: Grant,
+    client: ClientKey,
+    /// A token has landed for this key before (see the cache).
+    proven: bool,
+    parts: Parts,
+    body: Bytes,
+}
+
+impl Flight {
+    /// A flight for a request, keeping only what the upstream call needs, in buffers of its
+    /// own: the caller may hang up, and the flight must not pin its connection's buffers.
+    pub(crate) fn new(
+        landing: Landing,
+        grant: Grant,
+        client_id: &str,
+        proven: bool,
+        parts: &Parts,
+        body: &Bytes,
+    ) -> Flight {
+        let mut parts = head(parts);
+        parts.headers = compact_headers(&parts.headers);
+        Flight {
+            landing,
+            grant,
+            client: ClientKey::of(client_id),
+            proven,
+            parts,
+            body: Bytes::copy_from_slice(body),
+        }
+    }
 }
 
 /// What a flight that reached the provider reports: the metric label, the hold it started, and
@@ -53,6 +79,14 @@ const MAX_ATTEMPTS: usize = 16;
 /// Whole seconds, rounded up: a `Retry-After` is never early.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The refusal for a hold of `left` set by `by`.
+fn refusal(left: Duration, by: HeldBy) -> Error {
+    Error::CoolingDown {
+        retry_after_secs: ceil_secs(left).max(1),
+        by,
+    }
 }
 
 /// A copy of a request head for one attempt: what the provider needs, without the extensions
@@ -85,7 +119,12 @@ pub(crate) struct Flights {
     max_response: usize,
     upstream: Arc<Upstream>,
     limiter: Limiter,
-    cooldowns: Cooldowns,
+    /// Holds armed by calls of keys that have had a token: every key of the client obeys them.
+    holds: Cooldowns,
+    /// Holds armed by calls of keys that never had one: only such keys obey them, so callers
+    /// who guess secrets cannot hold the owner back.
+    probe_holds: Cooldowns,
+    probes: Probes,
     metrics: RouteMetrics,
     /// Flights run here so shutdown can wait for them.
     tracker: TaskTracker,
@@ -111,15 +150,58 @@ impl Flights {
                 config.calls_per_second,
                 config.calls_burst,
             ),
-            cooldowns: Cooldowns::new(route),
+            holds: Cooldowns::new(route, config.max_entries),
+            probe_holds: Cooldowns::new(route, config.max_entries),
+            probes: Probes::new(config.probe_interval, config.max_entries),
             metrics,
             tracker,
         }
     }
 
-    /// The route's cool-downs, which flights start and clear.
-    pub(crate) fn cooldowns(&self) -> &Cooldowns {
-        &self.cooldowns
+    /// The hold a key of `client` obeys at `now`: a proven key only the holds proven keys
+    /// armed, an unproven one the longer of both.
+    pub(crate) fn cooling(
+        &self,
+        client: &ClientKey,
+        proven: bool,
+        now: Instant,
+    ) -> Option<Cooling> {
+        let held = self.holds.remaining(client, now);
+        if proven {
+            return held;
+        }
+        let probed = self.probe_holds.remaining(client, now);
+        match (held, probed) {
+            (Some(a), Some(b)) => Some(if a.left >= b.left { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Forgets holds and pacing that no longer matter.
+    pub(crate) fn sweep(&self, now: Instant) {
+        let forget_after = self.config.backoff_max * 2;
+        self.holds.sweep(now, forget_after);
+        self.probe_holds.sweep(now, forget_after);
+        self.probes.sweep(now);
+    }
+
+    /// Every client on hold and how long, the longer hold where a client has two.
+    pub(crate) fn active_holds(&self, now: Instant) -> Vec<(ClientKey, Duration)> {
+        let mut active: std::collections::HashMap<ClientKey, Duration> =
+            self.holds.active(now).into_iter().collect();
+        for (client, left) in self.probe_holds.active(now) {
+            let longest = active.entry(client).or_default();
+            *longest = (*longest).max(left);
+        }
+        active.into_iter().collect()
+    }
+
+    fn holds_for(&self, proven: bool) -> &Cooldowns {
+        if proven {
+            &self.holds
+        } else {
+            &self.probe_holds
+        }
     }
 
     /// Starts `flight` in its own tracked task.
@@ -135,7 +217,8 @@ impl Flights {
         let Flight {
             landing,
             grant,
-            client_id,
+            client,
+            proven,
             parts,
             body,
         } = flight;
@@ -143,22 +226,35 @@ impl Flights {
         let mut absorbed = Duration::ZERO;
         let mut shared = None;
         for _ in 0..MAX_ATTEMPTS {
-            if let Some(hold) = self.cooldowns.remaining(&client_id, Instant::now()) {
+            if let Some(hold) = self.cooling(&client, proven, Instant::now()) {
                 if self.absorb(hold.left, &mut absorbed, deadline).await {
                     continue;
                 }
-                let error = Error::CoolingDown {
-                    retry_after_secs: ceil_secs(hold.left),
-                    by: hold.by,
-                };
-                shared = Some(Shared::Failed(error));
+                shared = Some(Shared::Failed(refusal(hold.left, hold.by)));
                 break;
             }
-            let (answer, call) = self.attempt(grant, &client_id, &parts, &body).await;
+            let mut slot = None;
+            if !proven {
+                match self.probe(&client, &mut absorbed, deadline).await {
+                    Ok(claimed) => slot = Some(claimed),
+                    Err(wait) => {
+                        shared = Some(Shared::Failed(refusal(wait, HeldBy::OwnLimit)));
+                        break;
+                    }
+                }
+            }
+            let (answer, call) = self.attempt(grant, &client, proven, &parts, &body).await;
             let hold = call.as_ref().and_then(|call| call.hold);
             if let Some(call) = &call {
-                self.log(&client_id, call, landing.waiters());
+                self.log(&client, call, landing.waiters());
             }
+            // Failures and throttling arm holds of their own; the pause is for rejected secrets.
+            let rejected =
+                matches!(&answer, Shared::Reply(reply) if rejects_credentials(reply.status));
+            if let (Some(slot), true) = (slot.as_mut(), rejected) {
+                slot.rejected();
+            }
+            drop(slot);
             shared = Some(answer);
             match hold {
                 Some(hold) if self.absorb(hold, &mut absorbed, deadline).await => continue,
@@ -167,20 +263,41 @@ impl Flights {
         }
         // Every attempt went to waiting out holds that others kept extending: say so.
         let shared = shared.unwrap_or_else(|| {
-            let hold = self.cooldowns.remaining(&client_id, Instant::now());
-            Shared::Failed(Error::CoolingDown {
-                retry_after_secs: hold.map_or(1, |hold| ceil_secs(hold.left).max(1)),
-                by: hold.map_or(HeldBy::Backoff, |hold| hold.by),
-            })
+            let hold = self.cooling(&client, proven, Instant::now());
+            Shared::Failed(refusal(
+                hold.map_or(Duration::from_secs(1), |hold| hold.left),
+                hold.map_or(HeldBy::Backoff, |hold| hold.by),
+            ))
         });
         landing.land(shared, grant, &self.config, Instant::now(), rand::random());
+    }
+
+    /// Claims the client's slot for an unproven call, waiting for it within what is left of
+    /// `absorb_hold` and the callers' deadline; otherwise how long until it may be free.
+    async fn probe(
+        &self,
+        client: &ClientKey,
+        absorbed: &mut Duration,
+        deadline: Instant,
+    ) -> Result<ProbeSlot<'_>, Duration> {
+        loop {
+            let wait = match self.probes.claim(client, Instant::now()) {
+                Ok(slot) => return Ok(slot),
+                Err(wait) => wait.max(Duration::from_millis(1)),
+            };
+            // Each round sleeps at least 1 ms out of a finite `absorb_hold`: bounded.
+            if !self.fits(wait, *absorbed, deadline) {
+                return Err(wait);
+            }
+            tokio::time::sleep(wait).await;
+            *absorbed += wait;
+        }
     }
 
     /// Waits out a hold of `left` if it fits in what is left of `absorb_hold` and ends early
     /// enough for a call to finish before `deadline`; false if it does not.
     async fn absorb(&self, left: Duration, absorbed: &mut Duration, deadline: Instant) -> bool {
-        let fits = *absorbed + left <= self.config.absorb_hold
-            && Instant::now() + left + self.upstream.request_timeout <= deadline;
+        let fits = self.fits(left, *absorbed, deadline);
         if fits {
             self.metrics.hold_absorbed();
             tokio::time::sleep(left).await;
@@ -189,12 +306,20 @@ impl Flights {
         fits
     }
 
+    /// Whether a wait of `left` fits in what is left of `absorb_hold` after `absorbed`, and ends
+    /// early enough for a call to finish before `deadline`.
+    fn fits(&self, left: Duration, absorbed: Duration, deadline: Instant) -> bool {
+        absorbed + left <= self.config.absorb_hold
+            && Instant::now() + left + self.upstream.request_timeout <= deadline
+    }
+
     /// One call through the route's limits: what the callers would get, and what to count and log
     /// (`None` when the limits held the call back and the provider never saw it).
     async fn attempt(
         &self,
         grant: Grant,
-        client_id: &str,
+        client: &ClientKey,
+        proven: bool,
         parts: &Parts,
         body: &Bytes,
     ) -> (Shared, Option<Call>) {
@@ -206,19 +331,13 @@ impl Flights {
             .saturating_sub(self.upstream.request_timeout);
         match self.limiter.admit(max_queue).await {
             Err(held) => {
-                let retry_after_secs = ceil_secs(held.retry_after).max(1);
-                warn!(route = %self.route, retry_after_s = retry_after_secs, "upstream token call held back by the route's limits");
-                let by = HeldBy::OwnLimit;
-                (
-                    Shared::Failed(Error::CoolingDown {
-                        retry_after_secs,
-                        by,
-                    }),
-                    None,
-                )
+                let error = refusal(held.retry_after, HeldBy::OwnLimit);
+                warn!(route = %self.route, retry_after_s = ceil_secs(held.retry_after).max(1), "upstream token call held back by the route's limits");
+                (Shared::Failed(error), None)
             }
             Ok(_permit) => {
-                let (shared, call) = self.call(grant, client_id, head(parts), body.clone()).await;
+                let call = self.call(grant, client, proven, head(parts), body.clone());
+                let (shared, call) = call.await;
                 (shared, Some(call))
             }
         }
@@ -228,7 +347,8 @@ impl Flights {
     async fn call(
         &self,
         grant: Grant,
-        client_id: &str,
+        client: &ClientKey,
+        proven: bool,
         parts: Parts,
         body: Bytes,
     ) -> (Shared, Call) {
@@ -241,12 +361,12 @@ impl Flights {
         let (shared, label, hold) = match answer {
             Ok(reply) => {
                 let label = reply.status.as_u16().to_string();
-                let (shared, hold) = self.classify(grant, reply, client_id, sent, now);
+                let (shared, hold) = self.classify(grant, reply, client, proven, sent, now);
                 (shared, label, hold)
             }
             Err(failure) => {
                 warn!(route = %self.route, upstream = %self.upstream.url, reason = %failure.reason(), "upstream token call failed");
-                let hold = self.start_hold(client_id, HeldBy::Backoff, None, now);
+                let hold = self.start_hold(client, proven, HeldBy::Backoff, None, now);
                 (
                     Shared::Failed(failure.to_error()),
                     failure.label(),
@@ -270,12 +390,13 @@ impl Flights {
         &self,
         grant: Grant,
         reply: Reply,
-        client_id: &str,
+        client: &ClientKey,
+        proven: bool,
         sent: Instant,
         now: Instant,
     ) -> (Shared, Option<Duration>) {
         if reply.status.is_success() {
-            return self.classify_success(grant, reply, client_id, sent, now);
+            return self.classify_success(grant, reply, client, proven, sent, now);
         }
         let hold = match reply.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
@@ -283,10 +404,10 @@ impl Flights {
                     .headers
                     .get(header::RETRY_AFTER)
                     .and_then(|v| cooldown::parse_retry_after(v, SystemTime::now()));
-                Some(self.start_hold(client_id, HeldBy::Provider, given, now))
+                Some(self.start_hold(client, proven, HeldBy::Provider, given, now))
             }
             status if status.is_server_error() => {
-                Some(self.start_hold(client_id, HeldBy::Backoff, None, now))
+                Some(self.start_hold(client, proven, HeldBy::Backoff, None, now))
             }
             _ => None,
         };
@@ -299,7 +420,8 @@ impl Flights {
         &self,
         grant: Grant,
         reply: Reply,
-        client_id: &str,
+        client: &ClientKey,
+        proven: bool,
         sent: Instant,
         now: Instant,
     ) -> (Shared, Option<Duration>) {
@@ -317,47 +439,49 @@ impl Flights {
             rand::random(),
         ) {
             Ok(Validated::Token(mut token)) => {
-                self.cooldowns.clear(client_id);
+                self.clear_holds(client);
                 if grant == Grant::RefreshToken {
                     token.keep_briefly(now + self.config.refresh_token_ttl);
                 }
                 (Shared::Token(Arc::new(token)), None)
             }
             Ok(Validated::Uncacheable) => {
-                self.cooldowns.clear(client_id);
+                self.clear_holds(client);
                 (Shared::Reply(Arc::new(reply)), None)
             }
             Err(why) => {
                 warn!(route = %self.route, why, "upstream token response unusable");
-                let hold = self.start_hold(client_id, HeldBy::Backoff, None, now);
+                let hold = self.start_hold(client, proven, HeldBy::Backoff, None, now);
                 (Shared::Failed(Error::UpstreamInvalid(why)), Some(hold))
             }
         }
     }
 
+    /// A success: the client's credentials work, every hold of it ends.
+    fn clear_holds(&self, client: &ClientKey) {
+        self.holds.clear(client);
+        self.probe_holds.clear(client);
+    }
+
+    /// Starts a hold in the table the key's calls arm (see [`Self::cooling`]).
     fn start_hold(
         &self,
-        client_id: &str,
+        client: &ClientKey,
+        proven: bool,
         by: HeldBy,
         retry_after: Option<Duration>,
         now: Instant,
     ) -> Duration {
-        self.cooldowns.start(
-            client_id,
-            by,
-            retry_after,
-            &self.config,
-            now,
-            rand::random(),
-        )
+        self.holds_for(proven)
+            .start(client, by, retry_after, &self.config, now, rand::random())
     }
 
-    fn log(&self, client_id: &str, call: &Call, waiters: usize) {
+    fn log(&self, client: &ClientKey, call: &Call, waiters: usize) {
         self.metrics
             .upstream_call(&call.label, call.latency.as_secs_f64(), waiters);
         info!(
             route = %self.route,
-            client = %client_hash(client_id),
+            client = %client.label(),
             status = %call.label,
             latency_ms = call.latency.as_millis() as u64,
             retry_after_s = call.hold.map(|d| d.as_secs()),

@@ -1,12 +1,21 @@
 //! Outbound limits of one route's token calls: a cap on calls in progress, and an optional token
 //! bucket so that even many distinct keys never exceed the provider's documented rate. A call the
 //! limiter would hold back longer than callers are willing to wait is refused up front with an
-//! honest `Retry-After` instead of queueing past every caller's deadline.
+//! honest `Retry-After` instead of queueing past every caller's deadline. And [`Probes`]: the
+//! pacing of keys that have never had a token (one call in progress per client id, and one per
+//! `probe_interval` after the provider rejected one), so that callers guessing secrets cannot
+//! spend a client's budget at the provider.
+//!
+//! Queues are bounded by their callers: only flights wait here, and a route has at most
+//! `max_entries` of them (see the cache).
 
+use dashmap::DashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use super::cooldown::ClientKey;
 
 /// A token bucket that lends into the future: each reservation takes one token, and when the
 /// bucket is empty the reservation is given the instant at which its token will exist.
@@ -92,9 +101,140 @@ impl Limiter {
     }
 }
 
+/// One client id's pacing of unproven calls.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    /// An unproven call for this client is in progress.
+    busy: bool,
+    /// No unproven call before this instant.
+    next: Instant,
+}
+
+/// How often a busy probe slot is looked at again by a flight waiting for it.
+pub(crate) const PROBE_POLL: Duration = Duration::from_millis(50);
+
+/// The pacing of unproven calls of one route, by client id, for at most `cap` client ids.
+#[derive(Debug)]
+pub(crate) struct Probes {
+    slots: DashMap<ClientKey, Probe>,
+    interval: Duration,
+    cap: usize,
+}
+
+/// The right to make one unproven call for a client; frees the slot when dropped.
+#[derive(Debug)]
+pub(crate) struct ProbeSlot<'a> {
+    probes: &'a Probes,
+    client: ClientKey,
+    rejected: bool,
+}
+
+impl ProbeSlot<'_> {
+    /// The provider rejected the call's credentials: the client's next unproven call waits
+    /// `probe_interval`.
+    pub(crate) fn rejected(&mut self) {
+        self.rejected = true;
+    }
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        if let Some(mut probe) = self.probes.slots.get_mut(&self.client) {
+            probe.busy = false;
+            if self.rejected {
+                probe.next = now + self.probes.interval;
+            }
+        }
+    }
+}
+
+impl Probes {
+    /// Pacing at one rejected call per `interval`, for at most `cap` client ids at once.
+    pub(crate) fn new(interval: Duration, cap: usize) -> Probes {
+        Probes {
+            slots: DashMap::new(),
+            interval,
+            cap: cap.max(1),
+        }
+    }
+
+    /// Claims the client's slot at `now`, or says how long until it may be free.
+    pub(crate) fn claim(
+        &self,
+        client: &ClientKey,
+        now: Instant,
+    ) -> Result<ProbeSlot<'_>, Duration> {
+        if !self.slots.contains_key(client) && self.slots.len() >= self.cap {
+            self.slots.retain(|_, probe| probe.busy || probe.next > now);
+            if self.slots.len() >= self.cap {
+                return Err(self.interval.max(PROBE_POLL));
+            }
+        }
+        let mut probe = self.slots.entry(*client).or_insert(Probe {
+            busy: false,
+            next: now,
+        });
+        if probe.busy {
+            return Err(PROBE_POLL);
+        }
+        if probe.next > now {
+            return Err(probe.next - now);
+        }
+        probe.busy = true;
+        Ok(ProbeSlot {
+            probes: self,
+            client: *client,
+            rejected: false,
+        })
+    }
+
+    /// Forgets the clients whose pacing no longer matters.
+    pub(crate) fn sweep(&self, now: Instant) {
+        self.slots.retain(|_, probe| probe.busy || probe.next > now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_unproven_call_per_client_and_a_pause_after_a_rejection() {
+        let probes = Probes::new(Duration::from_secs(1), 4);
+        let (a, b) = (ClientKey::of("a"), ClientKey::of("b"));
+        let now = Instant::now();
+        let slot = probes.claim(&a, now).unwrap();
+        assert_eq!(probes.claim(&a, now).unwrap_err(), PROBE_POLL);
+        let other = probes.claim(&b, now).unwrap();
+        drop(other);
+        // Not rejected: the next call may go at once.
+        assert!(probes.claim(&b, now).is_ok());
+        let mut slot = slot;
+        slot.rejected();
+        drop(slot);
+        let wait = probes.claim(&a, Instant::now()).unwrap_err();
+        assert!(wait > Duration::from_millis(900), "{wait:?}");
+        assert!(
+            probes
+                .claim(&a, Instant::now() + Duration::from_secs(1))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_probe_table_is_bounded() {
+        let probes = Probes::new(Duration::from_secs(60), 4);
+        let now = Instant::now();
+        let held: Vec<_> = (0..4)
+            .map(|n| probes.claim(&ClientKey::of(&n.to_string()), now).unwrap())
+            .collect();
+        assert!(probes.claim(&ClientKey::of("new"), now).is_err());
+        drop(held);
+        // Idle, unrejected slots are forgotten to make room.
+        assert!(probes.claim(&ClientKey::of("new"), now).is_ok());
+        assert!(probes.slots.len() <= 4);
+    }
 
     #[test]
     fn the_bucket_allows_a_burst_then_spaces_calls_at_the_rate() {

@@ -42,9 +42,9 @@ use crate::config::{Limits, RouteConfig, TokenConfig};
 use crate::error::{Error, Fault};
 use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
-use crate::telemetry::client_hash;
 use crate::upstream::{Upstream, strip_hop_by_hop};
-use cache::{Cache, Decision, FlightRx, Landing, Shared};
+use cache::{Cache, Decision, FlightRx, Full, Landing, Shared};
+use cooldown::ClientKey;
 use flight::{Flight, Flights, ceil_secs};
 use outcome::OutcomeCounters;
 use request::{KeyContext, Keyer, MediaType, Parsed};
@@ -130,9 +130,7 @@ impl TokenRoute {
         let swept = self.cache.sweep(now, self.config.idle_timeout);
         self.metrics.evicted("idle", swept.idle);
         self.metrics.evicted("expired", swept.expired);
-        self.flights
-            .cooldowns()
-            .sweep(now, self.config.backoff_max * 2);
+        self.flights.sweep(now);
         if swept.idle + swept.expired > 0 {
             debug!(route = %self.name, idle = swept.idle, expired = swept.expired, "cache swept");
         }
@@ -209,22 +207,26 @@ impl TokenRoute {
         };
         let now = Instant::now();
         // A hold short enough to absorb does not stop a flight: the flight waits it out.
-        let cooldowns = self.flights.cooldowns();
-        let cooling = || {
-            cooldowns
-                .remaining(&client_id, now)
+        let client = std::cell::OnceCell::new();
+        let cooling = |proven| {
+            let client = client.get_or_init(|| ClientKey::of(&client_id));
+            self.flights
+                .cooling(client, proven, now)
                 .filter(|hold| hold.left > self.config.absorb_hold)
         };
-        let (decision, evicted) = self.cache.decide(key, now, cooling);
-        self.metrics.evicted("capacity", evicted);
-        // A flight sends the request on as the caller sent it.
-        let flight = |landing| Flight {
-            landing,
-            grant,
-            client_id: client_id.clone().into_owned(),
-            parts,
-            body: body.clone(),
+        let decision = match self.cache.decide(key, now, cooling) {
+            Ok((decision, evicted)) => {
+                self.metrics.evicted("capacity", evicted);
+                decision
+            }
+            Err(Full) => {
+                self.record(Outcome::Full);
+                return Answer::Ready(respond::error(Error::CacheFull, CacheStatus::Full));
+            }
         };
+        // A flight sends the request on as the caller sent it.
+        let flight =
+            |landing, proven| Flight::new(landing, grant, &client_id, proven, &parts, &body);
         self.serve(decision, now, flight)
     }
 
@@ -233,13 +235,13 @@ impl TokenRoute {
         self: &Arc<Self>,
         decision: Decision,
         now: Instant,
-        flight: impl FnOnce(Landing) -> Flight,
+        flight: impl FnOnce(Landing, bool) -> Flight,
     ) -> Answer<'_> {
         match decision {
             Decision::Hit { token, refresh } => {
                 if let Some(landing) = refresh {
                     debug!(route = %self.name, "refresh ahead");
-                    self.flights.launch(flight(landing));
+                    self.flights.launch(flight(landing, true));
                 }
                 self.record(Outcome::Hit);
                 let status = CacheStatus::Hit {
@@ -264,8 +266,9 @@ impl TokenRoute {
                 flight: landing,
                 rx,
                 stale,
+                proven,
             } => {
-                self.flights.launch(flight(landing));
+                self.flights.launch(flight(landing, proven));
                 let role = if stale { Outcome::Stale } else { Outcome::Miss };
                 Answer::Pending(Box::pin(self.wait(rx, role)))
             }
@@ -325,10 +328,9 @@ impl RouteState for TokenRoute {
 
     fn active_cooldowns(&self) -> Vec<(String, Duration)> {
         self.flights
-            .cooldowns()
-            .active(Instant::now())
+            .active_holds(Instant::now())
             .into_iter()
-            .map(|(client, left)| (client_hash(&client), left))
+            .map(|(client, left)| (client.label(), left))
             .collect()
     }
 }

@@ -48,6 +48,8 @@ outcomes! {
     Invalid => "invalid",
     /// The sidecar answered with its own error (upstream unreachable, unusable, wait timeout).
     Error => "error",
+    /// Refused at once: the cache is full of calls in progress and tokens in use (503).
+    Full => "full",
 }
 
 /// One route's counter per [`Outcome`], resolved once so that counting is one atomic add.

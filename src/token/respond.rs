@@ -48,6 +48,8 @@ pub(crate) enum CacheStatus {
     Bypass,
     /// The request was malformed.
     Invalid,
+    /// Refused: the cache had no room for a new key.
+    Full,
     /// Answered by an upstream call; `collapsed` when another request led it.
     Fetched {
         fetch: Fetch,
@@ -65,6 +67,7 @@ impl std::fmt::Display for CacheStatus {
             CacheStatus::Cooldown => f.write_str("detail=cooldown"),
             CacheStatus::Bypass => f.write_str("fwd=bypass"),
             CacheStatus::Invalid => f.write_str("detail=invalid-request"),
+            CacheStatus::Full => f.write_str("detail=cache-full"),
             CacheStatus::Fetched {
                 fetch,
                 fetched,

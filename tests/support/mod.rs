@@ -20,6 +20,11 @@
 pub mod oauth;
 #[allow(
     dead_code,
+    reason = "for the binaries that run the sidecar as a process"
+)]
+pub mod process;
+#[allow(
+    dead_code,
     reason = "each test binary drives a different part; support_selftest none"
 )]
 pub mod sidecar;
@@ -159,6 +164,13 @@ struct Inner {
     /// Registered refresh tokens; `true` once used.
     refresh_tokens: HashMap<String, bool>,
     refresh_delay: Duration,
+    /// Token calls allowed per whole second of the provider's clock (every call counts, rejected
+    /// ones too, as at a real provider); past it, 429 with `Retry-After: 1`. `None`: no limit.
+    rate_limit: Option<usize>,
+    /// The second the count is for, and the count.
+    rate_window: (u64, usize),
+    /// Calls answered 429 by the rate limit.
+    throttled: usize,
     /// Access tokens the API endpoint accepts: every one this provider issued, in a set that
     /// [`FakeProvider::accept_tokens_of`] can share with another provider. One entry per token
     /// issued, so bounded by the calls a test makes.
@@ -244,6 +256,9 @@ impl FakeProvider {
                 clients: Vec::new(),
                 refresh_tokens: HashMap::new(),
                 refresh_delay: Duration::ZERO,
+                rate_limit: None,
+                rate_window: (0, 0),
+                throttled: 0,
                 issued: Arc::default(),
             }),
             shutdown: shutdown_rx,
@@ -329,6 +344,18 @@ impl FakeProvider {
     }
 
     /// Delay applied to every refresh-token call before the token is checked.
+    /// Allows at most `calls` token calls per second, like a throttling provider.
+    #[allow(dead_code, reason = "each test binary scripts different behaviours")]
+    pub fn set_rate_limit(&self, calls: usize) {
+        self.state.lock().rate_limit = Some(calls);
+    }
+
+    /// Token calls the rate limit answered with 429.
+    #[allow(dead_code, reason = "each test binary scripts different behaviours")]
+    pub fn throttled(&self) -> usize {
+        self.state.lock().throttled
+    }
+
     pub fn set_refresh_delay(&self, delay: Duration) {
         self.state.lock().refresh_delay = delay;
     }
@@ -533,6 +560,12 @@ async fn handle_token(state: &State, req: Request<Incoming>) -> Result<Response<
     record(state, &parts, body.clone());
     let form = parse_form(&body);
 
+    if over_rate_limit(state) {
+        let mut resp = oauth_error(StatusCode::TOO_MANY_REQUESTS, "temporarily_unavailable");
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(resp);
+    }
     if !client_ok(state, &parts.headers, &form) {
         let mut resp = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
         resp.headers_mut().insert(
@@ -666,6 +699,26 @@ fn users_me(state: &State, headers: &HeaderMap) -> Response<Body> {
 
 /// Whether the call authenticates as a configured client (always true when none is configured).
 /// HTTP Basic wins over form parameters when both are present.
+/// Counts a call against the rate limit; true if it is over.
+fn over_rate_limit(state: &State) -> bool {
+    let mut inner = state.lock();
+    let Some(limit) = inner.rate_limit else {
+        return false;
+    };
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if inner.rate_window.0 != second {
+        inner.rate_window = (second, 0);
+    }
+    inner.rate_window.1 += 1;
+    let over = inner.rate_window.1 > limit;
+    if over {
+        inner.throttled += 1;
+    }
+    over
+}
+
 fn client_ok(state: &State, headers: &HeaderMap, form: &[(String, String)]) -> bool {
     let clients = state.lock().clients.clone();
     if clients.is_empty() {
