@@ -1,0 +1,292 @@
+//! Attacks from local callers who hold no secret, against the real binary: floods of distinct
+//! keys against a silent and a slow provider (memory and the cache stay bounded, another app's
+//! token is still served), and guessed secrets that try to keep a client's owner from its
+//! tokens. docs/SECURITY.md and docs/RELIABILITY.md cite these tests and their figures.
+mod support;
+
+use futures_util::StreamExt as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use support::process::Running;
+use support::{Behavior, FakeProvider, Fixture, client, post_form};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Requests for distinct keys (a client id each) that hang up after `patience`, with
+/// `padding` bytes of headers each, `total` of them `concurrency` at a time. Returns how many
+/// were answered 503 by the cache.
+async fn flood(url: &str, total: usize, concurrency: usize, patience: Duration) -> usize {
+    let client = client();
+    let padding = "p".repeat(16 * 1024);
+    let full = Arc::new(AtomicUsize::new(0));
+    futures_util::stream::iter(0..total)
+        .map(|n| {
+            let (client, url, padding, full) = (
+                client.clone(),
+                url.to_owned(),
+                padding.clone(),
+                full.clone(),
+            );
+            async move {
+                let form =
+                    format!("grant_type=client_credentials&client_id=flood-{n}&client_secret=x");
+                let request = http::Request::post(url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("x-padding", padding)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(form)))
+                    .unwrap();
+                if let Ok(Ok(response)) =
+                    tokio::time::timeout(patience, client.request(request)).await
+                    && response.status() == 503
+                {
+                    full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<()>()
+        .await;
+    full.load(Ordering::Relaxed)
+}
+
+/// The value of the first sample of `name` in a Prometheus text exposition.
+fn gauge(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("{name} in {metrics}"))
+}
+
+async fn metrics(sidecar: &Running) -> String {
+    let url = format!("http://127.0.0.1:{}/metrics", sidecar.admin);
+    let request = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    support::send(&client(), request).await.text()
+}
+
+/// What one flood did to the sidecar.
+struct Flooded {
+    rss_before: u64,
+    rss_peak: u64,
+    entries_peak: u64,
+    victim_requests: usize,
+    victim_failures: usize,
+    refused_full: usize,
+}
+
+const MAX_ENTRIES: u64 = 500;
+
+/// Floods a sidecar in front of a provider that behaves as `provider` once the victim has its
+/// token, while the victim asks for its token every 20 ms.
+async fn flooded(provider: Behavior) -> Flooded {
+    let idp = FakeProvider::start().await;
+    let dir =
+        std::env::temp_dir().join(format!("ts-abuse-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("flood.toml");
+    std::fs::write(
+        &file,
+        format!("[token]\nmax_entries = {MAX_ENTRIES}\n[client]\nrequest_timeout = \"3s\"\n"),
+    )
+    .unwrap();
+    let sidecar = Running::start_args(&idp.url(), &["--config", file.to_str().unwrap()], &[]);
+    sidecar.wait_ready().await;
+    let token_url = format!("{}/oauth/token", sidecar.url());
+    let victim_form = "grant_type=client_credentials&client_id=victim&client_secret=right";
+    assert_eq!(
+        post_form(&client(), &token_url, victim_form, None)
+            .await
+            .status,
+        200
+    );
+    idp.set_default(provider);
+    let rss_before = sidecar.rss();
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let victim = {
+        let (url, done) = (token_url.clone(), done.clone());
+        tokio::spawn(async move {
+            let (client, mut requests, mut failures) = (client(), 0, 0);
+            let until = Instant::now() + Duration::from_secs(60);
+            while !done.load(Ordering::Relaxed) && Instant::now() < until {
+                let reply = post_form(&client, &url, victim_form, None).await;
+                requests += 1;
+                failures += usize::from(reply.status != 200);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (requests, failures)
+        })
+    };
+    let flooding = tokio::spawn({
+        let url = token_url.clone();
+        async move { flood(&url, 6_000, 200, Duration::from_millis(300)).await }
+    });
+    let (mut rss_peak, mut entries_peak) = (rss_before, 0);
+    for _ in 0..600 {
+        if flooding.is_finished() {
+            break;
+        }
+        rss_peak = rss_peak.max(sidecar.rss());
+        entries_peak = entries_peak.max(gauge(
+            &metrics(&sidecar).await,
+            "token_sidecar_cache_entries{",
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused_full = flooding.await.unwrap();
+    rss_peak = rss_peak.max(sidecar.rss());
+    done.store(true, Ordering::Relaxed);
+    let (victim_requests, victim_failures) = victim.await.unwrap();
+    sidecar.terminate();
+    let _ = sidecar.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    Flooded {
+        rss_before,
+        rss_peak,
+        entries_peak,
+        victim_requests,
+        victim_failures,
+        refused_full,
+    }
+}
+
+fn rand_suffix() -> u32 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) as u32
+}
+
+/// The documented bound on what a flood may add to the process (docs/RELIABILITY.md).
+const FLOOD_RSS_BOUND: u64 = 64 * MIB;
+
+fn assert_bounded(what: &str, f: &Flooded) {
+    eprintln!(
+        "{what}: rss {} -> peak {} MiB, entries peak {}, victim {} requests {} failures, {} refused full",
+        f.rss_before / MIB,
+        f.rss_peak / MIB,
+        f.entries_peak,
+        f.victim_requests,
+        f.victim_failures,
+        f.refused_full
+    );
+    assert!(
+        f.entries_peak <= MAX_ENTRIES,
+        "{what}: {} entries",
+        f.entries_peak
+    );
+    assert!(
+        f.rss_peak - f.rss_before < FLOOD_RSS_BOUND,
+        "{what}: the flood added {} MiB",
+        (f.rss_peak - f.rss_before) / MIB
+    );
+    assert!(f.victim_requests >= 20, "{what}: the victim kept asking");
+    assert_eq!(
+        f.victim_failures, 0,
+        "{what}: another app's cached token is always served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_keys_against_a_silent_provider_stays_bounded() {
+    let f = flooded(Behavior::Hang).await;
+    assert_bounded("silent provider", &f);
+    assert!(
+        f.refused_full > 0,
+        "keys past the bound are refused at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_keys_against_a_slow_provider_stays_bounded() {
+    let f = flooded(Behavior::slow_token(3600, Duration::from_millis(500))).await;
+    assert_bounded("slow provider", &f);
+}
+
+/// The measured attack of the review: a provider allowing 5 calls/s, an owner whose tokens
+/// live 3 s, and 20 wrong secrets a second for the owner's client id. The owner is never
+/// refused and every refresh it needs goes through; the guesses reach the provider about once
+/// a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessed_secrets_cannot_keep_the_owner_from_its_tokens() {
+    let fx = Fixture::start("").await;
+    fx.idp.set_clients(&[("owner", "right")]);
+    fx.idp.set_rate_limit(5);
+    fx.idp.set_default(Behavior::token(3));
+    let owner = "grant_type=client_credentials&client_id=owner&client_secret=right";
+    assert_eq!(fx.post_token(owner).await.status, 200);
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let (url, done) = (fx.sidecar.token_url(), done.clone());
+        tokio::spawn(async move {
+            let client = client();
+            let mut sent = 0usize;
+            let mut guesses = Vec::new();
+            while !done.load(Ordering::Relaxed) && sent < 400 {
+                let form = format!(
+                    "grant_type=client_credentials&client_id=owner&client_secret=guess-{sent}"
+                );
+                let (client, url) = (client.clone(), url.clone());
+                guesses.push(tokio::spawn(async move {
+                    post_form(&client, &url, &form, None).await.status
+                }));
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut statuses = Vec::new();
+            for guess in guesses {
+                statuses.push(guess.await.unwrap());
+            }
+            statuses
+        })
+    };
+    let started = Instant::now();
+    let (mut asked, mut refused) = (0, Vec::new());
+    while started.elapsed() < Duration::from_secs(8) {
+        let reply = fx.post_token(owner).await;
+        asked += 1;
+        if reply.status != 200 {
+            refused.push((reply.status, reply.text()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    let statuses = attacker.await.unwrap();
+    // Guesses still waiting for their turn when the owner stopped are answered by now.
+    let attack = started.elapsed();
+    let guesses_upstream = fx
+        .idp
+        .recorded()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("guess-"))
+        .count();
+    let owner_calls = fx
+        .idp
+        .recorded()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("secret=right"))
+        .count();
+    eprintln!(
+        "owner: {asked} requests, {} refused, {owner_calls} calls; guesses: {} sent, {guesses_upstream} upstream; provider throttled {}",
+        refused.len(),
+        statuses.len(),
+        fx.idp.throttled()
+    );
+    assert!(refused.is_empty(), "the owner was refused: {refused:?}");
+    assert!(
+        owner_calls >= 3,
+        "the owner's refreshes went through: {owner_calls}"
+    );
+    assert!(statuses.len() >= 100, "{} guesses", statuses.len());
+    assert!(statuses.iter().all(|s| *s != 200), "no guess gets a token");
+    // One guess a second reaches the provider, while the attack and its waiting guesses last.
+    let bound = attack.as_secs() as usize + 2;
+    assert!(
+        guesses_upstream <= bound,
+        "{guesses_upstream} guesses reached the provider in {attack:?}"
+    );
+}
