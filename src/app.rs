@@ -210,7 +210,7 @@ impl App {
         let admin_loop = tokio::spawn(server::serve(
             listeners.admin,
             admin_service,
-            limits.clone(),
+            crate::config::Limits::admin(),
             TaskTracker::new(),
             admin_stop.clone(),
         ));

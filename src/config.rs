@@ -77,8 +77,18 @@ pub struct Limits {
     /// A token request whose whole body has not arrived within this time gets 408.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
-    /// Most open client connections per listener; further ones wait in the accept backlog.
+    /// Most open client connections per listener, upgraded tunnels included. At the cap, a new
+    /// connection closes the one idle the longest; with none idle it waits in the accept backlog.
     pub max_connections: usize,
+    /// A connection with no request in progress for this long is closed (HTTP/1.1 keep-alive,
+    /// HTTP/2 after GOAWAY); one that never sends a request goes after `header_read_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -91,6 +101,27 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            idle_timeout: Duration::from_secs(60),
+            max_streams: 32,
+            tunnel_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Limits {
+    /// The admin listener's own limits: probes and scrapes need little, and a flood of the
+    /// route listeners (or of the admin one) must not make `/healthz` hang.
+    pub fn admin() -> Limits {
+        Limits {
+            max_request_body: 1024,
+            max_headers: 64,
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(30),
+            max_streams: 8,
+            ..Limits::default()
         }
     }
 }
@@ -622,6 +653,14 @@ impl Config {
         }
         if limits.body_read_timeout.is_zero() {
             return Err(err("limits.body_read_timeout must be greater than 0"));
+        }
+        if limits.idle_timeout.is_zero() || limits.tunnel_idle_timeout.is_zero() {
+            return Err(err(
+                "limits.idle_timeout and limits.tunnel_idle_timeout must be greater than 0",
+            ));
+        }
+        if limits.max_streams == 0 {
+            return Err(err("limits.max_streams must be greater than 0"));
         }
         Ok(())
     }

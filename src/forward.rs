@@ -8,11 +8,17 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::body::{Body, boxed};
 use crate::metrics::RouteMetrics;
+use crate::server::ConnectionSlot;
+use crate::tunnel;
 use crate::upstream::{Upstream, strip_hop_by_hop};
+
+/// The tunnel idle timeout of a request that came without a connection slot (tests).
+const DEFAULT_TUNNEL_IDLE: Duration = Duration::from_secs(300);
 
 /// Whether a request asks to switch protocols (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
 fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
@@ -50,6 +56,7 @@ impl Forwarder {
     pub(crate) async fn forward(&self, request: Request<Body>) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let slot = parts.extensions.remove::<ConnectionSlot>();
         let upgrade = upgrade_protocol(&parts.headers);
         let mut outbound = self.upstream.outbound(parts, body);
         if let Some(protocol) = &upgrade {
@@ -75,7 +82,7 @@ impl Forwarder {
         if status == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(_), Some(client_upgrade)) = (upgrade, client_upgrade)
         {
-            return self.splice(response, client_upgrade);
+            return self.splice(response, client_upgrade, slot);
         }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -83,22 +90,33 @@ impl Forwarder {
     }
 
     /// Completes an upgrade: answers the caller's `101` and copies bytes both ways until either
-    /// side closes.
+    /// side closes or neither sends a byte for the tunnel idle timeout. The tunnel keeps the
+    /// connection's `slot` under the listener's cap while it lasts.
     fn splice(
         &self,
         mut response: Response<hyper::body::Incoming>,
         client: hyper::upgrade::OnUpgrade,
+        slot: Option<ConnectionSlot>,
     ) -> Response<Body> {
         let upstream = hyper::upgrade::on(&mut response);
         let route = self.route.clone();
+        let idle = slot
+            .as_ref()
+            .map_or(DEFAULT_TUNNEL_IDLE, |slot| slot.tunnel_idle);
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::try_join!(client, upstream) {
                 Ok((client, upstream)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        debug!(route, error = %e, "upgraded connection closed with an error");
+                    let client = TokioIo::new(client);
+                    let upstream = TokioIo::new(upstream);
+                    match tunnel::splice(client, upstream, idle).await {
+                        Ok(tunnel::Ended::Closed) => {}
+                        Ok(tunnel::Ended::Idle) => {
+                            debug!(route, idle_s = idle.as_secs(), "tunnel idle: closed");
+                        }
+                        Err(e) => {
+                            debug!(route, error = %e, "upgraded connection closed with an error");
+                        }
                     }
                 }
                 Err(e) => debug!(route, error = %e, "upgrade did not complete"),

@@ -31,6 +31,7 @@ pub(crate) mod router;
 pub(crate) mod server;
 pub mod telemetry;
 pub mod token;
+pub(crate) mod tunnel;
 pub(crate) mod upstream;
 
 pub use app::{App, Listeners, StartupError};

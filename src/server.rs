@@ -1,23 +1,151 @@
 //! Accept loops and connection settings: HTTP/1.1 and h2c on every listener, header size, count
-//! and read-time limits, a cap on open connections, and graceful draining on shutdown.
+//! and read-time limits, HTTP/2 stream and keep-alive limits, idle timeouts, a cap on open
+//! connections (upgraded tunnels included) that closes the longest-idle connection to make room,
+//! and graceful draining on shutdown.
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::body::BoxError;
 use crate::config::Limits;
+
+/// A connection's place under the listener's cap, carried by each of its requests so that an
+/// upgraded tunnel keeps it after the HTTP connection is done (see the forwarder).
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+    /// How long a tunnel may carry no byte either way.
+    pub(crate) tunnel_idle: Duration,
+}
+
+/// How long a connection told to close (evicted, or idle) may take to finish before it is
+/// dropped.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
+/// One open connection as the listener sees it.
+#[derive(Debug)]
+struct Conn {
+    /// Requests in progress (until their response head is ready).
+    active: AtomicUsize,
+    /// Milliseconds since the listener's epoch when the last request ended, or the connection
+    /// opened.
+    idle_since_ms: AtomicU64,
+    /// Requests served so far.
+    served: AtomicU64,
+    /// Asks the connection to close.
+    close: CancellationToken,
+}
+
+/// The open connections of one listener, for closing the longest-idle one at the cap.
+#[derive(Debug)]
+struct Registry {
+    epoch: Instant,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn add(&self) -> (u64, Arc<Conn>) {
+        let conn = Arc::new(Conn {
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
+            served: AtomicU64::new(0),
+            close: CancellationToken::new(),
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, conn.clone());
+        (id, conn)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the connection idle the longest to close; false if none is idle.
+    fn close_longest_idle(&self) -> bool {
+        let conns = self.lock();
+        let idle = conns
+            .values()
+            .filter(|c| c.active.load(Ordering::Relaxed) == 0 && !c.close.is_cancelled())
+            .min_by_key(|c| c.idle_since_ms.load(Ordering::Relaxed));
+        match idle {
+            Some(conn) => {
+                conn.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Counts a request as in progress on its connection until dropped.
+struct InProgress {
+    conn: Arc<Conn>,
+    registry: Arc<Registry>,
+}
+
+impl InProgress {
+    fn start(conn: &Arc<Conn>, registry: &Arc<Registry>) -> InProgress {
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        conn.served.fetch_add(1, Ordering::Relaxed);
+        InProgress {
+            conn: conn.clone(),
+            registry: registry.clone(),
+        }
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.conn
+            .idle_since_ms
+            .store(self.registry.now_ms(), Ordering::Relaxed);
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(limits.max_streams)
+        .max_pending_accept_reset_streams(Some(limits.max_streams as usize))
+        // Dead peers are found by ping; live idle ones by the idle timeout.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
 
 /// Serves `listener` with `service` until `stop` fires. Connections run on `connections`, so the
 /// caller can wait for them to drain; when `stop` fires each one finishes the request in progress
@@ -38,25 +166,14 @@ pub(crate) async fn serve<S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(builder(&limits));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let registry = Arc::new(Registry {
+        epoch: Instant::now(),
+        conns: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+    });
     loop {
-        // Past the connection cap, stop accepting: new connections wait in the kernel backlog.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = stop.cancelled() => break,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
@@ -64,33 +181,171 @@ pub(crate) async fn serve<S, B>(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
+                // Out of file descriptors and the like: make room, and back off instead of
+                // spinning.
                 warn!(error = %e, "accept failed");
+                registry.close_longest_idle();
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // Past the cap, the accepted connection waits (and the ones after it in the kernel
+        // backlog) until the longest-idle connection has closed or another has ended.
+        let Some(permit) = slot(&slots, &registry, &stop).await else {
+            break;
+        };
         let _ = stream.set_nodelay(true);
-        let builder = builder.clone();
-        let service = TowerToHyperService::new(service.clone());
-        // A child token per connection: each polls its own signal, not one shared by every
-        // connection of the process.
-        let drain = stop.child_token();
+        let slot = ConnectionSlot {
+            _permit: Arc::new(permit),
+            tunnel_idle: limits.tunnel_idle_timeout,
+        };
+        let (id, conn) = registry.add();
+        let task = connection(ConnectionTask {
+            builder: builder.clone(),
+            io: TokioIo::new(stream),
+            service: service.clone(),
+            slot,
+            conn,
+            registry: registry.clone(),
+            limits: limits.clone(),
+            // A child token per connection: each polls its own signal, not one shared by every
+            // connection of the process.
+            drain: stop.child_token(),
+        });
+        let registry = registry.clone();
         connections.spawn(async move {
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let mut connection = pin!(connection);
-            let served = tokio::select! {
-                biased;
-                served = connection.as_mut() => served,
-                () = drain.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = served {
+            if let Err(e) = task.await {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(permit);
+            registry.remove(id);
         });
+    }
+}
+
+/// A place under the cap: at once if there is one; otherwise after closing the longest-idle
+/// connection, or once a connection ends. `None` when `stop` fires first.
+async fn slot(
+    slots: &Arc<Semaphore>,
+    registry: &Registry,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    if registry.close_longest_idle() {
+        debug!("connection cap reached: closing the longest-idle connection");
+    }
+    tokio::select! {
+        permit = slots.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+        () = stop.cancelled() => None,
+    }
+}
+
+/// Everything one connection's task owns.
+struct ConnectionTask<S> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: TokioIo<tokio::net::TcpStream>,
+    service: S,
+    slot: ConnectionSlot,
+    conn: Arc<Conn>,
+    registry: Arc<Registry>,
+    limits: Limits,
+    drain: CancellationToken,
+}
+
+/// Serves one connection until it ends, closing it when it has been idle too long, when the
+/// listener needs its place, or when the listener drains.
+async fn connection<S, B>(task: ConnectionTask<S>) -> Result<(), BoxError>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let ConnectionTask {
+        builder,
+        io,
+        service,
+        slot,
+        conn,
+        registry,
+        limits,
+        drain,
+    } = task;
+    let service = {
+        let (conn, registry) = (conn.clone(), registry.clone());
+        tower::service_fn(move |mut request: Request<Incoming>| {
+            let in_progress = InProgress::start(&conn, &registry);
+            request.extensions_mut().insert(slot.clone());
+            let mut service = service.clone();
+            async move {
+                let response = tower::Service::call(&mut service, request).await;
+                // In progress until the body is done: a streaming answer is not idle.
+                response.map(|response| {
+                    response.map(|body| {
+                        http_body_util::BodyExt::map_frame(body, move |frame| {
+                            let _in_progress = &in_progress;
+                            frame
+                        })
+                    })
+                })
+            }
+        })
+    };
+    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+    let mut connection = pin!(connection);
+    let mut closing: Option<Instant> = None;
+    loop {
+        let idle_limit = if conn.served.load(Ordering::Relaxed) == 0 {
+            limits.header_read_timeout
+        } else {
+            limits.idle_timeout
+        };
+        let check_at = match closing {
+            Some(at) => at + CLOSE_BOUND,
+            None if conn.active.load(Ordering::Relaxed) > 0 => Instant::now() + idle_limit,
+            None => {
+                registry.epoch
+                    + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed))
+                    + idle_limit
+            }
+        };
+        tokio::select! {
+            biased;
+            served = connection.as_mut() => return served,
+            () = drain.cancelled(), if closing.is_none() => {
+                // The app's shutdown grace bounds this one.
+                connection.as_mut().graceful_shutdown();
+                return connection.await;
+            }
+            () = conn.close.cancelled(), if closing.is_none() => {
+                if conn.served.load(Ordering::Relaxed) == 0 {
+                    return Ok(());
+                }
+                connection.as_mut().graceful_shutdown();
+                closing = Some(Instant::now());
+            }
+            () = tokio::time::sleep_until(check_at) => {
+                if closing.is_some() {
+                    // Told to close and still not done: drop it.
+                    return Ok(());
+                }
+                let idle = conn.active.load(Ordering::Relaxed) == 0;
+                let since = registry.epoch
+                    + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
+                if idle && since + idle_limit <= Instant::now() {
+                    if conn.served.load(Ordering::Relaxed) == 0 {
+                        // Never sent a request: nothing to finish.
+                        return Ok(());
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                }
+            }
+        }
     }
 }

@@ -519,12 +519,22 @@ async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
 }
 
 #[tokio::test]
-async fn connections_past_the_cap_wait_until_one_closes() {
+async fn connections_past_the_cap_wait_while_every_one_is_busy() {
+    // Idle connections make room for new ones (tests/connections.rs); busy ones do not.
     let fx = Fixture::start("[limits]\nmax_connections = 2\n").await;
+    fx.idp
+        .set_default(Behavior::slow_token(3600, Duration::from_millis(1500)));
     let addr = fx.sidecar.addr;
-    let hold_a = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let hold_b = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let busy = |n: usize| {
+        let form = format!("grant_type=client_credentials&client_id=busy-{n}&client_secret=s");
+        let request = format!(
+            "POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{form}",
+            form.len()
+        );
+        tokio::spawn(async move { raw_exchange(addr, request.as_bytes()).await })
+    };
+    let (a, b) = (busy(1), busy(2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let third = tokio::spawn(async move {
         raw_exchange(
             addr,
@@ -532,16 +542,17 @@ async fn connections_past_the_cap_wait_until_one_closes() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         !third.is_finished(),
-        "a third connection is not served while two are open"
+        "a third connection is not served while two are busy"
     );
-    drop(hold_a);
     let answer = tokio::time::timeout(Duration::from_secs(5), third)
         .await
         .unwrap()
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    drop(hold_b);
+    for held in [a, b] {
+        assert!(held.await.unwrap().starts_with("HTTP/1.1 200"));
+    }
 }
