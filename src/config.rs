@@ -704,6 +704,11 @@ impl TokenConfig {
                 return Err(err(format!("{at}.{key} must be greater than 0")));
             }
         }
+        if self.max_lifetime < Duration::from_secs(3) {
+            return Err(err(format!(
+                "{at}.max_lifetime must be at least 3s: a token is counted a second short and served while a whole second is left"
+            )));
+        }
         if self.backoff_base > self.backoff_max {
             return Err(err(format!(
                 "{at}.backoff_base must not exceed backoff_max"

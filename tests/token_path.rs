@@ -368,9 +368,10 @@ async fn served_expires_in_counts_down_and_other_fields_are_kept() {
 #[tokio::test]
 async fn a_token_past_its_safety_margin_is_fetched_again() {
     let fx = Fixture::start("").await;
-    // Lifetime 3 s: margin min(30 s, 10 %) = 0.3 s, so it is served until 2.7 s; refresh ahead
-    // would start at 2.25..2.4 s, so no request is sent in that window.
-    fx.idp.set_default(Behavior::token(3));
+    // Lifetime 5 s, counted a second short (4 s): served while a whole second is left, until
+    // 3 s (the 0.5 s margin is smaller); refresh ahead would be due later than that, so it is
+    // not started.
+    fx.idp.set_default(Behavior::token(5));
     let form = cc("app", "s3cret");
 
     let first = fx.post_token(&form).await;
@@ -384,7 +385,7 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
     assert!(cache_status(&hit).contains("hit"));
     assert_eq!(fx.idp.token_calls(), 1);
 
-    sleep_until(t0 + Duration::from_millis(2900)).await;
+    sleep_until(t0 + Duration::from_millis(3200)).await;
     let stale = fx.post_token(&form).await;
     let new = access_token(&stale);
     assert_ne!(
@@ -393,7 +394,7 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
     );
     let status = cache_status(&stale);
     assert!(status.contains("fwd=stale"), "{status}");
-    assert!(expires_in(&stale) <= 3);
+    assert!(expires_in(&stale) <= 4);
     assert_eq!(fx.idp.token_calls(), 2);
     fx.sidecar.stop().await.unwrap();
 }
@@ -404,18 +405,18 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_ahead_serves_the_old_token_at_once_and_fetches_the_new_one_in_the_background() {
-    let fx = Fixture::start("").await;
+    let fx = Fixture::start("[token]\nrefresh_at = 0.5\n").await;
     let delay = Duration::from_millis(500);
-    // Lifetime 4 s, counted from when the first request left (t0): refresh due at 3.0..3.2 s,
-    // served until 3.6 s.
-    fx.idp.set_default(Behavior::slow_token(4, delay));
+    // Lifetime 6 s, counted from when the first request left (t0) and a second short: refresh
+    // due at 2.7..3.0 s, served until 4.0 s.
+    fx.idp.set_default(Behavior::slow_token(6, delay));
     let form = cc("app", "s3cret");
 
     let t0 = Instant::now();
     let first = fx.post_token(&form).await;
     let old = access_token(&first);
 
-    sleep_until(t0 + Duration::from_millis(3220)).await;
+    sleep_until(t0 + Duration::from_millis(3020)).await;
     let started = Instant::now();
     let trigger = fx.post_token(&form).await;
     let latency = started.elapsed();
@@ -657,9 +658,10 @@ async fn retry_after_http_date_holds_until_that_date() {
 
 #[tokio::test]
 async fn a_throttled_refresh_keeps_serving_the_cached_token() {
-    // Refresh due at 1.8..2.0 s, served until 3.6 s: a wide window to observe.
+    // Lifetime 6 s, counted a second short: refresh due at 2.7..3.0 s, served until 4.0 s
+    // (while a whole second is left): a wide window to observe.
     let fx = Fixture::start("[token]\nrefresh_at = 0.5\n").await;
-    fx.idp.set_default(Behavior::token(4));
+    fx.idp.set_default(Behavior::token(6));
     let form = cc("app", "s3cret");
 
     let first = fx.post_token(&form).await;
@@ -667,14 +669,14 @@ async fn a_throttled_refresh_keeps_serving_the_cached_token() {
     let token = access_token(&first);
     fx.idp.set_default(Behavior::status(429, Some("30")));
 
-    sleep_until(t0 + Duration::from_millis(2050)).await;
+    sleep_until(t0 + Duration::from_millis(3050)).await;
     let trigger = fx.post_token(&form).await;
     assert_eq!(access_token(&trigger), token);
     wait_for_calls(&fx.idp, 2).await;
 
     let mut served = 0;
     for _ in 0..30 {
-        if Instant::now() >= t0 + Duration::from_millis(3300) {
+        if Instant::now() >= t0 + Duration::from_millis(3800) {
             break;
         }
         let reply = fx.post_token(&form).await;

@@ -75,7 +75,8 @@ impl Token {
         };
         let seconds = parse_expires_in(object[position].1.get()).ok_or("bad expires_in")?;
         let lifetime = Duration::from_secs(seconds).min(config.max_lifetime);
-        if lifetime < Duration::from_secs(1) {
+        // Too short to serve with a whole second left: passed on as the provider said it.
+        if lifetime <= Duration::from_secs(2) {
             return Ok(Validated::Uncacheable);
         }
 
@@ -83,6 +84,12 @@ impl Token {
         let margin = config
             .safety_margin_max
             .min(lifetime.mul_f64(config.safety_margin_ratio));
+        // A provider's expiry is whole seconds from its own issue time, which may be up to a
+        // second before `now` (the send) in our clock: the token is counted as expiring a second
+        // early, so the `expires_in` served is never more than it has left, and it is served
+        // only while at least a whole second is left, so that figure is never 0.
+        let expires_at = now + lifetime - Duration::from_secs(1);
+        let serve_until = (now + (lifetime - margin)).min(expires_at - Duration::from_secs(1));
         let share = (config.refresh_at - config.refresh_jitter * jitter.clamp(0.0, 1.0)).max(0.0);
         Ok(Validated::Token(Token {
             prefix,
@@ -90,9 +97,9 @@ impl Token {
             // A copy, so the token does not pin the buffer the header was parsed from.
             content_type: HeaderValue::from_bytes(content_type.as_bytes()).unwrap_or(content_type),
             fingerprint: Sha256::digest(access_token.as_bytes()).into(),
-            expires_at: now + lifetime,
-            serve_until: now + (lifetime - margin),
-            refresh_at: Some(now + lifetime.mul_f64(share)),
+            expires_at,
+            serve_until,
+            refresh_at: Some((now + lifetime.mul_f64(share)).min(serve_until)),
         }))
     }
 
@@ -258,14 +265,15 @@ mod tests {
         let body = r#"{"access_token":"abc","token_type":"bearer","expires_in":3600,"scope":"a b","n":1.50}"#;
         let t = token(body, now);
         let out: serde_json::Value = serde_json::from_slice(&render(&t, now)).unwrap();
-        assert_eq!(out["expires_in"], 3600);
+        // One second less than the provider said (see `from_upstream`).
+        assert_eq!(out["expires_in"], 3599);
         assert_eq!(out["access_token"], "abc");
         assert_eq!(out["scope"], "a b");
         let later = render(&t, now + Duration::from_millis(100_500));
         let text = std::str::from_utf8(&later).unwrap();
         assert_eq!(
             text,
-            r#"{"access_token":"abc","token_type":"bearer","expires_in":3499,"scope":"a b","n":1.50}"#
+            r#"{"access_token":"abc","token_type":"bearer","expires_in":3498,"scope":"a b","n":1.50}"#
         );
     }
 
@@ -279,7 +287,7 @@ mod tests {
         ] {
             let out: serde_json::Value =
                 serde_json::from_slice(&render(&token(body, now), now)).unwrap();
-            assert_eq!(out["expires_in"], 60, "{body}");
+            assert_eq!(out["expires_in"], 59, "{body}");
             assert_eq!(out["access_token"], "a");
         }
     }
@@ -352,7 +360,15 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(years.expires_at, now + config().max_lifetime);
+        assert_eq!(
+            years.expires_at,
+            now + config().max_lifetime - Duration::from_secs(1)
+        );
+        // Too short to serve with a whole second left: passed on untouched.
+        for short in [1, 2] {
+            let body = format!(r#"{{"access_token":"a","expires_in":{short}}}"#);
+            assert!(matches!(parse(&body), Ok(Validated::Uncacheable)), "{body}");
+        }
     }
 
     #[test]
@@ -367,7 +383,7 @@ mod tests {
         short.keep_briefly(now + Duration::from_secs(30));
         assert_eq!(
             short.serve_until,
-            now + Duration::from_secs(9),
+            now + Duration::from_secs(8),
             "never later than before"
         );
     }
@@ -376,7 +392,13 @@ mod tests {
     fn remaining_never_exceeds_what_is_left() {
         let now = Instant::now();
         let t = token(r#"{"access_token":"a","expires_in":10}"#, now);
-        assert_eq!(t.remaining_secs(now + Duration::from_millis(1)), 9);
+        // The provider's clock may have started up to a second before ours (whole-second `exp`).
+        assert_eq!(t.remaining_secs(now + Duration::from_millis(1)), 8);
         assert_eq!(t.remaining_secs(now + Duration::from_secs(20)), 0);
+        // Served only while a whole second is left.
+        let short = token(r#"{"access_token":"a","expires_in":3}"#, now);
+        let last = short.serve_until - Duration::from_millis(1);
+        assert!(short.servable(last));
+        assert!(short.remaining_secs(last) >= 1);
     }
 }
