@@ -42,6 +42,17 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     date.duration_since(now).ok().filter(|d| !d.is_zero())
 }
 
+/// The provider's clock when it answered: its `Date` header if it has a usable one, else ours. A
+/// `Retry-After` date is read against it, so a skewed clock on either side does not stretch or
+/// cut the hold (RFC 9110 §10.2.3 counts from the response's own date).
+pub(crate) fn provider_clock(headers: &http::HeaderMap) -> SystemTime {
+    headers
+        .get(http::header::DATE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| httpdate::parse_http_date(text).ok())
+        .unwrap_or_else(SystemTime::now)
+}
+
 /// Full-jitter exponential backoff: uniform in `[0, min(cap, base * 2^failures))`, never zero so
 /// that a retry is at least a millisecond away.
 pub fn backoff(failures: u32, base: Duration, cap: Duration, unit: f64) -> Duration {
@@ -246,6 +257,26 @@ mod tests {
             parse("99999999999999999999999"),
             Some(Duration::from_secs(u64::MAX))
         );
+    }
+
+    #[test]
+    fn a_retry_after_date_is_read_against_the_providers_date() {
+        // The provider's clock is an hour behind ours: its date says 90 s, not 90 s - 1 h.
+        let provider_now = SystemTime::now() - Duration::from_secs(3600);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::DATE,
+            HeaderValue::from_str(&httpdate::fmt_http_date(provider_now)).unwrap(),
+        );
+        let clock = provider_clock(&headers);
+        let date = httpdate::fmt_http_date(provider_now + Duration::from_secs(90));
+        let wait = parse_retry_after(&HeaderValue::from_str(&date).unwrap(), clock);
+        assert_eq!(wait, Some(Duration::from_secs(90)));
+        // No usable Date: our clock.
+        headers.insert(http::header::DATE, HeaderValue::from_static("yesterday"));
+        let ours = provider_clock(&headers);
+        let skew = ours.duration_since(SystemTime::now()).unwrap_or_default();
+        assert!(skew < Duration::from_secs(1));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use http::StatusCode;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -400,10 +400,9 @@ impl Flights {
         }
         let hold = match reply.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                let given = reply
-                    .headers
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| cooldown::parse_retry_after(v, SystemTime::now()));
+                let given = reply.headers.get(header::RETRY_AFTER).and_then(|v| {
+                    cooldown::parse_retry_after(v, cooldown::provider_clock(&reply.headers))
+                });
                 Some(self.start_hold(client, proven, HeldBy::Provider, given, now))
             }
             status if status.is_server_error() => {

@@ -216,11 +216,21 @@ pub fn parse<'a>(
         }
     }
 
+    // RFC 6749 §3.2: no parameter twice. Only the grants the sidecar keys must obey it here (a
+    // key must mean one thing); other grants go to the provider as they came (RFC 8707 repeats
+    // `resource`). A repeated grant_type is never keyed nor guessed at.
+    let repeated = repeated_name(&params);
+    if let Some(name) = repeated.filter(|n| *n == "grant_type") {
+        return Err(Error::DuplicateParameter(name.to_owned()));
+    }
     let grant = match grant_type {
         Some("client_credentials") => Grant::ClientCredentials,
         Some("refresh_token") if refresh_token.is_some() => Grant::RefreshToken,
         _ => return Ok(Parsed::PassThrough),
     };
+    if let Some(name) = repeated {
+        return Err(Error::DuplicateParameter(name.to_owned()));
+    }
     if has_assertion {
         return Ok(Parsed::PassThrough);
     }
@@ -379,7 +389,7 @@ fn malformed_form() -> Error {
     Error::InvalidRequest("malformed form body")
 }
 
-/// Adds one decoded parameter, refusing an empty name and a repeated one.
+/// Adds one decoded parameter, refusing an empty name.
 fn push_param<'a>(
     params: &mut Form<'a>,
     name: Cow<'a, str>,
@@ -388,11 +398,17 @@ fn push_param<'a>(
     if name.is_empty() {
         return Err(malformed_form());
     }
-    if params.iter().any(|(n, _)| *n == name) {
-        return Err(Error::DuplicateParameter(name.into_owned()));
-    }
     params.push((name, value));
     Ok(())
+}
+
+/// The first parameter name that appears more than once, if any.
+fn repeated_name<'f>(params: &'f Form<'_>) -> Option<&'f str> {
+    params
+        .iter()
+        .enumerate()
+        .find(|(i, (name, _))| params[..*i].iter().any(|(n, _)| n == name))
+        .map(|(_, (name, _))| name.as_ref())
 }
 
 /// One form component: `+` is a space, `%XX` a byte, and the result must be UTF-8.
@@ -710,6 +726,26 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_parameter_is_refused_only_where_the_sidecar_keys() {
+        fn parsed(body: &str) -> Result<Parsed<'_>, Error> {
+            parse(&k(), &at("r"), None, body.as_bytes())
+        }
+        // RFC 8707 repeats `resource` on grants the sidecar only forwards.
+        assert!(matches!(
+            parsed("grant_type=authorization_code&code=c&resource=a&resource=b"),
+            Ok(Parsed::PassThrough)
+        ));
+        assert!(matches!(
+            parsed("grant_type=client_credentials&client_id=a&client_secret=s&resource=a&resource=b"),
+            Err(Error::DuplicateParameter(p)) if p == "resource"
+        ));
+        assert!(matches!(
+            parsed("grant_type=authorization_code&grant_type=client_credentials&client_id=a&client_secret=s"),
+            Err(Error::DuplicateParameter(p)) if p == "grant_type"
+        ));
+    }
+
+    #[test]
     fn malformed_input_is_rejected_with_a_named_problem() {
         let bad = |auth: Option<&str>, body: &str| {
             parse(&k(), &at("r"), auth.map(str::as_bytes), body.as_bytes()).unwrap_err()
@@ -755,7 +791,7 @@ mod tests {
             &k(),
             &at("r"),
             None,
-            b"client_secret=hunter2&client_secret=hunter2",
+            b"grant_type=client_credentials&client_id=a&client_secret=hunter2&client_secret=hunter2",
         )
         .unwrap_err();
         assert!(!format!("{err:?} {err}").contains("hunter2"));
