@@ -4,6 +4,7 @@
 //! its token paths go to its token cache and every other request is forwarded. The tower stack
 //! around it turns a panic into a 500 instead of a dropped connection.
 
+use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -63,6 +64,22 @@ fn stripped_uri(uri: &Uri, prefix: &str) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
+/// HTTP/2 callers name the host in `:authority`, not `Host`; as an HTTP/1.1 hop must (RFC 9113
+/// §8.3.1), it becomes the `Host` header, so `preserve_host` and the key see h2 and HTTP/1.1
+/// callers alike.
+fn host_from_authority<B>(request: &mut Request<B>) {
+    if request.headers().contains_key(header::HOST) {
+        return;
+    }
+    let host = request
+        .uri()
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
+    if let Some(host) = host {
+        request.headers_mut().insert(header::HOST, host);
+    }
+}
+
 impl tower::Service<Request<Incoming>> for Dispatch {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -73,6 +90,7 @@ impl tower::Service<Request<Incoming>> for Dispatch {
     }
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        host_from_authority(&mut request);
         let routes = self.0.clone();
         let path = request.uri().path();
         // Sorted longest prefix first, so the first that covers the path is the longest.
@@ -112,6 +130,22 @@ pub(crate) fn listener_service(mut routes: Vec<Route>) -> ListenerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_http2_authority_becomes_the_host_header() {
+        let mut h2 = Request::get("http://tenant-a.example/oauth/token")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        host_from_authority(&mut h2);
+        assert_eq!(h2.headers()[header::HOST], "tenant-a.example");
+        let mut h1 = Request::get("http://ignored/x")
+            .header(header::HOST, "given")
+            .body(())
+            .unwrap();
+        host_from_authority(&mut h1);
+        assert_eq!(h1.headers()[header::HOST], "given");
+    }
 
     #[test]
     fn prefixes_match_on_segment_boundaries() {

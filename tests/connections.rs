@@ -234,3 +234,32 @@ async fn tunnels_count_against_the_cap_and_close_when_idle() {
 fn tungstenite_text(i: usize) -> tokio_tungstenite::tungstenite::Message {
     tokio_tungstenite::tungstenite::Message::text(format!("ping {i}"))
 }
+
+#[tokio::test]
+async fn http2_callers_keep_their_host_with_preserve_host() {
+    let fx = Fixture::start("preserve_host = true\n").await;
+    let stream = TcpStream::connect(fx.sidecar.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let driver = tokio::spawn(connection);
+    for tenant in ["tenant-a.example", "tenant-b.example", "tenant-a.example"] {
+        let request = Request::post(format!("http://{tenant}/oauth/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(FORM)))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let _ = response.into_body().collect().await;
+    }
+    let hosts: Vec<String> = fx
+        .idp
+        .recorded()
+        .iter()
+        .map(|r| r.headers[http::header::HOST].to_str().unwrap().to_owned())
+        .collect();
+    // Each tenant is its own key, and the provider sees each tenant's host.
+    assert_eq!(hosts, ["tenant-a.example", "tenant-b.example"]);
+    driver.abort();
+}
