@@ -64,6 +64,11 @@ async fn silent_connections_do_not_lock_out_callers_of_either_listener() {
     assert_eq!(token.status, 200, "{}", token.text());
     let health = get(&format!("{}/healthz", fx.sidecar.admin_url)).await;
     assert_eq!(health.status, 200);
+    eprintln!(
+        "behind {} silent connections: token and /healthz answered in {:?}",
+        held.len(),
+        started.elapsed()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "answered after {:?} behind {} silent connections",
