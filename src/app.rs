@@ -106,6 +106,9 @@ pub struct App {
     metrics: Arc<Metrics>,
     /// Upstream flights run here so shutdown can wait for them.
     flights: TaskTracker,
+    /// Fires when the shutdown grace is over: callers still waiting get an answer, then the
+    /// listeners close.
+    closed: CancellationToken,
 }
 
 impl App {
@@ -114,6 +117,7 @@ impl App {
     pub fn build(config: &Config) -> Result<App, StartupError> {
         let mut metrics = Metrics::new();
         let flights = TaskTracker::new();
+        let closed = CancellationToken::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let route_metrics = metrics.route(&route.name);
@@ -130,6 +134,7 @@ impl App {
                 forwarder.clone(),
                 route_metrics,
                 flights.clone(),
+                closed.clone(),
             ));
             let sweep_every = (route.token.idle_timeout / 4)
                 .clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -153,12 +158,13 @@ impl App {
             routes,
             metrics: Arc::new(metrics),
             flights,
+            closed,
         })
     }
 
     /// Serves on already-bound listeners until `shutdown` completes, then drains: readiness turns
-    /// 503, listeners stop accepting, and in-flight requests and upstream calls get up to the
-    /// grace period to finish.
+    /// 503, listeners drain (see [`server::serve`]), and in-flight requests and upstream calls
+    /// get up to the grace period to finish. Callers still waiting for a flight then get 503.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let addresses = self.config.listeners();
         assert_eq!(
@@ -172,6 +178,7 @@ impl App {
             metrics: self.metrics.clone(),
         });
         let stop = CancellationToken::new();
+        let closed = self.closed.clone();
         let connections = TaskTracker::new();
         let mut accept_loops = Vec::new();
         for (address, listener) in addresses.into_iter().zip(listeners.routes) {
@@ -198,6 +205,7 @@ impl App {
                 limits.clone(),
                 connections.clone(),
                 stop.clone(),
+                closed.clone(),
             )));
         }
 
@@ -213,6 +221,7 @@ impl App {
             crate::config::Limits::admin(),
             TaskTracker::new(),
             admin_stop.clone(),
+            admin_stop.clone(),
         ));
         admin_state.ready.store(true, Ordering::Release);
 
@@ -220,19 +229,26 @@ impl App {
         admin_state.ready.store(false, Ordering::Release);
         let grace = self.config.shutdown_grace;
         info!(grace_s = grace.as_secs_f64(), "shutdown: draining");
+        let grace_over = tokio::time::Instant::now() + grace;
         stop.cancel();
-        for accept_loop in accept_loops {
-            let _ = accept_loop.await;
-        }
-        // The accept loops have ended: no connection starts from here on. Requests still running on
-        // draining connections may start flights, so the connections are awaited before the flights.
-        connections.close();
-        self.flights.close();
-        let drained = tokio::time::timeout(grace, async {
+        // Listeners keep accepting while they drain, until quiet or the grace is over.
+        let drained = tokio::time::timeout_at(grace_over, async {
+            for accept_loop in &mut accept_loops {
+                let _ = accept_loop.await;
+            }
+            // No connection starts from here on. Requests still running on draining connections
+            // may start flights, so the connections are awaited before the flights.
+            connections.close();
+            self.flights.close();
             connections.wait().await;
             self.flights.wait().await;
         })
         .await;
+        closed.cancel();
+        if drained.is_err() {
+            // Let the callers told "shutting down" get their answer written.
+            let _ = tokio::time::timeout(Duration::from_millis(200), connections.wait()).await;
+        }
         match drained {
             Ok(()) => info!("shutdown: drained"),
             Err(_) => warn!("shutdown: grace period over with requests still in flight"),

@@ -75,6 +75,8 @@ pub enum Error {
     // Ours.
     /// The route's cache is full of calls in progress and tokens in use: a new key must wait.
     CacheFull,
+    /// The shutdown grace ended while the caller was waiting.
+    ShuttingDown,
     /// A bug: a task died or an invariant broke.
     Internal,
 }
@@ -92,7 +94,7 @@ impl Error {
             Error::CoolingDown { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamUnavailable | Error::UpstreamInvalid(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamTimeout | Error::WaitTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Error::CacheFull => StatusCode::SERVICE_UNAVAILABLE,
+            Error::CacheFull | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,7 +113,8 @@ impl Error {
             | Error::UpstreamUnavailable
             | Error::UpstreamTimeout
             | Error::WaitTimeout
-            | Error::CacheFull => "temporarily_unavailable",
+            | Error::CacheFull
+            | Error::ShuttingDown => "temporarily_unavailable",
             Error::UpstreamInvalid(_) | Error::Internal => "server_error",
         }
     }
@@ -131,7 +134,7 @@ impl Error {
             | Error::UpstreamTimeout
             | Error::UpstreamInvalid(_)
             | Error::WaitTimeout => Fault::Upstream,
-            Error::CacheFull | Error::Internal => Fault::Sidecar,
+            Error::CacheFull | Error::ShuttingDown | Error::Internal => Fault::Sidecar,
         }
     }
 
@@ -239,6 +242,9 @@ impl std::fmt::Display for Error {
             Error::CacheFull => f.write_str(
                 "the sidecar's token cache is full of calls in progress and tokens in use; retry after 1 s",
             ),
+            Error::ShuttingDown => {
+                f.write_str("the sidecar is shutting down; retry on a new connection")
+            }
             Error::Internal => f.write_str("internal error in token-sidecar"),
         }
     }

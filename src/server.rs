@@ -37,6 +37,14 @@ pub(crate) struct ConnectionSlot {
 /// dropped.
 const CLOSE_BOUND: Duration = Duration::from_secs(5);
 
+/// While draining, an idle HTTP/1.1 connection stays open this long, so a keep-alive client that
+/// is about to send gets its answer (with `Connection: close`) instead of a broken pipe.
+const DRAIN_IDLE_DELAY: Duration = Duration::from_secs(1);
+
+/// While draining, a listener keeps accepting (callers told `Connection: close` come back on a
+/// new connection) until it has had no open connection for this long, or `closed` fires.
+const DRAIN_QUIET: Duration = Duration::from_millis(500);
+
 /// One open connection as the listener sees it.
 #[derive(Debug)]
 struct Conn {
@@ -47,6 +55,8 @@ struct Conn {
     idle_since_ms: AtomicU64,
     /// Requests served so far.
     served: AtomicU64,
+    /// The connection speaks HTTP/2.
+    h2: std::sync::atomic::AtomicBool,
     /// Asks the connection to close.
     close: CancellationToken,
 }
@@ -69,6 +79,7 @@ impl Registry {
             active: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(self.now_ms()),
             served: AtomicU64::new(0),
+            h2: std::sync::atomic::AtomicBool::new(false),
             close: CancellationToken::new(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -78,6 +89,27 @@ impl Registry {
 
     fn remove(&self, id: u64) {
         self.lock().remove(&id);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Once `stop` has fired: returns when the listener has had no open connection for
+    /// [`DRAIN_QUIET`].
+    async fn quiet(&self, stop: &CancellationToken) {
+        stop.cancelled().await;
+        let mut quiet_since = None;
+        loop {
+            let now = Instant::now();
+            quiet_since = match (self.is_empty(), quiet_since) {
+                (false, _) => None,
+                (true, None) => Some(now),
+                (true, Some(since)) if now >= since + DRAIN_QUIET => return,
+                (true, since) => since,
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
@@ -147,15 +179,18 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `listener` with `service` until `stop` fires. Connections run on `connections`, so the
-/// caller can wait for them to drain; when `stop` fires each one finishes the request in progress
-/// and closes (HTTP/1.1) or sends GOAWAY (HTTP/2).
+/// Serves `listener` with `service`. Connections run on `connections`, so the caller can wait for
+/// them to drain. When `stop` fires the listener drains, friendly to keep-alive clients: HTTP/1.1
+/// answers carry `Connection: close`, idle HTTP/1.1 connections close after
+/// [`DRAIN_IDLE_DELAY`], HTTP/2 ones get GOAWAY, and new connections are still accepted (and
+/// drained the same way) until the listener has been quiet for [`DRAIN_QUIET`] or `closed` fires.
 pub(crate) async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     limits: Limits,
     connections: TaskTracker,
     stop: CancellationToken,
+    closed: CancellationToken,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -176,7 +211,8 @@ pub(crate) async fn serve<S, B>(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
+            () = registry.quiet(&stop) => break,
+            () = closed.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -191,7 +227,7 @@ pub(crate) async fn serve<S, B>(
         };
         // Past the cap, the accepted connection waits (and the ones after it in the kernel
         // backlog) until the longest-idle connection has closed or another has ended.
-        let Some(permit) = slot(&slots, &registry, &stop).await else {
+        let Some(permit) = slot(&slots, &registry, &closed).await else {
             break;
         };
         let _ = stream.set_nodelay(true);
@@ -223,7 +259,7 @@ pub(crate) async fn serve<S, B>(
 }
 
 /// A place under the cap: at once if there is one; otherwise after closing the longest-idle
-/// connection, or once a connection ends. `None` when `stop` fires first.
+/// connection, or once a connection ends. `None` when `stop` (the listener closing) fires first.
 async fn slot(
     slots: &Arc<Semaphore>,
     registry: &Registry,
@@ -277,13 +313,25 @@ where
         drain,
     } = task;
     let service = {
-        let (conn, registry) = (conn.clone(), registry.clone());
+        let (conn, registry, drain) = (conn.clone(), registry.clone(), drain.clone());
         tower::service_fn(move |mut request: Request<Incoming>| {
             let in_progress = InProgress::start(&conn, &registry);
+            let http1 = request.version() < http::Version::HTTP_2;
+            if !http1 {
+                conn.h2.store(true, Ordering::Relaxed);
+            }
             request.extensions_mut().insert(slot.clone());
             let mut service = service.clone();
+            let drain = drain.clone();
             async move {
-                let response = tower::Service::call(&mut service, request).await;
+                let mut response = tower::Service::call(&mut service, request).await;
+                // Draining: tell a keep-alive client to come back on a new connection.
+                if let (Ok(response), true) = (&mut response, http1 && drain.is_cancelled()) {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 // In progress until the body is done: a streaming answer is not idle.
                 response.map(|response| {
                     response.map(|body| {
@@ -318,7 +366,16 @@ where
             biased;
             served = connection.as_mut() => return served,
             () = drain.cancelled(), if closing.is_none() => {
-                // The app's shutdown grace bounds this one.
+                // The app's shutdown grace bounds what follows. A connection accepted while
+                // draining has sent nothing yet either: it gets the same moment.
+                if !conn.h2.load(Ordering::Relaxed) {
+                    // Answers now carry `Connection: close`; an idle connection gets a moment
+                    // for the request its client may be sending.
+                    tokio::select! {
+                        served = connection.as_mut() => return served,
+                        () = tokio::time::sleep(DRAIN_IDLE_DELAY) => {}
+                    }
+                }
                 connection.as_mut().graceful_shutdown();
                 return connection.await;
             }

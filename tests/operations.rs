@@ -5,7 +5,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::process::{Running, free_port, run_to_end};
 use support::{Behavior, FakeProvider, Fixture, client, post_form, send};
 
@@ -119,6 +119,131 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
     let (code, stderr) = sidecar.wait();
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("draining"), "{stderr}");
+}
+
+/// Writes `toml` to a fresh file for `--config`; the directory goes with the returned guard.
+struct ConfigFile(std::path::PathBuf);
+
+impl ConfigFile {
+    fn new(name: &str, toml: &str) -> ConfigFile {
+        let dir = std::env::temp_dir().join(format!("ts-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.toml"), toml).unwrap();
+        ConfigFile(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.join("config.toml").to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_clients_see_no_broken_request_across_a_sigterm() {
+    let idp = FakeProvider::start().await;
+    let file = ConfigFile::new("drain", "shutdown_grace = \"6s\"\n");
+    let sidecar = Running::start_args(&idp.url(), &["--config", &file.path()], &[]);
+    sidecar.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/oauth/token", sidecar.listen);
+    let form = "grant_type=client_credentials&client_id=app&client_secret=s";
+    let signalled = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
+    let clients: Vec<_> = (0..100)
+        .map(|_| {
+            let (url, signalled) = (url.clone(), signalled.clone());
+            tokio::spawn(async move {
+                // Each client keeps its own keep-alive connection.
+                let client = client();
+                let (mut ok, mut after, mut broken) = (0, 0, Vec::new());
+                for _ in 0..1_000 {
+                    if signalled
+                        .get()
+                        .is_some_and(|at| at.elapsed() > Duration::from_secs(2))
+                    {
+                        break;
+                    }
+                    let request = Request::post(url.as_str())
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(Full::new(Bytes::from(form)))
+                        .unwrap();
+                    match tokio::time::timeout(Duration::from_secs(5), client.request(request))
+                        .await
+                    {
+                        Ok(Ok(response)) if response.status() == 200 => {
+                            ok += 1;
+                            after += usize::from(signalled.get().is_some());
+                        }
+                        Ok(Ok(response)) => broken.push(format!("status {}", response.status())),
+                        Ok(Err(e)) => broken.push(format!("{e:?}")),
+                        Err(_) => broken.push("no answer in 5 s".to_owned()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (ok, after, broken)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sidecar.terminate();
+    let _ = signalled.set(Instant::now());
+    let (mut ok, mut after, mut broken) = (0, 0, Vec::new());
+    for client in clients {
+        let (o, a, b) = client.await.unwrap();
+        ok += o;
+        after += a;
+        broken.extend(b);
+    }
+    let (code, stderr) = sidecar.wait();
+    eprintln!(
+        "{ok} answered, {after} after SIGTERM, {} broken",
+        broken.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "{} broken: {:?}",
+        broken.len(),
+        &broken[..broken.len().min(5)]
+    );
+    assert!(
+        after >= 100,
+        "clients kept being served while draining: {after}"
+    );
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_still_waiting_when_the_grace_ends_gets_an_answer() {
+    let idp = FakeProvider::start().await;
+    idp.set_default(Behavior::slow_token(3600, Duration::from_secs(4)));
+    let file = ConfigFile::new("grace", "shutdown_grace = \"1s\"\n");
+    let sidecar = Running::start_args(&idp.url(), &["--config", &file.path()], &[]);
+    sidecar.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/oauth/token", sidecar.listen);
+    let waiting = tokio::spawn(async move {
+        post_form(
+            &client(),
+            &url,
+            "grant_type=client_credentials&client_id=app&client_secret=s",
+            None,
+        )
+        .await
+    });
+    for _ in 0..200 {
+        if idp.token_calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sidecar.terminate();
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.text().contains("shutting down"), "{}", reply.text());
+    let (code, stderr) = sidecar.wait();
+    assert_eq!(code, 0, "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

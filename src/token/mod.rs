@@ -34,6 +34,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
@@ -78,6 +79,8 @@ pub(crate) struct TokenRoute {
     forwarder: Arc<Forwarder>,
     metrics: RouteMetrics,
     outcomes: OutcomeCounters,
+    /// Fires when the shutdown grace is over: waiting callers get 503 instead of a reset.
+    closed: CancellationToken,
 }
 
 impl TokenRoute {
@@ -89,6 +92,7 @@ impl TokenRoute {
         forwarder: Arc<Forwarder>,
         metrics: RouteMetrics,
         tracker: TaskTracker,
+        closed: CancellationToken,
     ) -> TokenRoute {
         let flights = Flights::new(
             &route.name,
@@ -111,6 +115,7 @@ impl TokenRoute {
             forwarder,
             outcomes: OutcomeCounters::new(&metrics),
             metrics,
+            closed,
         }
     }
 
@@ -301,7 +306,10 @@ impl TokenRoute {
 
     /// Waits, bounded by the wait timeout, for a flight's outcome and renders it.
     async fn wait(&self, rx: FlightRx, role: Outcome) -> Response<Body> {
-        let shared = flight::wait(rx, self.config.wait_timeout).await;
+        let shared = tokio::select! {
+            shared = flight::wait(rx, self.config.wait_timeout) => shared,
+            () = self.closed.cancelled() => Shared::Failed(Error::ShuttingDown),
+        };
         let fetch = if role == Outcome::Stale {
             Fetch::Stale
         } else {
