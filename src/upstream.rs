@@ -138,6 +138,10 @@ impl Upstream {
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
+            // What a pass-through stream may buffer from the provider while its caller reads
+            // slowly (hyper's default grows to about 400 KiB per connection).
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
+            .http2_initial_stream_window_size(UPSTREAM_READ_BUFFER as u32)
             .pool_idle_timeout(route.client.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
             .build(connector);
@@ -226,6 +230,9 @@ impl Upstream {
         }
     }
 }
+
+/// Most bytes read ahead from the provider per connection (HTTP/1.1) or stream (HTTP/2).
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 
 /// A copy of `headers` that owns its bytes. Parsed header values are slices of the connection's
 /// read buffer; a copy kept past the request would pin the whole buffer.

@@ -290,3 +290,58 @@ async fn guessed_secrets_cannot_keep_the_owner_from_its_tokens() {
         "{guesses_upstream} guesses reached the provider in {attack:?}"
     );
 }
+
+/// Callers that open a large pass-through download and never read it: what each costs the
+/// sidecar while the provider keeps sending (bound in docs/RELIABILITY.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_of_pass_through_streams_cost_a_bounded_buffer_each() {
+    use tokio::io::AsyncWriteExt as _;
+    let idp = FakeProvider::start().await;
+    let sidecar = Running::start(&idp.url(), &[]);
+    sidecar.wait_ready().await;
+    // Warm up one download so allocator pools exist before the baseline.
+    let _ = post_form(
+        &client(),
+        &format!("{}/oauth/token", sidecar.url()),
+        "grant_type=client_credentials&client_id=w&client_secret=s",
+        None,
+    )
+    .await;
+    let before = sidecar.rss();
+    const READERS: usize = 50;
+    let mut held = Vec::new();
+    for _ in 0..READERS {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", sidecar.listen))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /bytes/200000000 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    // Let every stream fill what it can buffer.
+    let mut peak = before;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(sidecar.rss());
+    }
+    let each = peak.saturating_sub(before) / READERS as u64;
+    eprintln!(
+        "{READERS} slow readers: rss {} -> {} KiB, {} KiB each",
+        before / 1024,
+        peak / 1024,
+        each / 1024
+    );
+    drop(held);
+    sidecar.terminate();
+    let _ = sidecar.wait();
+    assert!(
+        each < SLOW_READER_BOUND,
+        "{} KiB per slow reader",
+        each / 1024
+    );
+}
+
+/// The documented cost of one caller that never reads a pass-through stream.
+const SLOW_READER_BOUND: u64 = 384 * 1024;
