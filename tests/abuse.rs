@@ -345,3 +345,54 @@ async fn slow_readers_of_pass_through_streams_cost_a_bounded_buffer_each() {
 
 /// The documented cost of one caller that never reads a pass-through stream.
 const SLOW_READER_BOUND: u64 = 384 * 1024;
+
+/// Wrong secrets are remembered (their 401 replayed for `error_ttl`) one entry each: what each
+/// costs (the review measured 5.6 KiB, against 1.9 KiB documented per key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_rejection_costs_a_compact_entry() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("owner", "right")]);
+    let file = std::env::temp_dir().join(format!("ts-remembered-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        "[token]\nerror_ttl = \"5m\"\nprobe_interval = \"0s\"\n",
+    )
+    .unwrap();
+    let sidecar = Running::start_args(&idp.url(), &["--config", file.to_str().unwrap()], &[]);
+    sidecar.wait_ready().await;
+    let url = format!("{}/oauth/token", sidecar.url());
+    let warm = "grant_type=client_credentials&client_id=warm&client_secret=x";
+    assert_eq!(post_form(&client(), &url, warm, None).await.status, 401);
+    let before = sidecar.rss();
+    const WRONG: usize = 10_000;
+    let client = client();
+    futures_util::stream::iter(0..WRONG)
+        .map(|n| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                // A client id each: a wrong secret is paced per client id, and this measures
+                // memory, not pacing.
+                let form = format!(
+                    "grant_type=client_credentials&client_id=guess-{n}&client_secret=wrong-{n}"
+                );
+                assert_eq!(post_form(&client, &url, &form, None).await.status, 401);
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
+    let entries = gauge(&metrics(&sidecar).await, "token_sidecar_cache_entries{");
+    let each = sidecar.rss().saturating_sub(before) / WRONG as u64;
+    eprintln!("{WRONG} remembered rejections: {entries} entries, {each} B each");
+    sidecar.terminate();
+    let _ = sidecar.wait();
+    let _ = std::fs::remove_file(file);
+    assert!(
+        entries as usize >= WRONG,
+        "each rejection is remembered: {entries}"
+    );
+    assert!(each < REMEMBERED_BOUND, "{each} B per remembered rejection");
+}
+
+/// The documented cost of one remembered rejection (docs/RELIABILITY.md).
+const REMEMBERED_BOUND: u64 = 2 * 1024;
