@@ -396,3 +396,88 @@ async fn a_remembered_rejection_costs_a_compact_entry() {
 
 /// The documented cost of one remembered rejection (docs/RELIABILITY.md).
 const REMEMBERED_BOUND: u64 = 2 * 1024;
+
+/// HTTP/2 connections that open every stream they may with a large header block and never
+/// send a body: what they can hold is bounded by `max_streams` × `max_header_bytes` each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_header_floods_are_bounded_by_streams_and_header_size() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let idp = FakeProvider::start().await;
+    let sidecar = Running::start(&idp.url(), &[]);
+    sidecar.wait_ready().await;
+    let before = sidecar.rss();
+    const CONNECTIONS: usize = 20;
+    const STREAMS: usize = 200;
+    let padding = "h".repeat(60 * 1024);
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", sidecar.listen))
+            .await
+            .unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        held.push(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        for _ in 0..STREAMS {
+            let (_body_tx, body) = futures_channel_body();
+            let request = http::Request::post(format!("{}/upload", sidecar.url()))
+                .header("x-padding", padding.as_str())
+                .body(body)
+                .unwrap();
+            let mut sender = sender.clone();
+            held.push(tokio::spawn(async move {
+                let _keep = _body_tx;
+                let _ = sender.send_request(request).await;
+            }));
+        }
+    }
+    let mut peak = before;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(sidecar.rss());
+    }
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} h2 connections x {STREAMS} streams x 60 KiB headers: +{} MiB",
+        grown / MIB
+    );
+    for task in held {
+        task.abort();
+    }
+    sidecar.terminate();
+    let _ = sidecar.wait();
+    // 32 streams x 64 KiB per connection, three times: each forwarded stream's head is held as
+    // it came, as the copy going upstream, and in that connection's write buffer.
+    let bound = CONNECTIONS as u64 * 32 * 64 * 1024 * 3;
+    assert!(
+        grown < bound,
+        "+{} MiB (bound {} MiB)",
+        grown / MIB,
+        bound / MIB
+    );
+}
+
+/// A request body that never ends while its sender is held.
+fn futures_channel_body() -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    http_body_util::StreamBody<
+        futures_util::stream::BoxStream<
+            'static,
+            Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
+        >,
+    >,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    (
+        tx,
+        http_body_util::StreamBody::new(futures_util::StreamExt::boxed(stream)),
+    )
+}
