@@ -460,16 +460,16 @@ async fn http2_header_floods_are_bounded_by_streams_and_header_size() {
     );
 }
 
-/// A request body that never ends while its sender is held.
-fn futures_channel_body() -> (
-    tokio::sync::mpsc::Sender<bytes::Bytes>,
-    http_body_util::StreamBody<
-        futures_util::stream::BoxStream<
-            'static,
-            Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
-        >,
+/// A request body that never ends: no frame is ever sent on it.
+type EndlessBody = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<
+        'static,
+        Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
     >,
-) {
+>;
+
+/// A request body that never ends while its sender is held.
+fn futures_channel_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, EndlessBody) {
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
