@@ -71,29 +71,32 @@ fn bad_configuration_exits_64_with_one_clear_line() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
-    let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(3600, Duration::from_millis(1500)));
-    let sidecar = Running::start(&idp.url(), &[]);
-    sidecar.wait_ready().await;
+/// Starts a token request through `sidecar` and returns once the provider has seen it (bounded).
+async fn call_in_flight(
+    idp: &FakeProvider,
+    sidecar: &Running,
+) -> tokio::task::JoinHandle<support::Reply> {
     let url = format!("http://127.0.0.1:{}/oauth/token", sidecar.listen);
-    let in_flight = tokio::spawn(async move {
-        post_form(
-            &client(),
-            &url,
-            "grant_type=client_credentials&client_id=app&client_secret=s",
-            None,
-        )
-        .await
+    let call = tokio::spawn(async move {
+        let form = "grant_type=client_credentials&client_id=app&client_secret=s";
+        post_form(&client(), &url, form, None).await
     });
-    // Let the request reach the provider, then signal.
     for _ in 0..200 {
         if idp.token_calls() == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    call
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
+    let idp = FakeProvider::start().await;
+    idp.set_default(Behavior::slow_token(3600, Duration::from_millis(1500)));
+    let sidecar = Running::start(&idp.url(), &[]);
+    sidecar.wait_ready().await;
+    let in_flight = call_in_flight(&idp, &sidecar).await;
     sidecar.terminate();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let readiness = tokio::time::timeout(Duration::from_secs(2), async {
@@ -222,22 +225,7 @@ async fn a_caller_still_waiting_when_the_grace_ends_gets_an_answer() {
     let file = ConfigFile::new("grace", "shutdown_grace = \"1s\"\n");
     let sidecar = Running::start_args(&idp.url(), &["--config", &file.path()], &[]);
     sidecar.wait_ready().await;
-    let url = format!("http://127.0.0.1:{}/oauth/token", sidecar.listen);
-    let waiting = tokio::spawn(async move {
-        post_form(
-            &client(),
-            &url,
-            "grant_type=client_credentials&client_id=app&client_secret=s",
-            None,
-        )
-        .await
-    });
-    for _ in 0..200 {
-        if idp.token_calls() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiting = call_in_flight(&idp, &sidecar).await;
     sidecar.terminate();
     let reply = waiting.await.unwrap();
     assert_eq!(reply.status, 503, "{}", reply.text());
