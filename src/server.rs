@@ -320,7 +320,11 @@ where
             if !http1 {
                 conn.h2.store(true, Ordering::Relaxed);
             }
-            request.extensions_mut().insert(slot.clone());
+            // Only a request that may become a tunnel needs to carry the slot (an extension
+            // costs an allocation per request on the hit path).
+            if request.headers().contains_key(http::header::UPGRADE) {
+                request.extensions_mut().insert(slot.clone());
+            }
             let mut service = service.clone();
             let drain = drain.clone();
             async move {
@@ -375,6 +379,10 @@ where
                         served = connection.as_mut() => return served,
                         () = tokio::time::sleep(DRAIN_IDLE_DELAY) => {}
                     }
+                }
+                if conn.served.load(Ordering::Relaxed) == 0 {
+                    // Still nothing sent: nothing to finish, and no reason to hold the drain.
+                    return Ok(());
                 }
                 connection.as_mut().graceful_shutdown();
                 return connection.await;
