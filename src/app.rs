@@ -19,7 +19,8 @@ use crate::forward::Forwarder;
 use crate::metrics::{Metrics, RouteState};
 use crate::router;
 use crate::server;
-use crate::token::TokenRoute;
+use crate::shared::Fleet;
+use crate::token::{Process, TokenRoute};
 use crate::upstream::Upstream;
 
 /// Why the sidecar could not start.
@@ -109,6 +110,8 @@ pub struct App {
     /// Fires when the shutdown grace is over: callers still waiting get an answer, then the
     /// listeners close.
     closed: CancellationToken,
+    /// The fleet tier, when `[shared]` is configured.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl App {
@@ -118,6 +121,13 @@ impl App {
         let mut metrics = Metrics::new();
         let flights = TaskTracker::new();
         let closed = CancellationToken::new();
+        let fleet = match &config.shared {
+            Some(shared) => Some(Arc::new(
+                Fleet::new(shared, metrics.fleet())
+                    .map_err(|e| StartupError::Config(ConfigError(e)))?,
+            )),
+            None => None,
+        };
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let route_metrics = metrics.route(&route.name);
@@ -133,8 +143,11 @@ impl App {
                 upstream.clone(),
                 forwarder.clone(),
                 route_metrics,
-                flights.clone(),
-                closed.clone(),
+                Process {
+                    tracker: flights.clone(),
+                    closed: closed.clone(),
+                    fleet: fleet.clone(),
+                },
             ));
             let sweep_every = (route.token.idle_timeout / 4)
                 .clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -159,6 +172,7 @@ impl App {
             metrics: Arc::new(metrics),
             flights,
             closed,
+            fleet,
         })
     }
 
@@ -209,6 +223,10 @@ impl App {
             )));
         }
 
+        if let Some(fleet) = &self.fleet {
+            info!(redis = ?fleet, "shared tier on");
+            tokio::spawn(fleet.clone().listen(closed.clone()));
+        }
         let admin_stop = CancellationToken::new();
         info!(admin = %local_addr(&listeners.admin), "admin listening");
         let admin_service = {

@@ -36,6 +36,14 @@ pub struct Cli {
     /// included) [env: TOKEN_SIDECAR_WORKERS] [default: 1]
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// The fleet tier's Redis or Valkey, e.g. redis://redis:6379/0 (off without it)
+    /// [env: TOKEN_SIDECAR_SHARED_REDIS]
+    #[arg(long, value_name = "URL")]
+    pub shared_redis: Option<String>,
+    /// The fleet secret (at least 32 bytes), needed with --shared-redis
+    /// [env: TOKEN_SIDECAR_SHARED_KEY_FILE]
+    #[arg(long, value_name = "PATH")]
+    pub shared_key_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -65,6 +73,8 @@ impl Cli {
             config: self.config.clone(),
             log_format: self.log_format,
             workers: self.workers,
+            shared_redis: self.shared_redis.clone(),
+            shared_key_file: self.shared_key_file.clone(),
         }
     }
 }

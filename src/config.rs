@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::shared::{FleetSecret, SharedConfig};
+
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -28,6 +30,8 @@ pub struct Config {
     pub limits: Limits,
     /// One entry per listener and upstream.
     pub routes: Vec<RouteConfig>,
+    /// The fleet tier (`[shared]`), off unless a Redis URL is given.
+    pub shared: Option<SharedConfig>,
 }
 
 /// Logging.
@@ -352,6 +356,23 @@ struct FileConfig {
     client: Option<ClientConfig>,
     #[serde(default)]
     routes: Vec<FileRoute>,
+    shared: Option<FileShared>,
+}
+
+/// The `[shared]` table: the fleet tier.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileShared {
+    redis: Option<String>,
+    key_file: Option<PathBuf>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    poll_interval: Option<Duration>,
 }
 
 /// A `[[routes]]` table; `token` and `client` fall back to the top-level tables.
@@ -379,6 +400,8 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     pub workers: Option<usize>,
+    pub shared_redis: Option<String>,
+    pub shared_key_file: Option<PathBuf>,
 }
 
 /// Default listener of the one-route shortcut.
@@ -537,6 +560,7 @@ impl Config {
             )?);
         }
 
+        let shared = shared_config(&flags, &env, file.shared.clone().unwrap_or_default())?;
         let config = Config {
             admin,
             shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(10)),
@@ -544,6 +568,7 @@ impl Config {
             log,
             limits: file.limits,
             routes,
+            shared,
         };
         config.validate()?;
         Ok(config)
@@ -891,6 +916,80 @@ fn env_addr(
             })
         })
         .transpose()
+}
+
+/// The fleet tier's settings: the Redis URL and the key file layer like every setting (flag,
+/// env, file); the secret and a password file are read here, so a bad one stops the start.
+fn shared_config(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    file: FileShared,
+) -> Result<Option<SharedConfig>, ConfigError> {
+    let redis = flags
+        .shared_redis
+        .clone()
+        .or_else(|| env("TOKEN_SIDECAR_SHARED_REDIS"))
+        .or(file.redis);
+    let key_file = flags
+        .shared_key_file
+        .clone()
+        .or_else(|| env("TOKEN_SIDECAR_SHARED_KEY_FILE").map(PathBuf::from))
+        .or(file.key_file);
+    let Some(redis) = redis else {
+        return Ok(None);
+    };
+    let Some(key_file) = key_file else {
+        return Err(err(
+            "shared.redis is set but shared.key_file is not (or --shared-key-file, TOKEN_SIDECAR_SHARED_KEY_FILE): the fleet tier needs the fleet secret",
+        ));
+    };
+    if !["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|scheme| redis.starts_with(scheme))
+    {
+        return Err(err(format!(
+            "shared.redis {}: use a redis:// or rediss:// URL",
+            crate::shared::redacted(&redis)
+        )));
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| err(format!("shared.{key} {}: {e}", path.display())))
+    };
+    let secret = FleetSecret::from_file_bytes(&read("key_file", &key_file)?)
+        .map_err(|why| err(format!("shared.key_file {}: {why}", key_file.display())))?;
+    let password = match &file.password_file {
+        Some(path) => {
+            let bytes = read("password_file", path)?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                err(format!(
+                    "shared.password_file {}: not UTF-8",
+                    path.display()
+                ))
+            })?;
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        None => None,
+    };
+    let bounded = |key: &str, value: Option<Duration>, default: u64, max: u64| {
+        let value = value.unwrap_or(Duration::from_millis(default));
+        if value.is_zero() || value > Duration::from_millis(max) {
+            return Err(err(format!(
+                "shared.{key} = {}: give more than 0 and at most {}",
+                humantime::format_duration(value),
+                humantime::format_duration(Duration::from_millis(max))
+            )));
+        }
+        Ok(value)
+    };
+    Ok(Some(SharedConfig {
+        redis,
+        password,
+        secret,
+        ca_file: file.ca_file,
+        timeout: bounded("timeout", file.timeout, 75, 5_000)?,
+        connect_timeout: bounded("connect_timeout", file.connect_timeout, 250, 30_000)?,
+        poll_interval: bounded("poll_interval", file.poll_interval, 100, 5_000)?,
+    }))
 }
 
 fn default_admin() -> SocketAddr {

@@ -9,6 +9,7 @@
 //! - [`server`]: accept loops, connection limits, graceful drain;
 //! - [`router`]: dispatch by path prefix to a route, then between its token path and forwarding;
 //! - [`token`]: the token path (parsing and keys, cache, single flight, cool-downs, rendering);
+//! - [`shared`]: the optional fleet tier on Redis/Valkey (shared tokens, flights, cool-downs);
 //! - [`forward`]: streaming pass-through proxying, upgrades included;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
 //!   pooling, the token exchange), shared by the two above;
@@ -29,6 +30,7 @@ pub mod genesys;
 pub(crate) mod metrics;
 pub(crate) mod router;
 pub(crate) mod server;
+pub mod shared;
 pub mod telemetry;
 pub mod token;
 pub(crate) mod tunnel;

@@ -53,6 +53,41 @@ struct ClientLabels {
     client: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetOutcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FleetOp {
+    op: &'static str,
+}
+
+/// The fleet tier's metrics, registered only when it is on.
+#[derive(Debug, Clone)]
+pub(crate) struct FleetMetrics {
+    claims: Family<FleetOutcome, Counter>,
+    errors: Family<FleetOp, Counter>,
+    breaker: Gauge,
+}
+
+impl FleetMetrics {
+    /// Counts one fleet claim or commit by what it found.
+    pub(crate) fn claim(&self, outcome: &'static str) {
+        self.claims.get_or_create(&FleetOutcome { outcome }).inc();
+    }
+
+    /// Counts one failed Redis call.
+    pub(crate) fn error(&self, op: &'static str) {
+        self.errors.get_or_create(&FleetOp { op }).inc();
+    }
+
+    /// Sets the breaker's state (0 closed, 1 open, 2 half-open).
+    pub(crate) fn breaker(&self, state: i64) {
+        self.breaker.set(state);
+    }
+}
+
 /// Every metric family, registered once.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -157,6 +192,33 @@ impl Metrics {
             evictions: self.evictions.clone(),
             forwarded: self.forwarded.clone(),
             holds_absorbed: self.holds_absorbed.get_or_create(&route_label).clone(),
+        }
+    }
+
+    /// Registers the fleet tier's families (only when it is configured).
+    pub(crate) fn fleet(&mut self) -> FleetMetrics {
+        let claims = Family::default();
+        self.registry.register(
+            "shared_claims",
+            "Fleet-tier round trips by what they found (hit, lead, busy, cooldown, unreadable, commit; skipped while the breaker is open)",
+            claims.clone(),
+        );
+        let errors = Family::default();
+        self.registry.register(
+            "shared_errors",
+            "Failed or timed-out Redis calls, by operation (claim, commit, subscribe)",
+            errors.clone(),
+        );
+        let breaker = Gauge::default();
+        self.registry.register(
+            "shared_breaker_state",
+            "The Redis circuit breaker: 0 closed (Redis used), 1 open (every pod alone), 2 half-open (one trial)",
+            breaker.clone(),
+        );
+        FleetMetrics {
+            claims,
+            errors,
+            breaker,
         }
     }
 

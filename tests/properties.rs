@@ -816,6 +816,7 @@ fn validates(token: &TokenConfig) -> Result<(), String> {
             token: token.clone(),
             client: ClientConfig::default(),
         }],
+        shared: None,
     };
     config.validate().map_err(|e| e.0)
 }

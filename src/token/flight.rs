@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::cache::{FlightRx, Landing, Shared, rejects_credentials};
 use super::cooldown::{self, ClientKey, Cooldowns, Cooling};
+use super::fleet::{FleetKey, FleetKeys, Step};
 use super::lifetime::{Token, Validated};
 use super::limiter::{Limiter, ProbeSlot, Probes};
 use super::request::Grant;
@@ -36,6 +37,8 @@ pub(crate) struct Flight {
     client: ClientKey,
     /// A token has landed for this key before (see the cache).
     proven: bool,
+    /// Where the fleet shares this key, when the fleet tier is on.
+    fleet: Option<FleetKey>,
     parts: Parts,
     body: Bytes,
 }
@@ -48,6 +51,7 @@ impl Flight {
         grant: Grant,
         client_id: &str,
         proven: bool,
+        fleet: Option<FleetKey>,
         parts: &Parts,
         body: &Bytes,
     ) -> Flight {
@@ -58,6 +62,7 @@ impl Flight {
             grant,
             client: ClientKey::of(client_id),
             proven,
+            fleet,
             parts,
             body: Bytes::copy_from_slice(body),
         }
@@ -125,6 +130,8 @@ pub(crate) struct Flights {
     /// who guess secrets cannot hold the owner back.
     probe_holds: Cooldowns,
     probes: Probes,
+    /// The fleet tier, when it is on.
+    fleet: Option<FleetKeys>,
     metrics: RouteMetrics,
     /// Flights run here so shutdown can wait for them.
     tracker: TaskTracker,
@@ -137,6 +144,7 @@ impl Flights {
         config: &TokenConfig,
         max_response: usize,
         upstream: Arc<Upstream>,
+        fleet: Option<FleetKeys>,
         metrics: RouteMetrics,
         tracker: TaskTracker,
     ) -> Flights {
@@ -153,6 +161,7 @@ impl Flights {
             holds: Cooldowns::new(route, config.max_entries),
             probe_holds: Cooldowns::new(route, config.max_entries),
             probes: Probes::new(config.probe_interval, config.max_entries),
+            fleet,
             metrics,
             tracker,
         }
@@ -175,6 +184,11 @@ impl Flights {
             (Some(a), Some(b)) => Some(if a.left >= b.left { a } else { b }),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The fleet tier's keys, when it is on.
+    pub(crate) fn fleet(&self) -> Option<&FleetKeys> {
+        self.fleet.as_ref()
     }
 
     /// Forgets holds and pacing that no longer matter.
@@ -219,12 +233,15 @@ impl Flights {
             grant,
             client,
             proven,
+            fleet,
             parts,
             body,
         } = flight;
         let deadline = Instant::now() + self.config.wait_timeout;
         let mut absorbed = Duration::ZERO;
         let mut shared = None;
+        // The fleet lock this flight holds until its token is committed.
+        let mut leading = None;
         for _ in 0..MAX_ATTEMPTS {
             if let Some(hold) = self.cooling(&client, proven, Instant::now()) {
                 if self.absorb(hold.left, &mut absorbed, deadline).await {
@@ -233,12 +250,33 @@ impl Flights {
                 shared = Some(Shared::Failed(refusal(hold.left, hold.by)));
                 break;
             }
+            let lease = match self.ask_fleet(fleet.as_ref(), deadline).await {
+                Step::Token(token) => {
+                    shared = Some(Shared::Token(Arc::new(token)));
+                    break;
+                }
+                Step::Hold(left) => {
+                    let by = HeldBy::Provider;
+                    self.holds_for(proven).start(
+                        &client,
+                        by,
+                        Some(left),
+                        &self.config,
+                        Instant::now(),
+                        0.0,
+                    );
+                    continue;
+                }
+                Step::Lead(lease) => Some(lease),
+                Step::Alone => None,
+            };
             let mut slot = None;
             if !proven {
                 match self.probe(&client, &mut absorbed, deadline).await {
                     Ok(claimed) => slot = Some(claimed),
                     Err(wait) => {
                         shared = Some(Shared::Failed(refusal(wait, HeldBy::OwnLimit)));
+                        self.release(fleet.as_ref(), lease, &shared, None).await;
                         break;
                     }
                 }
@@ -256,6 +294,13 @@ impl Flights {
             }
             drop(slot);
             shared = Some(answer);
+            // A token is committed after it lands; anything else frees the fleet's lock now,
+            // with the hold it started, before this flight waits the hold out.
+            if matches!(shared, Some(Shared::Token(_))) {
+                leading = lease;
+            } else {
+                self.release(fleet.as_ref(), lease, &shared, hold).await;
+            }
             match hold {
                 Some(hold) if self.absorb(hold, &mut absorbed, deadline).await => continue,
                 _ => break,
@@ -269,7 +314,39 @@ impl Flights {
                 hold.map_or(HeldBy::Backoff, |hold| hold.by),
             ))
         });
+        let committed = shared.clone();
         landing.land(shared, grant, &self.config, Instant::now(), rand::random());
+        if let (Some(keys), Some(key), Some(lease)) = (&self.fleet, &fleet, leading) {
+            keys.commit(key, &lease, &committed, None).await;
+        }
+    }
+
+    /// One round's question to the fleet, if this key is shared: a follower waits for the
+    /// fleet's leader no longer than leaves time for a call of its own before `deadline`.
+    async fn ask_fleet(&self, key: Option<&FleetKey>, deadline: Instant) -> Step {
+        let (Some(keys), Some(key)) = (&self.fleet, key) else {
+            return Step::Alone;
+        };
+        let lock_for = self.upstream.request_timeout + Duration::from_secs(1);
+        let until = deadline
+            .checked_sub(self.upstream.request_timeout)
+            .unwrap_or_else(Instant::now);
+        keys.consult(key, lock_for, until).await
+    }
+
+    /// Frees a fleet lock this round took, storing the hold it started.
+    async fn release(
+        &self,
+        key: Option<&FleetKey>,
+        lease: Option<crate::shared::Lease>,
+        shared: &Option<Shared>,
+        hold: Option<Duration>,
+    ) {
+        if let (Some(keys), Some(key), Some(lease), Some(shared)) =
+            (&self.fleet, key, lease, shared)
+        {
+            keys.commit(key, &lease, shared, hold).await;
+        }
     }
 
     /// Claims the client's slot for an unproven call, waiting for it within what is left of

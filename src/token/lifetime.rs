@@ -60,27 +60,14 @@ impl Token {
         config: &TokenConfig,
         jitter: f64,
     ) -> Result<Validated, &'static str> {
-        let object = parse_object(body).ok_or("not a JSON object")?;
-        let access_token = object
-            .iter()
-            .find(|(k, _)| k == "access_token")
-            .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
-            .filter(|t| !t.is_empty())
-            .ok_or("no access_token")?;
-        if object.iter().filter(|(k, _)| k == "expires_in").count() > 1 {
-            return Err("expires_in given twice");
-        }
-        let Some(position) = object.iter().position(|(k, _)| k == "expires_in") else {
+        let Some(template) = Template::of(body)? else {
             return Ok(Validated::Uncacheable);
         };
-        let seconds = parse_expires_in(object[position].1.get()).ok_or("bad expires_in")?;
-        let lifetime = Duration::from_secs(seconds).min(config.max_lifetime);
+        let lifetime = Duration::from_secs(template.seconds).min(config.max_lifetime);
         // Too short to serve with a whole second left: passed on as the provider said it.
         if lifetime <= Duration::from_secs(2) {
             return Ok(Validated::Uncacheable);
         }
-
-        let (prefix, suffix) = split_template(&object, position, body.len());
         let margin = config
             .safety_margin_max
             .min(lifetime.mul_f64(config.safety_margin_ratio));
@@ -91,16 +78,46 @@ impl Token {
         let expires_at = now + lifetime - Duration::from_secs(1);
         let serve_until = (now + (lifetime - margin)).min(expires_at - Duration::from_secs(1));
         let share = (config.refresh_at - config.refresh_jitter * jitter.clamp(0.0, 1.0)).max(0.0);
-        Ok(Validated::Token(Token {
-            prefix,
-            suffix,
-            // A copy, so the token does not pin the buffer the header was parsed from.
-            content_type: HeaderValue::from_bytes(content_type.as_bytes()).unwrap_or(content_type),
-            fingerprint: Sha256::digest(access_token.as_bytes()).into(),
+        Ok(Validated::Token(template.token(
+            content_type,
             expires_at,
             serve_until,
-            refresh_at: Some((now + lifetime.mul_f64(share)).min(serve_until)),
-        }))
+            Some((now + lifetime.mul_f64(share)).min(serve_until)),
+        )))
+    }
+
+    /// A token another sidecar of the fleet fetched: `body` as it served it, with the clock it
+    /// shared (`expires_left`, `serve_left`, `refresh_left` from `now`). `None` if the body is
+    /// not a cacheable token or less than a whole second is left to serve.
+    pub fn from_fleet(
+        body: &[u8],
+        content_type: HeaderValue,
+        now: Instant,
+        expires_left: Duration,
+        serve_left: Duration,
+        refresh_left: Option<Duration>,
+    ) -> Option<Token> {
+        let template = Template::of(body).ok()??;
+        let serve_left = serve_left.min(expires_left.checked_sub(Duration::from_secs(1))?);
+        if serve_left < Duration::from_secs(1) {
+            return None;
+        }
+        Some(template.token(
+            content_type,
+            now + expires_left,
+            now + serve_left,
+            refresh_left.map(|left| now + left.min(serve_left)),
+        ))
+    }
+
+    /// The whole answer body at `now`, as [`Self::pieces`] sends it.
+    pub fn body(&self, now: Instant) -> Bytes {
+        let pieces = self.pieces(now);
+        let mut body = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+        for piece in pieces {
+            body.put_slice(&piece);
+        }
+        body.freeze()
     }
 
     /// Whether the token may still be handed out.
@@ -142,6 +159,61 @@ impl Token {
     pub(crate) fn keep_briefly(&mut self, until: Instant) {
         self.refresh_at = None;
         self.serve_until = self.serve_until.min(until);
+    }
+}
+
+/// A token answer split around its `expires_in` value, with the lifetime it states.
+struct Template {
+    prefix: Bytes,
+    suffix: Bytes,
+    fingerprint: [u8; 32],
+    /// The `expires_in` seconds as the provider gave them.
+    seconds: u64,
+}
+
+impl Template {
+    /// Validates a 2xx token body; `None` for a well-formed answer without `expires_in`.
+    fn of(body: &[u8]) -> Result<Option<Template>, &'static str> {
+        let object = parse_object(body).ok_or("not a JSON object")?;
+        let access_token = object
+            .iter()
+            .find(|(k, _)| k == "access_token")
+            .and_then(|(_, v)| serde_json::from_str::<String>(v.get()).ok())
+            .filter(|t| !t.is_empty())
+            .ok_or("no access_token")?;
+        if object.iter().filter(|(k, _)| k == "expires_in").count() > 1 {
+            return Err("expires_in given twice");
+        }
+        let Some(position) = object.iter().position(|(k, _)| k == "expires_in") else {
+            return Ok(None);
+        };
+        let seconds = parse_expires_in(object[position].1.get()).ok_or("bad expires_in")?;
+        let (prefix, suffix) = split_template(&object, position, body.len());
+        Ok(Some(Template {
+            prefix,
+            suffix,
+            fingerprint: Sha256::digest(access_token.as_bytes()).into(),
+            seconds,
+        }))
+    }
+
+    fn token(
+        self,
+        content_type: HeaderValue,
+        expires_at: Instant,
+        serve_until: Instant,
+        refresh_at: Option<Instant>,
+    ) -> Token {
+        Token {
+            prefix: self.prefix,
+            suffix: self.suffix,
+            // A copy, so the token does not pin the buffer the header was parsed from.
+            content_type: HeaderValue::from_bytes(content_type.as_bytes()).unwrap_or(content_type),
+            fingerprint: self.fingerprint,
+            expires_at,
+            serve_until,
+            refresh_at,
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`lifetime`]: a cached token's clock;
 //! - [`cooldown`]: `Retry-After` and backoff holds per client id;
 //! - [`limiter`]: the route's cap on concurrent and per-second upstream calls;
+//! - [`fleet`]: what a flight asks and tells the fleet tier, when it is on;
 //! - [`Outcome`]: what happened to each request, counted and logged.
 //!
 //! This file ties them together: [`TokenRoute::handle`] reads the request, decides, and answers
@@ -16,6 +17,7 @@
 
 pub(crate) mod cache;
 pub mod cooldown;
+pub(crate) mod fleet;
 pub(crate) mod flight;
 pub mod lifetime;
 pub(crate) mod limiter;
@@ -43,6 +45,7 @@ use crate::config::{Limits, RouteConfig, TokenConfig};
 use crate::error::{Error, Fault};
 use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
+use crate::shared::Fleet;
 use crate::upstream::{Upstream, strip_hop_by_hop};
 use cache::{Cache, Decision, FlightRx, Full, Landing, Shared};
 use cooldown::ClientKey;
@@ -60,6 +63,17 @@ enum Answer<'a> {
 
 /// The proof-of-possession header of RFC 9449.
 const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
+
+/// What a route's token path shares with the rest of the process.
+#[derive(Debug, Clone)]
+pub(crate) struct Process {
+    /// Flights run here so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+    /// Fires when the shutdown grace is over.
+    pub(crate) closed: CancellationToken,
+    /// The fleet tier, when it is on.
+    pub(crate) fleet: Option<Arc<Fleet>>,
+}
 
 /// One route's token path.
 #[derive(Debug)]
@@ -84,21 +98,27 @@ pub(crate) struct TokenRoute {
 }
 
 impl TokenRoute {
-    /// Builds the token path of a route; its flights call `upstream` and run on `tracker`.
+    /// Builds the token path of a route; its flights call `upstream` and run on the process's
+    /// tracker.
     pub(crate) fn new(
         route: &RouteConfig,
         limits: &Limits,
         upstream: Arc<Upstream>,
         forwarder: Arc<Forwarder>,
         metrics: RouteMetrics,
-        tracker: TaskTracker,
-        closed: CancellationToken,
+        process: Process,
     ) -> TokenRoute {
+        let Process {
+            tracker,
+            closed,
+            fleet,
+        } = process;
         let flights = Flights::new(
             &route.name,
             &route.token,
             limits.max_token_response,
             upstream,
+            fleet_keys(route, fleet),
             metrics.clone(),
             tracker,
         );
@@ -196,8 +216,11 @@ impl TokenRoute {
             .headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
-        let parsed = KeyContext::of(&self.name, &parts, self.preserve_host)
-            .and_then(|context| request::parse(&self.keyer, &context, authorization, &body));
+        let context = match KeyContext::of(&self.name, &parts, self.preserve_host) {
+            Ok(context) => context,
+            Err(error) => return Answer::Ready(self.reject(error)),
+        };
+        let parsed = request::parse(&self.keyer, &context, authorization, &body);
         let (key, grant, client_id) = match parsed {
             Err(error) => return Answer::Ready(self.reject(error)),
             Ok(Parsed::PassThrough) => {
@@ -230,8 +253,13 @@ impl TokenRoute {
             }
         };
         // A flight sends the request on as the caller sent it.
-        let flight =
-            |landing, proven| Flight::new(landing, grant, &client_id, proven, &parts, &body);
+        let flight = |landing, proven| {
+            let fleet = self
+                .flights
+                .fleet()
+                .and_then(|keys| keys.key(grant, &context, authorization, &body, &client_id));
+            Flight::new(landing, grant, &client_id, proven, fleet, &parts, &body)
+        };
         self.serve(decision, now, flight)
     }
 
@@ -323,6 +351,17 @@ impl TokenRoute {
         }
         respond::landed(shared, fetch, role == Outcome::Coalesced, Instant::now())
     }
+}
+
+/// The route's keys into the fleet tier, if it is on and the route can use it: a pool of
+/// distinct tokens per key (`pool_size` > 1) is per pod, so such a route works alone.
+fn fleet_keys(route: &RouteConfig, fleet: Option<Arc<Fleet>>) -> Option<fleet::FleetKeys> {
+    let fleet = fleet?;
+    if route.token.pool_size > 1 {
+        tracing::warn!(route = %route.name, pool_size = route.token.pool_size, "shared tier off for this route: a pool of distinct tokens is kept per pod");
+        return None;
+    }
+    Some(fleet::FleetKeys::new(fleet, &route.upstream.to_string()))
 }
 
 impl RouteState for TokenRoute {

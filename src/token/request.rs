@@ -245,6 +245,15 @@ pub fn parse<'a>(
     })
 }
 
+/// A digest of a route and client id alone, for what a client's keys share (the fleet's
+/// cool-downs).
+pub fn client_digest(keyer: &Keyer, route: &str, client_id: &str) -> CacheKey {
+    let mut mac = keyer.0.clone();
+    field(&mut mac, TAG_ROUTE, route.as_bytes());
+    field(&mut mac, TAG_CLIENT, client_id.as_bytes());
+    CacheKey(mac.finalize().into_bytes().into())
+}
+
 /// The client's credentials, from exactly one authentication method (RFC 6749 §2.3); `None` for
 /// a client that has no secret to key on.
 fn credentials<'id, 's>(

@@ -23,6 +23,8 @@ pub mod oauth;
     reason = "for the binaries that run the sidecar as a process"
 )]
 pub mod process;
+#[allow(dead_code, reason = "for the binaries that test the fleet tier")]
+pub mod redis;
 #[allow(
     dead_code,
     reason = "each test binary drives a different part; support_selftest none"
