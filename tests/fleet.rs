@@ -434,3 +434,83 @@ fn the_shared_tier_without_a_key_file_or_with_a_short_one_is_exit_64() {
         "the key's bytes are never printed: {stderr}"
     );
 }
+
+/// `n` pods of `per` cold callers each, sharing `redis` through `url`, configured by `toml`: one
+/// provider call.
+async fn cold_herd(redis: &RedisServer, url: &str, toml: &str, pods: usize, per: usize) {
+    let idp = FakeProvider::start().await;
+    idp.set_default(Behavior::slow_token(300, Duration::from_millis(200)));
+    let key = fleet_key();
+    let (pods, _config) = fleet(&idp, url, &key, toml, pods).await;
+    let http = client();
+    let (count, pods) = (pods.len(), &pods);
+    let total = count * per;
+    let replies: Vec<Reply> = futures_util::stream::iter((0..total).map(|n| {
+        let (http, pod) = (&http, &pods[n % count]);
+        async move { token(http, pod, n % count, FORM).await }
+    }))
+    .buffer_unordered(total)
+    .collect()
+    .await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(idp.token_calls(), 1, "one provider call for the fleet");
+    assert!(
+        redis
+            .dump()
+            .iter()
+            .any(|(name, _)| name.starts_with(b"tsc:t:")),
+        "the token is in Redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_an_acl_user_in_the_url_shares_tokens() {
+    let pki = support::tls::test_pki();
+    let files = [
+        TempFile::new("redis.crt", pki.server_cert.as_bytes()),
+        TempFile::new("redis.key", pki.server_key.as_bytes()),
+        TempFile::new("ca.crt", pki.ca.as_bytes()),
+    ];
+    let args = [
+        "--tls-cert-file",
+        files[0].path(),
+        "--tls-key-file",
+        files[1].path(),
+        "--tls-ca-cert-file",
+        files[2].path(),
+        "--tls-auth-clients",
+        "no",
+        // The least an ACL user of the fleet tier needs: its keys, its channel, scripts.
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "sidecar",
+        "on",
+        ">s3cret-pw",
+        "~tsc:*",
+        "&token-sidecar:*",
+        "+@all",
+    ];
+    let redis = RedisServer::start_with(
+        args.iter().map(|a| (*a).to_owned()).collect(),
+        Some(pki.ca.clone()),
+        Some("sidecar:s3cret-pw".into()),
+    );
+    let toml = format!("[shared]\nca_file = {:?}\n", files[2].path());
+    cold_herd(&redis, &redis.url(), &toml, 2, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_logs_in() {
+    let redis = RedisServer::start_with(
+        vec!["--requirepass".into(), "from-a-file".into()],
+        None,
+        Some(":from-a-file".into()),
+    );
+    let password = TempFile::new("password", b"from-a-file\n");
+    // The URL the pods get carries no password: the file does.
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let toml = format!("[shared]\npassword_file = {:?}\n", password.path());
+    cold_herd(&redis, &url, &toml, 2, 20).await;
+}

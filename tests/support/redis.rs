@@ -11,6 +11,12 @@ use super::process::free_port;
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// Extra server arguments (TLS, ACL users), kept for restarts.
+    args: Vec<String>,
+    /// The PEM CA a TLS server's certificate chains to.
+    ca: Option<String>,
+    /// `user:password@` for the URL, when the server requires it.
+    auth: Option<String>,
 }
 
 impl Drop for RedisServer {
@@ -22,17 +28,32 @@ impl Drop for RedisServer {
 impl RedisServer {
     /// A fresh server on a free loopback port, answering `PING`.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(Vec::new(), None, None)
+    }
+
+    /// A server with `args`; `ca` for a TLS one (then `args` name its files), `auth` as
+    /// `user:password` when it requires a login.
+    pub fn start_with(args: Vec<String>, ca: Option<String>, auth: Option<String>) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
+            args,
+            ca,
+            auth,
         };
         server.restart();
         server
     }
 
-    /// `redis://127.0.0.1:<port>/0`.
+    /// `redis://127.0.0.1:<port>/0`, or `rediss://` and the login where the server needs them.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
+        let auth = self
+            .auth
+            .as_ref()
+            .map(|a| format!("{a}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}/0", self.port)
     }
 
     /// Kills the server (SIGKILL, by pid) and waits for it: what Redis loss looks like.
@@ -46,8 +67,16 @@ impl RedisServer {
     /// Starts the server (again) on the same port, empty, and waits until it answers.
     pub fn restart(&mut self) {
         self.stop();
+        let port = self.port.to_string();
+        let listen: [&str; 4] = if self.ca.is_some() {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1"])
+            .args(&self.args)
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .args(["--dir", &std::env::temp_dir().display().to_string()])
             .stdout(Stdio::null())
@@ -74,7 +103,17 @@ impl RedisServer {
 
     /// A plain synchronous connection, to look at what the server holds.
     pub fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
+        let client = match &self.ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone().into_bytes()),
+                },
+            )?,
+            None => redis::Client::open(self.url())?,
+        };
+        client.get_connection_with_timeout(Duration::from_secs(1))
     }
 
     /// Every key and its raw value (strings only; the fleet tier stores nothing else).
