@@ -1110,6 +1110,85 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_tier_layers_like_every_setting_and_needs_a_long_enough_key() {
+        let dir = std::env::temp_dir().join(format!("ts-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("fleet.key");
+        std::fs::write(&key, [b'k'; 40]).unwrap();
+        let short = dir.join("short.key");
+        std::fs::write(&short, b"0123456789\n").unwrap();
+        let file = format!(
+            "upstream = \"http://x\"\n[shared]\nredis = \"redis://file:6379/0\"\nkey_file = {:?}\ntimeout = \"20ms\"\n",
+            short.display()
+        );
+        let off = load(with_file(), &[], Some("upstream = \"http://x\"")).unwrap();
+        assert!(off.shared.is_none(), "off by default");
+
+        let e = load(with_file(), &[], Some(&file)).unwrap_err();
+        assert!(
+            e.0.contains("shared.key_file") && e.0.contains("at least 32"),
+            "{e}"
+        );
+        assert!(!e.0.contains("0123456789"), "the key is never quoted: {e}");
+
+        let key_env = key.display().to_string();
+        let env = [
+            ("TOKEN_SIDECAR_SHARED_REDIS", "redis://env:6379/1"),
+            ("TOKEN_SIDECAR_SHARED_KEY_FILE", key_env.as_str()),
+        ];
+        let c = load(with_file(), &env, Some(&file)).unwrap();
+        let shared = c.shared.unwrap();
+        assert_eq!(shared.redis, "redis://env:6379/1");
+        assert_eq!(
+            shared.timeout,
+            Duration::from_millis(20),
+            "the file's timeout"
+        );
+        assert_eq!(
+            shared.poll_interval,
+            Duration::from_millis(100),
+            "a default"
+        );
+
+        let flags = Overrides {
+            shared_redis: Some("rediss://u:p@flag:6380/0".into()),
+            ..with_file()
+        };
+        let c = load(flags, &env, Some(&file)).unwrap();
+        let shared = c.shared.unwrap();
+        assert_eq!(shared.redis, "rediss://u:p@flag:6380/0");
+        assert!(
+            !format!("{shared:?}").contains("u:p"),
+            "Debug hides the login"
+        );
+
+        let no_key = load(
+            Overrides::default(),
+            &[
+                ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
+                ("TOKEN_SIDECAR_SHARED_REDIS", "redis://r:6379"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(no_key.0.contains("shared.key_file"), "{no_key}");
+        let bad_scheme = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
+            ("TOKEN_SIDECAR_SHARED_REDIS", "http://r:6379"),
+            ("TOKEN_SIDECAR_SHARED_KEY_FILE", key_env.as_str()),
+        ];
+        let e = load(Overrides::default(), &bad_scheme, None).unwrap_err();
+        assert!(e.0.contains("redis:// or rediss://"), "{e}");
+        let slow = format!(
+            "upstream = \"http://x\"\n[shared]\nredis = \"redis://r\"\nkey_file = {:?}\ntimeout = \"10s\"\n",
+            key.display()
+        );
+        let e = load(with_file(), &[], Some(&slow)).unwrap_err();
+        assert!(e.0.starts_with("shared.timeout = 10s"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn workers_layer_like_every_setting_and_bad_values_are_named() {
         let file = "upstream = \"http://x\"\nworkers = 3";
         assert_eq!(load(with_file(), &[], Some(file)).unwrap().workers, 3);

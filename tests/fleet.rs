@@ -490,7 +490,21 @@ async fn rediss_with_an_acl_user_in_the_url_shares_tokens() {
         ">s3cret-pw",
         "~tsc:*",
         "&token-sidecar:*",
-        "+@all",
+        "-@all",
+        "+get",
+        "+set",
+        "+del",
+        "+exists",
+        "+pttl",
+        "+publish",
+        "+subscribe",
+        "+eval",
+        "+evalsha",
+        "+script|load",
+        "+ping",
+        "+select",
+        // Not for the sidecar: for this test's look at what Redis holds.
+        "+scan",
     ];
     let redis = RedisServer::start_with(
         args.iter().map(|a| (*a).to_owned()).collect(),
