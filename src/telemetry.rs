@@ -11,8 +11,12 @@ pub fn init(log: &LogConfig, env: impl Fn(&str) -> Option<String>) -> Result<(),
     let directives = env("RUST_LOG").unwrap_or_else(|| log.filter.clone());
     let filter =
         EnvFilter::try_new(&directives).map_err(|e| format!("log filter {directives:?}: {e}"))?;
+    // Colour only for a person at a terminal: a file, a pipe or a log collector gets plain text,
+    // and `NO_COLOR` (https://no-color.org) turns it off everywhere.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && env("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let result = match log.format {
         LogFormat::Text => builder.try_init(),

@@ -316,6 +316,22 @@ async fn trace_logs_never_carry_secrets_tokens_or_authorization() {
 }
 
 #[tokio::test]
+async fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    let idp = FakeProvider::start().await;
+    // stderr is a pipe here, as in a container's log file or `| tee`.
+    let sidecar = Running::start(&idp.url(), &[("TOKEN_SIDECAR_LOG_FORMAT", "text")]);
+    sidecar.wait_ready().await;
+    sidecar.terminate();
+    let (code, stderr) = sidecar.wait();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("route listening"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI escapes in piped logs: {stderr:?}"
+    );
+}
+
+#[tokio::test]
 async fn healthz_readyz_and_metrics_report_the_token_path() {
     let fx = Fixture::start("").await;
     let form = "grant_type=client_credentials&client_id=app&client_secret=hunter2";
