@@ -1,14 +1,16 @@
 //! The admin listener, kept apart from the token listeners so probes and scrapes never compete
-//! with apps and it can stay on loopback: liveness, readiness and Prometheus metrics.
+//! with apps and it can stay on loopback: liveness, readiness, Prometheus metrics, and `/status`
+//! (each route's keys, calls, cool-downs and limits as JSON, by client hash only).
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use crate::body::{Body, full};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteState};
+use crate::shared::Fleet;
 
 /// What the admin endpoints report.
 #[derive(Debug)]
@@ -17,6 +19,29 @@ pub(crate) struct AdminState {
     pub ready: AtomicBool,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// The routes, for `/status`.
+    pub routes: Vec<Weak<dyn RouteState>>,
+    /// The fleet tier, for `/status`.
+    pub fleet: Option<Arc<Fleet>>,
+}
+
+/// The `/status` document.
+fn status(state: &AdminState) -> String {
+    let routes: Vec<serde_json::Value> = state
+        .routes
+        .iter()
+        .filter_map(Weak::upgrade)
+        .map(|route| route.status())
+        .collect();
+    let shared = state.fleet.as_ref().map(|fleet| fleet.status());
+    let document = serde_json::json!({
+        "ready": state.ready.load(Ordering::Acquire),
+        "shared": shared,
+        "routes": routes,
+    });
+    let mut text = serde_json::to_string_pretty(&document).expect("JSON values serialise");
+    text.push('\n');
+    text
 }
 
 /// Answers one admin request.
@@ -44,7 +69,10 @@ pub(crate) async fn handle(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(),
         ),
-        (_, "/healthz" | "/readyz" | "/metrics") => (
+        (&Method::GET | &Method::HEAD, "/status") => {
+            (StatusCode::OK, "application/json", status(&state))
+        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/status") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "use GET\n".to_owned(),
@@ -52,7 +80,7 @@ pub(crate) async fn handle(
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz, /readyz or /metrics\n".to_owned(),
+            "not found: try /healthz, /readyz, /metrics or /status\n".to_owned(),
         ),
     };
     let mut response = Response::new(full(body));

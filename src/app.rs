@@ -112,6 +112,8 @@ pub struct App {
     closed: CancellationToken,
     /// The fleet tier, when `[shared]` is configured.
     fleet: Option<Arc<Fleet>>,
+    /// The routes as the admin listener's `/status` sees them.
+    states: Vec<Weak<dyn RouteState>>,
 }
 
 impl App {
@@ -165,7 +167,7 @@ impl App {
             .iter()
             .map(|route| Arc::downgrade(&route.token) as Weak<dyn RouteState>)
             .collect();
-        metrics.register_routes(states);
+        metrics.register_routes(states.clone());
         Ok(App {
             config: config.clone(),
             routes,
@@ -173,6 +175,7 @@ impl App {
             flights,
             closed,
             fleet,
+            states,
         })
     }
 
@@ -190,6 +193,8 @@ impl App {
         let admin_state = Arc::new(AdminState {
             ready: AtomicBool::new(false),
             metrics: self.metrics.clone(),
+            routes: self.states.clone(),
+            fleet: self.fleet.clone(),
         });
         let stop = CancellationToken::new();
         let closed = self.closed.clone();

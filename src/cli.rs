@@ -1,9 +1,9 @@
 //! The command line: the sidecar's flags (each with a `TOKEN_SIDECAR_*` twin read by
-//! [`crate::config`]) and the `healthcheck` subcommand for images without a shell.
+//! [`crate::config`]), and the `healthcheck` and `status` subcommands for images without a
+//! shell.
 
 use clap::{Parser, Subcommand};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ pub struct Cli {
     /// Where local apps connect [env: TOKEN_SIDECAR_LISTEN] [default: 127.0.0.1:8080]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// The admin listener (healthz, readyz, metrics) [env: TOKEN_SIDECAR_ADMIN] [default: 127.0.0.1:9901]
+    /// The admin listener (healthz, readyz, metrics, status) [env: TOKEN_SIDECAR_ADMIN] [default: 127.0.0.1:9901]
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
     /// A TOML config file [env: TOKEN_SIDECAR_CONFIG]
@@ -60,6 +60,19 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Prints a running sidecar's /status as tables: keys by client hash with their time left,
+    /// calls in progress, cool-downs, limits (`--json` for the document itself).
+    Status {
+        /// The admin address to ask [env: TOKEN_SIDECAR_ADMIN] [default: 127.0.0.1:9901]
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<SocketAddr>,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Print the JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Cli {
@@ -80,44 +93,6 @@ impl Cli {
 }
 
 /// Probes `GET /readyz` on the admin address. A wildcard bind address is probed on loopback.
-pub fn healthcheck(mut admin: SocketAddr, timeout: Duration) -> Result<(), String> {
-    if admin.ip().is_unspecified() {
-        admin.set_ip(if admin.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let mut stream =
-        TcpStream::connect_timeout(&admin, timeout).map_err(|e| format!("{admin}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(
-            format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(|e| format!("{admin}: {e}"))?;
-    let mut head = [0u8; 64];
-    let mut read = 0;
-    while read < 12 {
-        match stream.read(&mut head[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) => return Err(format!("{admin}: {e}")),
-        }
-    }
-    let status_line = String::from_utf8_lossy(&head[..read]);
-    if status_line.starts_with("HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(format!(
-            "{admin}/readyz: {}",
-            status_line.lines().next().unwrap_or("no answer")
-        ))
-    }
+pub fn healthcheck(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
+    crate::status::admin_get(admin, "/readyz", timeout).map(drop)
 }

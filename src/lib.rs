@@ -13,7 +13,8 @@
 //! - [`forward`]: streaming pass-through proxying, upgrades included;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
 //!   pooling, the token exchange), shared by the two above;
-//! - [`admin`]: liveness, readiness and metrics endpoints;
+//! - [`admin`]: liveness, readiness, metrics and `/status` endpoints; [`status`]: the
+//!   `status` subcommand that prints `/status`;
 //! - [`metrics`], [`telemetry`]: observability, free of secrets;
 //! - [`error`], [`body`]: the request path's error type and its responses, the one body type.
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub(crate) mod metrics;
 pub(crate) mod router;
 pub(crate) mod server;
 pub mod shared;
+pub mod status;
 pub mod telemetry;
 pub mod token;
 pub(crate) mod tunnel;

@@ -6,7 +6,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use token_sidecar::cli::{Cli, Command, healthcheck};
 use token_sidecar::config::{Config, ConfigError, Overrides, admin_address};
-use token_sidecar::{App, Listeners, StartupError, telemetry};
+use token_sidecar::{App, Listeners, StartupError, status, telemetry};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
@@ -38,6 +38,31 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("token-sidecar healthcheck: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    if let Some(Command::Status {
+        admin,
+        timeout,
+        json,
+    }) = &cli.command
+    {
+        let flags = Overrides {
+            admin: admin.or(cli.admin),
+            ..cli.overrides()
+        };
+        let fetched = admin_address(&flags, env, |path| std::fs::read_to_string(path))
+            .map_err(|e| e.to_string())
+            .and_then(|admin| status::command(admin, *timeout, *json));
+        return match fetched {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("token-sidecar status: {e}");
                 ExitCode::FAILURE
             }
         };

@@ -13,9 +13,12 @@ use prometheus_client::registry::Registry;
 use std::sync::Weak;
 use std::time::Duration;
 
-/// What a route shows at scrape time. Implemented by the token path; the metrics know the
-/// labels, not the types behind them.
+/// What a route shows at scrape time and on `/status`. Implemented by the token path; the
+/// metrics and the admin listener know the labels, not the types behind them.
 pub(crate) trait RouteState: Send + Sync + std::fmt::Debug {
+    /// The route's state for `/status`: keys, calls in progress, cool-downs and limits, by
+    /// client hash only.
+    fn status(&self) -> serde_json::Value;
     /// The route's name, the `route` label.
     fn name(&self) -> &str;
     /// Cached keys.

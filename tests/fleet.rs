@@ -404,6 +404,16 @@ async fn a_sidecar_whose_redis_is_down_is_ready_and_serves_alone() {
         metrics.contains("token_sidecar_shared_breaker_state 1"),
         "{metrics}"
     );
+    let status = send(
+        &http,
+        http::Request::get(format!("http://127.0.0.1:{}/status", pods[0].admin))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .json();
+    assert_eq!(status["shared"]["breaker"], "open", "{status}");
+    assert_eq!(status["routes"][0]["shared"], true, "{status}");
 }
 
 #[test]

@@ -442,6 +442,88 @@ async fn healthcheck_subcommand_reflects_readiness() {
     assert_eq!(down.0, 1, "{}", down.1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_keys_and_cool_downs_by_client_hash_only() {
+    let fx = Fixture::start("").await;
+    let secret = "status-SECRET-77";
+    let form = format!("grant_type=client_credentials&client_id=status-app&client_secret={secret}");
+    let token = fx.post_token(&form).await;
+    assert_eq!(token.status, 200);
+    let access_token = token.json()["access_token"].as_str().unwrap().to_owned();
+    fx.idp.push(Behavior::status(429, Some("60")));
+    let held = fx
+        .post_token("grant_type=client_credentials&client_id=held-app&client_secret=x")
+        .await;
+    assert_eq!(held.status, 429);
+
+    let status = get(&format!("{}/status", fx.sidecar.admin_url)).await;
+    assert_eq!(status.status, 200);
+    assert_eq!(
+        status.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let text = status.text();
+    for leak in [secret, access_token.as_str(), "status-app", "held-app"] {
+        assert!(!text.contains(leak), "{leak:?} on /status: {text}");
+    }
+    let document = status.json();
+    assert_eq!(document["ready"], true);
+    assert!(document["shared"].is_null());
+    let route = &document["routes"][0];
+    assert_eq!(route["name"], "default");
+    assert_eq!(route["keys_total"], 2);
+    let ours = token_sidecar::telemetry::client_hash("status-app");
+    let key = route["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["client"] == ours.as_str())
+        .unwrap_or_else(|| panic!("no key for {ours}: {text}"));
+    let ttl = key["ttl_s"].as_u64().unwrap();
+    assert!(ttl > 3000 && ttl <= 3600, "{ttl}");
+    assert_eq!(key["tokens"], 1);
+    let theirs = token_sidecar::telemetry::client_hash("held-app");
+    let cooldown = &route["cooldowns"][0];
+    assert_eq!(cooldown["client"], theirs.as_str());
+    let left = cooldown["left_s"].as_u64().unwrap();
+    assert!((55..=60).contains(&left), "{left}");
+    assert_eq!(route["limiter"]["max_concurrent_calls"], 64);
+
+    // The subcommand prints the same as tables.
+    let admin = fx
+        .sidecar
+        .admin_url
+        .trim_start_matches("http://")
+        .to_owned();
+    let printed = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(support::process::BIN)
+            .args(["status", "--admin", &admin])
+            .env_clear()
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&printed.stdout);
+    assert!(printed.status.success(), "{table}");
+    assert!(
+        table.contains("route default: 2 keys, 1 cool-downs"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&ours) && l.contains("serving")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&theirs) && l.trim_end().ends_with('s')),
+        "{table}"
+    );
+}
+
 #[test]
 fn the_documented_example_config_loads_with_the_defaults_it_claims() {
     use token_sidecar::config::{Config, Limits, Overrides, TokenConfig};

@@ -263,6 +263,16 @@ impl Fleet {
         })
     }
 
+    /// What `/status` shows: the server (without its login) and the breaker.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let breaker = match self.breaker.state() {
+            breaker::State::Closed => "closed",
+            breaker::State::Open => "open",
+            breaker::State::HalfOpen => "half-open",
+        };
+        serde_json::json!({"redis": self.address, "breaker": breaker})
+    }
+
     /// The fleet secret, for deriving the token path's keys.
     pub(crate) fn secret(&self) -> &FleetSecret {
         &self.secret

@@ -62,6 +62,9 @@ struct EntryState {
     /// shown it holds valid credentials. Unproven keys' calls are paced per client id, and their
     /// holds do not stop proven keys (see `docs/SECURITY.md`).
     proven: bool,
+    /// The first bytes of the client id's SHA-256, set by the first flight: the key's name on
+    /// `/status`, never the id.
+    client: Option<[u8; 4]>,
 }
 
 /// One cache entry.
@@ -283,6 +286,11 @@ pub(crate) struct Landing {
 }
 
 impl Landing {
+    /// Names the entry's client for `/status` (a hash prefix, never the id).
+    pub(crate) fn name_client(&self, client: [u8; 4]) {
+        self.entry.lock().client = Some(client);
+    }
+
     /// How many callers are waiting for this flight now.
     pub(crate) fn waiters(&self) -> usize {
         // The entry keeps a receiver of its own, for callers that join later.
@@ -335,6 +343,19 @@ pub(crate) struct Full;
 /// After a scan of a full cache found nothing to evict, new keys are refused for this long
 /// without scanning again, so a flood of new keys costs one scan per period, not one per key.
 const FULL_MEMO_MS: u64 = 50;
+
+/// One key as `/status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyView {
+    /// The client's hash prefix, once a flight named it.
+    pub(crate) client: Option<[u8; 4]>,
+    /// Whole seconds the longest-serving token has left; `None` with nothing to serve.
+    pub(crate) ttl_secs: Option<u64>,
+    /// Servable tokens.
+    pub(crate) tokens: usize,
+    /// An upstream call is in progress for the key.
+    pub(crate) calling: bool,
+}
 
 /// All entries of one route.
 #[derive(Debug)]
@@ -412,6 +433,36 @@ impl Cache {
 
     fn stamp(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// What `/status` shows of the keys at `now`: at most `limit` of them (those with the most
+    /// serving time left first), and how many there are.
+    pub(crate) fn snapshot(&self, now: Instant, limit: usize) -> (Vec<KeyView>, usize) {
+        let mut keys: Vec<KeyView> = self
+            .entries
+            .iter()
+            .map(|entry| {
+                let state = entry.lock();
+                let ttl = state
+                    .tokens
+                    .iter()
+                    .filter(|t| t.servable(now))
+                    .map(|t| t.ttl_secs(now))
+                    .max();
+                KeyView {
+                    client: state.client,
+                    ttl_secs: ttl,
+                    tokens: state.tokens.iter().filter(|t| t.servable(now)).count(),
+                    calling: state.flight.is_some(),
+                }
+            })
+            .collect();
+        let total = keys.len();
+        keys.sort_unstable_by_key(|k| {
+            (std::cmp::Reverse(k.calling), std::cmp::Reverse(k.ttl_secs))
+        });
+        keys.truncate(limit);
+        (keys, total)
     }
 
     /// Number of keys.

@@ -23,6 +23,11 @@ impl ClientKey {
         ClientKey(Sha256::digest(client_id.as_bytes()).into())
     }
 
+    /// The first four bytes, for tables that name clients more compactly (see [`Self::label`]).
+    pub(crate) fn prefix(&self) -> [u8; 4] {
+        [self.0[0], self.0[1], self.0[2], self.0[3]]
+    }
+
     /// The client's name in logs and metric labels: the same eight hex digits as
     /// [`crate::telemetry::client_hash`] gives for the id.
     pub(crate) fn label(&self) -> String {

@@ -210,6 +210,12 @@ impl Flights {
         active.into_iter().collect()
     }
 
+    /// The outbound limiter's state now: calls in progress, the cap, and the per-second budget
+    /// left (`None` without a rate limit).
+    pub(crate) fn limiter_state(&self) -> (usize, usize, Option<f64>) {
+        self.limiter.state(Instant::now())
+    }
+
     fn holds_for(&self, proven: bool) -> &Cooldowns {
         if proven {
             &self.holds
@@ -220,6 +226,7 @@ impl Flights {
 
     /// Starts `flight` in its own tracked task.
     pub(crate) fn launch(self: &Arc<Self>, flight: Flight) {
+        flight.landing.name_client(flight.client.prefix());
         let flights = self.clone();
         self.tracker.spawn(async move { flights.fly(flight).await });
     }

@@ -56,6 +56,8 @@ impl Bucket {
 #[derive(Debug)]
 pub(crate) struct Limiter {
     calls: Arc<Semaphore>,
+    /// The semaphore's size, for `/status`.
+    max_concurrent: usize,
     bucket: Option<Bucket>,
 }
 
@@ -77,8 +79,21 @@ impl Limiter {
         });
         Limiter {
             calls: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            max_concurrent: max_concurrent.max(1),
             bucket,
         }
+    }
+
+    /// Calls in progress, the most allowed, and the calls the per-second bucket holds at `now`
+    /// (`None` without a rate limit; negative: reservations waiting).
+    pub(crate) fn state(&self, now: Instant) -> (usize, usize, Option<f64>) {
+        let in_progress = self.max_concurrent - self.calls.available_permits();
+        let budget = self.bucket.as_ref().map(|bucket| {
+            let (tokens, at) = *bucket.level.lock().unwrap_or_else(|e| e.into_inner());
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * bucket.rate)
+                .min(bucket.burst)
+        });
+        (in_progress, self.max_concurrent, budget)
     }
 
     /// Waits for the right to make one call, up to `max_wait`. The permit is held for the

@@ -364,9 +364,60 @@ fn fleet_keys(route: &RouteConfig, fleet: Option<Arc<Fleet>>) -> Option<fleet::F
     Some(fleet::FleetKeys::new(fleet, &route.upstream.to_string()))
 }
 
+/// Most keys `/status` lists per route (they are all counted).
+const STATUS_KEYS: usize = 200;
+
+fn hex4(prefix: [u8; 4]) -> String {
+    prefix.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl RouteState for TokenRoute {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let (keys, total) = self.cache.snapshot(now, STATUS_KEYS);
+        let flights = keys.iter().filter(|k| k.calling).count();
+        let keys: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|key| {
+                serde_json::json!({
+                    "client": key.client.map(hex4),
+                    "ttl_s": key.ttl_secs,
+                    "tokens": key.tokens,
+                    "calling": key.calling,
+                })
+            })
+            .collect();
+        let mut holds = self.flights.active_holds(now);
+        holds.sort_by_key(|(_, left)| std::cmp::Reverse(*left));
+        let cooldowns: Vec<serde_json::Value> = holds
+            .iter()
+            .take(STATUS_KEYS)
+            .map(|(client, left)| {
+                serde_json::json!({"client": client.label(), "left_s": ceil_secs(*left)})
+            })
+            .collect();
+        let (in_progress, max_concurrent, budget) = self.flights.limiter_state();
+        serde_json::json!({
+            "name": self.name,
+            "keys_total": total,
+            "keys_listed": keys.len(),
+            "keys": keys,
+            "flights_listed": flights,
+            "upstream_calls_in_progress": in_progress,
+            "cooldowns_total": holds.len(),
+            "cooldowns": cooldowns,
+            "limiter": {
+                "calls_in_progress": in_progress,
+                "max_concurrent_calls": max_concurrent,
+                "calls_per_second": self.config.calls_per_second,
+                "calls_available": budget,
+            },
+            "shared": self.flights.fleet().is_some(),
+        })
     }
 
     fn cache_len(&self) -> usize {

@@ -1,0 +1,206 @@
+//! The `token-sidecar status` subcommand: fetches the admin listener's `/status` and prints it
+//! as tables an operator can read at a glance (routes, keys by client hash, calls in progress,
+//! cool-downs, limits, the shared tier's breaker). Like `healthcheck`, it needs no shell or curl
+//! in the image.
+
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// `GET path` on the admin address; the body of a 200 answer. A wildcard bind address is asked
+/// on loopback.
+pub fn admin_get(mut admin: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
+    if admin.ip().is_unspecified() {
+        admin.set_ip(if admin.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let fail = |e: std::io::Error| format!("{admin}: {e}");
+    let mut stream = TcpStream::connect_timeout(&admin, timeout).map_err(fail)?;
+    stream.set_read_timeout(Some(timeout)).map_err(fail)?;
+    stream.set_write_timeout(Some(timeout)).map_err(fail)?;
+    stream
+        .write_all(
+            // HTTP/1.0: the answer is the rest of the stream, never chunked.
+            format!("GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes(),
+        )
+        .map_err(fail)?;
+    let mut answer = Vec::new();
+    // The admin listener's answers are small; a megabyte bounds a confused peer.
+    stream
+        .take(1 << 20)
+        .read_to_end(&mut answer)
+        .map_err(fail)?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{admin}{path}: no complete answer"))?;
+    let status_line = head.lines().next().unwrap_or("");
+    if status_line.split(' ').nth(1) != Some("200") {
+        return Err(format!("{admin}{path}: {status_line}"));
+    }
+    Ok(body.to_owned())
+}
+
+/// The subcommand: `/status` of the sidecar at `admin`, as tables or (`json`) as it came.
+pub fn command(admin: SocketAddr, timeout: Duration, json: bool) -> Result<String, String> {
+    let body = admin_get(admin, "/status", timeout)?;
+    if json {
+        return Ok(body);
+    }
+    let document = serde_json::from_str(&body).map_err(|e| format!("/status is not JSON: {e}"))?;
+    Ok(render(&document))
+}
+
+/// The `/status` document as text tables.
+pub fn render(document: &Value) -> String {
+    let mut out = String::new();
+    let ready = document["ready"].as_bool().unwrap_or(false);
+    let _ = writeln!(
+        out,
+        "ready: {}",
+        if ready {
+            "yes"
+        } else {
+            "no (draining or starting)"
+        }
+    );
+    match document["shared"].as_object() {
+        Some(shared) => {
+            let _ = writeln!(
+                out,
+                "shared tier: {} (breaker {})",
+                shared["redis"].as_str().unwrap_or("?"),
+                shared["breaker"].as_str().unwrap_or("?")
+            );
+        }
+        None => out.push_str("shared tier: off\n"),
+    }
+    for route in document["routes"].as_array().into_iter().flatten() {
+        render_route(&mut out, route);
+    }
+    out
+}
+
+fn render_route(out: &mut String, route: &Value) {
+    let limiter = &route["limiter"];
+    let rate = match limiter["calls_per_second"].as_f64() {
+        Some(rate) if rate > 0.0 => format!(
+            ", {rate}/s ({:.1} available)",
+            limiter["calls_available"].as_f64().unwrap_or(0.0)
+        ),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "\nroute {}: {} keys, {} cool-downs, upstream calls {}/{} in progress{rate}{}",
+        route["name"].as_str().unwrap_or("?"),
+        route["keys_total"],
+        route["cooldowns_total"],
+        limiter["calls_in_progress"],
+        limiter["max_concurrent_calls"],
+        if route["shared"].as_bool() == Some(true) {
+            ", shared"
+        } else {
+            ""
+        }
+    );
+    let keys = route["keys"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>8} {:>6}  STATE",
+            "CLIENT", "TTL", "TOKENS"
+        );
+        for key in keys {
+            let ttl = key["ttl_s"]
+                .as_u64()
+                .map_or("-".to_owned(), |s| format!("{s}s"));
+            let state = match (
+                key["calling"].as_bool() == Some(true),
+                key["tokens"].as_u64(),
+            ) {
+                (true, Some(0)) => "calling",
+                (true, _) => "refreshing",
+                (false, Some(0)) => "empty",
+                (false, _) => "serving",
+            };
+            let _ = writeln!(
+                out,
+                "  {:<10} {:>8} {:>6}  {state}",
+                key["client"].as_str().unwrap_or("-"),
+                ttl,
+                key["tokens"].to_string()
+            );
+        }
+        let listed = keys.len() as u64;
+        if route["keys_total"]
+            .as_u64()
+            .is_some_and(|total| total > listed)
+        {
+            let _ = writeln!(out, "  ... {listed} of {} keys listed", route["keys_total"]);
+        }
+    }
+    let cooldowns = route["cooldowns"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !cooldowns.is_empty() {
+        let _ = writeln!(out, "  {:<10} {:>8}", "COOLING", "LEFT");
+        for hold in cooldowns {
+            let _ = writeln!(
+                out,
+                "  {:<10} {:>7}s",
+                hold["client"].as_str().unwrap_or("-"),
+                hold["left_s"].to_string()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_document_renders_as_tables() {
+        let document = serde_json::json!({
+            "ready": true,
+            "shared": {"redis": "redis://…@r:6379/0", "breaker": "open"},
+            "routes": [{
+                "name": "default", "keys_total": 3, "keys_listed": 2, "cooldowns_total": 1,
+                "shared": true,
+                "keys": [
+                    {"client": "ab12cd34", "ttl_s": 3541, "tokens": 1, "calling": true},
+                    {"client": null, "ttl_s": null, "tokens": 0, "calling": true}
+                ],
+                "cooldowns": [{"client": "ef56ab78", "left_s": 12}],
+                "limiter": {"calls_in_progress": 1, "max_concurrent_calls": 64,
+                            "calls_per_second": 5.0, "calls_available": 4.5}
+            }]
+        });
+        let text = render(&document);
+        assert!(
+            text.contains("shared tier: redis://…@r:6379/0 (breaker open)"),
+            "{text}"
+        );
+        assert!(text.contains("route default: 3 keys, 1 cool-downs, upstream calls 1/64 in progress, 5/s (4.5 available), shared"), "{text}");
+        assert!(
+            text.contains("ab12cd34      3541s      1  refreshing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-                 -      0  calling"),
+            "{text}"
+        );
+        assert!(text.contains("... 2 of 3 keys listed"), "{text}");
+        assert!(text.contains("ef56ab78        12s"), "{text}");
+    }
+}
