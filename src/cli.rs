@@ -60,6 +60,9 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Shows what the sidecar does, with a built-in throttling provider on loopback: 100 clients
+    /// fetch tokens directly, then through the sidecar, and the two are compared.
+    Demo(DemoArgs),
     /// Prints a running sidecar's /status as tables: keys by client hash with their time left,
     /// calls in progress, cool-downs, limits (`--json` for the document itself).
     Status {
@@ -73,6 +76,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The `demo` subcommand's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Keep the demo provider and a sidecar running (on --listen and --admin) to try with curl.
+    #[arg(long)]
+    pub serve: bool,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=2000))]
+    pub clients: u16,
+    /// How long each way of the story runs.
+    #[arg(long, default_value = "5s", value_parser = parse_phase)]
+    pub seconds: Duration,
+    /// Token calls the demo provider answers per second (the rest get 429).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub rate: u64,
+    /// Lifetime of the demo provider's tokens [default: 4s for the story, 60s with --serve]
+    #[arg(long, value_parser = parse_lifetime)]
+    pub lifetime: Option<Duration>,
+    /// With --serve: where the sidecar listens [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// With --serve: the sidecar's admin listener [default: 127.0.0.1:9901]
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
 }
 
 impl Cli {
@@ -90,6 +119,26 @@ impl Cli {
             shared_key_file: self.shared_key_file.clone(),
         }
     }
+}
+
+/// A story phase: a whole number of seconds from 1 to 60, or a humantime duration in that range.
+fn parse_phase(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text)
+        .or_else(|_| text.parse::<u64>().map(Duration::from_secs))
+        .map_err(|_| format!("{text:?}: give seconds, e.g. 5s"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(60) {
+        return Err(format!("{text:?}: from 1s to 60s"));
+    }
+    Ok(d)
+}
+
+/// A demo token lifetime: at least 3 s (shorter ones are not cached), at most a day.
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if d < Duration::from_secs(3) || d > Duration::from_secs(86_400) {
+        return Err(format!("{text:?}: from 3s to 24h"));
+    }
+    Ok(Duration::from_secs(d.as_secs()))
 }
 
 /// Probes `GET /readyz` on the admin address. A wildcard bind address is probed on loopback.

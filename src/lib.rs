@@ -4,6 +4,7 @@
 //!
 //! Map of the crate, from the outside in:
 //! - [`cli`], [`config`]: the command line, and typed configuration with layering and validation;
+//! - [`demo`]: `token-sidecar demo`, a built-in throttling provider and the story it tells;
 //! - [`genesys`]: the Genesys Cloud region table and the routes a region expands to;
 //! - [`app`]: building the parts before any port is bound, serving, draining; startup errors;
 //! - [`server`]: accept loops, connection limits, graceful drain;
@@ -25,6 +26,7 @@ pub mod app;
 pub(crate) mod body;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub(crate) mod error;
 pub(crate) mod forward;
 pub mod genesys;

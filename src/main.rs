@@ -4,9 +4,10 @@
 
 use clap::Parser;
 use std::process::ExitCode;
+use token_sidecar::app::shutdown_signal;
 use token_sidecar::cli::{Cli, Command, healthcheck};
 use token_sidecar::config::{Config, ConfigError, Overrides, admin_address};
-use token_sidecar::{App, Listeners, StartupError, status, telemetry};
+use token_sidecar::{App, Listeners, StartupError, demo, status, telemetry};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
@@ -38,6 +39,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("token-sidecar healthcheck: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    if let Some(Command::Demo(args)) = &cli.command {
+        return match demo::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("token-sidecar demo: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -122,21 +133,4 @@ fn runtime(workers: usize) -> tokio::runtime::Builder {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(threads);
     builder
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown signal received");
 }
