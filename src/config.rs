@@ -434,14 +434,28 @@ fn err(message: impl Into<String>) -> ConfigError {
 impl Config {
     /// Builds the configuration from flags, an environment lookup, and the file the flags or the
     /// environment name (read with `read_file`).
+    ///
+    /// A value the file gave that fails validation is reported with the file and its line.
     pub fn load(
         flags: Overrides,
         env: impl Fn(&str) -> Option<String>,
         read_file: impl Fn(&std::path::Path) -> std::io::Result<String>,
     ) -> Result<Config, ConfigError> {
         let env = non_empty(env);
-        let env_addr = |name: &str| env_addr(&env, name);
-        let file = read_config_file(&flags, &env, &read_file)?;
+        let (file, source) = read_config_file(&flags, &env, &read_file)?;
+        Config::assemble(flags, &env, file).map_err(|e| match &source {
+            Some((path, text)) => with_line(e, path, text),
+            None => e,
+        })
+    }
+
+    /// The layering and validation of [`Config::load`], once the file is parsed.
+    fn assemble(
+        flags: Overrides,
+        env: &impl Fn(&str) -> Option<String>,
+        file: FileConfig,
+    ) -> Result<Config, ConfigError> {
+        let env_addr = |name: &str| env_addr(env, name);
 
         let upstream = flags
             .upstream
@@ -560,7 +574,7 @@ impl Config {
             )?);
         }
 
-        let shared = shared_config(&flags, &env, file.shared.clone().unwrap_or_default())?;
+        let shared = shared_config(&flags, env, file.shared.clone().unwrap_or_default())?;
         let config = Config {
             admin,
             shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(10)),
@@ -892,6 +906,7 @@ pub fn admin_address(
         return Ok(addr);
     }
     Ok(read_config_file(flags, &env, &read_file)?
+        .0
         .admin
         .unwrap_or_else(default_admin))
 }
@@ -1001,17 +1016,17 @@ fn read_config_file(
     flags: &Overrides,
     env: &impl Fn(&str) -> Option<String>,
     read_file: &impl Fn(&std::path::Path) -> std::io::Result<String>,
-) -> Result<FileConfig, ConfigError> {
+) -> Result<(FileConfig, Option<(PathBuf, String)>), ConfigError> {
     let path = flags
         .config
         .clone()
         .or_else(|| env("TOKEN_SIDECAR_CONFIG").map(PathBuf::from));
     let Some(path) = path else {
-        return Ok(FileConfig::default());
+        return Ok((FileConfig::default(), None));
     };
     let text = read_file(&path)
         .map_err(|e| err(format!("cannot read config file {}: {e}", path.display())))?;
-    toml::from_str::<FileConfig>(&text).map_err(|e| {
+    let file = toml::from_str::<FileConfig>(&text).map_err(|e| {
         let at = e
             .span()
             .map(|s| format!(" (at {})", line_col(&text, s.start)))
@@ -1021,7 +1036,97 @@ fn read_config_file(
             path.display(),
             e.message().trim_end()
         ))
-    })
+    })?;
+    Ok((file, Some((path, text))))
+}
+
+/// Adds where the file sets the value an error is about: `error` starts with the key's path
+/// (`limits.max_streams`, `routes[1] (eu).token.wait_timeout`, `shared.timeout`, `workers`).
+fn with_line(error: ConfigError, path: &std::path::Path, text: &str) -> ConfigError {
+    // A route's part, `routes[1] (eu)`, has a space of its own.
+    let route_part = match error.0.starts_with("routes[") {
+        true => error.0.find(").").map_or(0, |at| at + 1),
+        false => 0,
+    };
+    let end = error.0[route_part..]
+        .find([' ', ':'])
+        .map_or(error.0.len(), |at| route_part + at);
+    let key_path = error.0[..end].to_owned();
+    match locate(text, &key_path) {
+        Some(line) => ConfigError(format!(
+            "{} (config file {}, line {line})",
+            error.0,
+            path.display()
+        )),
+        None => error,
+    }
+}
+
+/// The line of a TOML file that sets `key_path`, found by reading its table headers: a route's
+/// key in its own `[[routes]]` (by name) or in the top-level table it falls back to.
+fn locate(text: &str, key_path: &str) -> Option<usize> {
+    let (route, rest) = match key_path.strip_prefix("routes[") {
+        Some(tail) => {
+            let name = tail.split_once("(")?.1.split_once(")")?;
+            (Some(name.0), name.1.strip_prefix('.')?)
+        }
+        None => (None, key_path),
+    };
+    let (table, key) = rest.rsplit_once('.').unwrap_or(("", rest));
+    // (section, which [[routes]] it belongs to, line, key)
+    let mut keys: Vec<(String, Option<usize>, usize, String)> = Vec::new();
+    let mut names: Vec<Option<String>> = Vec::new();
+    let mut section = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix("[[").and_then(|l| l.split_once("]]")) {
+            section = header.0.trim().to_owned();
+            names.push(None);
+        } else if let Some(header) = line.strip_prefix('[').and_then(|l| l.split_once(']')) {
+            section = header.0.trim().to_owned();
+        } else if let Some((name, value)) = line.split_once('=') {
+            let name = name.trim().trim_matches('"').to_owned();
+            let in_route = section
+                .starts_with("routes")
+                .then(|| names.len().saturating_sub(1));
+            if section == "routes" && name == "name" {
+                if let Some(last) = names.last_mut() {
+                    *last = Some(value.trim().trim_matches('"').to_owned());
+                }
+            }
+            keys.push((section.clone(), in_route, n + 1, name));
+        }
+    }
+    let find = |wanted_section: &str, route_index: Option<usize>| {
+        keys.iter().find_map(|(section, index, line, name)| {
+            let full = if section.is_empty() {
+                name.clone()
+            } else {
+                format!("{section}.{name}")
+            };
+            let wanted = if wanted_section.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{wanted_section}.{key}")
+            };
+            (*index == route_index && full == wanted).then_some(*line)
+        })
+    };
+    if let Some(name) = route {
+        let index = names
+            .iter()
+            .position(|n| n.as_deref() == Some(name))
+            .or_else(|| name.strip_prefix("route").and_then(|i| i.parse().ok()));
+        let in_route = if table.is_empty() {
+            "routes".to_owned()
+        } else {
+            format!("routes.{table}")
+        };
+        if let Some(line) = index.and_then(|i| find(&in_route, Some(i))) {
+            return Some(line);
+        }
+    }
+    find(table, None)
 }
 
 /// `line L, column C` of a byte offset, for error messages.
@@ -1186,6 +1291,62 @@ mod tests {
         let e = load(with_file(), &[], Some(&slow)).unwrap_err();
         assert!(e.0.starts_with("shared.timeout = 10s"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_values_from_the_file_name_its_line() {
+        let cases = [
+            (
+                "upstream = \"http://x\"\n\n[token]\nmax_lifetime = \"1s\"\n",
+                "routes[0] (default).token.max_lifetime",
+                4,
+            ),
+            (
+                "upstream = \"http://x\"\n[limits]\nmax_streams = 0\n",
+                "limits.max_streams",
+                3,
+            ),
+            (
+                "upstream = \"http://x\"\nworkers = 5000\n",
+                "workers = 5000",
+                2,
+            ),
+            (
+                "upstream = \"http://x\"\ntoken.pool_size = 99\n",
+                "routes[0] (default).token.pool_size",
+                2,
+            ),
+            (
+                "[token]\nwait_timeout = \"9s\"\n[[routes]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://a\"\n[[routes]]\nname = \"b\"\nlisten = \"127.0.0.1:2\"\nupstream = \"http://b\"\n[routes.token]\nrefresh_at = 2.0\n",
+                "routes[1] (b).token.refresh_at",
+                12,
+            ),
+            (
+                "[token]\nrefresh_at = 2.0\n[[routes]]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://a\"\n",
+                "routes[0] (route0).token.refresh_at",
+                2,
+            ),
+        ];
+        for (file, starts, line) in cases {
+            let e = load(with_file(), &[], Some(file)).unwrap_err();
+            assert!(e.0.starts_with(starts), "{e}");
+            assert!(
+                e.0.ends_with(&format!("(config file t.toml, line {line})")),
+                "{file}: {e}"
+            );
+        }
+        // Values from flags or the environment have no line to name.
+        let e = load(
+            Overrides {
+                workers: Some(5000),
+                upstream: Some("http://x".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(!e.0.contains("line"), "{e}");
     }
 
     #[test]
