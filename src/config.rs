@@ -1089,10 +1089,11 @@ fn locate(text: &str, key_path: &str) -> Option<usize> {
             let in_route = section
                 .starts_with("routes")
                 .then(|| names.len().saturating_sub(1));
-            if section == "routes" && name == "name" {
-                if let Some(last) = names.last_mut() {
-                    *last = Some(value.trim().trim_matches('"').to_owned());
-                }
+            if section == "routes"
+                && name == "name"
+                && let Some(last) = names.last_mut()
+            {
+                *last = Some(value.trim().trim_matches('"').to_owned());
             }
             keys.push((section.clone(), in_route, n + 1, name));
         }
