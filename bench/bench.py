@@ -914,13 +914,14 @@ def render(run, info, results, argv):
             w("| %s | %d | %.2f | %d | %d | %.1f ms | %.1f ms | %.0f | %s |"
               % (mode, x["provider_calls"], x["calls_per_lifetime"], x["answers"], x["errors"],
                  x["cold_p50_ms"], x["cold_p99_ms"], x["hit_rps"], us(x["hit_p99_us"])))
-        w("\nA token is served until its lifetime less max(1 s, 10 %%) less a second, and "
-          "refreshed ahead at 75-80 %% of it, so each pod alone calls a little more often than "
+        w("\nA token is served until its lifetime less max(1 s, 10 %) less a second, and "
+          "refreshed ahead at 75-80 % of it, so each pod alone calls a little more often than "
           "once per lifetime; what matters is the shared row against a quarter of the alone "
-          "row.\n")
+          "row.")
         w("\nShared-tier round trips, all pods: %s. The cold path's added latency is the claim "
-          "and the commit (two Redis round trips on loopback); a hit never touches Redis, so "
-          "hit figures differ only by noise (one run, medians of 3 rounds).\n"
+          "and the commit (two Redis round trips on loopback); a hit never touches Redis. The "
+          "hit rows are medians of 3 unpaired rounds on a shared machine, so they show only "
+          "that the tier made the hit path no slower, not a gain.\n"
           % ", ".join("%s %d" % (k, v) for k, v in sh.get("shared_claims", {}).items()))
 
     if isinstance(storm, dict):
