@@ -1115,7 +1115,6 @@ def main():
     parser.add_argument("--only",
                         help="comma-separated scenarios (hit,storm,story,burst,steady,fleet,memory)")
     args, _ = parser.parse_known_args()
-    check_binaries()
     out = os.path.join(BENCH, "out")
     run = Run(args.quick, out, args.profile)
     names = ["hit", "storm", "story", "burst", "steady", "fleet", "memory"] + \
@@ -1131,6 +1130,7 @@ def main():
                   % (", ".join(unknown) or "(none given)", ", ".join(scenarios)), file=sys.stderr)
             return 2
         names = [n for n in scenarios if n in wanted]
+    check_binaries()
     info = machine()
     results = {}
     for name in names:

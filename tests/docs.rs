@@ -1,7 +1,8 @@
 //! The docs against the code: every configuration key that README.md and docs/DEPLOYMENT.md name
 //! is one the config file accepts, every `TOKEN_SIDECAR_*` variable they name is read by the
 //! code, every metric they name is registered, and every command block of README.md either runs
-//! in CI (`.ci/run`) or says it is illustrative.
+//! in CI (`.ci/run`) or says it is illustrative; and bench/ keeps what bench/README.md says of its
+//! options (an unknown `--only` name fails, binaries come from `CARGO_TARGET_DIR`).
 
 use std::collections::BTreeSet;
 
@@ -213,4 +214,36 @@ fn every_readme_command_block_runs_in_ci_or_says_it_is_illustrative() {
     }
     assert!(blocks >= 4, "{blocks} blocks found");
     assert!(!run_in_ci("cargo frobnicate"), "the check can fail");
+}
+
+/// `python3 bench/bench.py ARGS` with `env`, as bench/run.sh would hand over: (exit code, stderr).
+fn bench(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let done = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/bench.py"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("python3 runs");
+    (
+        done.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&done.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_benchmarks_refuse_an_unknown_scenario_and_look_for_binaries_in_cargo_target_dir() {
+    let (code, stderr) = bench(&["--only", "hit,nope"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("nope") && stderr.contains("fleet"),
+        "{stderr}"
+    );
+    let missing = std::env::temp_dir().join(format!("no-target-{}", std::process::id()));
+    let dir = missing.display().to_string();
+    let (code, stderr) = bench(&["--only", "hit"], &[("CARGO_TARGET_DIR", &dir)]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{dir}/release/token-sidecar is missing")),
+        "{stderr}"
+    );
 }
