@@ -5,7 +5,7 @@
 //! 429s, provider calls and latency. `demo --serve` keeps the provider and the sidecar up and
 //! prints what to try with curl.
 //!
-//! Everything stays on 127.0.0.1 and is bounded in time: the default story takes about 12 s.
+//! Everything stays on 127.0.0.1 and is bounded in time: the default story takes about 10 s.
 
 pub mod provider;
 

@@ -263,14 +263,12 @@ impl Flights {
                     break;
                 }
                 Step::Hold(left) => {
-                    let by = HeldBy::Provider;
-                    self.holds_for(proven).start(
+                    self.start_hold(
                         &client,
-                        by,
+                        proven,
+                        HeldBy::Provider,
                         Some(left),
-                        &self.config,
                         Instant::now(),
-                        0.0,
                     );
                     continue;
                 }
@@ -283,7 +281,7 @@ impl Flights {
                     Ok(claimed) => slot = Some(claimed),
                     Err(wait) => {
                         shared = Some(Shared::Failed(refusal(wait, HeldBy::OwnLimit)));
-                        self.release(fleet.as_ref(), lease, &shared, None).await;
+                        self.tell_fleet(fleet.as_ref(), lease, &shared, None).await;
                         break;
                     }
                 }
@@ -306,7 +304,7 @@ impl Flights {
             if matches!(shared, Some(Shared::Token(_))) {
                 leading = lease;
             } else {
-                self.release(fleet.as_ref(), lease, &shared, hold).await;
+                self.tell_fleet(fleet.as_ref(), lease, &shared, hold).await;
             }
             match hold {
                 Some(hold) if self.absorb(hold, &mut absorbed, deadline).await => continue,
@@ -321,11 +319,10 @@ impl Flights {
                 hold.map_or(HeldBy::Backoff, |hold| hold.by),
             ))
         });
-        let committed = shared.clone();
+        let committed = Some(shared.clone());
         landing.land(shared, grant, &self.config, Instant::now(), rand::random());
-        if let (Some(keys), Some(key), Some(lease)) = (&self.fleet, &fleet, leading) {
-            keys.commit(key, &lease, &committed, None).await;
-        }
+        self.tell_fleet(fleet.as_ref(), leading, &committed, None)
+            .await;
     }
 
     /// One round's question to the fleet, if this key is shared: a follower waits for the
@@ -341,8 +338,9 @@ impl Flights {
         keys.consult(key, lock_for, until).await
     }
 
-    /// Frees a fleet lock this round took, storing the hold it started.
-    async fn release(
+    /// Commits what the flight holding `lease` got (a token, or the hold it started), which
+    /// frees the fleet's lock; nothing without a lease.
+    async fn tell_fleet(
         &self,
         key: Option<&FleetKey>,
         lease: Option<crate::shared::Lease>,
