@@ -515,9 +515,16 @@ impl Config {
                     "genesys_region (or --genesys-region, TOKEN_SIDECAR_GENESYS_REGION) and upstream both name the provider: give one",
                 ));
             }
-            if file.token_paths.is_some() || file.preserve_host.is_some() {
+            // A file that restates the one-route defaults (as the shipped ones once did) starts
+            // with a region too; any other value would be silently ignored, so it is refused.
+            let restates_default = file
+                .token_paths
+                .as_ref()
+                .is_none_or(|paths| paths == &[DEFAULT_TOKEN_PATH])
+                && file.preserve_host != Some(true);
+            if !restates_default {
                 return Err(err(
-                    "config file: top-level token_paths/preserve_host do not apply to the genesys_region preset; remove them",
+                    "config file: top-level token_paths/preserve_host do not apply to the genesys_region preset (it serves /oauth/token and sends each host its own name); remove them",
                 ));
             }
             routes.extend(preset.routes());
@@ -1646,5 +1653,19 @@ mod tests {
         assert!(e.0.contains("need genesys_region"), "{e}");
         let e = file_error("genesys_region = \"us-east-1\"\npreserve_host = true");
         assert!(e.0.contains("preserve_host"), "{e}");
+        let e = file_error("genesys_region = \"us-east-1\"\ntoken_paths = [\"/token\"]");
+        assert!(e.0.contains("token_paths"), "{e}");
+    }
+
+    #[test]
+    fn a_region_starts_with_a_file_that_restates_the_one_route_defaults() {
+        let file = "token_paths = [\"/oauth/token\"]\npreserve_host = false";
+        let env = [("TOKEN_SIDECAR_GENESYS_REGION", "us-east-1")];
+        let c = load(with_file(), &env, Some(file)).unwrap();
+        assert_eq!(
+            c.routes[0].upstream.to_string(),
+            "https://login.mypurecloud.com"
+        );
+        assert_eq!(c.routes.len(), 4);
     }
 }

@@ -618,3 +618,124 @@ fn an_unreadable_tls_file_is_reported_before_binding() {
     assert_eq!((code, err.contains("client.ca_file")), (64, true), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The config files users start from as shipped: the one the Dockerfile copies into the image,
+/// and every ConfigMap's `token-sidecar.toml` under config/kubernetes/ (found by walking the
+/// YAML, so a new manifest is covered by being added).
+fn shipped_config_files() -> Vec<(String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let copied = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY config/"))
+        .find_map(|rest| rest.split_whitespace().next())
+        .expect("the Dockerfile copies a config file into the image");
+    let mut files = vec![(
+        format!("Dockerfile: config/{copied}"),
+        std::fs::read_to_string(root.join("config").join(copied)).unwrap(),
+    )];
+    let mut dirs = vec![root.join("config/kubernetes")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (n, toml) in configmap_tomls(&text).into_iter().enumerate() {
+                    files.push((format!("{} (ConfigMap {n})", path.display()), toml));
+                }
+            }
+        }
+    }
+    assert!(files.len() >= 2, "no ConfigMap found: {files:?}");
+    files
+}
+
+/// The block scalars keyed `token-sidecar.toml: |` in a YAML text, de-indented.
+fn configmap_tomls(yaml: &str) -> Vec<String> {
+    let lines: Vec<&str> = yaml.lines().collect();
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim() != "token-sidecar.toml: |" {
+            continue;
+        }
+        let key_indent = line.len() - line.trim_start().len();
+        let body: Vec<&str> = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() > key_indent)
+            .copied()
+            .collect();
+        let indent = body
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        let text: Vec<&str> = body.iter().map(|l| l.get(indent..).unwrap_or("")).collect();
+        found.push(text.join("\n"));
+    }
+    found
+}
+
+/// Issue: the image and the manifests set `token_paths`, which the Genesys preset refused, so
+/// `-e TOKEN_SIDECAR_GENESYS_REGION=…` exited 64. Every shipped config file must start with
+/// either way of naming the provider, and serve a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_config_file_starts_with_an_upstream_or_a_genesys_region() {
+    let idp = FakeProvider::start().await;
+    let dir = std::env::temp_dir().join(format!("ts-shipped-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (n, (name, toml)) in shipped_config_files().into_iter().enumerate() {
+        let file = dir.join(format!("{n}.toml"));
+        std::fs::write(&file, &toml).unwrap();
+        let config = file.to_str().unwrap().to_owned();
+        let url = idp.url();
+        let ways: [(&str, Vec<(&str, &str)>); 2] = [
+            ("upstream", vec![("TOKEN_SIDECAR_UPSTREAM", &url)]),
+            (
+                "genesys region",
+                vec![
+                    ("TOKEN_SIDECAR_GENESYS_REGION", "us-east-1"),
+                    ("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM", &url),
+                    ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", &url),
+                ],
+            ),
+        ];
+        for (way, mut env) in ways {
+            env.push(("TOKEN_SIDECAR_CONFIG", &config));
+            let mut sidecar = Running::start_bare(&[], &env);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", sidecar.admin)).is_err() {
+                if let Some(status) = sidecar.process.child.try_wait().unwrap() {
+                    let (_, stderr) = sidecar.process.wait(Duration::from_secs(1));
+                    panic!("{name} with {way}: exited {status}: {stderr}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} with {way}: never listened"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sidecar.wait_ready().await;
+            let form =
+                format!("grant_type=client_credentials&client_id=shipped-{n}&client_secret=s");
+            let reply = post_form(
+                &client(),
+                &format!("{}/oauth/token", sidecar.url()),
+                &form,
+                None,
+            )
+            .await;
+            assert_eq!(reply.status, 200, "{name} with {way}: {}", reply.text());
+            assert!(
+                reply.json()["access_token"].is_string(),
+                "{name} with {way}"
+            );
+            sidecar.terminate();
+            let (code, stderr) = sidecar.wait();
+            assert_eq!(code, 0, "{name} with {way}: {stderr}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -103,14 +103,21 @@ impl Running {
 
     /// Like [`Running::start`], with more command-line arguments.
     pub fn start_args(upstream: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Running {
+        let mut all = vec!["--upstream", upstream];
+        all.extend_from_slice(args);
+        Running::start_bare(&all, extra_env)
+    }
+
+    /// The binary with only `args` and `env` (no upstream given), its listeners on free
+    /// loopback ports.
+    pub fn start_bare(args: &[&str], env: &[(&str, &str)]) -> Running {
         let (listen, admin) = (free_port(), free_port());
         let mut cmd = Command::new(BIN);
-        cmd.args(["--upstream", upstream])
-            .args(args)
+        cmd.args(args)
             .args(["--listen", &format!("127.0.0.1:{listen}")])
             .env_clear()
             .env("TOKEN_SIDECAR_ADMIN", format!("127.0.0.1:{admin}"))
-            .envs(extra_env.iter().copied());
+            .envs(env.iter().copied());
         Running {
             process: Drained::spawn(cmd),
             listen,
