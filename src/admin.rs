@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use crate::body::{Body, full};
+use crate::fleet::Fleet;
 use crate::metrics::{Metrics, RouteState};
-use crate::shared::Fleet;
 
 /// What the admin endpoints report.
 #[derive(Debug)]

@@ -15,11 +15,11 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
+use crate::fleet::Fleet;
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, RouteState};
 use crate::router;
 use crate::server;
-use crate::shared::Fleet;
 use crate::token::{Process, TokenRoute};
 use crate::upstream::Upstream;
 

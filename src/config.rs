@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::shared::{FleetSecret, SharedConfig};
+use crate::fleet::{FleetSecret, SharedConfig};
 
 /// The whole, validated configuration.
 #[derive(Debug, Clone)]
@@ -971,7 +971,7 @@ fn shared_config(
     {
         return Err(err(format!(
             "shared.redis {}: use a redis:// or rediss:// URL",
-            crate::shared::redacted(&redis)
+            crate::fleet::redacted(&redis)
         )));
     }
     let read = |key: &str, path: &std::path::Path| {

@@ -10,12 +10,13 @@
 //! - [`server`]: accept loops, connection limits, graceful drain;
 //! - [`router`]: dispatch by path prefix to a route, then between its token path and forwarding;
 //! - [`token`]: the token path (parsing and keys, cache, single flight, cool-downs, rendering);
-//! - [`shared`]: the optional fleet tier on Redis/Valkey (shared tokens, flights, cool-downs);
+//! - [`fleet`]: the optional fleet tier on Redis/Valkey (shared tokens, flights, cool-downs;
+//!   configured by the `[shared]` table);
 //! - [`forward`]: streaming pass-through proxying, upgrades included;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
 //!   pooling, the token exchange), shared by the two above;
-//! - [`admin`]: liveness, readiness, metrics and `/status` endpoints; [`status`]: the
-//!   `status` subcommand that prints `/status`;
+//! - [`admin`]: liveness, readiness, metrics and `/status` endpoints (the `status`
+//!   subcommand that prints `/status` is [`cli::status`]);
 //! - [`metrics`], [`telemetry`]: observability, free of secrets;
 //! - [`error`], [`body`]: the request path's error type and its responses, the one body type.
 #![forbid(unsafe_code)]
@@ -28,13 +29,12 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub(crate) mod error;
+pub mod fleet;
 pub(crate) mod forward;
 pub mod genesys;
 pub(crate) mod metrics;
 pub(crate) mod router;
 pub(crate) mod server;
-pub mod shared;
-pub mod status;
 pub mod telemetry;
 pub mod token;
 pub(crate) mod tunnel;

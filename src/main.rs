@@ -5,9 +5,9 @@
 use clap::Parser;
 use std::process::ExitCode;
 use token_sidecar::app::shutdown_signal;
-use token_sidecar::cli::{Cli, Command, healthcheck};
+use token_sidecar::cli::{Cli, Command, healthcheck, status};
 use token_sidecar::config::{Config, ConfigError, Overrides, admin_address};
-use token_sidecar::{App, Listeners, StartupError, demo, status, telemetry};
+use token_sidecar::{App, Listeners, StartupError, demo, telemetry};
 
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;

@@ -28,7 +28,7 @@ use crate::upstream::Reply;
 
 /// What one upstream call produced, shared by every caller that waited for it.
 #[derive(Debug, Clone)]
-pub(crate) enum Shared {
+pub(crate) enum FlightResult {
     /// A token, now cached.
     Token(Arc<Token>),
     /// An answer passed through as it came (errors, throttling, uncacheable successes).
@@ -38,8 +38,8 @@ pub(crate) enum Shared {
 }
 
 /// The channel on which a flight publishes its outcome; `None` until it lands.
-pub(crate) type FlightRx = watch::Receiver<Option<Shared>>;
-type FlightTx = watch::Sender<Option<Shared>>;
+pub(crate) type FlightRx = watch::Receiver<Option<FlightResult>>;
+type FlightTx = watch::Sender<Option<FlightResult>>;
 
 /// One key's state. Every field is valid on its own, so a panic under the lock cannot leave it
 /// half-written in a way that matters.
@@ -197,7 +197,7 @@ impl EntryState {
     /// the backoff after the provider hands back the token already cached.
     fn land(
         &mut self,
-        shared: &Shared,
+        shared: &FlightResult,
         grant: Grant,
         config: &TokenConfig,
         now: Instant,
@@ -205,7 +205,7 @@ impl EntryState {
     ) {
         self.flight = None;
         match shared {
-            Shared::Token(token) => {
+            FlightResult::Token(token) => {
                 self.remembered = None;
                 self.proven = true;
                 let same = self
@@ -238,15 +238,17 @@ impl EntryState {
                 }
                 self.tokens.push(token.clone());
             }
-            Shared::Reply(reply) if rejects_credentials(reply.status) => {
+            FlightResult::Reply(reply) if rejects_credentials(reply.status) => {
                 self.tokens.clear();
                 self.proven = false;
                 self.remembered = Some((now + config.error_ttl, reply.clone()));
             }
-            Shared::Reply(reply) if grant == Grant::RefreshToken && reply.status.is_success() => {
+            FlightResult::Reply(reply)
+                if grant == Grant::RefreshToken && reply.status.is_success() =>
+            {
                 self.remembered = Some((now + config.refresh_token_ttl, reply.clone()));
             }
-            Shared::Reply(_) | Shared::Failed(_) => {}
+            FlightResult::Reply(_) | FlightResult::Failed(_) => {}
         }
     }
 
@@ -303,7 +305,7 @@ impl Landing {
     /// were waiting for it.
     pub(crate) fn land(
         mut self,
-        shared: Shared,
+        shared: FlightResult,
         grant: Grant,
         config: &TokenConfig,
         now: Instant,
@@ -585,8 +587,8 @@ mod tests {
         }
     }
 
-    fn reply(status: u16) -> Shared {
-        Shared::Reply(Arc::new(Reply {
+    fn reply(status: u16) -> FlightResult {
+        FlightResult::Reply(Arc::new(Reply {
             status: StatusCode::from_u16(status).unwrap(),
             headers: HeaderMap::new(),
             body: bytes::Bytes::from_static(b"{}"),
@@ -605,7 +607,7 @@ mod tests {
     }
 
     /// Leads a flight at `now` and lands `shared` in it.
-    fn fly(state: &mut EntryState, now: Instant, grant: Grant, shared: Shared) {
+    fn fly(state: &mut EntryState, now: Instant, grant: Grant, shared: FlightResult) {
         let Decision::Lead { .. } = state.decide(now, 1, |_| None) else {
             panic!("expected to lead a flight")
         };
@@ -626,7 +628,7 @@ mod tests {
             Decision::Join(_)
         ));
         state.land(
-            &Shared::Failed(Error::UpstreamTimeout),
+            &FlightResult::Failed(Error::UpstreamTimeout),
             Grant::ClientCredentials,
             &config(),
             now,
@@ -649,7 +651,7 @@ mod tests {
             &mut state,
             t0,
             Grant::ClientCredentials,
-            Shared::Token(token("a", 100, t0)),
+            FlightResult::Token(token("a", 100, t0)),
         );
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(matches!(
@@ -689,7 +691,7 @@ mod tests {
             &mut state,
             t0,
             Grant::ClientCredentials,
-            Shared::Token(first.clone()),
+            FlightResult::Token(first.clone()),
         );
         let at = |s: u64| t0 + Duration::from_secs(s);
         let Decision::Hit {
@@ -699,7 +701,7 @@ mod tests {
             panic!("expected a refresh")
         };
         state.land(
-            &Shared::Token(token("same", 100, t0)),
+            &FlightResult::Token(token("same", 100, t0)),
             Grant::ClientCredentials,
             &config(),
             at(81),
@@ -720,7 +722,7 @@ mod tests {
             }
         ));
         state.land(
-            &Shared::Token(token("new", 100, at(83))),
+            &FlightResult::Token(token("new", 100, at(83))),
             Grant::ClientCredentials,
             &config(),
             at(83),
@@ -739,7 +741,7 @@ mod tests {
                 &mut state,
                 t0,
                 Grant::ClientCredentials,
-                Shared::Token(token("a", 100, t0)),
+                FlightResult::Token(token("a", 100, t0)),
             );
             let refresh_at = t0 + Duration::from_secs(81);
             let Decision::Hit {
@@ -777,7 +779,7 @@ mod tests {
             reply(429),
             reply(500),
             reply(200),
-            Shared::Failed(Error::UpstreamUnavailable),
+            FlightResult::Failed(Error::UpstreamUnavailable),
         ] {
             let mut state = EntryState::default();
             let t0 = Instant::now();
@@ -785,7 +787,7 @@ mod tests {
                 &mut state,
                 t0,
                 Grant::ClientCredentials,
-                Shared::Token(token("a", 100, t0)),
+                FlightResult::Token(token("a", 100, t0)),
             );
             state.land(&shared, Grant::ClientCredentials, &config(), t0, 0.0);
             assert!(!state.tokens.is_empty());
@@ -827,7 +829,7 @@ mod tests {
             panic!("a cold key leads")
         };
         state.land(
-            &Shared::Token(token("a", 100, t0)),
+            &FlightResult::Token(token("a", 100, t0)),
             Grant::ClientCredentials,
             &pooled,
             t0,
@@ -849,7 +851,7 @@ mod tests {
                 "one fill at a time"
             );
             state.land(
-                &Shared::Token(token(name, 100, t0)),
+                &FlightResult::Token(token(name, 100, t0)),
                 Grant::ClientCredentials,
                 &pooled,
                 t0,
@@ -876,7 +878,7 @@ mod tests {
             panic!("due tokens are refreshed")
         };
         state.land(
-            &Shared::Token(token("d", 100, at81)),
+            &FlightResult::Token(token("d", 100, at81)),
             Grant::ClientCredentials,
             &pooled,
             at81,
@@ -923,7 +925,7 @@ mod tests {
             panic!("expected join")
         };
         let waiters = flight.land(
-            Shared::Token(token("t", 60, now)),
+            FlightResult::Token(token("t", 60, now)),
             Grant::ClientCredentials,
             &config(),
             now,
@@ -931,7 +933,7 @@ mod tests {
         );
         assert_eq!(waiters, 2);
         for rx in [rx, joined] {
-            assert!(matches!(&*rx.borrow(), Some(Shared::Token(_))));
+            assert!(matches!(&*rx.borrow(), Some(FlightResult::Token(_))));
         }
         assert!(matches!(
             cache.decide(key(1), now, |_| None).unwrap().0,
@@ -1041,7 +1043,7 @@ mod tests {
             panic!("a cold key leads a flight")
         };
         flight.land(
-            Shared::Token(token("t", 3600, at)),
+            FlightResult::Token(token("t", 3600, at)),
             Grant::ClientCredentials,
             &config(),
             at,

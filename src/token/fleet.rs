@@ -1,4 +1,4 @@
-//! The token path's side of the fleet tier ([`crate::shared`]): which keys a fleet shares, their
+//! The token path's side of the fleet tier ([`crate::fleet`]): which keys a fleet shares, their
 //! Redis names and value keys, and one flight round's question to the fleet ([`FleetKeys::consult`])
 //! and its answer back ([`FleetKeys::commit`]).
 //!
@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
-use super::cache::Shared;
+use super::cache::FlightResult;
 use super::lifetime::Token;
 use super::request::{self, Grant, KeyContext, Keyer, Parsed};
-use crate::shared::keys::{self, Entry};
-use crate::shared::{Claim, Fleet, Lease, Names};
+use crate::fleet::keys::{self, Entry};
+use crate::fleet::{Claim, Fleet, Lease, Names};
 
 /// One route's keys into the fleet.
 #[derive(Debug)]
@@ -161,10 +161,10 @@ impl FleetKeys {
         &self,
         key: &FleetKey,
         lease: &Lease,
-        shared: &Shared,
+        shared: &FlightResult,
         hold: Option<Duration>,
     ) {
-        let Shared::Token(token) = shared else {
+        let FlightResult::Token(token) = shared else {
             return self
                 .fleet
                 .commit_hold(&key.names, lease, hold.unwrap_or_default())

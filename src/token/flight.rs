@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::cache::{FlightRx, Landing, Shared, rejects_credentials};
+use super::cache::{FlightResult, FlightRx, Landing, rejects_credentials};
 use super::cooldown::{self, ClientKey, Cooldowns, Cooling};
 use super::fleet::{FleetKey, FleetKeys, Step};
 use super::lifetime::{Token, Validated};
@@ -106,12 +106,12 @@ fn head(parts: &Parts) -> Parts {
 }
 
 /// Waits up to `timeout` for a flight to land and returns what it brought back.
-pub(crate) async fn wait(mut rx: FlightRx, timeout: Duration) -> Shared {
+pub(crate) async fn wait(mut rx: FlightRx, timeout: Duration) -> FlightResult {
     match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
         Ok(Ok(shared)) => shared.clone().expect("waited for Some"),
         // The flight task died without landing (a bug): its landing freed the slot.
-        Ok(Err(_)) => Shared::Failed(Error::Internal),
-        Err(_) => Shared::Failed(Error::WaitTimeout),
+        Ok(Err(_)) => FlightResult::Failed(Error::Internal),
+        Err(_) => FlightResult::Failed(Error::WaitTimeout),
     }
 }
 
@@ -254,12 +254,12 @@ impl Flights {
                 if self.absorb(hold.left, &mut absorbed, deadline).await {
                     continue;
                 }
-                shared = Some(Shared::Failed(refusal(hold.left, hold.by)));
+                shared = Some(FlightResult::Failed(refusal(hold.left, hold.by)));
                 break;
             }
             let lease = match self.ask_fleet(fleet.as_ref(), deadline).await {
                 Step::Token(token) => {
-                    shared = Some(Shared::Token(Arc::new(token)));
+                    shared = Some(FlightResult::Token(Arc::new(token)));
                     break;
                 }
                 Step::Hold(left) => {
@@ -280,7 +280,7 @@ impl Flights {
                 match self.probe(&client, &mut absorbed, deadline).await {
                     Ok(claimed) => slot = Some(claimed),
                     Err(wait) => {
-                        shared = Some(Shared::Failed(refusal(wait, HeldBy::OwnLimit)));
+                        shared = Some(FlightResult::Failed(refusal(wait, HeldBy::OwnLimit)));
                         self.tell_fleet(fleet.as_ref(), lease, &shared, None).await;
                         break;
                     }
@@ -293,7 +293,7 @@ impl Flights {
             }
             // Failures and throttling arm holds of their own; the pause is for rejected secrets.
             let rejected =
-                matches!(&answer, Shared::Reply(reply) if rejects_credentials(reply.status));
+                matches!(&answer, FlightResult::Reply(reply) if rejects_credentials(reply.status));
             if let (Some(slot), true) = (slot.as_mut(), rejected) {
                 slot.rejected();
             }
@@ -301,7 +301,7 @@ impl Flights {
             shared = Some(answer);
             // A token is committed after it lands; anything else frees the fleet's lock now,
             // with the hold it started, before this flight waits the hold out.
-            if matches!(shared, Some(Shared::Token(_))) {
+            if matches!(shared, Some(FlightResult::Token(_))) {
                 leading = lease;
             } else {
                 self.tell_fleet(fleet.as_ref(), lease, &shared, hold).await;
@@ -314,7 +314,7 @@ impl Flights {
         // Every attempt went to waiting out holds that others kept extending: say so.
         let shared = shared.unwrap_or_else(|| {
             let hold = self.cooling(&client, proven, Instant::now());
-            Shared::Failed(refusal(
+            FlightResult::Failed(refusal(
                 hold.map_or(Duration::from_secs(1), |hold| hold.left),
                 hold.map_or(HeldBy::Backoff, |hold| hold.by),
             ))
@@ -343,8 +343,8 @@ impl Flights {
     async fn tell_fleet(
         &self,
         key: Option<&FleetKey>,
-        lease: Option<crate::shared::Lease>,
-        shared: &Option<Shared>,
+        lease: Option<crate::fleet::Lease>,
+        shared: &Option<FlightResult>,
         hold: Option<Duration>,
     ) {
         if let (Some(keys), Some(key), Some(lease), Some(shared)) =
@@ -404,7 +404,7 @@ impl Flights {
         proven: bool,
         parts: &Parts,
         body: &Bytes,
-    ) -> (Shared, Option<Call>) {
+    ) -> (FlightResult, Option<Call>) {
         // Queue behind the route's limits only as long as the call could still finish before
         // the callers' deadline; past that, tell them honestly when to come back.
         let max_queue = self
@@ -415,7 +415,7 @@ impl Flights {
             Err(held) => {
                 let error = refusal(held.retry_after, HeldBy::OwnLimit);
                 warn!(route = %self.route, retry_after_s = ceil_secs(held.retry_after).max(1), "upstream token call held back by the route's limits");
-                (Shared::Failed(error), None)
+                (FlightResult::Failed(error), None)
             }
             Ok(_permit) => {
                 let call = self.call(grant, client, proven, head(parts), body.clone());
@@ -433,7 +433,7 @@ impl Flights {
         proven: bool,
         parts: Parts,
         body: Bytes,
-    ) -> (Shared, Call) {
+    ) -> (FlightResult, Call) {
         self.metrics.upstream_in_flight.inc();
         let sent = Instant::now();
         let answer = self.upstream.exchange(parts, body, self.max_response).await;
@@ -450,7 +450,7 @@ impl Flights {
                 warn!(route = %self.route, upstream = %self.upstream.url, reason = %failure.reason(), "upstream token call failed");
                 let hold = self.start_hold(client, proven, HeldBy::Backoff, None, now);
                 (
-                    Shared::Failed(failure.to_error()),
+                    FlightResult::Failed(failure.to_error()),
                     failure.label(),
                     Some(hold),
                 )
@@ -476,7 +476,7 @@ impl Flights {
         proven: bool,
         sent: Instant,
         now: Instant,
-    ) -> (Shared, Option<Duration>) {
+    ) -> (FlightResult, Option<Duration>) {
         if reply.status.is_success() {
             return self.classify_success(grant, reply, client, proven, sent, now);
         }
@@ -492,7 +492,7 @@ impl Flights {
             }
             _ => None,
         };
-        (Shared::Reply(Arc::new(reply)), hold)
+        (FlightResult::Reply(Arc::new(reply)), hold)
     }
 
     /// A 2xx answer: a token to cache (its lifetime counted from `sent`), an answer to pass on,
@@ -505,7 +505,7 @@ impl Flights {
         proven: bool,
         sent: Instant,
         now: Instant,
-    ) -> (Shared, Option<Duration>) {
+    ) -> (FlightResult, Option<Duration>) {
         let content_type = reply
             .headers
             .get(header::CONTENT_TYPE)
@@ -524,16 +524,19 @@ impl Flights {
                 if grant == Grant::RefreshToken {
                     token.keep_briefly(now + self.config.refresh_token_ttl);
                 }
-                (Shared::Token(Arc::new(token)), None)
+                (FlightResult::Token(Arc::new(token)), None)
             }
             Ok(Validated::Uncacheable) => {
                 self.clear_holds(client);
-                (Shared::Reply(Arc::new(reply)), None)
+                (FlightResult::Reply(Arc::new(reply)), None)
             }
             Err(why) => {
                 warn!(route = %self.route, why, "upstream token response unusable");
                 let hold = self.start_hold(client, proven, HeldBy::Backoff, None, now);
-                (Shared::Failed(Error::UpstreamInvalid(why)), Some(hold))
+                (
+                    FlightResult::Failed(Error::UpstreamInvalid(why)),
+                    Some(hold),
+                )
             }
         }
     }

@@ -43,11 +43,11 @@ use tracing::debug;
 use crate::body::{Body, boxed, full};
 use crate::config::{Limits, RouteConfig, TokenConfig};
 use crate::error::{Error, Fault};
+use crate::fleet::Fleet;
 use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
-use crate::shared::Fleet;
 use crate::upstream::{Upstream, strip_hop_by_hop};
-use cache::{Cache, Decision, FlightRx, Full, Landing, Shared};
+use cache::{Cache, Decision, FlightResult, FlightRx, Full, Landing};
 use cooldown::ClientKey;
 use flight::{Flight, Flights, ceil_secs};
 use outcome::OutcomeCounters;
@@ -336,14 +336,14 @@ impl TokenRoute {
     async fn wait(&self, rx: FlightRx, role: Outcome) -> Response<Body> {
         let shared = tokio::select! {
             shared = flight::wait(rx, self.config.wait_timeout) => shared,
-            () = self.closed.cancelled() => Shared::Failed(Error::ShuttingDown),
+            () = self.closed.cancelled() => FlightResult::Failed(Error::ShuttingDown),
         };
         let fetch = if role == Outcome::Stale {
             Fetch::Stale
         } else {
             Fetch::Miss
         };
-        if let Shared::Failed(error) = &shared {
+        if let FlightResult::Failed(error) = &shared {
             self.record(Outcome::Error);
             debug!(route = %self.name, fault = error.fault().as_str(), error = %error, "token request answered with an error");
         } else {

@@ -7,7 +7,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use tokio::time::Instant;
 
-use super::cache::Shared;
+use super::cache::FlightResult;
 use super::lifetime::Token;
 use crate::body::{Body, full, pieces};
 use crate::error::Error;
@@ -131,7 +131,7 @@ pub(crate) fn error(error: Error, status: CacheStatus) -> Response<Body> {
 /// What a flight's caller gets: the flight's outcome, fetched as `fetch`; `collapsed` when
 /// another request led the flight.
 pub(crate) fn landed(
-    shared: Shared,
+    shared: FlightResult,
     fetch: Fetch,
     collapsed: bool,
     now: Instant,
@@ -142,9 +142,9 @@ pub(crate) fn landed(
         collapsed,
     };
     match shared {
-        Shared::Token(t) => token(&t, now, status(Fetched::Token)),
-        Shared::Reply(r) => reply(&r, status(Fetched::Reply(r.status))),
-        Shared::Failed(e) => {
+        FlightResult::Token(t) => token(&t, now, status(Fetched::Token)),
+        FlightResult::Reply(r) => reply(&r, status(Fetched::Reply(r.status))),
+        FlightResult::Failed(e) => {
             let code = e.code();
             error(e, status(Fetched::Failed(code)))
         }

@@ -2,6 +2,8 @@
 //! [`crate::config`]), and the `healthcheck` and `status` subcommands for images without a
 //! shell.
 
+pub mod status;
+
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -143,5 +145,5 @@ fn parse_lifetime(text: &str) -> Result<Duration, String> {
 
 /// Probes `GET /readyz` on the admin address. A wildcard bind address is probed on loopback.
 pub fn healthcheck(admin: SocketAddr, timeout: Duration) -> Result<(), String> {
-    crate::status::admin_get(admin, "/readyz", timeout).map(drop)
+    status::admin_get(admin, "/readyz", timeout).map(drop)
 }
