@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use crate::body::{Body, full};
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, RouteState};
+use crate::status::Status;
 
 /// What the admin endpoints report.
 #[derive(Debug)]
@@ -25,21 +26,20 @@ pub(crate) struct AdminState {
     pub fleet: Option<Arc<Fleet>>,
 }
 
-/// The `/status` document.
+/// The `/status` document, as pretty JSON.
 fn status(state: &AdminState) -> String {
-    let routes: Vec<serde_json::Value> = state
-        .routes
-        .iter()
-        .filter_map(Weak::upgrade)
-        .map(|route| route.status())
-        .collect();
-    let shared = state.fleet.as_ref().map(|fleet| fleet.status());
-    let document = serde_json::json!({
-        "ready": state.ready.load(Ordering::Acquire),
-        "shared": shared,
-        "routes": routes,
-    });
-    let mut text = serde_json::to_string_pretty(&document).expect("JSON values serialise");
+    let document = Status {
+        ready: state.ready.load(Ordering::Acquire),
+        shared: state.fleet.as_ref().map(|fleet| fleet.status()),
+        routes: state
+            .routes
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|route| route.status())
+            .collect(),
+    };
+    // Plain structs of strings and numbers: serialising them cannot fail.
+    let mut text = serde_json::to_string_pretty(&document).unwrap_or_default();
     text.push('\n');
     text
 }

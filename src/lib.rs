@@ -35,6 +35,7 @@ pub mod genesys;
 pub(crate) mod metrics;
 pub(crate) mod router;
 pub(crate) mod server;
+pub mod status;
 pub mod telemetry;
 pub mod token;
 pub(crate) mod tunnel;

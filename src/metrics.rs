@@ -18,7 +18,7 @@ use std::time::Duration;
 pub(crate) trait RouteState: Send + Sync + std::fmt::Debug {
     /// The route's state for `/status`: keys, calls in progress, cool-downs and limits, by
     /// client hash only.
-    fn status(&self) -> serde_json::Value;
+    fn status(&self) -> crate::status::RouteStatus;
     /// The route's name, the `route` label.
     fn name(&self) -> &str;
     /// Cached keys.

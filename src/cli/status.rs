@@ -3,11 +3,12 @@
 //! cool-downs, limits, the shared tier's breaker). Like `healthcheck`, it needs no shell or curl
 //! in the image.
 
-use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use crate::status::{CooldownStatus, KeyStatus, RouteStatus, Status};
 
 /// `GET path` on the admin address; the body of a 200 answer. A wildcard bind address is asked
 /// on loopback.
@@ -52,116 +53,91 @@ pub fn command(admin: SocketAddr, timeout: Duration, json: bool) -> Result<Strin
     if json {
         return Ok(body);
     }
-    let document = serde_json::from_str(&body).map_err(|e| format!("/status is not JSON: {e}"))?;
+    let document: Status = serde_json::from_str(&body)
+        .map_err(|e| format!("/status is not a status document: {e}"))?;
     Ok(render(&document))
 }
 
 /// The `/status` document as text tables.
-pub fn render(document: &Value) -> String {
+pub fn render(document: &Status) -> String {
     let mut out = String::new();
-    let ready = document["ready"].as_bool().unwrap_or(false);
-    let _ = writeln!(
-        out,
-        "ready: {}",
-        if ready {
-            "yes"
-        } else {
-            "no (draining or starting)"
-        }
-    );
-    match document["shared"].as_object() {
-        Some(shared) => {
+    let ready = if document.ready {
+        "yes"
+    } else {
+        "no (draining or starting)"
+    };
+    let _ = writeln!(out, "ready: {ready}");
+    match &document.shared {
+        Some(fleet) => {
             let _ = writeln!(
                 out,
                 "shared tier: {} (breaker {})",
-                shared["redis"].as_str().unwrap_or("?"),
-                shared["breaker"].as_str().unwrap_or("?")
+                fleet.redis, fleet.breaker
             );
         }
         None => out.push_str("shared tier: off\n"),
     }
-    for route in document["routes"].as_array().into_iter().flatten() {
+    for route in &document.routes {
         render_route(&mut out, route);
     }
     out
 }
 
-fn render_route(out: &mut String, route: &Value) {
-    let limiter = &route["limiter"];
-    let rate = match limiter["calls_per_second"].as_f64() {
-        Some(rate) if rate > 0.0 => format!(
+fn render_route(out: &mut String, route: &RouteStatus) {
+    let limiter = &route.limiter;
+    let rate = match limiter.calls_per_second {
+        rate if rate > 0.0 => format!(
             ", {rate}/s ({:.1} available)",
-            limiter["calls_available"].as_f64().unwrap_or(0.0)
+            limiter.calls_available.unwrap_or(0.0)
         ),
         _ => String::new(),
     };
     let _ = writeln!(
         out,
         "\nroute {}: {} keys, {} cool-downs, upstream calls {}/{} in progress{rate}{}",
-        route["name"].as_str().unwrap_or("?"),
-        route["keys_total"],
-        route["cooldowns_total"],
-        limiter["calls_in_progress"],
-        limiter["max_concurrent_calls"],
-        if route["shared"].as_bool() == Some(true) {
-            ", shared"
-        } else {
-            ""
-        }
+        route.name,
+        route.keys_total,
+        route.cooldowns_total,
+        limiter.calls_in_progress,
+        limiter.max_concurrent_calls,
+        if route.shared { ", shared" } else { "" }
     );
-    let keys = route["keys"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _ = writeln!(
-            out,
-            "  {:<10} {:>8} {:>6}  STATE",
-            "CLIENT", "TTL", "TOKENS"
-        );
-        for key in keys {
-            let ttl = key["ttl_s"]
-                .as_u64()
-                .map_or("-".to_owned(), |s| format!("{s}s"));
-            let state = match (
-                key["calling"].as_bool() == Some(true),
-                key["tokens"].as_u64(),
-            ) {
-                (true, Some(0)) => "calling",
-                (true, _) => "refreshing",
-                (false, Some(0)) => "empty",
-                (false, _) => "serving",
-            };
-            let _ = writeln!(
-                out,
-                "  {:<10} {:>8} {:>6}  {state}",
-                key["client"].as_str().unwrap_or("-"),
-                ttl,
-                key["tokens"].to_string()
-            );
-        }
-        let listed = keys.len() as u64;
-        if route["keys_total"]
-            .as_u64()
-            .is_some_and(|total| total > listed)
-        {
-            let _ = writeln!(out, "  ... {listed} of {} keys listed", route["keys_total"]);
-        }
+    render_keys(out, &route.keys, route.keys_total);
+    render_cooldowns(out, &route.cooldowns);
+}
+
+fn render_keys(out: &mut String, keys: &[KeyStatus], total: usize) {
+    if keys.is_empty() {
+        return;
     }
-    let cooldowns = route["cooldowns"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    if !cooldowns.is_empty() {
-        let _ = writeln!(out, "  {:<10} {:>8}", "COOLING", "LEFT");
-        for hold in cooldowns {
-            let _ = writeln!(
-                out,
-                "  {:<10} {:>7}s",
-                hold["client"].as_str().unwrap_or("-"),
-                hold["left_s"].to_string()
-            );
-        }
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>8} {:>6}  STATE",
+        "CLIENT", "TTL", "TOKENS"
+    );
+    for key in keys {
+        let ttl = key.ttl_s.map_or("-".to_owned(), |s| format!("{s}s"));
+        let state = match (key.calling, key.tokens) {
+            (true, 0) => "calling",
+            (true, _) => "refreshing",
+            (false, 0) => "empty",
+            (false, _) => "serving",
+        };
+        let client = key.client.as_deref().unwrap_or("-");
+        let _ = writeln!(out, "  {client:<10} {ttl:>8} {:>6}  {state}", key.tokens);
+    }
+    if total > keys.len() {
+        let _ = writeln!(out, "  ... {} of {total} keys listed", keys.len());
+    }
+}
+
+fn render_cooldowns(out: &mut String, cooldowns: &[CooldownStatus]) {
+    if cooldowns.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "  {:<10} {:>8}", "COOLING", "LEFT");
+    for hold in cooldowns {
+        let _ = writeln!(out, "  {:<10} {:>7}s", hold.client, hold.left_s);
     }
 }
 
@@ -186,7 +162,7 @@ mod tests {
                             "calls_per_second": 5.0, "calls_available": 4.5}
             }]
         });
-        let text = render(&document);
+        let text = render(&serde_json::from_value(document).unwrap());
         assert!(
             text.contains("shared tier: redis://…@r:6379/0 (breaker open)"),
             "{text}"

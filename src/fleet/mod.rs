@@ -264,13 +264,16 @@ impl Fleet {
     }
 
     /// What `/status` shows: the server (without its login) and the breaker.
-    pub(crate) fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> crate::status::FleetStatus {
         let breaker = match self.breaker.state() {
             breaker::State::Closed => "closed",
             breaker::State::Open => "open",
             breaker::State::HalfOpen => "half-open",
         };
-        serde_json::json!({"redis": self.address, "breaker": breaker})
+        crate::status::FleetStatus {
+            redis: self.address.clone(),
+            breaker: breaker.to_owned(),
+        }
     }
 
     /// The fleet secret, for deriving the token path's keys.

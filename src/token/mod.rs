@@ -46,6 +46,7 @@ use crate::error::{Error, Fault};
 use crate::fleet::Fleet;
 use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
+use crate::status::{CooldownStatus, KeyStatus, LimiterStatus, RouteStatus};
 use crate::upstream::{Upstream, strip_hop_by_hop};
 use cache::{Cache, Decision, FlightResult, FlightRx, Full, Landing};
 use cooldown::ClientKey;
@@ -376,48 +377,46 @@ impl RouteState for TokenRoute {
         &self.name
     }
 
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> RouteStatus {
         let now = Instant::now();
         let (keys, total) = self.cache.snapshot(now, STATUS_KEYS);
-        let flights = keys.iter().filter(|k| k.calling).count();
-        let keys: Vec<serde_json::Value> = keys
+        let keys: Vec<KeyStatus> = keys
             .iter()
-            .map(|key| {
-                serde_json::json!({
-                    "client": key.client.map(hex4),
-                    "ttl_s": key.ttl_secs,
-                    "tokens": key.tokens,
-                    "calling": key.calling,
-                })
+            .map(|key| KeyStatus {
+                client: key.client.map(hex4),
+                ttl_s: key.ttl_secs,
+                tokens: key.tokens,
+                calling: key.calling,
             })
             .collect();
         let mut holds = self.flights.active_holds(now);
         holds.sort_by_key(|(_, left)| std::cmp::Reverse(*left));
-        let cooldowns: Vec<serde_json::Value> = holds
+        let cooldowns = holds
             .iter()
             .take(STATUS_KEYS)
-            .map(|(client, left)| {
-                serde_json::json!({"client": client.label(), "left_s": ceil_secs(*left)})
+            .map(|(client, left)| CooldownStatus {
+                client: client.label(),
+                left_s: ceil_secs(*left),
             })
             .collect();
         let (in_progress, max_concurrent, budget) = self.flights.limiter_state();
-        serde_json::json!({
-            "name": self.name,
-            "keys_total": total,
-            "keys_listed": keys.len(),
-            "keys": keys,
-            "flights_listed": flights,
-            "upstream_calls_in_progress": in_progress,
-            "cooldowns_total": holds.len(),
-            "cooldowns": cooldowns,
-            "limiter": {
-                "calls_in_progress": in_progress,
-                "max_concurrent_calls": max_concurrent,
-                "calls_per_second": self.config.calls_per_second,
-                "calls_available": budget,
+        RouteStatus {
+            name: self.name.clone(),
+            keys_total: total,
+            keys_listed: keys.len(),
+            flights_listed: keys.iter().filter(|k| k.calling).count(),
+            keys,
+            upstream_calls_in_progress: in_progress,
+            cooldowns_total: holds.len(),
+            cooldowns,
+            limiter: LimiterStatus {
+                calls_in_progress: in_progress,
+                max_concurrent_calls: max_concurrent,
+                calls_per_second: self.config.calls_per_second,
+                calls_available: budget,
             },
-            "shared": self.flights.fleet().is_some(),
-        })
+            shared: self.flights.fleet().is_some(),
+        }
     }
 
     fn cache_len(&self) -> usize {
