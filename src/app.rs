@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -86,24 +87,13 @@ pub fn listen(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     socket.listen(4096).map_err(describe)
 }
 
-/// One route's running parts.
-#[derive(Debug)]
-struct Route {
-    listen: SocketAddr,
-    prefix: String,
-    strip: bool,
-    token: Arc<TokenRoute>,
-    forwarder: Arc<Forwarder>,
-    upstream: Arc<Upstream>,
-    /// How often idle and dead entries are swept.
-    sweep_every: Duration,
-}
-
 /// The sidecar, built and ready to serve.
 #[derive(Debug)]
 pub struct App {
     config: Config,
-    routes: Vec<Route>,
+    /// Each configured route's running parts, in config order (`config.routes[i]` built
+    /// `routes[i]`).
+    routes: Vec<router::Route>,
     metrics: Arc<Metrics>,
     /// Upstream flights run here so shutdown can wait for them.
     flights: TaskTracker,
@@ -114,6 +104,15 @@ pub struct App {
     fleet: Option<Arc<Fleet>>,
     /// The routes as the admin listener's `/status` sees them.
     states: Vec<Weak<dyn RouteState>>,
+}
+
+/// The route listeners while they serve: what a drain stops and waits for.
+struct Serving {
+    /// Stops the accept loops (and so the sweeps) from taking new connections.
+    stop: CancellationToken,
+    accept_loops: Vec<JoinHandle<()>>,
+    /// Every connection the accept loops started.
+    connections: TaskTracker,
 }
 
 impl App {
@@ -139,28 +138,24 @@ impl App {
                 upstream.clone(),
                 route_metrics.clone(),
             ));
-            let token = Arc::new(TokenRoute::new(
+            let process = Process {
+                tracker: flights.clone(),
+                closed: closed.clone(),
+                fleet: fleet.clone(),
+            };
+            let token = TokenRoute::new(
                 route,
                 &config.limits,
-                upstream.clone(),
+                upstream,
                 forwarder.clone(),
                 route_metrics,
-                Process {
-                    tracker: flights.clone(),
-                    closed: closed.clone(),
-                    fleet: fleet.clone(),
-                },
-            ));
-            let sweep_every = (route.token.idle_timeout / 4)
-                .clamp(Duration::from_millis(100), Duration::from_secs(5));
-            routes.push(Route {
-                listen: route.listen,
+                process,
+            );
+            routes.push(router::Route {
                 prefix: route.path_prefix.clone(),
                 strip: route.strip_prefix,
-                token,
+                token: Arc::new(token),
                 forwarder,
-                upstream,
-                sweep_every,
             });
         }
         let states: Vec<Weak<dyn RouteState>> = routes
@@ -183,102 +178,121 @@ impl App {
     /// 503, listeners drain (see [`server::serve`]), and in-flight requests and upstream calls
     /// get up to the grace period to finish. Callers still waiting for a flight then get 503.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        let addresses = self.config.listeners();
-        assert_eq!(
-            listeners.routes.len(),
-            addresses.len(),
-            "one listener per route address, in config order"
-        );
-        let limits = &self.config.limits;
         let admin_state = Arc::new(AdminState {
             ready: AtomicBool::new(false),
             metrics: self.metrics.clone(),
             routes: self.states.clone(),
             fleet: self.fleet.clone(),
         });
-        let stop = CancellationToken::new();
-        let closed = self.closed.clone();
-        let connections = TaskTracker::new();
-        let mut accept_loops = Vec::new();
-        for (address, listener) in addresses.into_iter().zip(listeners.routes) {
-            let mut served = Vec::new();
-            for route in self.routes.iter().filter(|route| route.listen == address) {
-                info!(
-                    route = route.token.name(),
-                    listen = %local_addr(&listener),
-                    path_prefix = %route.prefix,
-                    upstream = %route.upstream.url,
-                    "route listening"
-                );
-                served.push(router::Route {
-                    prefix: route.prefix.clone(),
-                    strip: route.strip,
-                    token: route.token.clone(),
-                    forwarder: route.forwarder.clone(),
-                });
-                tokio::spawn(sweep(route.token.clone(), route.sweep_every, stop.clone()));
-            }
-            accept_loops.push(tokio::spawn(server::serve(
-                listener,
-                router::listener_service(served),
-                limits.clone(),
-                connections.clone(),
-                stop.clone(),
-                closed.clone(),
-            )));
-        }
-
+        let serving = self.serve_routes(listeners.routes);
         if let Some(fleet) = &self.fleet {
             info!(redis = ?fleet, "shared tier on");
-            tokio::spawn(fleet.clone().listen(closed.clone()));
+            tokio::spawn(fleet.clone().listen(self.closed.clone()));
         }
-        let admin_stop = CancellationToken::new();
-        info!(admin = %local_addr(&listeners.admin), "admin listening");
-        let admin_service = {
-            let state = admin_state.clone();
-            tower::service_fn(move |request| admin::handle(state.clone(), request))
-        };
-        let admin_loop = tokio::spawn(server::serve(
-            listeners.admin,
-            admin_service,
-            crate::config::Limits::admin(),
-            TaskTracker::new(),
-            admin_stop.clone(),
-            admin_stop.clone(),
-        ));
+        let (admin_stop, admin_loop) = serve_admin(listeners.admin, admin_state.clone());
         admin_state.ready.store(true, Ordering::Release);
 
         shutdown.await;
         admin_state.ready.store(false, Ordering::Release);
+        self.drain(serving).await;
+        admin_stop.cancel();
+        let _ = admin_loop.await;
+    }
+
+    /// One accept loop per listener, serving the routes on its address, and one sweep per route.
+    fn serve_routes(&self, listeners: Vec<TcpListener>) -> Serving {
+        let addresses = self.config.listeners();
+        assert_eq!(
+            listeners.len(),
+            addresses.len(),
+            "one listener per route address, in config order"
+        );
+        let mut serving = Serving {
+            stop: CancellationToken::new(),
+            accept_loops: Vec::with_capacity(listeners.len()),
+            connections: TaskTracker::new(),
+        };
+        for (address, listener) in addresses.into_iter().zip(listeners) {
+            let mut served = Vec::new();
+            for (config, route) in self.config.routes.iter().zip(&self.routes) {
+                if config.listen != address {
+                    continue;
+                }
+                info!(
+                    route = route.token.name(),
+                    listen = %local_addr(&listener),
+                    path_prefix = %route.prefix,
+                    upstream = %config.upstream,
+                    "route listening"
+                );
+                let every = (config.token.idle_timeout / 4)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5));
+                tokio::spawn(sweep(route.token.clone(), every, serving.stop.clone()));
+                served.push(route.clone());
+            }
+            serving.accept_loops.push(tokio::spawn(server::serve(
+                listener,
+                router::listener_service(served),
+                self.config.limits.clone(),
+                serving.connections.clone(),
+                serving.stop.clone(),
+                self.closed.clone(),
+            )));
+        }
+        serving
+    }
+
+    /// Stops accepting and gives requests and upstream calls the grace period to finish; then
+    /// callers still waiting are answered and the listeners close.
+    async fn drain(&self, mut serving: Serving) {
         let grace = self.config.shutdown_grace;
         info!(grace_s = grace.as_secs_f64(), "shutdown: draining");
         let grace_over = tokio::time::Instant::now() + grace;
-        stop.cancel();
+        serving.stop.cancel();
         // Listeners keep accepting while they drain, until quiet or the grace is over.
         let drained = tokio::time::timeout_at(grace_over, async {
-            for accept_loop in &mut accept_loops {
+            for accept_loop in &mut serving.accept_loops {
                 let _ = accept_loop.await;
             }
             // No connection starts from here on. Requests still running on draining connections
             // may start flights, so the connections are awaited before the flights.
-            connections.close();
+            serving.connections.close();
             self.flights.close();
-            connections.wait().await;
+            serving.connections.wait().await;
             self.flights.wait().await;
         })
         .await;
-        closed.cancel();
+        self.closed.cancel();
         if drained.is_err() {
             // Let the callers told "shutting down" get their answer written.
-            let _ = tokio::time::timeout(Duration::from_millis(200), connections.wait()).await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), serving.connections.wait()).await;
         }
         match drained {
             Ok(()) => info!("shutdown: drained"),
             Err(_) => warn!("shutdown: grace period over with requests still in flight"),
         }
-        admin_stop.cancel();
-        let _ = admin_loop.await;
     }
+}
+
+/// The admin listener's accept loop, with its own limits and its own stop (it serves until the
+/// routes have drained, so readiness reads 503 throughout).
+fn serve_admin(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+) -> (CancellationToken, JoinHandle<()>) {
+    info!(admin = %local_addr(&listener), "admin listening");
+    let service = tower::service_fn(move |request| admin::handle(state.clone(), request));
+    let stop = CancellationToken::new();
+    let accept_loop = tokio::spawn(server::serve(
+        listener,
+        service,
+        crate::config::Limits::admin(),
+        TaskTracker::new(),
+        stop.clone(),
+        stop.clone(),
+    ));
+    (stop, accept_loop)
 }
 
 fn local_addr(listener: &TcpListener) -> String {

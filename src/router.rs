@@ -22,8 +22,8 @@ use crate::error::Error;
 use crate::forward::Forwarder;
 use crate::token::TokenRoute;
 
-/// One route as the dispatcher sees it.
-#[derive(Debug)]
+/// One route's running parts, as the dispatcher sees them.
+#[derive(Debug, Clone)]
 pub(crate) struct Route {
     pub(crate) prefix: String,
     pub(crate) strip: bool,
