@@ -10,6 +10,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -208,23 +209,7 @@ pub(crate) async fn serve<S, B>(
         conns: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
     });
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = registry.quiet(&stop) => break,
-            () = closed.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: make room, and back off instead of
-                // spinning.
-                warn!(error = %e, "accept failed");
-                registry.close_longest_idle();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((stream, peer)) = accept(&listener, &registry, &stop, &closed).await {
         // Past the cap, the accepted connection waits (and the ones after it in the kernel
         // backlog) until the longest-idle connection has closed or another has ended.
         let Some(permit) = slot(&slots, &registry, &closed).await else {
@@ -255,6 +240,33 @@ pub(crate) async fn serve<S, B>(
             }
             registry.remove(id);
         });
+    }
+}
+
+/// The next connection; `None` once the listener has drained (quiet after `stop`) or `closed`
+/// fires.
+async fn accept(
+    listener: &TcpListener,
+    registry: &Registry,
+    stop: &CancellationToken,
+    closed: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = registry.quiet(stop) => return None,
+            () = closed.cancelled() => return None,
+        };
+        match accepted {
+            Ok(accepted) => return Some(accepted),
+            Err(e) => {
+                // Out of file descriptors and the like: make room, and back off instead of
+                // spinning.
+                warn!(error = %e, "accept failed");
+                registry.close_longest_idle();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -312,60 +324,12 @@ where
         limits,
         drain,
     } = task;
-    let service = {
-        let (conn, registry, drain) = (conn.clone(), registry.clone(), drain.clone());
-        tower::service_fn(move |mut request: Request<Incoming>| {
-            let in_progress = InProgress::start(&conn, &registry);
-            let http1 = request.version() < http::Version::HTTP_2;
-            if !http1 {
-                conn.h2.store(true, Ordering::Relaxed);
-            }
-            // Only a request that may become a tunnel needs to carry the slot (an extension
-            // costs an allocation per request on the hit path).
-            if request.headers().contains_key(http::header::UPGRADE) {
-                request.extensions_mut().insert(slot.clone());
-            }
-            let mut service = service.clone();
-            let drain = drain.clone();
-            async move {
-                let mut response = tower::Service::call(&mut service, request).await;
-                // Draining: tell a keep-alive client to come back on a new connection.
-                if let (Ok(response), true) = (&mut response, http1 && drain.is_cancelled()) {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                // In progress until the body is done: a streaming answer is not idle.
-                response.map(|response| {
-                    response.map(|body| {
-                        http_body_util::BodyExt::map_frame(body, move |frame| {
-                            let _in_progress = &in_progress;
-                            frame
-                        })
-                    })
-                })
-            }
-        })
-    };
+    let service = tracked(service, slot, &conn, &registry, &drain);
     let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let mut connection = pin!(connection);
     let mut closing: Option<Instant> = None;
     loop {
-        let idle_limit = if conn.served.load(Ordering::Relaxed) == 0 {
-            limits.header_read_timeout
-        } else {
-            limits.idle_timeout
-        };
-        let check_at = match closing {
-            Some(at) => at + CLOSE_BOUND,
-            None if conn.active.load(Ordering::Relaxed) > 0 => Instant::now() + idle_limit,
-            None => {
-                registry.epoch
-                    + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed))
-                    + idle_limit
-            }
-        };
+        let check_at = conn.check_at(&registry, &limits, closing);
         tokio::select! {
             biased;
             served = connection.as_mut() => return served,
@@ -380,7 +344,7 @@ where
                         () = tokio::time::sleep(DRAIN_IDLE_DELAY) => {}
                     }
                 }
-                if conn.served.load(Ordering::Relaxed) == 0 {
+                if conn.never_served() {
                     // Still nothing sent: nothing to finish, and no reason to hold the drain.
                     return Ok(());
                 }
@@ -388,29 +352,141 @@ where
                 return connection.await;
             }
             () = conn.close.cancelled(), if closing.is_none() => {
-                if conn.served.load(Ordering::Relaxed) == 0 {
+                if conn.never_served() {
                     return Ok(());
                 }
                 connection.as_mut().graceful_shutdown();
                 closing = Some(Instant::now());
             }
-            () = tokio::time::sleep_until(check_at) => {
-                if closing.is_some() {
-                    // Told to close and still not done: drop it.
-                    return Ok(());
-                }
-                let idle = conn.active.load(Ordering::Relaxed) == 0;
-                let since = registry.epoch
-                    + Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
-                if idle && since + idle_limit <= Instant::now() {
-                    if conn.served.load(Ordering::Relaxed) == 0 {
-                        // Never sent a request: nothing to finish.
-                        return Ok(());
-                    }
+            () = tokio::time::sleep_until(check_at) => match conn.on_timer(&registry, &limits, closing) {
+                Timer::Drop => return Ok(()),
+                Timer::Close => {
                     connection.as_mut().graceful_shutdown();
                     closing = Some(Instant::now());
                 }
+                Timer::Wait => {}
+            },
+        }
+    }
+}
+
+/// `service` with each request counted on its connection (in progress until its response body
+/// is done), HTTP/2 noted, the slot handed to a request that may become a tunnel, and
+/// `Connection: close` on HTTP/1.1 answers once the listener drains.
+fn tracked<S, B>(
+    service: S,
+    slot: ConnectionSlot,
+    conn: &Arc<Conn>,
+    registry: &Arc<Registry>,
+    drain: &CancellationToken,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<
+        impl http_body::Body<Data = bytes::Bytes, Error = B::Error> + Send + 'static,
+    >,
+    Error = Infallible,
+    Future = impl Future + Send + 'static,
+> + Clone
++ Send
++ 'static
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+{
+    let (conn, registry, drain) = (conn.clone(), registry.clone(), drain.clone());
+    tower::service_fn(move |mut request: Request<Incoming>| {
+        let in_progress = InProgress::start(&conn, &registry);
+        let http1 = request.version() < http::Version::HTTP_2;
+        if !http1 {
+            conn.h2.store(true, Ordering::Relaxed);
+        }
+        // Only a request that may become a tunnel needs to carry the slot (an extension costs an
+        // allocation per request on the hit path).
+        if request.headers().contains_key(http::header::UPGRADE) {
+            request.extensions_mut().insert(slot.clone());
+        }
+        let mut service = service.clone();
+        let drain = drain.clone();
+        async move {
+            let mut response = tower::Service::call(&mut service, request).await;
+            // Draining: tell a keep-alive client to come back on a new connection.
+            if let (Ok(response), true) = (&mut response, http1 && drain.is_cancelled()) {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
+            // In progress until the body is done: a streaming answer is not idle.
+            response.map(|response| {
+                response.map(|body| {
+                    http_body_util::BodyExt::map_frame(body, move |frame| {
+                        let _in_progress = &in_progress;
+                        frame
+                    })
+                })
+            })
+        }
+    })
+}
+
+/// What a connection's timer found.
+enum Timer {
+    /// Told to close and still not done, or idle without ever sending a request: drop it.
+    Drop,
+    /// Idle past its limit: close it gracefully.
+    Close,
+    /// Not due yet.
+    Wait,
+}
+
+impl Conn {
+    fn never_served(&self) -> bool {
+        self.served.load(Ordering::Relaxed) == 0
+    }
+
+    /// How long the connection may sit without a request: a connection that never sent one
+    /// gets the header read timeout, a keep-alive one the idle timeout.
+    fn idle_limit(&self, limits: &Limits) -> Duration {
+        if self.never_served() {
+            limits.header_read_timeout
+        } else {
+            limits.idle_timeout
+        }
+    }
+
+    fn idle_since(&self, registry: &Registry) -> Instant {
+        registry.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// When the timer should next look at the connection.
+    fn check_at(&self, registry: &Registry, limits: &Limits, closing: Option<Instant>) -> Instant {
+        let idle_limit = self.idle_limit(limits);
+        match closing {
+            Some(at) => at + CLOSE_BOUND,
+            None if self.active.load(Ordering::Relaxed) > 0 => Instant::now() + idle_limit,
+            None => self.idle_since(registry) + idle_limit,
+        }
+    }
+
+    /// What to do when the timer fires.
+    fn on_timer(&self, registry: &Registry, limits: &Limits, closing: Option<Instant>) -> Timer {
+        if closing.is_some() {
+            return Timer::Drop;
+        }
+        let idle = self.active.load(Ordering::Relaxed) == 0;
+        if !idle || self.idle_since(registry) + self.idle_limit(limits) > Instant::now() {
+            return Timer::Wait;
+        }
+        if self.never_served() {
+            // Never sent a request: nothing to finish.
+            Timer::Drop
+        } else {
+            Timer::Close
         }
     }
 }
