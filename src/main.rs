@@ -3,6 +3,7 @@
 //! (EX_USAGE), a port that cannot be bound 69 (EX_UNAVAILABLE).
 
 use clap::Parser;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use token_sidecar::app::shutdown_signal;
 use token_sidecar::cli::{Cli, Command, healthcheck, status};
@@ -26,68 +27,60 @@ fn main() -> ExitCode {
         }
     };
     let env = |name: &str| std::env::var(name).ok();
-
-    if let Some(Command::Healthcheck { admin, timeout }) = &cli.command {
-        let flags = Overrides {
-            admin: admin.or(cli.admin),
-            ..cli.overrides()
-        };
-        let checked = admin_address(&flags, env, |path| std::fs::read_to_string(path))
-            .map_err(|e| e.to_string())
-            .and_then(|admin| healthcheck(admin, *timeout));
-        return match checked {
+    match &cli.command {
+        Some(Command::Healthcheck { admin, timeout }) => report(
+            "healthcheck",
+            admin_of(&cli, *admin, env)
+                .and_then(|admin| healthcheck(admin, *timeout))
+                .map(|()| String::new()),
+        ),
+        Some(Command::Status {
+            admin,
+            timeout,
+            json,
+        }) => report(
+            "status",
+            admin_of(&cli, *admin, env).and_then(|admin| status::command(admin, *timeout, *json)),
+        ),
+        Some(Command::Demo(args)) => report("demo", demo::run(args).map(|()| String::new())),
+        None => match start(&cli, env) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("token-sidecar healthcheck: {e}");
-                ExitCode::FAILURE
+                // Logging is up for everything after the configuration, so those go to the log.
+                match e {
+                    StartupError::Config(_) => eprintln!("token-sidecar: {e}"),
+                    _ => tracing::error!("{e}"),
+                }
+                ExitCode::from(exit_code(&e))
             }
-        };
+        },
     }
+}
 
-    if let Some(Command::Demo(args)) = &cli.command {
-        return match demo::run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("token-sidecar demo: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
+/// The admin address a subcommand talks to: its own `--admin`, else the sidecar's, layered like
+/// the sidecar's own (flag, env, file, default).
+fn admin_of(
+    cli: &Cli,
+    admin: Option<SocketAddr>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<SocketAddr, String> {
+    let flags = Overrides {
+        admin: admin.or(cli.admin),
+        ..cli.overrides()
+    };
+    admin_address(&flags, env, |path| std::fs::read_to_string(path)).map_err(|e| e.to_string())
+}
 
-    if let Some(Command::Status {
-        admin,
-        timeout,
-        json,
-    }) = &cli.command
-    {
-        let flags = Overrides {
-            admin: admin.or(cli.admin),
-            ..cli.overrides()
-        };
-        let fetched = admin_address(&flags, env, |path| std::fs::read_to_string(path))
-            .map_err(|e| e.to_string())
-            .and_then(|admin| status::command(admin, *timeout, *json));
-        return match fetched {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("token-sidecar status: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-
-    match start(&cli, env) {
-        Ok(()) => ExitCode::SUCCESS,
+/// A subcommand's outcome: its text on stdout and exit 0, or a line on stderr and exit 1.
+fn report(subcommand: &str, outcome: Result<String, String>) -> ExitCode {
+    match outcome {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            // Logging is up for everything after the configuration, so those go to the log.
-            match e {
-                StartupError::Config(_) => eprintln!("token-sidecar: {e}"),
-                _ => tracing::error!("{e}"),
-            }
-            ExitCode::from(exit_code(&e))
+            eprintln!("token-sidecar {subcommand}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
