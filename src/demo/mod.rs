@@ -60,6 +60,15 @@ struct Tally {
 }
 
 impl Tally {
+    /// Adds another client's tally (provider calls are counted for the whole herd).
+    fn add(&mut self, other: Tally) {
+        self.requests += other.requests;
+        self.ok += other.ok;
+        self.throttled += other.throttled;
+        self.other += other.other;
+        self.latencies.extend(other.latencies);
+    }
+
     fn percentile(&self, p: f64) -> Duration {
         let mut sorted = self.latencies.clone();
         sorted.sort_unstable();
@@ -187,70 +196,26 @@ async fn herd(name: &str, idp: &Provider, url: &str, options: &Options) -> Tally
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(options.clients)
         .build_http();
-    let token_url = format!("{url}/oauth/token");
-    let form = format!(
-        "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
-    );
+    let token_url: Arc<str> = format!("{url}/oauth/token").into();
     let before = idp.counts.read().0;
     let started = Instant::now();
     let until = started + options.phase;
     let sent = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(options.clients);
-    for _ in 0..options.clients {
-        let (client, token_url, form, sent) = (
-            client.clone(),
-            token_url.clone(),
-            form.clone(),
-            sent.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            // Bounded in count as well as time.
-            for _ in 0..1_000_000 {
-                if Instant::now() >= until {
-                    break;
-                }
-                let request = http::Request::post(&token_url)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(Full::new(Bytes::from(form.clone())))
-                    .expect("a valid request");
-                let asked = Instant::now();
-                let status =
-                    match tokio::time::timeout(Duration::from_secs(10), client.request(request))
-                        .await
-                    {
-                        Ok(Ok(response)) => {
-                            let status = response.status().as_u16();
-                            let _ = response.into_body().collect().await;
-                            status
-                        }
-                        _ => 0,
-                    };
-                tally.latencies.push(asked.elapsed());
-                tally.requests += 1;
-                sent.fetch_add(1, Ordering::Relaxed);
-                match status {
-                    200 => {
-                        tally.ok += 1;
-                        // The work the token was for.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    429 => tally.throttled += 1,
-                    _ => tally.other += 1,
-                }
-            }
-            tally
-        }));
-    }
+    let tasks: Vec<_> = (0..options.clients)
+        .map(|_| {
+            let app = NaiveApp {
+                client: client.clone(),
+                token_url: token_url.clone(),
+                sent: sent.clone(),
+            };
+            tokio::spawn(app.run(until))
+        })
+        .collect();
     let progress = tokio::spawn(progress(name.to_owned(), started, options.phase, sent));
     let mut total = Tally::default();
     for task in tasks {
         if let Ok(tally) = task.await {
-            total.requests += tally.requests;
-            total.ok += tally.ok;
-            total.throttled += tally.throttled;
-            total.other += tally.other;
-            total.latencies.extend(tally.latencies);
+            total.add(tally);
         }
     }
     progress.abort();
@@ -269,6 +234,61 @@ async fn herd(name: &str, idp: &Provider, url: &str, options: &Options) -> Tally
         eprintln!("{line}");
     }
     total
+}
+
+/// One client of the herd, written as apps that fetch too often are.
+struct NaiveApp {
+    client: Client<HttpConnector, Full<Bytes>>,
+    token_url: Arc<str>,
+    /// Requests sent by the whole herd, for the progress line.
+    sent: Arc<AtomicU64>,
+}
+
+impl NaiveApp {
+    /// Asks for a token, does 50 ms of work with it, and asks again, until `until`; after a 429
+    /// it asks again at once.
+    async fn run(self, until: Instant) -> Tally {
+        let form = format!(
+            "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+        );
+        let mut tally = Tally::default();
+        // Bounded in count as well as time.
+        for _ in 0..1_000_000 {
+            if Instant::now() >= until {
+                break;
+            }
+            let asked = Instant::now();
+            let status = self.ask(&form).await;
+            tally.latencies.push(asked.elapsed());
+            tally.requests += 1;
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            match status {
+                Some(200) => {
+                    tally.ok += 1;
+                    // The work the token was for.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(429) => tally.throttled += 1,
+                _ => tally.other += 1,
+            }
+        }
+        tally
+    }
+
+    /// One token request; its status, or `None` when it failed or took over 10 s.
+    async fn ask(&self, form: &str) -> Option<u16> {
+        let request = http::Request::post(&*self.token_url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form.to_owned())))
+            .ok()?;
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .ok()?
+            .ok()?;
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        Some(status)
+    }
 }
 
 /// A progress line on stderr: redrawn in place on a terminal, once a second elsewhere.
