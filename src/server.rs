@@ -284,7 +284,8 @@ async fn slot(
         debug!("connection cap reached: closing the longest-idle connection");
     }
     tokio::select! {
-        permit = slots.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+        // Nothing closes the semaphore; if something did, the listener would stop as on `stop`.
+        permit = slots.clone().acquire_owned() => permit.ok(),
         () = stop.cancelled() => None,
     }
 }

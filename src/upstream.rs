@@ -213,12 +213,17 @@ impl Upstream {
 
     /// The upstream URI for a local request's path and query.
     fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        Uri::builder()
-            .scheme(self.url.scheme.clone())
-            .authority(self.url.authority.clone())
-            .path_and_query(path_and_query.map_or("/", PathAndQuery::as_str))
-            .build()
-            .expect("scheme, authority and path were each valid")
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.url.scheme.clone());
+        parts.authority = Some(self.url.authority.clone());
+        parts.path_and_query = Some(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        // `from_parts` refuses only a scheme without an authority, or an authority without a
+        // path: all three parsed values are here.
+        Uri::from_parts(parts).unwrap_or_else(|_| unreachable!("scheme, authority and path"))
     }
 
     /// Sends a request and waits up to the request timeout for the response head.
@@ -239,8 +244,10 @@ const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
 pub(crate) fn compact_headers(headers: &HeaderMap) -> HeaderMap {
     let mut copy = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        let mut owned = HeaderValue::from_bytes(value.as_bytes())
-            .expect("the bytes of a valid header value are valid");
+        // The bytes of a valid value are valid; were they not, the header would be left out.
+        let Ok(mut owned) = HeaderValue::from_bytes(value.as_bytes()) else {
+            continue;
+        };
         owned.set_sensitive(value.is_sensitive());
         copy.append(name.clone(), owned);
     }

@@ -48,15 +48,21 @@ impl Breaker {
         }
     }
 
+    /// The state; a panic elsewhere while it was held leaves plain data behind, so a poisoned
+    /// lock is recovered as in the token cache.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The state now, for metrics.
     pub(crate) fn state(&self) -> State {
-        self.inner.lock().expect("breaker lock").state
+        self.lock().state
     }
 
     /// Whether a call may go to Redis at `now`. An open breaker whose backoff is over lets
     /// exactly one trial through.
     pub(crate) fn allow(&self, now: Instant) -> bool {
-        let mut inner = self.inner.lock().expect("breaker lock");
+        let mut inner = self.lock();
         match inner.state {
             State::Closed => true,
             State::HalfOpen => false,
@@ -70,7 +76,7 @@ impl Breaker {
 
     /// A call answered: Redis is back.
     pub(crate) fn success(&self) {
-        let mut inner = self.inner.lock().expect("breaker lock");
+        let mut inner = self.lock();
         inner.state = State::Closed;
         inner.failures = 0;
     }
@@ -78,7 +84,7 @@ impl Breaker {
     /// A call failed at `now`; `unit` in `[0, 1)` is the jitter. Returns whether this opened a
     /// closed breaker (worth one warning).
     pub(crate) fn failure(&self, now: Instant, unit: f64) -> bool {
-        let mut inner = self.inner.lock().expect("breaker lock");
+        let mut inner = self.lock();
         let opened = inner.state == State::Closed;
         let ceiling = self
             .base

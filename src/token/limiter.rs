@@ -108,8 +108,9 @@ impl Limiter {
         }
         let left = max_wait.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, self.calls.clone().acquire_owned()).await {
-            Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
-            Err(_) => Err(HeldBack {
+            Ok(Ok(permit)) => Ok(permit),
+            // Out of time, or (never: nothing closes it) the semaphore closed.
+            Ok(Err(_)) | Err(_) => Err(HeldBack {
                 retry_after: Duration::from_secs(1),
             }),
         }
