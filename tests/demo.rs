@@ -141,6 +141,24 @@ async fn demo_serve_answers_the_commands_it_prints_until_sigterm() {
     .await;
     assert_eq!(wrong.status, 401);
 
+    // The status command it prints runs as printed: the binary's own path, not a name on PATH.
+    let status_command = printed
+        .lines()
+        .find_map(|l| l.split("(or: ").nth(1))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no status command printed:\n{printed}"));
+    let ran = Command::new("sh")
+        .args(["-c", status_command])
+        .env_clear()
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&ran.stdout);
+    assert!(
+        ran.status.success() && shown.contains("route default"),
+        "{status_command}: {shown}{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+
     let stopped = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

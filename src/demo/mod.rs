@@ -186,7 +186,10 @@ async fn story(options: &Options) -> Result<(), String> {
         group(through.provider_calls),
         group(direct.provider_calls)
     );
-    println!("Next: `token-sidecar demo --serve` keeps both running for you to try with curl.");
+    println!(
+        "Next: `{} demo --serve` keeps both running for you to try with curl.",
+        this_binary()
+    );
     Ok(())
 }
 
@@ -288,6 +291,18 @@ impl NaiveApp {
         let status = response.status().as_u16();
         let _ = response.into_body().collect().await;
         Some(status)
+    }
+}
+
+/// This binary as a command to paste: its own path (`cargo run` leaves it under target/, where
+/// no PATH finds it), quoted when it has a space; `token-sidecar` if the path cannot be read.
+fn this_binary() -> String {
+    match std::env::current_exe() {
+        Ok(path) if path.to_string_lossy().contains(char::is_whitespace) => {
+            format!("'{}'", path.display())
+        }
+        Ok(path) => path.display().to_string(),
+        Err(_) => "token-sidecar".to_owned(),
     }
 }
 
@@ -407,7 +422,10 @@ async fn serve(options: &Options) -> Result<(), String> {
         "  curl -s -H \"Authorization: Bearer $TOKEN\" {sidecar}/api/v2/users/me      (forwarded untouched)"
     );
     println!("  curl -s http://{admin}/metrics | grep '^token_sidecar_'");
-    println!("  curl -s http://{admin}/status      (or: token-sidecar status --admin {admin})");
+    println!(
+        "  curl -s http://{admin}/status      (or: {} status --admin {admin})",
+        this_binary()
+    );
     println!("\nCtrl-C to stop.");
     let _ = std::io::stdout().flush();
     crate::app::shutdown_signal().await;

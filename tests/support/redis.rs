@@ -83,7 +83,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): install Debian's redis-server package (.ci/run does)")
+                panic!("cannot start redis-server ({e}): run the tests with `bash scripts/test`, which installs it, or `apt-get install redis-server`")
             });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
