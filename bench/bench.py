@@ -52,8 +52,9 @@ def check_binaries():
         newest = max(newest, os.path.getmtime(os.path.join(ROOT, name)))
     for binary in (SIDECAR, CEILING):
         if not os.path.exists(binary):
-            sys.exit("bench: %s is missing: build with `cargo build --release --bin token-sidecar "
-                     "--example ceiling` (CARGO_TARGET_DIR=%s)" % (binary, TARGET))
+            sys.exit("bench: %s is missing: build with `cargo build --release --bin token-sidecar` "
+                     "then `cargo build --release --example ceiling` (CARGO_TARGET_DIR=%s)"
+                     % (binary, TARGET))
         if os.path.getmtime(binary) < newest:
             sys.exit("bench: %s is older than the sources: rebuild it (bench/run.sh does)" % binary)
 
@@ -1087,7 +1088,8 @@ def render(run, info, results, argv):
       "wrote):\n")
     w("```")
     w("bash bench/run.sh%s" % (" " + " ".join(argv) if argv else ""))
-    w("cargo build --release --bin token-sidecar --example ceiling")
+    w("cargo build --release --bin token-sidecar")
+    w("cargo build --release --example ceiling")
     if run.profile:
         w("CARGO_TARGET_DIR=target/bench-profile CARGO_PROFILE_RELEASE_STRIP=none "
           "CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --bin token-sidecar")

@@ -32,7 +32,11 @@ if [ "$profile" = 1 ] && ! command -v perf >/dev/null 2>&1; then
   exit 1
 fi
 
-cargo build --release --bin token-sidecar --example ceiling
+# Two invocations: building the example in the same one would unify the dev-dependencies'
+# features (tokio's test-util and others) into the binary, which would then not be the one
+# `cargo build --release` gives users.
+cargo build --release --bin token-sidecar
+cargo build --release --example ceiling
 if [ "$profile" = 1 ]; then
   # Same source and profile, but with symbols and line tables, in a separate target directory so
   # the measured binary stays exactly the release one. Cargo.toml is not touched.
