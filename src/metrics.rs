@@ -13,6 +13,10 @@ use prometheus_client::registry::Registry;
 use std::sync::Weak;
 use std::time::Duration;
 
+/// The help of `token_sidecar_token_requests_total`; it names every outcome label (a test in
+/// `token::outcome` holds it to the list).
+pub(crate) const TOKEN_REQUESTS_HELP: &str = "Token-path requests by outcome (hit, miss, stale, coalesced, cooldown, remembered, bypass, invalid, error, full)";
+
 /// What a route shows at scrape time and on `/status`. Implemented by the token path; the
 /// metrics and the admin listener know the labels, not the types behind them.
 pub(crate) trait RouteState: Send + Sync + std::fmt::Debug {
@@ -118,7 +122,7 @@ impl Metrics {
         let token_requests = Family::default();
         registry.register(
             "token_requests",
-            "Token-path requests by outcome (hit, miss, coalesced, stale, cooldown, remembered, bypass, invalid, error)",
+            TOKEN_REQUESTS_HELP,
             token_requests.clone(),
         );
         let upstream_calls = Family::default();

@@ -62,6 +62,13 @@ fn the_demo_tells_the_story_and_exits_zero() {
         "4 s tokens over 2 s: one or two calls:\n{report}"
     );
     assert!(direct_calls > 100 * through_calls, "{report}");
+    // It says how the clients behave and what it counts: a 429 is asked again at once, and a
+    // token is a 200 answer.
+    assert!(
+        report.contains("asking again at once after a 429"),
+        "{report}"
+    );
+    assert!(progress.contains("answered 200 with a token"), "{progress}");
     assert!(
         progress.contains("through the sidecar ["),
         "a progress line: {progress}"

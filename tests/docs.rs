@@ -247,3 +247,84 @@ fn the_benchmarks_refuse_an_unknown_scenario_and_look_for_binaries_in_cargo_targ
         "{stderr}"
     );
 }
+
+/// docs/RELIABILITY.md counts the property tests: the count matches `tests/properties.rs`.
+#[test]
+fn reliability_md_counts_the_property_tests_there_are() {
+    let doc = include_str!("../docs/RELIABILITY.md").replace('\n', " ");
+    let properties = include_str!("properties.rs");
+    let claim = doc
+        .split("all ")
+        .find_map(|rest| rest.split_once(" tests pass ("))
+        .map(|(n, rest)| {
+            (
+                n.to_owned(),
+                rest.split(')').next().unwrap_or("").to_owned(),
+            )
+        })
+        .expect("RELIABILITY.md says how many property tests pass");
+    let tests = properties.matches("#[test]").count();
+    let regressions = properties.matches("/// regression test:").count();
+    assert_eq!(claim.0, tests.to_string(), "{claim:?}");
+    assert_eq!(
+        claim.1,
+        format!(
+            "{} properties and {regressions} regression test{}",
+            tests - regressions,
+            if regressions == 1 { "" } else { "s" }
+        ),
+        "{claim:?}"
+    );
+}
+
+/// README.md, docs/, every file under config/ and the Dockerfile, each as one line of prose:
+/// comment markers and line breaks folded away.
+fn prose_files() -> Vec<(String, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut paths = vec![root.join("README.md"), root.join("Dockerfile")];
+    let mut dirs = vec![root.join("docs"), root.join("config")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|e| ["md", "toml", "yaml", "yml"].contains(&e.to_str().unwrap()))
+            {
+                paths.push(path);
+            }
+        }
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let folded: Vec<&str> = text
+                .lines()
+                .map(|l| l.trim().trim_start_matches('#').trim())
+                .collect();
+            (path.display().to_string(), folded.join(" "))
+        })
+        .collect()
+}
+
+/// The drain keeps accepting until quiet (tests/operations.rs proves it), and the admin listener
+/// serves four endpoints: every text that describes either says so.
+#[test]
+fn shutdown_and_the_admin_endpoints_are_described_alike_everywhere() {
+    for (name, text) in prose_files() {
+        for wrong in ["stop accepting", "stops accepting"] {
+            assert!(!text.contains(wrong), "{name} says the drain {wrong:?}");
+        }
+        for (at, _) in text.match_indices("/healthz") {
+            let window: String = text[at..].chars().take(60).collect();
+            if window.contains("/metrics") {
+                assert!(
+                    window.contains("/status"),
+                    "{name} lists the admin endpoints without /status: {window:?}"
+                );
+            }
+        }
+    }
+}

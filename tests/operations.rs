@@ -26,6 +26,17 @@ fn bad_configuration_exits_64_with_one_clear_line() {
     let (code, err) = run_to_end(&["--upstream", "ftp://x"], &[]);
     assert_eq!((code, err.contains("--upstream")), (64, true), "{err}");
 
+    // docs/GENESYS.md: a replacement Genesys host without a region is an error, not ignored.
+    let (code, err) = run_to_end(
+        &["--upstream", "http://127.0.0.1:9"],
+        &[("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM", "http://127.0.0.1:9")],
+    );
+    assert_eq!(
+        (code, err.contains("need genesys_region")),
+        (64, true),
+        "{err}"
+    );
+
     let (code, err) = run_to_end(&["--config", "/nonexistent/token-sidecar.toml"], &[]);
     assert_eq!(
         (code, err.contains("cannot read config file")),

@@ -150,7 +150,7 @@ async fn story(options: &Options) -> Result<(), String> {
         latency: Duration::from_millis(20),
     };
     println!(
-        "token-sidecar demo: {} clients fetch tokens for {:.0} s from a provider that allows {} token calls a second (tokens of {} s), first directly, then through the sidecar.\n",
+        "token-sidecar demo: {} clients, each asking for a token before every 50 ms of work and asking again at once after a 429 (as naive clients do), for {:.0} s against a provider that allows {} token calls a second (tokens of {} s): first directly, then through the sidecar.\n",
         options.clients,
         options.phase.as_secs_f64(),
         options.calls_per_second,
@@ -225,7 +225,7 @@ async fn herd(name: &str, idp: &Provider, url: &str, options: &Options) -> Tally
     let _ = progress.await;
     total.provider_calls = idp.counts.read().0 - before;
     let line = format!(
-        "  {name}: {} requests, {} tokens, {} throttled, {} provider calls",
+        "  {name}: {} requests, {} answered 200 with a token, {} answered 429, {} provider calls",
         group(total.requests),
         group(total.ok),
         group(total.throttled),

@@ -91,4 +91,16 @@ mod tests {
             Outcome::ALL.iter().map(|o| o.as_str()).collect();
         assert_eq!(labels.len(), Outcome::ALL.len());
     }
+
+    #[test]
+    fn the_metric_help_names_every_outcome() {
+        let help = crate::metrics::TOKEN_REQUESTS_HELP;
+        let listed = help
+            .split_once('(')
+            .and_then(|(_, rest)| rest.strip_suffix(')'))
+            .expect("the outcomes in parentheses");
+        let listed: Vec<&str> = listed.split(", ").collect();
+        let labels: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(listed, labels, "{help}");
+    }
 }
