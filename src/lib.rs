@@ -33,6 +33,7 @@ pub mod fleet;
 pub(crate) mod forward;
 pub mod genesys;
 pub(crate) mod metrics;
+pub mod path;
 pub(crate) mod router;
 pub(crate) mod server;
 pub mod status;

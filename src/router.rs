@@ -35,26 +35,8 @@ pub(crate) struct Route {
 #[derive(Debug, Clone)]
 pub(crate) struct Dispatch(Arc<[Route]>);
 
-/// Whether `prefix` covers `path`, on a segment boundary.
-fn covers(prefix: &str, path: &str) -> bool {
-    prefix == "/"
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
-/// `path` without `prefix`, always starting with `/`.
-fn strip<'a>(prefix: &str, path: &'a str) -> &'a str {
-    match path.get(prefix.len()..) {
-        Some(rest) if prefix != "/" && !rest.is_empty() => rest,
-        Some(_) if prefix != "/" => "/",
-        _ => path,
-    }
-}
-
-/// The request's URI with `prefix` removed from its path; the query stays.
-fn stripped_uri(uri: &Uri, prefix: &str) -> Uri {
-    let path = strip(prefix, uri.path());
+/// The request's URI with `path` for its path; the query stays.
+fn with_path(uri: &Uri, path: &str) -> Uri {
     let path_and_query = match uri.query() {
         Some(query) => format!("{path}?{query}"),
         None => path.to_owned(),
@@ -92,20 +74,69 @@ impl tower::Service<Request<Incoming>> for Dispatch {
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         host_from_authority(&mut request);
         let routes = self.0.clone();
-        let path = request.uri().path();
-        // Sorted longest prefix first, so the first that covers the path is the longest.
-        let Some(index) = routes.iter().position(|route| covers(&route.prefix, path)) else {
-            return Box::pin(async { Ok(Error::NoRoute.into_response()) });
+        let target = match Target::of(&routes, request.uri().path()) {
+            Ok(target) => target,
+            Err(error) => return Box::pin(async move { Ok(error.into_response()) }),
         };
-        if routes[index].strip {
-            *request.uri_mut() = stripped_uri(request.uri(), &routes[index].prefix);
+        if let Some(path) = target.rewrite {
+            *request.uri_mut() = with_path(request.uri(), &path);
         }
+        let route = &routes[target.route];
         // Two boxes sized for their own path: a token hit does not carry the state of a forward.
-        if routes[index].token.is_token_path(request.uri().path()) {
-            Box::pin(async move { Ok(routes[index].token.handle(request).await) })
+        if target.token {
+            Box::pin(async move { Ok(routes[target.route].token.handle(request).await) })
         } else {
-            Box::pin(async move { Ok(routes[index].forwarder.forward(request.map(boxed)).await) })
+            let forwarder = route.forwarder.clone();
+            Box::pin(async move { Ok(forwarder.forward(request.map(boxed)).await) })
         }
+    }
+}
+
+/// Where a request goes: chosen by its path's match key (see [`crate::path`]), never by its
+/// spelling.
+struct Target {
+    /// Index of the route, in the listener's order (longest prefix first).
+    route: usize,
+    /// Whether the path is one of the route's token paths.
+    token: bool,
+    /// The path to send instead of the caller's: the route's own spelling of a token path, or
+    /// the normal form (without a stripped prefix) where it differs from what the caller sent.
+    rewrite: Option<String>,
+}
+
+impl Target {
+    fn of(routes: &[Route], path: &str) -> Result<Target, Error> {
+        let normal = crate::path::normalise(path).map_err(Error::InvalidRequest)?;
+        let key = crate::path::match_key(&normal);
+        // Sorted longest prefix first, so the first that covers the path is the longest.
+        let route = routes
+            .iter()
+            .position(|route| crate::path::covers(&crate::path::match_key(&route.prefix), &key))
+            .ok_or(Error::NoRoute)?;
+        let rest = match routes[route].strip {
+            true => {
+                let count = crate::path::segments(&routes[route].prefix);
+                crate::path::strip_segments(&normal, count)
+            }
+            false => &normal,
+        };
+        if let Some(token_path) = routes[route]
+            .token
+            .token_path(&crate::path::match_key(rest))
+        {
+            let rewrite = (token_path != path).then(|| token_path.to_owned());
+            return Ok(Target {
+                route,
+                token: true,
+                rewrite,
+            });
+        }
+        let rewrite = (rest != path).then(|| rest.to_owned());
+        Ok(Target {
+            route,
+            token: false,
+            rewrite,
+        })
     }
 }
 
@@ -147,6 +178,15 @@ mod tests {
         assert_eq!(h1.headers()[header::HOST], "given");
     }
 
+    fn covers(prefix: &str, path: &str) -> bool {
+        let normal = crate::path::normalise(path).unwrap();
+        crate::path::covers(prefix, &crate::path::match_key(&normal))
+    }
+
+    fn strip(prefix: &str, path: &str) -> String {
+        crate::path::strip_segments(path, crate::path::segments(prefix)).to_owned()
+    }
+
     #[test]
     fn prefixes_match_on_segment_boundaries() {
         assert!(covers("/", "/anything"));
@@ -165,12 +205,12 @@ mod tests {
         assert_eq!(strip("/", "/oauth/token"), "/oauth/token");
         let uri: Uri = "/api/api/v2/users/me?expand=x".parse().unwrap();
         assert_eq!(
-            stripped_uri(&uri, "/api").to_string(),
+            with_path(&uri, &strip("/api", uri.path())).to_string(),
             "/api/v2/users/me?expand=x"
         );
         let absolute: Uri = "http://sidecar:8080/login/oauth/token".parse().unwrap();
         assert_eq!(
-            stripped_uri(&absolute, "/login").to_string(),
+            with_path(&absolute, &strip("/login", absolute.path())).to_string(),
             "http://sidecar:8080/oauth/token"
         );
     }

@@ -1142,3 +1142,100 @@ fn basic_secrets_differing_in_a_raw_lead_byte_get_different_keys() {
     // Both decode per RFC 6749 §2.3.1 (raw C3 + escaped A9 = "é"; raw C2 + escaped A9 = "©").
     assert_ne!(key(b"app:\xc3%a9"), key(b"app:\xc2%a9"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Path normalisation: spellings of a path route alike.
+// ---------------------------------------------------------------------------------------------
+
+use token_sidecar::path::{covers, match_key, normalise};
+
+/// Segments of a plain path: lower-case letters, digits and `-._~` (no segment is `.` or `..`).
+fn segment() -> impl Strategy<Value = String> {
+    "[a-z0-9][a-z0-9_~-]{0,7}"
+}
+
+/// One spelling of the path `/` + `segments`, driven by `picks`: repeated slashes, `.` segments,
+/// `x/..` detours, percent-encoded unreserved characters, upper case, `;params` and a trailing
+/// slash, each of which servers fold before they route.
+fn spelling(segments: &[String], picks: &[u8]) -> String {
+    let mut choose = Choices::new(picks);
+    let mut out = String::new();
+    for segment in segments {
+        match choose.next() % 6 {
+            0 => out.push_str("//"),
+            1 => out.push_str("/./"),
+            2 => out.push_str("/detour/../"),
+            _ => out.push('/'),
+        }
+        for c in segment.chars() {
+            match choose.next() % 5 {
+                0 => out.push_str(&format!("%{:02X}", c as u8)),
+                1 => out.push_str(&format!("%{:02x}", c as u8)),
+                2 => out.push(c.to_ascii_uppercase()),
+                _ => out.push(c),
+            }
+        }
+        if choose.next().is_multiple_of(6) {
+            out.push_str(";p=1");
+        }
+    }
+    if out.is_empty() || choose.next().is_multiple_of(4) {
+        out.push('/');
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(cases(512))]
+
+    /// Every spelling of a path has the path's own match key: a token path is recognised (and
+    /// served by the token path) however it is spelled.
+    #[test]
+    fn every_spelling_of_a_path_has_its_match_key(
+        segments in prop::collection::vec(segment(), 0..5),
+        picks in prop::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let plain = format!("/{}", segments.join("/"));
+        let spelled = spelling(&segments, &picks);
+        let normal = normalise(&spelled).unwrap();
+        prop_assert_eq!(match_key(&normal), match_key(&plain), "{}", spelled);
+    }
+
+    /// No spelling reaches a route its plain path would not: a prefix covers a spelling exactly
+    /// when it covers the plain path.
+    #[test]
+    fn no_spelling_reaches_a_different_route(
+        segments in prop::collection::vec(segment(), 0..5),
+        prefix_len in 0usize..4,
+        other in segment(),
+        picks in prop::collection::vec(any::<u8>(), 1..64),
+    ) {
+        let plain = format!("/{}", segments.join("/"));
+        let spelled = spelling(&segments, &picks);
+        let key = match_key(&normalise(&spelled).unwrap()).into_owned();
+        let mut prefixes = vec!["/".to_owned(), format!("/{other}")];
+        let n = prefix_len.min(segments.len());
+        if n > 0 {
+            prefixes.push(format!("/{}", segments[..n].join("/")));
+        }
+        for prefix in prefixes {
+            prop_assert_eq!(covers(&prefix, &key), covers(&prefix, &match_key(&plain)), "{} {}", prefix, spelled);
+        }
+    }
+
+    /// For any path the normal form is a fixed point and has no `//`, `.` or `..` segment and no
+    /// encoded slash; or the path is refused.
+    #[test]
+    fn the_normal_form_is_normal(path in "/[a-zA-Z0-9%./;_~-]{0,40}") {
+        if let Ok(normal) = normalise(&path) {
+            let body = normal.trim_end_matches('/');
+            prop_assert!(
+                body.is_empty() || body[1..].split('/').all(|s| !matches!(s, "" | "." | "..")),
+                "{} -> {}", path, normal
+            );
+            prop_assert!(!normal.to_ascii_lowercase().contains("%2f"), "{} -> {}", path, normal);
+            let again = normalise(&normal).unwrap();
+            prop_assert_eq!(again.as_ref(), normal.as_ref());
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod support;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use support::process::Running;
 use support::sidecar::{Sidecar, config_toml};
 use support::{FakeProvider, client, post_form, send};
 
@@ -178,4 +179,135 @@ async fn the_genesys_preset_routes_login_and_api_calls_in_both_sdk_setups() {
     assert_eq!(revoke.json()["path"], "/echo/revoke");
     assert_eq!(api.requests(), 2);
     sidecar.stop().await.unwrap();
+}
+
+/// Every spelling that servers behind the sidecar treat as the token path: repeated slashes,
+/// dot segments, percent-encoded letters, a trailing slash, `;params`, case.
+const TOKEN_PATH_SPELLINGS: [&str; 9] = [
+    "/oauth/token",
+    "//oauth/token",
+    "/oauth//token",
+    "/oauth/./token",
+    "/oauth/%74oken",
+    "/oauth/token/",
+    "/OAUTH/TOKEN",
+    "/oauth/token;x",
+    "/x/../oauth/token",
+];
+
+/// Issue: these spellings were forwarded as pass-through, uncached and unpaced, so guessed
+/// secrets sent to `//oauth/token` reached the provider 391 times in 20 s. Every one is served by
+/// the token path now (the real binary), and the provider sees one call, to `/oauth/token`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_a_token_path_is_served_by_the_token_path() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("app", "s")]);
+    let sidecar = Running::start(&idp.url(), &[]);
+    sidecar.wait_ready().await;
+    let http = client();
+    for path in TOKEN_PATH_SPELLINGS {
+        let reply = post_form(&http, &format!("{}{path}", sidecar.url()), FORM, None).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        let status = reply.header("cache-status").unwrap_or_default();
+        assert!(
+            status.contains("token-sidecar") && !status.contains("bypass"),
+            "{path}: {status}"
+        );
+    }
+    assert_eq!(
+        idp.token_calls(),
+        1,
+        "one key, one call, whatever the spelling"
+    );
+    // Wrong secrets on another spelling are paced like any unproven key: one call at a time per
+    // client id and a pause after each rejection, so 30 guesses in a row make a handful of calls.
+    let guess = "grant_type=client_credentials&client_id=app&client_secret=guess";
+    for n in 0..30 {
+        let path = TOKEN_PATH_SPELLINGS[1 + n % 8];
+        let reply = post_form(&http, &format!("{}{path}", sidecar.url()), guess, None).await;
+        assert!(
+            [401, 429].contains(&reply.status),
+            "{path}: {}",
+            reply.status
+        );
+    }
+    assert!(idp.token_calls() <= 4, "{} calls", idp.token_calls());
+    let owner = post_form(
+        &http,
+        &format!("{}//oauth/token", sidecar.url()),
+        FORM,
+        None,
+    )
+    .await;
+    assert_eq!(owner.status, 200, "the owner is still served");
+    assert!(
+        idp.recorded()
+            .iter()
+            .all(|r| r.path_and_query == "/oauth/token"),
+        "token calls go to the route's own token path"
+    );
+    sidecar.terminate();
+    assert_eq!(sidecar.wait().0, 0);
+}
+
+/// Issue: the Genesys preset routed on the raw path, so `//api/v2/users/me` took the caller's API
+/// bearer to the login host. Routes match the normal form; a path that has none is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preset_routes_every_spelling_of_an_api_path_to_the_api_host() {
+    let login = FakeProvider::start().await;
+    let api = FakeProvider::start().await;
+    let sidecar = Running::start_bare(
+        &[],
+        &[
+            ("TOKEN_SIDECAR_GENESYS_REGION", "us-east-1"),
+            ("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM", &login.url()),
+            ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", &api.url()),
+        ],
+    );
+    sidecar.wait_ready().await;
+    let spellings = [
+        "//api/v2/users/me",
+        "/./api/v2/users/me",
+        "/API/v2/users/me",
+        "/api;x/v2/users/me",
+        "/login/../api/v2/users/me",
+    ];
+    for (n, path) in spellings.iter().enumerate() {
+        let reply = send(&client(), get(format!("{}{path}", sidecar.url()))).await;
+        // The API fake answers 401 without a token (404 to a spelling it does not know itself).
+        assert!(
+            [401, 404].contains(&reply.status),
+            "{path}: {}",
+            reply.status
+        );
+        assert_eq!(api.requests(), n + 1, "{path} reached the API host");
+    }
+    let h2c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let reply = send(&h2c, get(format!("{}//api/v2/users/me", sidecar.url()))).await;
+    assert_eq!(reply.status, 401, "h2c");
+    assert_eq!(
+        api.requests(),
+        spellings.len() + 1,
+        "every spelling reached the API host"
+    );
+    assert_eq!(login.requests(), 0, "none reached the login host");
+
+    for path in [
+        "/api%2fv2/users/me",
+        "/api/%2F../oauth/token",
+        "/../api/v2/users/me",
+    ] {
+        let reply = send(&client(), get(format!("{}{path}", sidecar.url()))).await;
+        assert_eq!(reply.status, 400, "{path}");
+        assert!(
+            reply.text().contains("invalid_request"),
+            "{path}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(api.requests() + login.requests(), spellings.len() + 1);
+    sidecar.terminate();
+    assert_eq!(sidecar.wait().0, 0);
 }

@@ -145,9 +145,13 @@ impl TokenRoute {
         &self.name
     }
 
-    /// Whether `path` is one of this route's token paths.
-    pub(crate) fn is_token_path(&self, path: &str) -> bool {
-        self.token_paths.iter().any(|p| p == path)
+    /// The token path whose match key is `key` (see [`crate::path::match_key`]), as the route
+    /// spells it: the path a token call is sent to.
+    pub(crate) fn token_path(&self, key: &str) -> Option<&str> {
+        self.token_paths
+            .iter()
+            .find(|p| crate::path::match_key(p) == key)
+            .map(String::as_str)
     }
 
     /// Evicts idle and dead entries and forgets old cool-downs; called periodically.
@@ -162,7 +166,7 @@ impl TokenRoute {
         }
     }
 
-    /// Answers a request to one of the token paths (see [`Self::is_token_path`]).
+    /// Answers a request to one of the token paths (see [`Self::token_path`]).
     pub(crate) async fn handle(
         self: &Arc<Self>,
         request: Request<hyper::body::Incoming>,
