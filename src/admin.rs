@@ -7,6 +7,8 @@ use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::body::{Body, full};
 use crate::fleet::Fleet;
@@ -24,6 +26,32 @@ pub(crate) struct AdminState {
     pub routes: Vec<Weak<dyn RouteState>>,
     /// The fleet tier, for `/status`.
     pub fleet: Option<Arc<Fleet>>,
+    /// The last `/status` document and when it was built: served again for up to
+    /// [`STATUS_FRESH`], so a loop of `/status` calls walks the caches at most once a second.
+    pub status: tokio::sync::Mutex<Option<(Instant, Arc<str>)>>,
+}
+
+/// How long a `/status` document is served again before it is rebuilt.
+const STATUS_FRESH: Duration = Duration::from_secs(1);
+
+/// The `/status` document: the cached one while fresh, else built anew on a blocking thread (it
+/// walks and locks every cache entry; on the default one-thread runtime, the worker goes on
+/// serving tokens meanwhile). Callers that arrive while it is built wait for it.
+async fn cached_status(state: &Arc<AdminState>) -> Arc<str> {
+    let mut cached = state.status.lock().await;
+    if let Some((built, document)) = cached.as_ref()
+        && built.elapsed() < STATUS_FRESH
+    {
+        return document.clone();
+    }
+    let building = state.clone();
+    let document: Arc<str> = match tokio::task::spawn_blocking(move || status(&building)).await {
+        Ok(document) => document.into(),
+        // The walk panicked (a bug): say so rather than serve an empty document.
+        Err(_) => return "{\"error\": \"the status document could not be built\"}\n".into(),
+    };
+    *cached = Some((Instant::now(), document.clone()));
+    document
 }
 
 /// The `/status` document, as pretty JSON.
@@ -69,9 +97,11 @@ pub(crate) async fn handle(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(),
         ),
-        (&Method::GET | &Method::HEAD, "/status") => {
-            (StatusCode::OK, "application/json", status(&state))
-        }
+        (&Method::GET | &Method::HEAD, "/status") => (
+            StatusCode::OK,
+            "application/json",
+            cached_status(&state).await.to_string(),
+        ),
         (_, "/healthz" | "/readyz" | "/metrics" | "/status") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",

@@ -183,6 +183,7 @@ impl App {
             metrics: self.metrics.clone(),
             routes: self.states.clone(),
             fleet: self.fleet.clone(),
+            status: Default::default(),
         });
         let serving = self.serve_routes(listeners.routes);
         if let Some(fleet) = &self.fleet {

@@ -750,3 +750,23 @@ async fn every_shipped_config_file_starts_with_an_upstream_or_a_genesys_region()
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `/status` walks and locks every cache entry: a loop of calls must not do that more than once
+/// a second. The document is served again while fresh (a key added meanwhile is not in it yet),
+/// then rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_built_at_most_once_a_second() {
+    let fx = Fixture::start("").await;
+    let url = format!("{}/status", fx.sidecar.admin_url);
+    let keys = |reply: &support::Reply| reply.json()["routes"][0]["keys_total"].as_u64().unwrap();
+    let first = get(&url).await;
+    assert_eq!(keys(&first), 0);
+    let token = fx
+        .post_token("grant_type=client_credentials&client_id=app&client_secret=s")
+        .await;
+    assert_eq!(token.status, 200);
+    let again = get(&url).await;
+    assert_eq!(again.text(), first.text(), "served again within the second");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(keys(&get(&url).await), 1, "rebuilt after it");
+}
