@@ -237,4 +237,23 @@ mod tests {
         .unwrap_err();
         assert!(!e.to_string().contains("line"), "{e}");
     }
+
+    #[test]
+    fn an_error_carries_its_key_and_finds_its_line_from_the_spans() {
+        let file = "[[routes]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://a\"\n[[routes]]\nname = \"b\"\nlisten = \"127.0.0.1:2\"\nupstream = \"http://b\"\nclient = { request_timeout = \"0s\" }\n";
+        let e = load(with_file(), &[], Some(file)).unwrap_err();
+        let key = e.key().map(ToString::to_string);
+        assert_eq!(key.as_deref(), Some("routes[1] (b).client"), "{e}");
+        assert_eq!(e.line(), Some(9), "{e}");
+        // A table written as a header has its line too, and so has an unnamed route's key.
+        let file = "upstream = \"http://x\"\n[client]\nconnect_timeout = \"0s\"";
+        assert_eq!(
+            load(with_file(), &[], Some(file)).unwrap_err().line(),
+            Some(2)
+        );
+        let file = "[[routes]]\nlisten = \"127.0.0.1:1\"\nupstream = \"nope\"\n";
+        let e = load(with_file(), &[], Some(file)).unwrap_err();
+        assert!(e.message().starts_with("routes[0].upstream: "), "{e}");
+        assert_eq!(e.line(), Some(3), "{e}");
+    }
 }
