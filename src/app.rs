@@ -125,7 +125,7 @@ impl App {
         let fleet = match &config.shared {
             Some(shared) => Some(Arc::new(
                 Fleet::new(shared, metrics.fleet())
-                    .map_err(|e| StartupError::Config(ConfigError(e)))?,
+                    .map_err(|e| StartupError::Config(ConfigError::new(e)))?,
             )),
             None => None,
         };

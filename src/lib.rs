@@ -3,9 +3,10 @@
 //! ahead of expiry, honours `Retry-After`, and forwards everything else unchanged.
 //!
 //! Map of the crate, from the outside in:
-//! - [`cli`], [`config`]: the command line, and typed configuration with layering and validation;
+//! - [`cli`], [`config`]: the command line, and typed configuration (a folder: file, environment,
+//!   layering, validation, the route sources, the Genesys Cloud preset [`config::genesys`], and
+//!   the fleet tier's settings); it imports from no other module;
 //! - [`demo`]: `token-sidecar demo`, a built-in throttling provider and the story it tells;
-//! - [`genesys`]: the Genesys Cloud region table and the routes a region expands to;
 //! - [`app`]: building the parts before any port is bound, serving, draining; startup errors;
 //! - [`server`]: accept loops, connection limits, graceful drain;
 //! - [`router`]: dispatch by path prefix to a route, then between its token path and forwarding;
@@ -31,7 +32,6 @@ pub mod demo;
 pub(crate) mod error;
 pub mod fleet;
 pub(crate) mod forward;
-pub mod genesys;
 pub(crate) mod metrics;
 pub mod path;
 pub(crate) mod router;

@@ -99,7 +99,7 @@ fn exit_code(error: &StartupError) -> u8 {
 fn start(cli: &Cli, env: impl Fn(&str) -> Option<String> + Copy) -> Result<(), StartupError> {
     let config = Config::load(cli.overrides(), env, |path| std::fs::read_to_string(path))
         .map_err(StartupError::Config)?;
-    telemetry::init(&config.log, env).map_err(|e| StartupError::Config(ConfigError(e)))?;
+    telemetry::init(&config.log, env).map_err(|e| StartupError::Config(ConfigError::new(e)))?;
     let runtime = runtime(config.workers)
         .enable_all()
         .build()

@@ -102,7 +102,7 @@ fn accepted(key: &str) -> Result<(), String> {
         |_| Ok(toml.clone()),
     );
     match loaded {
-        Err(e) if e.0.contains("unknown field") => Err(e.0),
+        Err(e) if e.to_string().contains("unknown field") => Err(e.to_string()),
         _ => Ok(()),
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use support::FakeProvider;
 use support::sidecar::{Sidecar, config_toml};
-use token_sidecar::genesys::REGIONS;
+use token_sidecar::config::genesys::REGIONS;
 
 /// The one client the login fake knows.
 const CLIENT_ID: &str = "sdk-client";
@@ -360,7 +360,7 @@ fn assert_regions_match(sdk: Sdk, json: &str, domain_of: impl Fn(&str) -> Option
     }
     assert!(
         wrong.is_empty(),
-        "{sdk:?} SDK regions disagree with token_sidecar::genesys::REGIONS:\n{}",
+        "{sdk:?} SDK regions disagree with token_sidecar::config::genesys::REGIONS:\n{}",
         wrong.join("\n")
     );
 }

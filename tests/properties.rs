@@ -818,7 +818,7 @@ fn validates(token: &TokenConfig) -> Result<(), String> {
         }],
         shared: None,
     };
-    config.validate().map_err(|e| e.0)
+    config.validate().map_err(|e| e.to_string())
 }
 
 fn token(body: &str, now: Instant, config: &TokenConfig, jitter: f64) -> Token {

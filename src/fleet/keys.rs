@@ -1,6 +1,7 @@
-//! The fleet tier's cryptography: the fleet secret, the keys derived from it (HKDF-SHA256, one per
-//! purpose), and the sealing of what Redis holds (AES-256-GCM with a random nonce, the Redis key
-//! name as associated data, so an entry copied to another name does not open).
+//! The fleet tier's cryptography: the keys derived from the fleet secret (HKDF-SHA256, one per
+//! purpose; `config` reads and checks the secret itself), and the sealing of what Redis holds
+//! (AES-256-GCM with a random nonce, the Redis key name as associated data, so an entry copied
+//! to another name does not open).
 //!
 //! Redis sees key names that are HMACs under a derived key, and values it cannot open: the value
 //! key is derived from the fleet secret *and* the caller's whole key material, client secret
@@ -11,36 +12,13 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf::{HKDF_SHA256, Salt};
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// The shortest fleet secret accepted, in bytes.
-pub const MIN_SECRET_LEN: usize = 32;
+use crate::config::FleetSecret;
 
 /// The first byte of every sealed value: the format, so a later one can be told apart.
 const FORMAT: u8 = 1;
 
-/// The fleet secret, shared by every sidecar of a fleet. Never printed.
-#[derive(Clone)]
-pub struct FleetSecret(Vec<u8>);
-
-impl std::fmt::Debug for FleetSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FleetSecret(..)")
-    }
-}
-
+/// Keys are derived here, from the secret [`crate::config`] read and checked.
 impl FleetSecret {
-    /// The secret read from a key file: surrounding whitespace (a trailing newline) is not part
-    /// of it; fewer than [`MIN_SECRET_LEN`] bytes are refused.
-    pub fn from_file_bytes(bytes: &[u8]) -> Result<FleetSecret, String> {
-        let trimmed = bytes.trim_ascii();
-        if trimmed.len() < MIN_SECRET_LEN {
-            return Err(format!(
-                "holds {} bytes; a fleet secret needs at least {MIN_SECRET_LEN} (e.g. `head -c 32 /dev/urandom | base64`)",
-                trimmed.len()
-            ));
-        }
-        Ok(FleetSecret(trimmed.to_vec()))
-    }
-
     /// The 32-byte key for `purpose`, HKDF-SHA256 of the secret: each purpose gets a key of its
     /// own, and none of them reveals the secret or another.
     pub fn derive(&self, purpose: &str) -> [u8; 32] {
@@ -50,7 +28,7 @@ impl FleetSecret {
                 32
             }
         }
-        let prk = Salt::new(HKDF_SHA256, b"token-sidecar fleet v1").extract(&self.0);
+        let prk = Salt::new(HKDF_SHA256, b"token-sidecar fleet v1").extract(self.bytes());
         let info = [purpose.as_bytes()];
         let okm = prk
             .expand(&info, Len32)

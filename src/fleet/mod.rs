@@ -19,7 +19,6 @@ pub mod keys;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script, Value};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -27,49 +26,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::{FleetSecret, SharedConfig, redacted};
 use crate::metrics::FleetMetrics;
 use breaker::Breaker;
-pub use keys::{Entry, FleetSecret};
-
-/// The fleet tier's settings (see `[shared]` in the docs).
-#[derive(Clone)]
-pub struct SharedConfig {
-    /// `redis://` or `rediss://` URL; may carry an ACL user and password, so never printed.
-    pub redis: String,
-    /// A password read from `password_file`, instead of one in the URL.
-    pub password: Option<String>,
-    /// The fleet secret, from `key_file`.
-    pub secret: FleetSecret,
-    /// A PEM CA bundle for `rediss://`, instead of the system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// Longest wait for one Redis call's answer.
-    pub timeout: Duration,
-    /// Longest wait for a connection to Redis.
-    pub connect_timeout: Duration,
-    /// How often a follower asks again when no "landed" notice comes.
-    pub poll_interval: Duration,
-}
-
-impl std::fmt::Debug for SharedConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedConfig")
-            .field("redis", &redacted(&self.redis))
-            .field("timeout", &self.timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("poll_interval", &self.poll_interval)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A Redis URL without its user and password, for messages.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
+pub use keys::Entry;
 
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
@@ -487,15 +447,6 @@ fn parse_claim(value: Value, owner: String) -> Option<Claim> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_lose_their_credentials_in_messages() {
-        assert_eq!(
-            redacted("redis://app:s3cret@redis:6379/0"),
-            "redis://…@redis:6379/0"
-        );
-        assert_eq!(redacted("redis://redis:6379"), "redis://redis:6379");
-    }
 
     #[test]
     fn names_reveal_only_digests() {

@@ -9,10 +9,14 @@
 //!   rest of `/` go to `https://login.<domain>`, `/api/v2/...` to `https://api.<domain>`;
 //! - gateway with `path_params_login = "login"` and `path_params_api = "api"`: `/login/...` goes
 //!   to the login host and `/api/...` to the API host, each with its prefix removed.
+//!
+//! The region comes from `--genesys-region`, `TOKEN_SIDECAR_GENESYS_REGION` or `genesys_region`
+//! (picked in `layer.rs`); `PresetLayers::preset` turns it into a [`Preset`].
 
 use std::net::SocketAddr;
 
-use crate::config::{ClientConfig, RouteConfig, TokenConfig, UpstreamUrl};
+use super::error::{ConfigError, Source};
+use super::model::{ClientConfig, DEFAULT_TOKEN_PATH, RouteConfig, TokenConfig, UpstreamUrl};
 
 /// One Genesys Cloud region: its AWS-style name and its domain. The login host is
 /// `login.<domain>`, the API host `api.<domain>`.
@@ -111,7 +115,7 @@ impl Preset {
                 token: self.token.clone(),
                 client: self.client.clone(),
             };
-        let token_path = || vec![crate::config::DEFAULT_TOKEN_PATH.to_owned()];
+        let token_path = || vec![DEFAULT_TOKEN_PATH.to_owned()];
         vec![
             route("genesys-login", "/", false, &self.login, token_path()),
             route("genesys-api", "/api/v2", false, &self.api, vec![]),
@@ -127,9 +131,59 @@ impl Preset {
     }
 }
 
+/// The preset as the layers gave it: the region, and replacements for its two hosts, each with
+/// the flag, variable or key it came from.
+pub(super) struct PresetLayers {
+    pub(super) region: Option<(String, Source)>,
+    pub(super) login: Option<(String, Source)>,
+    pub(super) api: Option<(String, Source)>,
+}
+
+impl PresetLayers {
+    /// The preset on `listen`, if a region is given. Its login and API upstreams default to the
+    /// region's hosts; `genesys_login_upstream` and `genesys_api_upstream` (or their
+    /// `TOKEN_SIDECAR_*` twins) replace them, for private proxies and tests.
+    pub(super) fn preset(
+        self,
+        listen: SocketAddr,
+        token: &TokenConfig,
+        client: &ClientConfig,
+    ) -> Result<Option<Preset>, ConfigError> {
+        let Some((text, source)) = self.region else {
+            if self.login.is_some() || self.api.is_some() {
+                return Err(ConfigError::new(
+                    "genesys_login_upstream/genesys_api_upstream (or their TOKEN_SIDECAR_* twins) need genesys_region",
+                ));
+            }
+            return Ok(None);
+        };
+        let region = Region::find(&text).ok_or_else(|| {
+            source.error(format!(
+                "={text:?}: not a Genesys Cloud region; use one of {} (or its domain, e.g. mypurecloud.com)",
+                Region::names()
+            ))
+        })?;
+        let upstream = |given: Option<(String, Source)>, default: UpstreamUrl| match given {
+            Some((url, source)) => {
+                UpstreamUrl::parse(&url).map_err(|e| source.error(format!(": {e}")))
+            }
+            None => Ok(default),
+        };
+        Ok(Some(Preset {
+            listen,
+            login: upstream(self.login, region.login())?,
+            api: upstream(self.api, region.api())?,
+            token: token.clone(),
+            client: client.clone(),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::{file_error, load, with_file};
+    use crate::config::{DEFAULT_LISTEN, Overrides};
 
     #[test]
     fn regions_are_found_by_name_or_domain() {
@@ -158,5 +212,96 @@ mod tests {
                 assert_ne!(a.domain, b.domain);
             }
         }
+    }
+
+    #[test]
+    fn a_genesys_region_expands_to_login_and_api_routes_on_one_listener() {
+        let c = load(
+            Overrides {
+                genesys_region: Some("apse1.pure.cloud".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap();
+        let summary: Vec<(&str, &str, bool, String)> = c
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.path_prefix.as_str(),
+                    r.strip_prefix,
+                    r.upstream.to_string(),
+                )
+            })
+            .collect();
+        let (login, api) = (
+            "https://login.apse1.pure.cloud",
+            "https://api.apse1.pure.cloud",
+        );
+        assert_eq!(
+            summary,
+            [
+                ("genesys-login", "/", false, login.to_owned()),
+                ("genesys-api", "/api/v2", false, api.to_owned()),
+                ("genesys-login-gateway", "/login", true, login.to_owned()),
+                ("genesys-api-gateway", "/api", true, api.to_owned()),
+            ]
+        );
+        assert_eq!(
+            c.listeners(),
+            [DEFAULT_LISTEN.parse::<SocketAddr>().unwrap()]
+        );
+        assert!(
+            c.routes[1].token_paths.is_empty(),
+            "API routes only forward"
+        );
+
+        let env = [
+            ("TOKEN_SIDECAR_GENESYS_REGION", "eu-west-1"),
+            ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", "http://127.0.0.1:9"),
+        ];
+        let c = load(Overrides::default(), &env, None).unwrap();
+        assert_eq!(
+            c.routes[0].upstream.to_string(),
+            "https://login.mypurecloud.ie"
+        );
+        assert_eq!(c.routes[1].upstream.to_string(), "http://127.0.0.1:9");
+
+        let e = file_error("genesys_region = \"moon-1\"");
+        assert!(
+            e.to_string().contains("moon-1")
+                && e.to_string().contains("us-east-1")
+                && e.to_string().contains("ap-southeast-1"),
+            "{e}"
+        );
+        let e = file_error("genesys_region = \"us-east-1\"\nupstream = \"http://x\"");
+        assert!(e.to_string().contains("give one"), "{e}");
+        let e = file_error("genesys_login_upstream = \"http://x\"\nupstream = \"http://y\"");
+        assert!(e.to_string().contains("need genesys_region"), "{e}");
+        let stray = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://y"),
+            ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", "http://x"),
+        ];
+        let e = load(Overrides::default(), &stray, None).unwrap_err();
+        assert!(e.to_string().contains("need genesys_region"), "{e}");
+        let e = file_error("genesys_region = \"us-east-1\"\npreserve_host = true");
+        assert!(e.to_string().contains("preserve_host"), "{e}");
+        let e = file_error("genesys_region = \"us-east-1\"\ntoken_paths = [\"/token\"]");
+        assert!(e.to_string().contains("token_paths"), "{e}");
+    }
+
+    #[test]
+    fn a_region_starts_with_a_file_that_restates_the_one_route_defaults() {
+        let file = "token_paths = [\"/oauth/token\"]\npreserve_host = false";
+        let env = [("TOKEN_SIDECAR_GENESYS_REGION", "us-east-1")];
+        let c = load(with_file(), &env, Some(file)).unwrap();
+        assert_eq!(
+            c.routes[0].upstream.to_string(),
+            "https://login.mypurecloud.com"
+        );
+        assert_eq!(c.routes.len(), 4);
     }
 }

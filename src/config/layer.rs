@@ -1,0 +1,239 @@
+//! The layering: every setting from the first layer that gives it (a command-line flag, then a
+//! `TOKEN_SIDECAR_*` variable, then the config file, then the default), the parts assembled into
+//! a [`Config`], and that validated. What the flags gave arrives as [`Overrides`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::env::{
+    TOKEN_SIDECAR_ADMIN, TOKEN_SIDECAR_GENESYS_API_UPSTREAM, TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM,
+    TOKEN_SIDECAR_GENESYS_REGION, TOKEN_SIDECAR_LISTEN, TOKEN_SIDECAR_LOG_FORMAT,
+    TOKEN_SIDECAR_SHARED_KEY_FILE, TOKEN_SIDECAR_SHARED_REDIS, TOKEN_SIDECAR_UPSTREAM,
+    TOKEN_SIDECAR_WORKERS, env_addr, given,
+};
+use super::error::{ConfigError, Source};
+use super::file::FileConfig;
+use super::fleet::{FileShared, SharedConfig};
+use super::genesys::PresetLayers;
+use super::model::{Config, LogConfig, LogFormat, default_admin};
+use super::routes::{RouteLayers, routes};
+
+/// Values given on the command line; `None` where a flag was not given.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub upstream: Option<String>,
+    pub genesys_region: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub config: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub workers: Option<usize>,
+    pub shared_redis: Option<String>,
+    pub shared_key_file: Option<PathBuf>,
+}
+
+/// How long draining may take when neither the file nor a flag says.
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The layering and validation of [`Config::load`], once the file is parsed.
+pub(super) fn assemble(
+    flags: Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    file: FileConfig,
+) -> Result<Config, ConfigError> {
+    let upstream = match &flags.upstream {
+        Some(url) => Some((url.clone(), Source::Flag("--upstream"))),
+        None => given(env, TOKEN_SIDECAR_UPSTREAM),
+    };
+    let listen = match flags.listen {
+        Some(addr) => Some(addr),
+        None => env_addr(env, TOKEN_SIDECAR_LISTEN)?,
+    };
+    let admin = match flags.admin {
+        Some(addr) => addr,
+        None => env_addr(env, TOKEN_SIDECAR_ADMIN)?
+            .or(file.admin)
+            .unwrap_or_else(default_admin),
+    };
+    let workers = workers(&flags, env, file.workers)?;
+    let log = log(&flags, env, file.log.clone())?;
+    let layers = RouteLayers {
+        upstream,
+        listen,
+        preset: preset_layers(&flags, env, &file),
+    };
+    let routes = routes(layers, &file)?;
+    let shared = shared(&flags, env, file.shared.unwrap_or_default())?;
+    let config = Config {
+        admin,
+        shutdown_grace: file.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        workers,
+        log,
+        limits: file.limits,
+        routes,
+        shared,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// Worker threads: flag, variable, file, one.
+fn workers(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    file: Option<usize>,
+) -> Result<usize, ConfigError> {
+    match (flags.workers, env(TOKEN_SIDECAR_WORKERS)) {
+        (Some(n), _) => Ok(n),
+        (None, Some(text)) => text.trim().parse().map_err(|_| {
+            ConfigError::new(format!(
+                "{TOKEN_SIDECAR_WORKERS}={text:?}: give a whole number (0 = one per CPU)"
+            ))
+        }),
+        (None, None) => Ok(file.unwrap_or(1)),
+    }
+}
+
+/// The file's `[log]` table with its format replaced by the variable's, then the flag's.
+fn log(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    mut log: LogConfig,
+) -> Result<LogConfig, ConfigError> {
+    if let Some(format) = env(TOKEN_SIDECAR_LOG_FORMAT) {
+        log.format = <LogFormat as clap::ValueEnum>::from_str(&format, true).map_err(|_| {
+            ConfigError::new(format!(
+                "{TOKEN_SIDECAR_LOG_FORMAT}={format:?}: use text or json"
+            ))
+        })?;
+    }
+    if let Some(format) = flags.log_format {
+        log.format = format;
+    }
+    Ok(log)
+}
+
+/// The Genesys Cloud region (flag, variable, file) and its hosts' replacements (variable, file).
+fn preset_layers(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    file: &FileConfig,
+) -> PresetLayers {
+    let from_file =
+        |value: &Option<String>, key: &str| value.clone().map(|value| (value, Source::file(key)));
+    let region = match &flags.genesys_region {
+        Some(region) => Some((region.clone(), Source::Flag("--genesys-region"))),
+        None => given(env, TOKEN_SIDECAR_GENESYS_REGION)
+            .or_else(|| from_file(&file.genesys_region, "genesys_region")),
+    };
+    PresetLayers {
+        region,
+        login: given(env, TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM)
+            .or_else(|| from_file(&file.genesys_login_upstream, "genesys_login_upstream")),
+        api: given(env, TOKEN_SIDECAR_GENESYS_API_UPSTREAM)
+            .or_else(|| from_file(&file.genesys_api_upstream, "genesys_api_upstream")),
+    }
+}
+
+/// The `[shared]` table with its Redis URL and key file from the first layer that gives them.
+fn shared(
+    flags: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    mut table: FileShared,
+) -> Result<Option<SharedConfig>, ConfigError> {
+    table.redis = flags
+        .shared_redis
+        .clone()
+        .or_else(|| env(TOKEN_SIDECAR_SHARED_REDIS))
+        .or(table.redis.take());
+    table.key_file = flags
+        .shared_key_file
+        .clone()
+        .or_else(|| env(TOKEN_SIDECAR_SHARED_KEY_FILE).map(PathBuf::from))
+        .or(table.key_file.take());
+    table.into_config()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{file_error, load, with_file};
+    use crate::config::{DEFAULT_ADMIN, DEFAULT_LISTEN, DEFAULT_TOKEN_PATH, TokenConfig};
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let file =
+            "upstream = \"http://file:1\"\nlisten = \"127.0.0.1:7001\"\nadmin = \"127.0.0.1:7002\"";
+        let c = load(with_file(), &[], Some(file)).unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "http://file:1");
+        assert_eq!(c.routes[0].listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(c.admin, "127.0.0.1:7002".parse().unwrap());
+
+        let env = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://env:2"),
+            ("TOKEN_SIDECAR_ADMIN", "127.0.0.1:7003"),
+        ];
+        let c = load(with_file(), &env, Some(file)).unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "http://env:2");
+        assert_eq!(c.admin, "127.0.0.1:7003".parse().unwrap());
+
+        let flags = Overrides {
+            upstream: Some("https://flag:3/".into()),
+            ..with_file()
+        };
+        let c = load(flags, &env, Some(file)).unwrap();
+        assert_eq!(c.routes[0].upstream.to_string(), "https://flag:3");
+
+        let c = load(
+            Overrides {
+                upstream: Some("http://x".into()),
+                ..Default::default()
+            },
+            &[],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(c.routes[0].token_paths, vec![DEFAULT_TOKEN_PATH]);
+        assert_eq!(c.routes[0].token, TokenConfig::default());
+    }
+
+    #[test]
+    fn workers_layer_like_every_setting_and_bad_values_are_named() {
+        let file = "upstream = \"http://x\"\nworkers = 3";
+        assert_eq!(load(with_file(), &[], Some(file)).unwrap().workers, 3);
+        let env = [("TOKEN_SIDECAR_WORKERS", "2")];
+        assert_eq!(load(with_file(), &env, Some(file)).unwrap().workers, 2);
+        let flags = Overrides {
+            workers: Some(1),
+            ..with_file()
+        };
+        assert_eq!(load(flags, &env, Some(file)).unwrap().workers, 1);
+        let default = load(
+            Overrides::default(),
+            &[("TOKEN_SIDECAR_UPSTREAM", "http://x")],
+            None,
+        );
+        assert_eq!(
+            default.unwrap().workers,
+            1,
+            "one thread unless asked for more"
+        );
+
+        let bad_env = [
+            ("TOKEN_SIDECAR_UPSTREAM", "http://x"),
+            ("TOKEN_SIDECAR_WORKERS", "two"),
+        ];
+        let e = load(Overrides::default(), &bad_env, None).unwrap_err();
+        assert!(
+            e.to_string().starts_with("TOKEN_SIDECAR_WORKERS=\"two\""),
+            "{e}"
+        );
+        let e = file_error("upstream = \"http://x\"\nworkers = 5000");
+        assert!(e.to_string().starts_with("workers = 5000"), "{e}");
+        let e = file_error("upstream = \"http://x\"\nworkers = -1");
+        assert!(e.to_string().contains("line 2, column 11"), "{e}");
+    }
+}
