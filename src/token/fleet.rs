@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
-use super::cache::FlightResult;
+use super::entry::FlightResult;
 use super::lifetime::Token;
 use super::request::{self, Grant, KeyContext, Keyer, Parsed};
 use crate::fleet::keys::{self, Entry};

@@ -3,7 +3,8 @@
 //! honour cool-downs, and forward everything it does not key. By phase:
 //!
 //! - [`request`]: parsing and the whole cache key;
-//! - [`cache`]: entries and their state machine (decide, land), eviction;
+//! - [`cache`]: the route's bounded map of entries: eviction, sweep, the `/status` snapshot;
+//! - [`entry`]: one key's state machine (decide, land) and a flight's [`entry::FlightResult`];
 //! - [`flight`]: one upstream call from launch to landing;
 //! - [`respond`]: rendering answers and their `Cache-Status`;
 //! - [`lifetime`]: a cached token's clock;
@@ -17,6 +18,7 @@
 
 pub(crate) mod cache;
 pub mod cooldown;
+pub(crate) mod entry;
 pub(crate) mod fleet;
 pub(crate) mod flight;
 pub mod lifetime;
@@ -47,8 +49,9 @@ use crate::fleet::Fleet;
 use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
 use crate::upstream::{Upstream, strip_hop_by_hop};
-use cache::{Cache, Decision, FlightResult, FlightRx, Full, Landing};
+use cache::{Cache, Full};
 use cooldown::ClientKey;
+use entry::{Decision, FlightResult, FlightRx, Landing};
 use flight::{Flight, Flights, ceil_secs};
 use outcome::OutcomeCounters;
 use request::{KeyContext, Keyer, MediaType, Parsed};
