@@ -49,7 +49,7 @@ impl Flight {
     pub(crate) fn new(
         landing: Landing,
         grant: Grant,
-        client_id: &str,
+        client: ClientKey,
         proven: bool,
         fleet: Option<FleetKey>,
         parts: &Parts,
@@ -60,7 +60,7 @@ impl Flight {
         Flight {
             landing,
             grant,
-            client: ClientKey::of(client_id),
+            client,
             proven,
             fleet,
             parts,

@@ -2,7 +2,7 @@
 //! cache, coalesce misses into one upstream call per key (single flight), refresh ahead of expiry,
 //! honour cool-downs, and forward everything it does not key. By phase:
 //!
-//! - [`request`]: parsing and the whole cache key;
+//! - [`request`]: parsing, once, into the canonical form every key derives from;
 //! - [`cache`]: the route's bounded map of entries: eviction, sweep, the `/status` snapshot;
 //! - [`entry`]: one key's state machine (decide, land) and a flight's [`entry::FlightResult`];
 //! - [`flight`]: one upstream call from launch to landing;
@@ -50,7 +50,6 @@ use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
 use crate::upstream::{Upstream, strip_hop_by_hop};
 use cache::{Cache, Full};
-use cooldown::ClientKey;
 use entry::{Decision, FlightResult, FlightRx, Landing};
 use flight::{Flight, Flights, ceil_secs};
 use outcome::OutcomeCounters;
@@ -223,8 +222,9 @@ impl TokenRoute {
             Ok(context) => context,
             Err(error) => return Answer::Ready(self.reject(error)),
         };
+        // Parsed and canonicalised once: every key below is a digest of `canonical`.
         let parsed = request::parse(&self.keyer, &context, authorization, &body);
-        let (key, grant, client_id) = match parsed {
+        let (key, grant, canonical) = match parsed {
             Err(error) => return Answer::Ready(self.reject(error)),
             Ok(Parsed::PassThrough) => {
                 let request = Request::from_parts(parts, full(body));
@@ -233,16 +233,18 @@ impl TokenRoute {
             Ok(Parsed::Keyed {
                 key,
                 grant,
-                client_id,
-            }) => (key, grant, client_id),
+                canonical,
+                ..
+            }) => (key, grant, canonical),
         };
         let now = Instant::now();
-        // A hold short enough to absorb does not stop a flight: the flight waits it out.
+        // The client's digest, made at most once: only a request that considers a call needs it.
         let client = std::cell::OnceCell::new();
+        let client = || *client.get_or_init(|| canonical.client_key());
+        // A hold short enough to absorb does not stop a flight: the flight waits it out.
         let cooling = |proven| {
-            let client = client.get_or_init(|| ClientKey::of(&client_id));
             self.flights
-                .cooling(client, proven, now)
+                .cooling(&client(), proven, now)
                 .filter(|hold| hold.left > self.config.absorb_hold)
         };
         let decision = match self.cache.decide(key, now, cooling) {
@@ -260,8 +262,8 @@ impl TokenRoute {
             let fleet = self
                 .flights
                 .fleet()
-                .and_then(|keys| keys.key(grant, &context, authorization, &body, &client_id));
-            Flight::new(landing, grant, &client_id, proven, fleet, &parts, &body)
+                .and_then(|keys| keys.key(grant, &canonical));
+            Flight::new(landing, grant, client(), proven, fleet, &parts, &body)
         };
         self.serve(decision, now, flight)
     }

@@ -1,19 +1,22 @@
 //! Reading a local caller's token request: the form body, HTTP Basic client authentication, and
-//! the decision whether the request can be cached and under which key. [`form`] decodes the body
-//! and the `Authorization` header; [`key`] turns what was decoded into the cache key; [`parse`]
-//! decides between them whether a request is keyed at all.
+//! the decision whether the request can be cached and under which keys. [`form`] decodes the
+//! body and the `Authorization` header; [`parse`] decides whether the request is keyed at all
+//! and, if it is, canonicalises it once ([`Canonical`], in [`key`]): every key the sidecar uses
+//! for it, local or fleet, and its client digest are digests of that one form, so no second
+//! parser can disagree with the first.
 //!
-//! The key is one HMAC-SHA256 over every input that can change the token the provider issues,
-//! each fed as a tagged, length-prefixed field so no two inputs can slide into each other:
+//! The canonical form holds every input that can change the token the provider issues, each a
+//! tagged, length-prefixed field so no two inputs can slide into each other:
 //! - where the request was sent ([`KeyContext`]): the route, the token path, the query string, and,
 //!   when the caller's `Host` goes upstream (`preserve_host`), that Host;
 //! - who asks: the client id, and the client secret (or the exact bytes of a Basic header whose
 //!   decoding changed them);
 //! - what is asked: every other form parameter, sorted by name, with `scope` as a sorted set.
 //!
-//! The HMAC key is random per process, so the cache key is useless outside this process and the
-//! plaintext secret is never stored. Two requests share a key only if the provider would see the
-//! same credentials and the same parameters at the same place.
+//! The local cache key is its HMAC under a key that is random per process, so the cache key is
+//! useless outside this process and the plaintext secret is never stored. Two requests share a
+//! key only if the provider would see the same credentials and the same parameters at the same
+//! place.
 
 mod form;
 mod key;
@@ -24,8 +27,8 @@ use crate::error::Error;
 pub use form::{Form, parse_form};
 pub(crate) use form::{MediaType, media_type, read_form};
 use form::{credentials, parse_authorization, repeated_name};
-use key::digest;
-pub use key::{CacheKey, KeyContext, Keyer, client_digest};
+pub(crate) use key::ClientKey;
+pub use key::{CacheKey, Canonical, KeyContext, Keyer};
 
 /// Which grant a keyed request asks for; they differ in refresh-ahead and how long answers are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +45,13 @@ pub enum Grant {
 pub enum Parsed<'a> {
     /// A request with a full client identity, served from the cache under `key`.
     Keyed {
+        /// The local cache key: `canonical` under the route's [`Keyer`].
         key: CacheKey,
         grant: Grant,
         /// Borrowed from the body where it can be: a hit never copies it.
         client_id: Cow<'a, str>,
+        /// The request's one canonical form, from which every other key derives.
+        canonical: Canonical,
     },
     /// Anything the sidecar does not key (other grants, public clients, assertions, JSON bodies):
     /// forwarded unchanged.
@@ -104,10 +110,12 @@ pub fn parse<'a>(
     let Some(client) = credentials(basic, body_client_id, body_secret)? else {
         return Ok(Parsed::PassThrough);
     };
+    let canonical = Canonical::new(context, &client, &params);
     Ok(Parsed::Keyed {
-        key: digest(keyer, context, &client, &params),
+        key: keyer.key(&canonical),
         grant,
         client_id: client.client_id,
+        canonical,
     })
 }
 
