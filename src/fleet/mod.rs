@@ -34,8 +34,9 @@ pub use keys::Entry;
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
 
-/// One key's Redis names, from the two HMACs the token path computes: `id` (of the whole key
-/// material) and `client` (of the route and client id, for the cool-down).
+/// One key's Redis names, from two HMACs the token path makes of the request's canonical form
+/// (`token::request::Canonical`): `id` (of the whole form) and `client` (of its client part, the
+/// route and client id, for the cool-down). Only these digests reach Redis.
 #[derive(Debug, Clone)]
 pub(crate) struct Names {
     /// Hex of the key's HMAC: the notice payload and the suffix of every name.

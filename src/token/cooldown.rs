@@ -5,7 +5,6 @@
 
 use dashmap::DashMap;
 use http::HeaderValue;
-use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -13,27 +12,9 @@ use tracing::{info, warn};
 use crate::config::TokenConfig;
 use crate::error::HeldBy;
 
-/// A client id as the per-client tables hold it: its SHA-256, so a table entry costs 32 bytes
-/// however long the id, and no table holds an id in plain text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ClientKey([u8; 32]);
-
-impl ClientKey {
-    pub(crate) fn of(client_id: &str) -> ClientKey {
-        ClientKey(Sha256::digest(client_id.as_bytes()).into())
-    }
-
-    /// The first four bytes, for tables that name clients more compactly (see [`Self::label`]).
-    pub(crate) fn prefix(&self) -> [u8; 4] {
-        [self.0[0], self.0[1], self.0[2], self.0[3]]
-    }
-
-    /// The client's name in logs and metric labels: the same eight hex digits as
-    /// [`crate::telemetry::client_hash`] gives for the id.
-    pub(crate) fn label(&self) -> String {
-        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
+/// The per-client tables are keyed by the client's digest, made once per request from its
+/// canonical form (see [`super::request::Canonical::client_key`]).
+pub(crate) use super::request::ClientKey;
 
 /// Parses `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date. A date in the past, an
 /// empty value or garbage is not usable (`None`), so the caller falls back to backoff.
@@ -210,13 +191,6 @@ mod tests {
 
     fn key(id: &str) -> ClientKey {
         ClientKey::of(id)
-    }
-
-    #[test]
-    fn a_client_key_labels_like_the_logs_and_never_holds_the_id() {
-        let id = "x".repeat(8192);
-        assert_eq!(key(&id).label(), crate::telemetry::client_hash(&id));
-        assert_eq!(std::mem::size_of::<ClientKey>(), 32);
     }
 
     #[test]

@@ -3,19 +3,21 @@
 //! and its answer back ([`FleetKeys::commit`]).
 //!
 //! Only a flight's leader gets here, so a pod asks Redis once per key per miss, refresh or
-//! cool-down decision; hits never do. Names and value keys are HMACs of the same canonical key
-//! material as the local cache key, under keys derived from the fleet secret: the name under
-//! one, the value key under another, so the value key depends on the client secret too and
-//! nothing in Redis opens without it.
+//! cool-down decision; hits never do. Names and value keys are HMACs of the request's one
+//! canonical form ([`Canonical`], the same the local cache key is made of), under keys derived
+//! from the fleet secret and the provider: the name under one, the value key under another, so
+//! the value key depends on the client secret too and nothing in Redis opens without it. The
+//! cool-down name is an HMAC of the form's client part (route and client id, no secret) under a
+//! third.
 
 use http::HeaderValue;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
-use super::cache::FlightResult;
+use super::entry::FlightResult;
 use super::lifetime::Token;
-use super::request::{self, Grant, KeyContext, Keyer, Parsed};
+use super::request::{Canonical, Grant, Keyer};
 use crate::fleet::keys::{self, Entry};
 use crate::fleet::{Claim, Fleet, Lease, Names};
 
@@ -66,27 +68,16 @@ impl FleetKeys {
         }
     }
 
-    /// The fleet key of a token request, or `None` for what the fleet does not share (refresh
-    /// grants: their answers are per refresh token and kept only briefly).
-    pub(crate) fn key(
-        &self,
-        grant: Grant,
-        context: &KeyContext<'_>,
-        authorization: Option<&[u8]>,
-        body: &[u8],
-        client_id: &str,
-    ) -> Option<FleetKey> {
-        if grant != Grant::ClientCredentials {
-            return None;
-        }
-        let digest = |keyer| match request::parse(keyer, context, authorization, body) {
-            Ok(Parsed::Keyed { key, .. }) => Some(key.0),
-            _ => None,
-        };
-        let client = request::client_digest(&self.clients, context.route, client_id);
-        Some(FleetKey {
-            names: Names::new(&digest(&self.names)?, &client.0),
-            seal: digest(&self.values)?,
+    /// The fleet key of a token request from its canonical form, or `None` for what the fleet
+    /// does not share (refresh grants: their answers are per refresh token and kept only
+    /// briefly).
+    pub(crate) fn key(&self, grant: Grant, canonical: &Canonical) -> Option<FleetKey> {
+        (grant == Grant::ClientCredentials).then(|| FleetKey {
+            names: Names::new(
+                &canonical.digest(&self.names),
+                &canonical.client_digest(&self.clients),
+            ),
+            seal: canonical.digest(&self.values),
         })
     }
 

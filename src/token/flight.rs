@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::cache::{FlightResult, FlightRx, Landing, rejects_credentials};
 use super::cooldown::{self, ClientKey, Cooldowns, Cooling};
+use super::entry::{FlightResult, FlightRx, Landing, rejects_credentials};
 use super::fleet::{FleetKey, FleetKeys, Step};
 use super::lifetime::{Token, Validated};
 use super::limiter::{Limiter, ProbeSlot, Probes};
@@ -49,7 +49,7 @@ impl Flight {
     pub(crate) fn new(
         landing: Landing,
         grant: Grant,
-        client_id: &str,
+        client: ClientKey,
         proven: bool,
         fleet: Option<FleetKey>,
         parts: &Parts,
@@ -60,7 +60,7 @@ impl Flight {
         Flight {
             landing,
             grant,
-            client: ClientKey::of(client_id),
+            client,
             proven,
             fleet,
             parts,

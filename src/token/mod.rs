@@ -2,8 +2,9 @@
 //! cache, coalesce misses into one upstream call per key (single flight), refresh ahead of expiry,
 //! honour cool-downs, and forward everything it does not key. By phase:
 //!
-//! - [`request`]: parsing and the whole cache key;
-//! - [`cache`]: entries and their state machine (decide, land), eviction;
+//! - [`request`]: parsing, once, into the canonical form every key derives from;
+//! - [`cache`]: the route's bounded map of entries: eviction, sweep, the `/status` snapshot;
+//! - [`entry`]: one key's state machine (decide, land) and a flight's [`entry::FlightResult`];
 //! - [`flight`]: one upstream call from launch to landing;
 //! - [`respond`]: rendering answers and their `Cache-Status`;
 //! - [`lifetime`]: a cached token's clock;
@@ -17,6 +18,7 @@
 
 pub(crate) mod cache;
 pub mod cooldown;
+pub(crate) mod entry;
 pub(crate) mod fleet;
 pub(crate) mod flight;
 pub mod lifetime;
@@ -48,8 +50,8 @@ use crate::forward::Forwarder;
 use crate::metrics::{RouteMetrics, RouteState};
 use crate::status::{CooldownStatus, KeyStatus, LimiterStatus, RouteStatus};
 use crate::upstream::{Upstream, strip_hop_by_hop};
-use cache::{Cache, Decision, FlightResult, FlightRx, Full, Landing};
-use cooldown::ClientKey;
+use cache::{Cache, Full};
+use entry::{Decision, FlightResult, FlightRx, Landing};
 use flight::{Flight, Flights, ceil_secs};
 use outcome::OutcomeCounters;
 use request::{KeyContext, Keyer, MediaType, Parsed};
@@ -225,8 +227,9 @@ impl TokenRoute {
             Ok(context) => context,
             Err(error) => return Answer::Ready(self.reject(error)),
         };
+        // Parsed and canonicalised once: every key below is a digest of `canonical`.
         let parsed = request::parse(&self.keyer, &context, authorization, &body);
-        let (key, grant, client_id) = match parsed {
+        let (key, grant, canonical) = match parsed {
             Err(error) => return Answer::Ready(self.reject(error)),
             Ok(Parsed::PassThrough) => {
                 let request = Request::from_parts(parts, full(body));
@@ -235,16 +238,18 @@ impl TokenRoute {
             Ok(Parsed::Keyed {
                 key,
                 grant,
-                client_id,
-            }) => (key, grant, client_id),
+                canonical,
+                ..
+            }) => (key, grant, canonical),
         };
         let now = Instant::now();
-        // A hold short enough to absorb does not stop a flight: the flight waits it out.
+        // The client's digest, made at most once: only a request that considers a call needs it.
         let client = std::cell::OnceCell::new();
+        let client = || *client.get_or_init(|| canonical.client_key());
+        // A hold short enough to absorb does not stop a flight: the flight waits it out.
         let cooling = |proven| {
-            let client = client.get_or_init(|| ClientKey::of(&client_id));
             self.flights
-                .cooling(client, proven, now)
+                .cooling(&client(), proven, now)
                 .filter(|hold| hold.left > self.config.absorb_hold)
         };
         let decision = match self.cache.decide(key, now, cooling) {
@@ -262,8 +267,8 @@ impl TokenRoute {
             let fleet = self
                 .flights
                 .fleet()
-                .and_then(|keys| keys.key(grant, &context, authorization, &body, &client_id));
-            Flight::new(landing, grant, &client_id, proven, fleet, &parts, &body)
+                .and_then(|keys| keys.key(grant, &canonical));
+            Flight::new(landing, grant, client(), proven, fleet, &parts, &body)
         };
         self.serve(decision, now, flight)
     }

@@ -7,7 +7,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use tokio::time::Instant;
 
-use super::cache::FlightResult;
+use super::entry::FlightResult;
 use super::lifetime::Token;
 use crate::body::{Body, full, pieces};
 use crate::error::Error;
