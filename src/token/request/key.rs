@@ -337,7 +337,7 @@ mod tests {
 
     #[test]
     fn the_client_part_is_route_and_client_id_and_never_the_secret() {
-        let fleet = crate::fleet::FleetSecret::from_file_bytes(&[b'f'; 32]).unwrap();
+        let fleet = crate::config::FleetSecret::from_file_bytes(&[b'f'; 32]).unwrap();
         let keyer = Keyer::new(&fleet.derive("client names"));
         let base = canonical("grant_type=client_credentials&client_id=a&client_secret=s");
         let client = base.client_digest(&keyer);
@@ -374,10 +374,10 @@ mod tests {
     fn every_digest_depends_on_its_key_and_the_form_never_prints() {
         let body = "grant_type=client_credentials&client_id=app&client_secret=hunter2";
         let form = canonical(body);
-        let ours = crate::fleet::FleetSecret::from_file_bytes(&[b'f'; 32]).unwrap();
-        let theirs = crate::fleet::FleetSecret::from_file_bytes(&[b'g'; 32]).unwrap();
+        let ours = crate::config::FleetSecret::from_file_bytes(&[b'f'; 32]).unwrap();
+        let theirs = crate::config::FleetSecret::from_file_bytes(&[b'g'; 32]).unwrap();
         let keyer =
-            |secret: &crate::fleet::FleetSecret, purpose| Keyer::new(&secret.derive(purpose));
+            |secret: &crate::config::FleetSecret, purpose| Keyer::new(&secret.derive(purpose));
         let digests = [
             form.digest(&keyer(&ours, "names")),
             form.digest(&keyer(&ours, "values")),
