@@ -103,11 +103,131 @@ impl FileText {
                 format!(" (at line {line}, column {column})")
             })
             .unwrap_or_default();
+        let message = e.message().trim_end();
         ConfigError::new(format!(
-            "config file {}: {}{at}",
+            "config file {}: {message}{at}{}",
             self.path.display(),
-            e.message().trim_end()
+            hint(message)
         ))
+    }
+}
+
+/// Where each key of the file belongs, for the hint on a key written in the wrong table (a unit
+/// test holds each list to the schema's own).
+const TABLES: &[(&str, &[&str])] = &[
+    (
+        "at the top level",
+        &[
+            "admin",
+            "shutdown_grace",
+            "workers",
+            "genesys_region",
+            "genesys_login_upstream",
+            "genesys_api_upstream",
+            "upstream",
+            "listen",
+            "token_paths",
+            "preserve_host",
+        ],
+    ),
+    ("in [log]", &["format", "filter"]),
+    (
+        "in [limits]",
+        &[
+            "max_request_body",
+            "max_token_response",
+            "max_headers",
+            "max_header_bytes",
+            "header_read_timeout",
+            "body_read_timeout",
+            "max_connections",
+            "idle_timeout",
+            "max_streams",
+            "tunnel_idle_timeout",
+        ],
+    ),
+    (
+        "in [token]",
+        &[
+            "safety_margin_max",
+            "safety_margin_ratio",
+            "refresh_at",
+            "refresh_jitter",
+            "retry_after_max",
+            "backoff_base",
+            "backoff_max",
+            "error_ttl",
+            "refresh_token_ttl",
+            "max_lifetime",
+            "wait_timeout",
+            "absorb_hold",
+            "pool_size",
+            "probe_interval",
+            "max_entries",
+            "idle_timeout",
+            "max_concurrent_calls",
+            "calls_per_second",
+            "calls_burst",
+        ],
+    ),
+    (
+        "in [client]",
+        &[
+            "connect_timeout",
+            "request_timeout",
+            "pool_idle_timeout",
+            "ca_file",
+            "client_cert_file",
+            "client_key_file",
+        ],
+    ),
+    (
+        "in [shared]",
+        &[
+            "redis",
+            "key_file",
+            "password_file",
+            "ca_file",
+            "timeout",
+            "connect_timeout",
+            "poll_interval",
+        ],
+    ),
+    (
+        "in a [[routes]] table",
+        &[
+            "name",
+            "listen",
+            "path_prefix",
+            "strip_prefix",
+            "upstream",
+            "token_paths",
+            "preserve_host",
+        ],
+    ),
+];
+
+/// What to do about a parse error, where the message alone does not say: where an unknown key
+/// belongs, and what a duration looks like.
+fn hint(message: &str) -> String {
+    if message.contains("expected a duration") {
+        return "; write a duration as a string such as \"30s\", \"500ms\", \"5m\" or \"1h 30m\""
+            .to_owned();
+    }
+    let Some(key) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    else {
+        return String::new();
+    };
+    let places: Vec<&str> = TABLES
+        .iter()
+        .filter(|(_, keys)| keys.contains(&key))
+        .map(|(place, _)| *place)
+        .collect();
+    match places.as_slice() {
+        [] => String::new(),
+        places => format!("; `{key}` belongs {}", places.join(" or ")),
     }
 }
 
@@ -255,5 +375,67 @@ mod tests {
         let e = load(with_file(), &[], Some(file)).unwrap_err();
         assert!(e.message().starts_with("routes[0].upstream: "), "{e}");
         assert_eq!(e.line(), Some(3), "{e}");
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_table_says_where_it_belongs_and_durations_show_an_example() {
+        let e = load(
+            with_file(),
+            &[],
+            Some("[token]\nconnect_timeout = \"5s\"\n"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("; `connect_timeout` belongs in [client] or in [shared]"),
+            "{e}"
+        );
+        let e = load(with_file(), &[], Some("wait_timeout = \"5s\"\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("; `wait_timeout` belongs in [token]"),
+            "{e}"
+        );
+        let e = load(with_file(), &[], Some("[limits]\nmax_entries = 5\n")).unwrap_err();
+        assert!(
+            e.to_string().contains("`max_entries` belongs in [token]"),
+            "{e}"
+        );
+        let e = load(with_file(), &[], Some("[token]\nnonsense = 1\n")).unwrap_err();
+        assert!(!e.to_string().contains("belongs"), "{e}");
+        for value in ["30", "\"thirty\""] {
+            let file = format!("upstream = \"http://x\"\n[token]\nwait_timeout = {value}\n");
+            let e = load(with_file(), &[], Some(&file)).unwrap_err();
+            assert!(e.to_string().contains("line 3"), "{e}");
+            assert!(e.to_string().contains("such as \"30s\""), "{e}");
+        }
+    }
+
+    /// Each list of [`super::TABLES`] is exactly what the schema accepts there: an unknown key
+    /// in that table makes serde list the table's fields.
+    #[test]
+    fn the_hint_tables_match_the_schema() {
+        let nested = ["log", "limits", "token", "client", "routes", "shared"];
+        for (place, keys) in super::TABLES {
+            let file = match *place {
+                "at the top level" => "zz_probe = 1\n".to_owned(),
+                "in a [[routes]] table" => "[[routes]]\nzz_probe = 1\n".to_owned(),
+                table => format!("{}\nzz_probe = 1\n", &table[3..]),
+            };
+            let e = load(with_file(), &[], Some(&file)).unwrap_err().to_string();
+            // serde says "expected one of `a`, `b`, `c`", or "expected `a` or `b`".
+            let listed: Vec<&str> = e
+                .split(", expected ")
+                .nth(1)
+                .and_then(|rest| rest.split(" (at line").next())
+                .unwrap_or_else(|| panic!("{place}: {e}"))
+                .trim_start_matches("one of ")
+                .split(", ")
+                .flat_map(|k| k.split(" or "))
+                .map(|k| k.trim_matches('`'))
+                .filter(|k| !nested.contains(k))
+                .collect();
+            assert_eq!(&listed, keys, "{place}");
+        }
     }
 }
