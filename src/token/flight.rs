@@ -1,11 +1,16 @@
-//! One route's upstream token calls, from launch to landing: admit (the route's outbound limits),
-//! exchange (the call itself, through [`Upstream::exchange`]), classify (what the answer means for
-//! the callers and the client's cool-down), land (into the entry, see [`Landing`]), publish (to
-//! every waiter) and log.
+//! One route's upstream token calls, from launch to landing. A flight plays rounds
+//! ([`Flights::round`]), each a step that takes the flight's [`Course`] and says what happens
+//! next ([`Next`]): a hold is waited out or refused; the fleet may answer with another pod's
+//! token or its hold, or give this pod the lead; a key that never had a token waits for its
+//! client's turn ([`Probes`]); then one call through the route's outbound limits ([`Limiter`]),
+//! classified (what the answer means for the callers and the client's cool-down). The flight
+//! then lands (into the entry, see [`Landing`]), publishes (to every waiter), and commits its
+//! token to the fleet.
 //!
 //! A flight runs in its own task, so a caller that hangs up cannot cancel it for the others, and
-//! on a tracker, so shutdown waits for it; its callers [`wait`] for it, bounded in time. The [`Flight`] value owns everything the call needs,
-//! its [`Landing`] included: whatever happens to the task, the flight slot is freed.
+//! on a tracker, so shutdown waits for it; its callers [`wait`] for it, bounded in time. The
+//! [`Flight`] value owns everything the call needs, its [`Landing`] included: whatever happens to
+//! the task, the flight slot is freed.
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -25,6 +30,7 @@ use super::limiter::{Limiter, ProbeSlot, Probes};
 use super::request::Grant;
 use crate::config::TokenConfig;
 use crate::error::{Error, HeldBy};
+use crate::fleet::Lease;
 use crate::metrics::RouteMetrics;
 use crate::upstream::{Reply, Upstream, compact_headers};
 
@@ -69,6 +75,49 @@ impl Flight {
     }
 }
 
+/// A flight on its way: the flight, and what its rounds have gathered so far.
+#[derive(Debug)]
+struct Course {
+    flight: Flight,
+    /// The callers' deadline: a wait that leaves no time for a call before it is not taken.
+    deadline: Instant,
+    /// Time spent waiting out holds and for the client's turn, at most `absorb_hold`.
+    absorbed: Duration,
+    /// The last call's answer, while its hold is waited out: what the callers get if the rounds
+    /// run out.
+    answer: Option<FlightResult>,
+    /// The fleet lock this flight holds until its token is committed, after landing.
+    leading: Option<Lease>,
+}
+
+impl Course {
+    fn new(flight: Flight, deadline: Instant) -> Course {
+        Course {
+            flight,
+            deadline,
+            absorbed: Duration::ZERO,
+            answer: None,
+            leading: None,
+        }
+    }
+}
+
+/// What one round decided: how the flight goes on.
+#[derive(Debug)]
+enum Next {
+    /// A hold that fits in what is left of `absorb_hold` and before the deadline: wait it out,
+    /// then play another round.
+    WaitOut(Duration),
+    /// The fleet has the client on hold, now armed here too: the next round decides on it as on
+    /// any other hold.
+    Recheck,
+    /// The flight is over and the callers get this: the call's answer, or the fleet's token.
+    Land(FlightResult),
+    /// No call within the callers' patience: a hold, the client's turn or the route's limits are
+    /// too far off, and the callers get this refusal (a 429 with its `Retry-After`).
+    GiveUp(Error),
+}
+
 /// What a flight that reached the provider reports: the metric label, the hold it started, and
 /// how long the call took.
 struct Call {
@@ -79,7 +128,7 @@ struct Call {
 
 /// Rounds of one flight at most, each a call or a hold waited out (each hold is at least 1 ms
 /// and all of them together at most `absorb_hold`; this bounds the loop whatever others do).
-const MAX_ATTEMPTS: usize = 16;
+const MAX_ROUNDS: usize = 16;
 
 /// Whole seconds, rounded up: a `Retry-After` is never early.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
@@ -231,96 +280,131 @@ impl Flights {
         self.tracker.spawn(async move { flights.fly(flight).await });
     }
 
-    /// One flight: admit, exchange, classify, land, publish, log. A hold that ends before the
-    /// callers' deadline and within `absorb_hold` is waited out and the call made again, so the
-    /// callers get the token instead of the provider's 429.
+    /// One flight: rounds until one says what the callers get, then the landing. A hold that
+    /// ends before the callers' deadline and within `absorb_hold` is waited out and the call
+    /// made again, so the callers get the token instead of the provider's 429.
     async fn fly(&self, flight: Flight) {
-        let Flight {
-            landing,
-            grant,
-            client,
-            proven,
-            fleet,
-            parts,
-            body,
-        } = flight;
-        let deadline = Instant::now() + self.config.wait_timeout;
-        let mut absorbed = Duration::ZERO;
-        let mut shared = None;
-        // The fleet lock this flight holds until its token is committed.
-        let mut leading = None;
-        for _ in 0..MAX_ATTEMPTS {
-            if let Some(hold) = self.cooling(&client, proven, Instant::now()) {
-                if self.absorb(hold.left, &mut absorbed, deadline).await {
-                    continue;
+        let mut course = Course::new(flight, Instant::now() + self.config.wait_timeout);
+        let mut landed = None;
+        for _ in 0..MAX_ROUNDS {
+            landed = match self.round(&mut course).await {
+                Next::WaitOut(hold) => {
+                    self.wait_out(&mut course, hold).await;
+                    None
                 }
-                shared = Some(FlightResult::Failed(refusal(hold.left, hold.by)));
+                Next::Recheck => None,
+                Next::Land(result) => Some(result),
+                Next::GiveUp(refusal) => Some(FlightResult::Failed(refusal)),
+            };
+            if landed.is_some() {
                 break;
             }
-            let lease = match self.ask_fleet(fleet.as_ref(), deadline).await {
-                Step::Token(token) => {
-                    shared = Some(FlightResult::Token(Arc::new(token)));
-                    break;
-                }
-                Step::Hold(left) => {
-                    self.start_hold(
-                        &client,
-                        proven,
-                        HeldBy::Provider,
-                        Some(left),
-                        Instant::now(),
-                    );
-                    continue;
-                }
-                Step::Lead(lease) => Some(lease),
-                Step::Alone => None,
-            };
-            let mut slot = None;
-            if !proven {
-                match self.probe(&client, &mut absorbed, deadline).await {
-                    Ok(claimed) => slot = Some(claimed),
-                    Err(wait) => {
-                        shared = Some(FlightResult::Failed(refusal(wait, HeldBy::OwnLimit)));
-                        self.tell_fleet(fleet.as_ref(), lease, &shared, None).await;
-                        break;
-                    }
-                }
-            }
-            let (answer, call) = self.attempt(grant, &client, proven, &parts, &body).await;
-            let hold = call.as_ref().and_then(|call| call.hold);
-            if let Some(call) = &call {
-                self.log(&client, call, landing.waiters());
-            }
-            // Failures and throttling arm holds of their own; the pause is for rejected secrets.
-            let rejected =
-                matches!(&answer, FlightResult::Reply(reply) if rejects_credentials(reply.status));
-            if let (Some(slot), true) = (slot.as_mut(), rejected) {
-                slot.rejected();
-            }
-            drop(slot);
-            shared = Some(answer);
-            // A token is committed after it lands; anything else frees the fleet's lock now,
-            // with the hold it started, before this flight waits the hold out.
-            if matches!(shared, Some(FlightResult::Token(_))) {
-                leading = lease;
-            } else {
-                self.tell_fleet(fleet.as_ref(), lease, &shared, hold).await;
-            }
-            match hold {
-                Some(hold) if self.absorb(hold, &mut absorbed, deadline).await => continue,
-                _ => break,
-            }
         }
-        // Every attempt went to waiting out holds that others kept extending: say so.
-        let shared = shared.unwrap_or_else(|| {
-            let hold = self.cooling(&client, proven, Instant::now());
+        let result = landed.unwrap_or_else(|| self.out_of_rounds(&mut course));
+        self.land(course, result).await;
+    }
+
+    /// One round: a hold stops the call or delays it; the fleet may answer for the provider or
+    /// give this pod the lead; an unproven key waits for its client's turn; then the call.
+    async fn round(&self, course: &mut Course) -> Next {
+        let flight = &course.flight;
+        if let Some(hold) = self.cooling(&flight.client, flight.proven, Instant::now()) {
+            return self.wait_or_give_up(course, hold);
+        }
+        let lease = match self.ask_fleet(flight.fleet.as_ref(), course.deadline).await {
+            Step::Token(token) => return Next::Land(FlightResult::Token(Arc::new(token))),
+            Step::Hold(left) => {
+                let (client, proven, now) = (&flight.client, flight.proven, Instant::now());
+                self.start_hold(client, proven, HeldBy::Provider, Some(left), now);
+                return Next::Recheck;
+            }
+            Step::Lead(lease) => Some(lease),
+            Step::Alone => None,
+        };
+        let slot = match self.take_turn(course).await {
+            Ok(slot) => slot,
+            Err(refusal) => return self.give_up(course, lease, refusal).await,
+        };
+        match self.attempt(course, slot).await {
+            Ok((answer, hold)) => self.after_call(course, lease, answer, hold).await,
+            Err(refusal) => self.give_up(course, lease, refusal).await,
+        }
+    }
+
+    /// A hold found at the start of a round: waited out if it fits, else the callers' refusal.
+    fn wait_or_give_up(&self, course: &Course, hold: Cooling) -> Next {
+        if self.fits(hold.left, course.absorbed, course.deadline) {
+            Next::WaitOut(hold.left)
+        } else {
+            Next::GiveUp(refusal(hold.left, hold.by))
+        }
+    }
+
+    /// Waits out a hold the round found fitting, counting it against `absorb_hold`.
+    async fn wait_out(&self, course: &mut Course, hold: Duration) {
+        self.metrics.hold_absorbed();
+        tokio::time::sleep(hold).await;
+        course.absorbed += hold;
+    }
+
+    /// No call this round: the fleet's lock, if this flight took it, is freed for the next pod.
+    async fn give_up(&self, course: &Course, lease: Option<Lease>, refusal: Error) -> Next {
+        let refused = FlightResult::Failed(refusal.clone());
+        self.tell_fleet(course.flight.fleet.as_ref(), lease, &refused, None)
+            .await;
+        Next::GiveUp(refusal)
+    }
+
+    /// After a call: a token is committed to the fleet after it lands; anything else frees the
+    /// fleet's lock now, with the hold it started, before this flight waits the hold out.
+    async fn after_call(
+        &self,
+        course: &mut Course,
+        lease: Option<Lease>,
+        answer: FlightResult,
+        hold: Option<Duration>,
+    ) -> Next {
+        if matches!(answer, FlightResult::Token(_)) {
+            course.leading = lease;
+        } else {
+            self.tell_fleet(course.flight.fleet.as_ref(), lease, &answer, hold)
+                .await;
+        }
+        match hold {
+            Some(hold) if self.fits(hold, course.absorbed, course.deadline) => {
+                course.answer = Some(answer);
+                Next::WaitOut(hold)
+            }
+            _ => Next::Land(answer),
+        }
+    }
+
+    /// What the callers get when every round went to waiting: the last call's answer, or else
+    /// the hold that others kept extending.
+    fn out_of_rounds(&self, course: &mut Course) -> FlightResult {
+        course.answer.take().unwrap_or_else(|| {
+            let flight = &course.flight;
+            let hold = self.cooling(&flight.client, flight.proven, Instant::now());
             FlightResult::Failed(refusal(
                 hold.map_or(Duration::from_secs(1), |hold| hold.left),
                 hold.map_or(HeldBy::Backoff, |hold| hold.by),
             ))
-        });
-        let committed = Some(shared.clone());
-        landing.land(shared, grant, &self.config, Instant::now(), rand::random());
+        })
+    }
+
+    /// Lands `result` for every waiter, then commits it to the fleet if this flight leads there.
+    async fn land(&self, course: Course, result: FlightResult) {
+        let Course {
+            flight, leading, ..
+        } = course;
+        let Flight {
+            landing,
+            grant,
+            fleet,
+            ..
+        } = flight;
+        let committed = result.clone();
+        landing.land(result, grant, &self.config, Instant::now(), rand::random());
         self.tell_fleet(fleet.as_ref(), leading, &committed, None)
             .await;
     }
@@ -343,14 +427,27 @@ impl Flights {
     async fn tell_fleet(
         &self,
         key: Option<&FleetKey>,
-        lease: Option<crate::fleet::Lease>,
-        shared: &Option<FlightResult>,
+        lease: Option<Lease>,
+        result: &FlightResult,
         hold: Option<Duration>,
     ) {
-        if let (Some(keys), Some(key), Some(lease), Some(shared)) =
-            (&self.fleet, key, lease, shared)
+        if let (Some(keys), Some(key), Some(lease)) = (&self.fleet, key, lease) {
+            keys.commit(key, &lease, result, hold).await;
+        }
+    }
+
+    /// An unproven key's turn to call (see [`Probes`]); proven keys are never paced.
+    async fn take_turn(&self, course: &mut Course) -> Result<Option<ProbeSlot<'_>>, Error> {
+        if course.flight.proven {
+            return Ok(None);
+        }
+        let client = &course.flight.client;
+        match self
+            .probe(client, &mut course.absorbed, course.deadline)
+            .await
         {
-            keys.commit(key, &lease, shared, hold).await;
+            Ok(slot) => Ok(Some(slot)),
+            Err(wait) => Err(refusal(wait, HeldBy::OwnLimit)),
         }
     }
 
@@ -376,18 +473,6 @@ impl Flights {
         }
     }
 
-    /// Waits out a hold of `left` if it fits in what is left of `absorb_hold` and ends early
-    /// enough for a call to finish before `deadline`; false if it does not.
-    async fn absorb(&self, left: Duration, absorbed: &mut Duration, deadline: Instant) -> bool {
-        let fits = self.fits(left, *absorbed, deadline);
-        if fits {
-            self.metrics.hold_absorbed();
-            tokio::time::sleep(left).await;
-            *absorbed += left;
-        }
-        fits
-    }
-
     /// Whether a wait of `left` fits in what is left of `absorb_hold` after `absorbed`, and ends
     /// early enough for a call to finish before `deadline`.
     fn fits(&self, left: Duration, absorbed: Duration, deadline: Instant) -> bool {
@@ -395,45 +480,42 @@ impl Flights {
             && Instant::now() + left + self.upstream.request_timeout <= deadline
     }
 
-    /// One call through the route's limits: what the callers would get, and what to count and log
-    /// (`None` when the limits held the call back and the provider never saw it).
+    /// One call through the route's limits, in the client's turn (`slot`, for an unproven key):
+    /// what the callers would get and the hold it started, or the refusal when the limits held
+    /// the call back and the provider never saw it.
     async fn attempt(
         &self,
-        grant: Grant,
-        client: &ClientKey,
-        proven: bool,
-        parts: &Parts,
-        body: &Bytes,
-    ) -> (FlightResult, Option<Call>) {
+        course: &Course,
+        mut slot: Option<ProbeSlot<'_>>,
+    ) -> Result<(FlightResult, Option<Duration>), Error> {
         // Queue behind the route's limits only as long as the call could still finish before
         // the callers' deadline; past that, tell them honestly when to come back.
         let max_queue = self
             .config
             .wait_timeout
             .saturating_sub(self.upstream.request_timeout);
-        match self.limiter.admit(max_queue).await {
+        let flight = &course.flight;
+        let (answer, call) = match self.limiter.admit(max_queue).await {
             Err(held) => {
-                let error = refusal(held.retry_after, HeldBy::OwnLimit);
                 warn!(route = %self.route, retry_after_s = ceil_secs(held.retry_after).max(1), "upstream token call held back by the route's limits");
-                (FlightResult::Failed(error), None)
+                return Err(refusal(held.retry_after, HeldBy::OwnLimit));
             }
-            Ok(_permit) => {
-                let call = self.call(grant, client, proven, head(parts), body.clone());
-                let (shared, call) = call.await;
-                (shared, Some(call))
-            }
+            Ok(_permit) => self.call(flight).await,
+        };
+        self.log(&flight.client, &call, flight.landing.waiters());
+        // Failures and throttling arm holds of their own; the pause is for rejected secrets.
+        let rejected =
+            matches!(&answer, FlightResult::Reply(reply) if rejects_credentials(reply.status));
+        if let (Some(slot), true) = (slot.as_mut(), rejected) {
+            slot.rejected();
         }
+        Ok((answer, call.hold))
     }
 
     /// Makes the call the limiter admitted and classifies its answer.
-    async fn call(
-        &self,
-        grant: Grant,
-        client: &ClientKey,
-        proven: bool,
-        parts: Parts,
-        body: Bytes,
-    ) -> (FlightResult, Call) {
+    async fn call(&self, flight: &Flight) -> (FlightResult, Call) {
+        let (grant, client, proven) = (flight.grant, &flight.client, flight.proven);
+        let (parts, body) = (head(&flight.parts), flight.body.clone());
         self.metrics.upstream_in_flight.inc();
         let sent = Instant::now();
         let answer = self.upstream.exchange(parts, body, self.max_response).await;
