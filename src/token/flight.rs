@@ -656,3 +656,477 @@ impl Flights {
         );
     }
 }
+
+/// The rounds one by one, against the project's demo provider on 127.0.0.1:0. A round that
+/// reaches the provider runs on the real clock: a paused clock jumps to the next timer whenever
+/// the runtime waits for a socket, which would fire the call's own timeout. Waiting a hold out
+/// needs no socket, so it runs paused ([`wait_out_paused`]), and tests that never reach the
+/// provider start paused. Fleet answers other than "alone" need Redis: tests/fleet.rs.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, RouteConfig, UpstreamUrl};
+    use crate::demo::provider::{Behaviour, CLIENT_ID, CLIENT_SECRET, Provider};
+    use crate::metrics::Metrics;
+    use crate::token::cache::Cache;
+    use crate::token::entry::Decision;
+    use crate::token::request::CacheKey;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use tokio_util::sync::{CancellationToken, DropGuard};
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// One route's flights towards the demo provider, and a cache for them to land in.
+    struct Bench {
+        provider: Provider,
+        flights: Arc<Flights>,
+        cache: Cache,
+        /// The next flight's key: each flight leads in an entry of its own.
+        next_key: AtomicU8,
+        _stop: DropGuard,
+    }
+
+    impl Bench {
+        /// A provider answering `calls_per_second` token calls a second (the rest: 429 with
+        /// `Retry-After: 1`), and flights with `token` settings and `request_timeout`.
+        async fn start(
+            token: TokenConfig,
+            request_timeout: Duration,
+            calls_per_second: u64,
+        ) -> Bench {
+            let stop = CancellationToken::new();
+            let behaviour = Behaviour {
+                calls_per_second,
+                lifetime: secs(3600),
+                latency: Duration::ZERO,
+            };
+            let provider = Provider::start(behaviour, stop.clone()).await.unwrap();
+            let route = RouteConfig {
+                name: "test".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                path_prefix: "/".into(),
+                strip_prefix: false,
+                upstream: UpstreamUrl::parse(&provider.url()).unwrap(),
+                token_paths: vec!["/oauth/token".into()],
+                preserve_host: false,
+                token: token.clone(),
+                client: ClientConfig {
+                    request_timeout,
+                    ..ClientConfig::default()
+                },
+            };
+            let upstream = Arc::new(Upstream::new(&route).unwrap());
+            let metrics = Metrics::new().route("test");
+            let flights = Flights::new(
+                "test",
+                &token,
+                64 * 1024,
+                upstream,
+                None,
+                metrics,
+                TaskTracker::new(),
+            );
+            Bench {
+                provider,
+                flights: Arc::new(flights),
+                cache: Cache::new(token.max_entries, token.pool_size),
+                next_key: AtomicU8::new(0),
+                _stop: stop.drop_guard(),
+            }
+        }
+
+        /// A flight of `client_id` with `secret` for a key of its own, and its callers' channel.
+        fn flight(&self, client_id: &str, secret: &str, proven: bool) -> (Flight, FlightRx) {
+            let key = CacheKey([self.next_key.fetch_add(1, Ordering::Relaxed); 32]);
+            let Ok((
+                Decision::Lead {
+                    flight: landing,
+                    rx,
+                    ..
+                },
+                _,
+            )) = self.cache.decide(key, Instant::now(), |_| None)
+            else {
+                panic!("a new key leads its flight")
+            };
+            let (parts, ()) = http::Request::post("/oauth/token")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let body = format!(
+                "grant_type=client_credentials&client_id={client_id}&client_secret={secret}"
+            );
+            let (grant, client) = (Grant::ClientCredentials, ClientKey::of(client_id));
+            let flight = Flight::new(landing, grant, client, proven, None, &parts, &body.into());
+            (flight, rx)
+        }
+
+        /// The course of a new flight of the demo client, as [`Flights::fly`] starts it.
+        fn course(&self, secret: &str, proven: bool) -> Course {
+            self.course_of(CLIENT_ID, secret, proven)
+        }
+
+        fn course_of(&self, client_id: &str, secret: &str, proven: bool) -> Course {
+            let (flight, _rx) = self.flight(client_id, secret, proven);
+            Course::new(flight, Instant::now() + self.flights.config.wait_timeout)
+        }
+
+        /// The first round of a new flight of the demo client.
+        async fn first_round(&self, secret: &str, proven: bool) -> Next {
+            self.flights.round(&mut self.course(secret, proven)).await
+        }
+
+        /// Puts `client_id` on a hold of `left` as a call of a proven key would.
+        fn hold(&self, client_id: &str, left: Duration) {
+            let client = ClientKey::of(client_id);
+            self.flights
+                .start_hold(&client, true, HeldBy::Provider, Some(left), Instant::now());
+        }
+
+        /// Token calls the provider has seen.
+        fn calls(&self) -> u64 {
+            self.provider.counts.read().0
+        }
+    }
+
+    /// Waits out `hold` as [`Flights::fly`] does, on a paused clock.
+    async fn wait_out_paused(flights: &Flights, course: &mut Course, hold: Duration) {
+        tokio::time::pause();
+        flights.wait_out(course, hold).await;
+        tokio::time::resume();
+    }
+
+    /// The seconds and the reason of the refusal `next` gives.
+    fn refused(next: &Next) -> Option<(u64, HeldBy)> {
+        match next {
+            Next::GiveUp(Error::CoolingDown {
+                retry_after_secs,
+                by,
+            }) => Some((*retry_after_secs, *by)),
+            _ => None,
+        }
+    }
+
+    /// The status of the provider's answer `next` passes on.
+    fn passed_on(next: &Next) -> Option<StatusCode> {
+        match next {
+            Next::Land(FlightResult::Reply(reply)) => Some(reply.status),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_with_nothing_in_the_way_makes_one_call_and_lands_its_token() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 1);
+        assert_eq!(course.absorbed, Duration::ZERO);
+        assert!(course.leading.is_none(), "no fleet lock to commit");
+    }
+
+    /// The fleet's other answers (a token, a hold, the lead, a busy leader) need Redis: see
+    /// tests/fleet.rs.
+    #[tokio::test(start_paused = true)]
+    async fn without_fleet_keys_every_round_goes_alone() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        assert!(bench.flights.fleet().is_none());
+        let course = bench.course(CLIENT_SECRET, true);
+        let fleet = course.flight.fleet.as_ref();
+        let step = bench.flights.ask_fleet(fleet, course.deadline).await;
+        assert!(matches!(step, Step::Alone), "{step:?}");
+    }
+
+    #[tokio::test]
+    async fn a_launched_flight_lands_its_token_for_its_callers() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, false);
+        bench.flights.launch(flight);
+        let landed = wait(rx, secs(10)).await;
+        assert!(matches!(landed, FlightResult::Token(_)), "{landed:?}");
+        assert_eq!(bench.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hold_within_absorb_hold_is_waited_out_then_the_call_is_made() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        bench.hold(CLIENT_ID, secs(3));
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let Next::WaitOut(hold) = bench.flights.round(&mut course).await else {
+            panic!("a 3 s hold fits in the default 5 s absorb_hold")
+        };
+        assert!(
+            hold > Duration::from_millis(2900) && hold <= secs(3),
+            "{hold:?}"
+        );
+        assert_eq!(bench.calls(), 0, "no call during a hold");
+        wait_out_paused(&bench.flights, &mut course, hold).await;
+        assert_eq!(course.absorbed, hold);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_past_absorb_hold_gives_the_callers_429_with_the_seconds_left() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        bench.hold(CLIENT_ID, secs(10));
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(refused(&next), Some((10, HeldBy::Provider)), "{next:?}");
+        // The whole flight lands that refusal for its callers: a 429 saying when to come back.
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, true);
+        bench.flights.fly(flight).await;
+        let FlightResult::Failed(error) = wait(rx, secs(1)).await else {
+            panic!("a refusal")
+        };
+        assert_eq!(error.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            matches!(
+                error,
+                Error::CoolingDown {
+                    retry_after_secs: 10,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absorption_over_the_rounds_is_bounded_by_absorb_hold() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let mut course = bench.course(CLIENT_SECRET, true);
+        bench.hold(CLIENT_ID, secs(3));
+        let Next::WaitOut(hold) = bench.flights.round(&mut course).await else {
+            panic!("3 s of 5 s")
+        };
+        bench.flights.wait_out(&mut course, hold).await;
+        // Another flight of the client extends the hold: 3 s more would be 6 s of 5 s.
+        bench.hold(CLIENT_ID, secs(3));
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(refused(&next), Some((3, HeldBy::Provider)), "{next:?}");
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absorption_stops_where_a_call_could_no_longer_finish_before_the_deadline() {
+        let token = TokenConfig {
+            wait_timeout: secs(10),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(8), 100).await;
+        // 3 s is within absorb_hold (5 s), but 3 s + an 8 s call ends past the 10 s deadline.
+        bench.hold(CLIENT_ID, secs(3));
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert_eq!(refused(&next), Some((3, HeldBy::Provider)), "{next:?}");
+        bench.hold("other-app", secs(2));
+        let mut other = bench.course_of("other-app", "s", true);
+        let next = bench.flights.round(&mut other).await;
+        assert!(
+            matches!(next, Next::WaitOut(hold) if hold == secs(2)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_providers_retry_after_within_absorb_hold_is_waited_out_and_the_call_made_again() {
+        let token = TokenConfig {
+            absorb_hold: Duration::from_millis(1500),
+            ..TokenConfig::default()
+        };
+        // A provider that throttles every call: 429 with `Retry-After: 1`.
+        let bench = Bench::start(token, secs(15), 0).await;
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::WaitOut(hold) if hold == secs(1)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 1);
+        let kept = &course.answer;
+        assert!(
+            matches!(kept, Some(FlightResult::Reply(reply)) if reply.status == StatusCode::TOO_MANY_REQUESTS),
+            "the answer so far: {kept:?}"
+        );
+        wait_out_paused(&bench.flights, &mut course, secs(1)).await;
+        // Called again; another second would pass absorb_hold, so the provider's 429 is passed on.
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(
+            passed_on(&next),
+            Some(StatusCode::TOO_MANY_REQUESTS),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 2);
+        // The hold it started holds the client's next flight before the provider sees it.
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert!(
+            matches!(next, Next::WaitOut(hold) if hold <= secs(1)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limiter_holds_back_a_call_that_could_not_finish_before_the_deadline() {
+        let token = TokenConfig {
+            max_concurrent_calls: 1,
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let busy = bench.flights.limiter.admit(Duration::ZERO).await.unwrap();
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert_eq!(refused(&next), Some((1, HeldBy::OwnLimit)), "{next:?}");
+        drop(busy);
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_per_second_limit_says_when_a_held_back_call_could_go() {
+        let token = TokenConfig {
+            calls_per_second: 0.05,
+            calls_burst: 1,
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        drop(bench.flights.limiter.admit(Duration::ZERO).await.unwrap());
+        // The next call may go in 20 s, past the 30 s deadline less a 15 s call.
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert_eq!(refused(&next), Some((20, HeldBy::OwnLimit)), "{next:?}");
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unproven_key_waits_for_its_clients_call_in_progress_within_absorb_hold() {
+        let token = TokenConfig {
+            absorb_hold: secs(1),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let client = ClientKey::of(CLIENT_ID);
+        let in_progress = bench.flights.probes.claim(&client, Instant::now()).unwrap();
+        let mut course = bench.course("guess", false);
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(refused(&next), Some((1, HeldBy::OwnLimit)), "{next:?}");
+        assert_eq!(
+            course.absorbed,
+            secs(1),
+            "waited all of absorb_hold for the turn"
+        );
+        drop(in_progress);
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_unproven_call_paces_the_clients_next_one_but_never_a_proven_key() {
+        let token = TokenConfig {
+            probe_interval: secs(10),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let next = bench.first_round("guess", false).await;
+        assert_eq!(passed_on(&next), Some(StatusCode::UNAUTHORIZED), "{next:?}");
+        // The next unproven call is 10 s off, past absorb_hold: refused without a call.
+        let next = bench.first_round("guess-2", false).await;
+        assert_eq!(refused(&next), Some((10, HeldBy::OwnLimit)), "{next:?}");
+        assert_eq!(bench.calls(), 1);
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unproven_key_waits_out_a_short_pause_then_calls() {
+        let token = TokenConfig {
+            probe_interval: Duration::from_millis(200),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let next = bench.first_round("guess", false).await;
+        assert_eq!(passed_on(&next), Some(StatusCode::UNAUTHORIZED), "{next:?}");
+        let mut course = bench.course(CLIENT_SECRET, false);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert!(course.absorbed > Duration::ZERO && course.absorbed <= Duration::from_millis(200));
+        assert_eq!(bench.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flight_whose_holds_keep_being_extended_gives_up_after_its_rounds() {
+        let token = TokenConfig {
+            absorb_hold: secs(60),
+            wait_timeout: secs(120),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, true);
+        let started = Instant::now();
+        // Other flights of the client keep the hold a second ahead of now.
+        let extend = async {
+            loop {
+                bench.hold(CLIENT_ID, secs(1));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = extend => unreachable!("extends forever"),
+            () = bench.flights.fly(flight) => {}
+        }
+        let FlightResult::Failed(error) = wait(rx, secs(1)).await else {
+            panic!("a refusal")
+        };
+        assert!(
+            matches!(
+                error,
+                Error::CoolingDown {
+                    retry_after_secs: 1,
+                    by: HeldBy::Provider
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            started.elapsed(),
+            secs(MAX_ROUNDS as u64),
+            "one second a round"
+        );
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[test]
+    fn retry_after_seconds_round_up_and_a_refusal_is_never_zero() {
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(secs(2)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
+        let zero = refusal(Duration::ZERO, HeldBy::Backoff);
+        assert!(
+            matches!(
+                zero,
+                Error::CoolingDown {
+                    retry_after_secs: 1,
+                    ..
+                }
+            ),
+            "{zero:?}"
+        );
+    }
+}
