@@ -1,11 +1,16 @@
-//! One route's upstream token calls, from launch to landing: admit (the route's outbound limits),
-//! exchange (the call itself, through [`Upstream::exchange`]), classify (what the answer means for
-//! the callers and the client's cool-down), land (into the entry, see [`Landing`]), publish (to
-//! every waiter) and log.
+//! One route's upstream token calls, from launch to landing. A flight plays rounds
+//! ([`Flights::round`]), each a step that takes the flight's [`Course`] and says what happens
+//! next ([`Next`]): a hold is waited out or refused; the fleet may answer with another pod's
+//! token or its hold, or give this pod the lead; a key that never had a token waits for its
+//! client's turn ([`Probes`]); then one call through the route's outbound limits ([`Limiter`]),
+//! classified (what the answer means for the callers and the client's cool-down). The flight
+//! then lands (into the entry, see [`Landing`]), publishes (to every waiter), and commits its
+//! token to the fleet.
 //!
 //! A flight runs in its own task, so a caller that hangs up cannot cancel it for the others, and
-//! on a tracker, so shutdown waits for it; its callers [`wait`] for it, bounded in time. The [`Flight`] value owns everything the call needs,
-//! its [`Landing`] included: whatever happens to the task, the flight slot is freed.
+//! on a tracker, so shutdown waits for it; its callers [`wait`] for it, bounded in time. The
+//! [`Flight`] value owns everything the call needs, its [`Landing`] included: whatever happens to
+//! the task, the flight slot is freed.
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -25,6 +30,7 @@ use super::limiter::{Limiter, ProbeSlot, Probes};
 use super::request::Grant;
 use crate::config::TokenConfig;
 use crate::error::{Error, HeldBy};
+use crate::fleet::Lease;
 use crate::metrics::RouteMetrics;
 use crate::upstream::{Reply, Upstream, compact_headers};
 
@@ -69,6 +75,49 @@ impl Flight {
     }
 }
 
+/// A flight on its way: the flight, and what its rounds have gathered so far.
+#[derive(Debug)]
+struct Course {
+    flight: Flight,
+    /// The callers' deadline: a wait that leaves no time for a call before it is not taken.
+    deadline: Instant,
+    /// Time spent waiting out holds and for the client's turn, at most `absorb_hold`.
+    absorbed: Duration,
+    /// The last call's answer, while its hold is waited out: what the callers get if the rounds
+    /// run out.
+    answer: Option<FlightResult>,
+    /// The fleet lock this flight holds until its token is committed, after landing.
+    leading: Option<Lease>,
+}
+
+impl Course {
+    fn new(flight: Flight, deadline: Instant) -> Course {
+        Course {
+            flight,
+            deadline,
+            absorbed: Duration::ZERO,
+            answer: None,
+            leading: None,
+        }
+    }
+}
+
+/// What one round decided: how the flight goes on.
+#[derive(Debug)]
+enum Next {
+    /// A hold that fits in what is left of `absorb_hold` and before the deadline: wait it out,
+    /// then play another round.
+    WaitOut(Duration),
+    /// The fleet has the client on hold, now armed here too: the next round decides on it as on
+    /// any other hold.
+    Recheck,
+    /// The flight is over and the callers get this: the call's answer, or the fleet's token.
+    Land(FlightResult),
+    /// No call within the callers' patience: a hold, the client's turn or the route's limits are
+    /// too far off, and the callers get this refusal (a 429 with its `Retry-After`).
+    GiveUp(Error),
+}
+
 /// What a flight that reached the provider reports: the metric label, the hold it started, and
 /// how long the call took.
 struct Call {
@@ -79,7 +128,7 @@ struct Call {
 
 /// Rounds of one flight at most, each a call or a hold waited out (each hold is at least 1 ms
 /// and all of them together at most `absorb_hold`; this bounds the loop whatever others do).
-const MAX_ATTEMPTS: usize = 16;
+const MAX_ROUNDS: usize = 16;
 
 /// Whole seconds, rounded up: a `Retry-After` is never early.
 pub(crate) fn ceil_secs(d: Duration) -> u64 {
@@ -231,96 +280,131 @@ impl Flights {
         self.tracker.spawn(async move { flights.fly(flight).await });
     }
 
-    /// One flight: admit, exchange, classify, land, publish, log. A hold that ends before the
-    /// callers' deadline and within `absorb_hold` is waited out and the call made again, so the
-    /// callers get the token instead of the provider's 429.
+    /// One flight: rounds until one says what the callers get, then the landing. A hold that
+    /// ends before the callers' deadline and within `absorb_hold` is waited out and the call
+    /// made again, so the callers get the token instead of the provider's 429.
     async fn fly(&self, flight: Flight) {
-        let Flight {
-            landing,
-            grant,
-            client,
-            proven,
-            fleet,
-            parts,
-            body,
-        } = flight;
-        let deadline = Instant::now() + self.config.wait_timeout;
-        let mut absorbed = Duration::ZERO;
-        let mut shared = None;
-        // The fleet lock this flight holds until its token is committed.
-        let mut leading = None;
-        for _ in 0..MAX_ATTEMPTS {
-            if let Some(hold) = self.cooling(&client, proven, Instant::now()) {
-                if self.absorb(hold.left, &mut absorbed, deadline).await {
-                    continue;
+        let mut course = Course::new(flight, Instant::now() + self.config.wait_timeout);
+        let mut landed = None;
+        for _ in 0..MAX_ROUNDS {
+            landed = match self.round(&mut course).await {
+                Next::WaitOut(hold) => {
+                    self.wait_out(&mut course, hold).await;
+                    None
                 }
-                shared = Some(FlightResult::Failed(refusal(hold.left, hold.by)));
+                Next::Recheck => None,
+                Next::Land(result) => Some(result),
+                Next::GiveUp(refusal) => Some(FlightResult::Failed(refusal)),
+            };
+            if landed.is_some() {
                 break;
             }
-            let lease = match self.ask_fleet(fleet.as_ref(), deadline).await {
-                Step::Token(token) => {
-                    shared = Some(FlightResult::Token(Arc::new(token)));
-                    break;
-                }
-                Step::Hold(left) => {
-                    self.start_hold(
-                        &client,
-                        proven,
-                        HeldBy::Provider,
-                        Some(left),
-                        Instant::now(),
-                    );
-                    continue;
-                }
-                Step::Lead(lease) => Some(lease),
-                Step::Alone => None,
-            };
-            let mut slot = None;
-            if !proven {
-                match self.probe(&client, &mut absorbed, deadline).await {
-                    Ok(claimed) => slot = Some(claimed),
-                    Err(wait) => {
-                        shared = Some(FlightResult::Failed(refusal(wait, HeldBy::OwnLimit)));
-                        self.tell_fleet(fleet.as_ref(), lease, &shared, None).await;
-                        break;
-                    }
-                }
-            }
-            let (answer, call) = self.attempt(grant, &client, proven, &parts, &body).await;
-            let hold = call.as_ref().and_then(|call| call.hold);
-            if let Some(call) = &call {
-                self.log(&client, call, landing.waiters());
-            }
-            // Failures and throttling arm holds of their own; the pause is for rejected secrets.
-            let rejected =
-                matches!(&answer, FlightResult::Reply(reply) if rejects_credentials(reply.status));
-            if let (Some(slot), true) = (slot.as_mut(), rejected) {
-                slot.rejected();
-            }
-            drop(slot);
-            shared = Some(answer);
-            // A token is committed after it lands; anything else frees the fleet's lock now,
-            // with the hold it started, before this flight waits the hold out.
-            if matches!(shared, Some(FlightResult::Token(_))) {
-                leading = lease;
-            } else {
-                self.tell_fleet(fleet.as_ref(), lease, &shared, hold).await;
-            }
-            match hold {
-                Some(hold) if self.absorb(hold, &mut absorbed, deadline).await => continue,
-                _ => break,
-            }
         }
-        // Every attempt went to waiting out holds that others kept extending: say so.
-        let shared = shared.unwrap_or_else(|| {
-            let hold = self.cooling(&client, proven, Instant::now());
+        let result = landed.unwrap_or_else(|| self.out_of_rounds(&mut course));
+        self.land(course, result).await;
+    }
+
+    /// One round: a hold stops the call or delays it; the fleet may answer for the provider or
+    /// give this pod the lead; an unproven key waits for its client's turn; then the call.
+    async fn round(&self, course: &mut Course) -> Next {
+        let flight = &course.flight;
+        if let Some(hold) = self.cooling(&flight.client, flight.proven, Instant::now()) {
+            return self.wait_or_give_up(course, hold);
+        }
+        let lease = match self.ask_fleet(flight.fleet.as_ref(), course.deadline).await {
+            Step::Token(token) => return Next::Land(FlightResult::Token(Arc::new(token))),
+            Step::Hold(left) => {
+                let (client, proven, now) = (&flight.client, flight.proven, Instant::now());
+                self.start_hold(client, proven, HeldBy::Provider, Some(left), now);
+                return Next::Recheck;
+            }
+            Step::Lead(lease) => Some(lease),
+            Step::Alone => None,
+        };
+        let slot = match self.take_turn(course).await {
+            Ok(slot) => slot,
+            Err(refusal) => return self.give_up(course, lease, refusal).await,
+        };
+        match self.attempt(course, slot).await {
+            Ok((answer, hold)) => self.after_call(course, lease, answer, hold).await,
+            Err(refusal) => self.give_up(course, lease, refusal).await,
+        }
+    }
+
+    /// A hold found at the start of a round: waited out if it fits, else the callers' refusal.
+    fn wait_or_give_up(&self, course: &Course, hold: Cooling) -> Next {
+        if self.fits(hold.left, course.absorbed, course.deadline) {
+            Next::WaitOut(hold.left)
+        } else {
+            Next::GiveUp(refusal(hold.left, hold.by))
+        }
+    }
+
+    /// Waits out a hold the round found fitting, counting it against `absorb_hold`.
+    async fn wait_out(&self, course: &mut Course, hold: Duration) {
+        self.metrics.hold_absorbed();
+        tokio::time::sleep(hold).await;
+        course.absorbed += hold;
+    }
+
+    /// No call this round: the fleet's lock, if this flight took it, is freed for the next pod.
+    async fn give_up(&self, course: &Course, lease: Option<Lease>, refusal: Error) -> Next {
+        let refused = FlightResult::Failed(refusal.clone());
+        self.tell_fleet(course.flight.fleet.as_ref(), lease, &refused, None)
+            .await;
+        Next::GiveUp(refusal)
+    }
+
+    /// After a call: a token is committed to the fleet after it lands; anything else frees the
+    /// fleet's lock now, with the hold it started, before this flight waits the hold out.
+    async fn after_call(
+        &self,
+        course: &mut Course,
+        lease: Option<Lease>,
+        answer: FlightResult,
+        hold: Option<Duration>,
+    ) -> Next {
+        if matches!(answer, FlightResult::Token(_)) {
+            course.leading = lease;
+        } else {
+            self.tell_fleet(course.flight.fleet.as_ref(), lease, &answer, hold)
+                .await;
+        }
+        match hold {
+            Some(hold) if self.fits(hold, course.absorbed, course.deadline) => {
+                course.answer = Some(answer);
+                Next::WaitOut(hold)
+            }
+            _ => Next::Land(answer),
+        }
+    }
+
+    /// What the callers get when every round went to waiting: the last call's answer, or else
+    /// the hold that others kept extending.
+    fn out_of_rounds(&self, course: &mut Course) -> FlightResult {
+        course.answer.take().unwrap_or_else(|| {
+            let flight = &course.flight;
+            let hold = self.cooling(&flight.client, flight.proven, Instant::now());
             FlightResult::Failed(refusal(
                 hold.map_or(Duration::from_secs(1), |hold| hold.left),
                 hold.map_or(HeldBy::Backoff, |hold| hold.by),
             ))
-        });
-        let committed = Some(shared.clone());
-        landing.land(shared, grant, &self.config, Instant::now(), rand::random());
+        })
+    }
+
+    /// Lands `result` for every waiter, then commits it to the fleet if this flight leads there.
+    async fn land(&self, course: Course, result: FlightResult) {
+        let Course {
+            flight, leading, ..
+        } = course;
+        let Flight {
+            landing,
+            grant,
+            fleet,
+            ..
+        } = flight;
+        let committed = result.clone();
+        landing.land(result, grant, &self.config, Instant::now(), rand::random());
         self.tell_fleet(fleet.as_ref(), leading, &committed, None)
             .await;
     }
@@ -343,14 +427,27 @@ impl Flights {
     async fn tell_fleet(
         &self,
         key: Option<&FleetKey>,
-        lease: Option<crate::fleet::Lease>,
-        shared: &Option<FlightResult>,
+        lease: Option<Lease>,
+        result: &FlightResult,
         hold: Option<Duration>,
     ) {
-        if let (Some(keys), Some(key), Some(lease), Some(shared)) =
-            (&self.fleet, key, lease, shared)
+        if let (Some(keys), Some(key), Some(lease)) = (&self.fleet, key, lease) {
+            keys.commit(key, &lease, result, hold).await;
+        }
+    }
+
+    /// An unproven key's turn to call (see [`Probes`]); proven keys are never paced.
+    async fn take_turn(&self, course: &mut Course) -> Result<Option<ProbeSlot<'_>>, Error> {
+        if course.flight.proven {
+            return Ok(None);
+        }
+        let client = &course.flight.client;
+        match self
+            .probe(client, &mut course.absorbed, course.deadline)
+            .await
         {
-            keys.commit(key, &lease, shared, hold).await;
+            Ok(slot) => Ok(Some(slot)),
+            Err(wait) => Err(refusal(wait, HeldBy::OwnLimit)),
         }
     }
 
@@ -376,18 +473,6 @@ impl Flights {
         }
     }
 
-    /// Waits out a hold of `left` if it fits in what is left of `absorb_hold` and ends early
-    /// enough for a call to finish before `deadline`; false if it does not.
-    async fn absorb(&self, left: Duration, absorbed: &mut Duration, deadline: Instant) -> bool {
-        let fits = self.fits(left, *absorbed, deadline);
-        if fits {
-            self.metrics.hold_absorbed();
-            tokio::time::sleep(left).await;
-            *absorbed += left;
-        }
-        fits
-    }
-
     /// Whether a wait of `left` fits in what is left of `absorb_hold` after `absorbed`, and ends
     /// early enough for a call to finish before `deadline`.
     fn fits(&self, left: Duration, absorbed: Duration, deadline: Instant) -> bool {
@@ -395,45 +480,42 @@ impl Flights {
             && Instant::now() + left + self.upstream.request_timeout <= deadline
     }
 
-    /// One call through the route's limits: what the callers would get, and what to count and log
-    /// (`None` when the limits held the call back and the provider never saw it).
+    /// One call through the route's limits, in the client's turn (`slot`, for an unproven key):
+    /// what the callers would get and the hold it started, or the refusal when the limits held
+    /// the call back and the provider never saw it.
     async fn attempt(
         &self,
-        grant: Grant,
-        client: &ClientKey,
-        proven: bool,
-        parts: &Parts,
-        body: &Bytes,
-    ) -> (FlightResult, Option<Call>) {
+        course: &Course,
+        mut slot: Option<ProbeSlot<'_>>,
+    ) -> Result<(FlightResult, Option<Duration>), Error> {
         // Queue behind the route's limits only as long as the call could still finish before
         // the callers' deadline; past that, tell them honestly when to come back.
         let max_queue = self
             .config
             .wait_timeout
             .saturating_sub(self.upstream.request_timeout);
-        match self.limiter.admit(max_queue).await {
+        let flight = &course.flight;
+        let (answer, call) = match self.limiter.admit(max_queue).await {
             Err(held) => {
-                let error = refusal(held.retry_after, HeldBy::OwnLimit);
                 warn!(route = %self.route, retry_after_s = ceil_secs(held.retry_after).max(1), "upstream token call held back by the route's limits");
-                (FlightResult::Failed(error), None)
+                return Err(refusal(held.retry_after, HeldBy::OwnLimit));
             }
-            Ok(_permit) => {
-                let call = self.call(grant, client, proven, head(parts), body.clone());
-                let (shared, call) = call.await;
-                (shared, Some(call))
-            }
+            Ok(_permit) => self.call(flight).await,
+        };
+        self.log(&flight.client, &call, flight.landing.waiters());
+        // Failures and throttling arm holds of their own; the pause is for rejected secrets.
+        let rejected =
+            matches!(&answer, FlightResult::Reply(reply) if rejects_credentials(reply.status));
+        if let (Some(slot), true) = (slot.as_mut(), rejected) {
+            slot.rejected();
         }
+        Ok((answer, call.hold))
     }
 
     /// Makes the call the limiter admitted and classifies its answer.
-    async fn call(
-        &self,
-        grant: Grant,
-        client: &ClientKey,
-        proven: bool,
-        parts: Parts,
-        body: Bytes,
-    ) -> (FlightResult, Call) {
+    async fn call(&self, flight: &Flight) -> (FlightResult, Call) {
+        let (grant, client, proven) = (flight.grant, &flight.client, flight.proven);
+        let (parts, body) = (head(&flight.parts), flight.body.clone());
         self.metrics.upstream_in_flight.inc();
         let sent = Instant::now();
         let answer = self.upstream.exchange(parts, body, self.max_response).await;
@@ -571,6 +653,481 @@ impl Flights {
             retry_after_s = call.hold.map(|d| d.as_secs()),
             waiters,
             "upstream token call"
+        );
+    }
+}
+
+/// The rounds one by one, against the project's demo provider on 127.0.0.1:0. A round that
+/// reaches the provider runs on the real clock: a paused clock jumps to the next timer whenever
+/// the runtime waits for a socket, which would fire the call's own timeout. Waiting a hold out
+/// needs no socket, so it runs paused ([`wait_out_paused`]), and tests that never reach the
+/// provider start paused. Fleet answers other than "alone" need Redis: tests/fleet.rs.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, RouteConfig, UpstreamUrl};
+    use crate::demo::provider::{Behaviour, CLIENT_ID, CLIENT_SECRET, Provider};
+    use crate::metrics::Metrics;
+    use crate::token::cache::Cache;
+    use crate::token::entry::Decision;
+    use crate::token::limiter::PROBE_POLL;
+    use crate::token::request::CacheKey;
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use tokio_util::sync::{CancellationToken, DropGuard};
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    /// One route's flights towards the demo provider, and a cache for them to land in.
+    struct Bench {
+        provider: Provider,
+        flights: Arc<Flights>,
+        cache: Cache,
+        /// The next flight's key: each flight leads in an entry of its own.
+        next_key: AtomicU8,
+        _stop: DropGuard,
+    }
+
+    impl Bench {
+        /// A provider answering `calls_per_second` token calls a second (the rest: 429 with
+        /// `Retry-After: 1`), and flights with `token` settings and `request_timeout`.
+        async fn start(
+            token: TokenConfig,
+            request_timeout: Duration,
+            calls_per_second: u64,
+        ) -> Bench {
+            let stop = CancellationToken::new();
+            let behaviour = Behaviour {
+                calls_per_second,
+                lifetime: secs(3600),
+                latency: Duration::ZERO,
+            };
+            let provider = Provider::start(behaviour, stop.clone()).await.unwrap();
+            let route = RouteConfig {
+                name: "test".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                path_prefix: "/".into(),
+                strip_prefix: false,
+                upstream: UpstreamUrl::parse(&provider.url()).unwrap(),
+                token_paths: vec!["/oauth/token".into()],
+                preserve_host: false,
+                token: token.clone(),
+                client: ClientConfig {
+                    request_timeout,
+                    ..ClientConfig::default()
+                },
+            };
+            let upstream = Arc::new(Upstream::new(&route).unwrap());
+            let metrics = Metrics::new().route("test");
+            let flights = Flights::new(
+                "test",
+                &token,
+                64 * 1024,
+                upstream,
+                None,
+                metrics,
+                TaskTracker::new(),
+            );
+            Bench {
+                provider,
+                flights: Arc::new(flights),
+                cache: Cache::new(token.max_entries, token.pool_size),
+                next_key: AtomicU8::new(0),
+                _stop: stop.drop_guard(),
+            }
+        }
+
+        /// A flight of `client_id` with `secret` for a key of its own, and its callers' channel.
+        fn flight(&self, client_id: &str, secret: &str, proven: bool) -> (Flight, FlightRx) {
+            let key = CacheKey([self.next_key.fetch_add(1, Ordering::Relaxed); 32]);
+            let Ok((
+                Decision::Lead {
+                    flight: landing,
+                    rx,
+                    ..
+                },
+                _,
+            )) = self.cache.decide(key, Instant::now(), |_| None)
+            else {
+                panic!("a new key leads its flight")
+            };
+            let (parts, ()) = http::Request::post("/oauth/token")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let body = format!(
+                "grant_type=client_credentials&client_id={client_id}&client_secret={secret}"
+            );
+            let (grant, client) = (Grant::ClientCredentials, ClientKey::of(client_id));
+            let flight = Flight::new(landing, grant, client, proven, None, &parts, &body.into());
+            (flight, rx)
+        }
+
+        /// The course of a new flight of the demo client, as [`Flights::fly`] starts it.
+        fn course(&self, secret: &str, proven: bool) -> Course {
+            self.course_of(CLIENT_ID, secret, proven)
+        }
+
+        fn course_of(&self, client_id: &str, secret: &str, proven: bool) -> Course {
+            let (flight, _rx) = self.flight(client_id, secret, proven);
+            Course::new(flight, Instant::now() + self.flights.config.wait_timeout)
+        }
+
+        /// The first round of a new flight of the demo client.
+        async fn first_round(&self, secret: &str, proven: bool) -> Next {
+            self.flights.round(&mut self.course(secret, proven)).await
+        }
+
+        /// Puts `client_id` on a hold of `left` as a call of a proven key would.
+        fn hold(&self, client_id: &str, left: Duration) {
+            let client = ClientKey::of(client_id);
+            self.flights
+                .start_hold(&client, true, HeldBy::Provider, Some(left), Instant::now());
+        }
+
+        /// Token calls the provider has seen.
+        fn calls(&self) -> u64 {
+            self.provider.counts.read().0
+        }
+    }
+
+    /// Waits out `hold` as [`Flights::fly`] does, on a paused clock.
+    async fn wait_out_paused(flights: &Flights, course: &mut Course, hold: Duration) {
+        tokio::time::pause();
+        flights.wait_out(course, hold).await;
+        tokio::time::resume();
+    }
+
+    /// The seconds and the reason of the refusal `next` gives.
+    fn refused(next: &Next) -> Option<(u64, HeldBy)> {
+        match next {
+            Next::GiveUp(Error::CoolingDown {
+                retry_after_secs,
+                by,
+            }) => Some((*retry_after_secs, *by)),
+            _ => None,
+        }
+    }
+
+    /// The status of the provider's answer `next` passes on.
+    fn passed_on(next: &Next) -> Option<StatusCode> {
+        match next {
+            Next::Land(FlightResult::Reply(reply)) => Some(reply.status),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_with_nothing_in_the_way_makes_one_call_and_lands_its_token() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 1);
+        assert_eq!(course.absorbed, Duration::ZERO);
+        assert!(course.leading.is_none(), "no fleet lock to commit");
+    }
+
+    /// The fleet's other answers (a token, a hold, the lead, a busy leader) need Redis: see
+    /// tests/fleet.rs.
+    #[tokio::test(start_paused = true)]
+    async fn without_fleet_keys_every_round_goes_alone() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        assert!(bench.flights.fleet().is_none());
+        let course = bench.course(CLIENT_SECRET, true);
+        let fleet = course.flight.fleet.as_ref();
+        let step = bench.flights.ask_fleet(fleet, course.deadline).await;
+        assert!(matches!(step, Step::Alone), "{step:?}");
+    }
+
+    #[tokio::test]
+    async fn a_launched_flight_lands_its_token_for_its_callers() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, false);
+        bench.flights.launch(flight);
+        let landed = wait(rx, secs(10)).await;
+        assert!(matches!(landed, FlightResult::Token(_)), "{landed:?}");
+        assert_eq!(bench.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hold_within_absorb_hold_is_waited_out_then_the_call_is_made() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        bench.hold(CLIENT_ID, secs(3));
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let Next::WaitOut(hold) = bench.flights.round(&mut course).await else {
+            panic!("a 3 s hold fits in the default 5 s absorb_hold")
+        };
+        assert!(hold > secs(2) && hold <= secs(3), "{hold:?}");
+        assert_eq!(bench.calls(), 0, "no call during a hold");
+        wait_out_paused(&bench.flights, &mut course, hold).await;
+        assert_eq!(course.absorbed, hold);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_past_absorb_hold_gives_the_callers_429_with_the_seconds_left() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        bench.hold(CLIENT_ID, secs(10));
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(refused(&next), Some((10, HeldBy::Provider)), "{next:?}");
+        // The whole flight lands that refusal for its callers: a 429 saying when to come back.
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, true);
+        bench.flights.fly(flight).await;
+        let FlightResult::Failed(error) = wait(rx, secs(1)).await else {
+            panic!("a refusal")
+        };
+        assert_eq!(error.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            matches!(
+                error,
+                Error::CoolingDown {
+                    retry_after_secs: 10,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absorption_over_the_rounds_is_bounded_by_absorb_hold() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let mut course = bench.course(CLIENT_SECRET, true);
+        bench.hold(CLIENT_ID, secs(3));
+        let Next::WaitOut(hold) = bench.flights.round(&mut course).await else {
+            panic!("3 s of 5 s")
+        };
+        bench.flights.wait_out(&mut course, hold).await;
+        // Another flight of the client extends the hold: 3 s more would be 6 s of 5 s.
+        bench.hold(CLIENT_ID, secs(3));
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(refused(&next), Some((3, HeldBy::Provider)), "{next:?}");
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absorption_stops_where_a_call_could_no_longer_finish_before_the_deadline() {
+        let token = TokenConfig {
+            wait_timeout: secs(10),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(8), 100).await;
+        // 3 s is within absorb_hold (5 s), but 3 s + an 8 s call ends past the 10 s deadline.
+        bench.hold(CLIENT_ID, secs(3));
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert_eq!(refused(&next), Some((3, HeldBy::Provider)), "{next:?}");
+        bench.hold("other-app", secs(2));
+        let mut other = bench.course_of("other-app", "s", true);
+        let next = bench.flights.round(&mut other).await;
+        assert!(
+            matches!(next, Next::WaitOut(hold) if hold == secs(2)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_providers_retry_after_within_absorb_hold_is_waited_out_and_the_call_made_again() {
+        let token = TokenConfig {
+            absorb_hold: Duration::from_millis(1500),
+            ..TokenConfig::default()
+        };
+        // A provider that throttles every call: 429 with `Retry-After: 1`.
+        let bench = Bench::start(token, secs(15), 0).await;
+        let mut course = bench.course(CLIENT_SECRET, true);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::WaitOut(hold) if hold == secs(1)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 1);
+        let kept = &course.answer;
+        assert!(
+            matches!(kept, Some(FlightResult::Reply(reply)) if reply.status == StatusCode::TOO_MANY_REQUESTS),
+            "the answer so far: {kept:?}"
+        );
+        wait_out_paused(&bench.flights, &mut course, secs(1)).await;
+        // Called again; another second would pass absorb_hold, so the provider's 429 is passed on.
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(
+            passed_on(&next),
+            Some(StatusCode::TOO_MANY_REQUESTS),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 2);
+        // The hold it started holds the client's next flight before the provider sees it.
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert!(
+            matches!(next, Next::WaitOut(hold) if hold <= secs(1)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limiter_holds_back_a_call_that_could_not_finish_before_the_deadline() {
+        let token = TokenConfig {
+            max_concurrent_calls: 1,
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let busy = bench.flights.limiter.admit(Duration::ZERO).await.unwrap();
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert_eq!(refused(&next), Some((1, HeldBy::OwnLimit)), "{next:?}");
+        drop(busy);
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_per_second_limit_says_when_a_held_back_call_could_go() {
+        let token = TokenConfig {
+            calls_per_second: 0.05,
+            calls_burst: 1,
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        drop(bench.flights.limiter.admit(Duration::ZERO).await.unwrap());
+        // The next call may go in 20 s, past the 30 s deadline less a 15 s call.
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert_eq!(refused(&next), Some((20, HeldBy::OwnLimit)), "{next:?}");
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unproven_key_waiting_for_its_turn_gives_up_past_absorb_hold() {
+        let token = TokenConfig {
+            absorb_hold: secs(1),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let client = ClientKey::of(CLIENT_ID);
+        let in_progress = bench.flights.probes.claim(&client, Instant::now()).unwrap();
+        let mut course = bench.course("guess", false);
+        let next = bench.flights.round(&mut course).await;
+        assert_eq!(refused(&next), Some((1, HeldBy::OwnLimit)), "{next:?}");
+        assert_eq!(
+            course.absorbed,
+            secs(1),
+            "waited all of absorb_hold for the turn"
+        );
+        drop(in_progress);
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_unproven_call_paces_the_clients_next_one_but_never_a_proven_key() {
+        let token = TokenConfig {
+            probe_interval: secs(10),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let next = bench.first_round("guess", false).await;
+        assert_eq!(passed_on(&next), Some(StatusCode::UNAUTHORIZED), "{next:?}");
+        // The next unproven call is 10 s off, past absorb_hold: refused without a call.
+        let next = bench.first_round("guess-2", false).await;
+        assert_eq!(refused(&next), Some((10, HeldBy::OwnLimit)), "{next:?}");
+        assert_eq!(bench.calls(), 1);
+        let next = bench.first_round(CLIENT_SECRET, true).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unproven_key_waits_for_its_clients_call_in_progress_then_calls() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let client = ClientKey::of(CLIENT_ID);
+        let in_progress = bench.flights.probes.claim(&client, Instant::now()).unwrap();
+        let mut course = bench.course(CLIENT_SECRET, false);
+        let (next, ()) = tokio::join!(bench.flights.round(&mut course), async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(in_progress);
+        });
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
+        assert!(
+            course.absorbed >= PROBE_POLL,
+            "waited for the turn: {:?}",
+            course.absorbed
+        );
+        assert_eq!(bench.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flight_whose_holds_keep_being_extended_gives_up_after_its_rounds() {
+        let token = TokenConfig {
+            absorb_hold: secs(60),
+            wait_timeout: secs(120),
+            ..TokenConfig::default()
+        };
+        let bench = Bench::start(token, secs(15), 100).await;
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, true);
+        let started = Instant::now();
+        // Other flights of the client keep the hold a second ahead of now.
+        let extend = async {
+            loop {
+                bench.hold(CLIENT_ID, secs(1));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = extend => unreachable!("extends forever"),
+            () = bench.flights.fly(flight) => {}
+        }
+        let FlightResult::Failed(error) = wait(rx, secs(1)).await else {
+            panic!("a refusal")
+        };
+        assert!(
+            matches!(
+                error,
+                Error::CoolingDown {
+                    retry_after_secs: 1,
+                    by: HeldBy::Provider
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            started.elapsed(),
+            secs(MAX_ROUNDS as u64),
+            "one second a round"
+        );
+        assert_eq!(bench.calls(), 0);
+    }
+
+    #[test]
+    fn retry_after_seconds_round_up_and_a_refusal_is_never_zero() {
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(secs(2)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
+        let zero = refusal(Duration::ZERO, HeldBy::Backoff);
+        assert!(
+            matches!(
+                zero,
+                Error::CoolingDown {
+                    retry_after_secs: 1,
+                    ..
+                }
+            ),
+            "{zero:?}"
         );
     }
 }
