@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::sidecar::Sidecar;
-use support::{Behavior, Fixture, client, send};
+use support::{Answer, Fixture, client, send};
 use tokio_tungstenite::tungstenite::Message;
 
 fn request(method: Method, url: &str) -> http::request::Builder {
@@ -118,7 +118,7 @@ async fn a_dead_upstream_gives_a_quick_502_with_json() {
 #[tokio::test]
 async fn a_silent_upstream_gives_504_after_the_request_timeout() {
     let fx = Fixture::start("[client]\nrequest_timeout = \"500ms\"").await;
-    fx.idp.set_default(Behavior::Hang);
+    fx.idp.set_default(Answer::Hang);
     let started = Instant::now();
     // A non-cacheable token request (password grant) goes through the forwarder.
     let reply = fx
