@@ -2,7 +2,7 @@
 //! keys against a silent and a slow provider (memory and the cache stay bounded, another app's
 //! token is still served), and guessed secrets that try to keep a client's owner from its
 //! tokens. docs/SECURITY.md and docs/RELIABILITY.md cite these tests and their figures.
-mod support;
+use crate::support;
 
 use futures_util::StreamExt as _;
 use std::sync::Arc;

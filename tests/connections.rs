@@ -1,7 +1,7 @@
 //! Connection-level limits on both listeners: silent connections (HTTP/1 and h2c) cannot lock
 //! out other callers, idle connections close, HTTP/2 streams per connection are capped, and
 //! upgraded tunnels count against `max_connections` and close when idle.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};

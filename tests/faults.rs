@@ -4,7 +4,7 @@
 //!
 //! The ways a provider can fail a token call are one table, [`faults`]; each behaviour is one
 //! test that walks it.
-mod support;
+use crate::support;
 
 use std::ops::Range;
 use std::time::{Duration, Instant};

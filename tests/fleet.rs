@@ -4,7 +4,7 @@
 //! back when it returns), no token for another fleet or secret, and nothing readable in Redis.
 //! Callers tag their requests with `x-pod`, which the flight's call carries to the provider, so
 //! the provider's record says which pod called.
-mod support;
+use crate::support;
 
 use futures_util::StreamExt as _;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! Everything that is not a cacheable token request reaches the provider as if the sidecar were
 //! not there: methods, paths, queries, headers (hop-by-hop removed), streamed bodies both ways,
 //! WebSocket upgrades; and a dead provider gives a quick 502/504, never a hang.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -158,6 +158,14 @@ const HUNDRED_MB: u64 = 100 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_download_streams_through_with_bounded_memory() {
+    // It measures this process: alone, not beside the other tests of the binary.
+    if !support::process::alone(
+        "forwarding::a_hundred_megabyte_download_streams_through_with_bounded_memory",
+    )
+    .await
+    {
+        return;
+    }
     let fx = Fixture::start("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(stop.clone());
@@ -193,6 +201,14 @@ async fn a_hundred_megabyte_download_streams_through_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_upload_streams_through_with_bounded_memory() {
+    // It measures this process: alone, not beside the other tests of the binary.
+    if !support::process::alone(
+        "forwarding::a_hundred_megabyte_upload_streams_through_with_bounded_memory",
+    )
+    .await
+    {
+        return;
+    }
     let fx = Fixture::start("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(stop.clone());

@@ -1,6 +1,6 @@
 //! Operating the sidecar: the real binary's exit codes and signals, admin endpoints, metrics,
 //! graceful shutdown, and logs that never carry a secret or a token.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::Request;

@@ -1,7 +1,7 @@
 //! Self-test of the fake identity provider in `tests/support`: every scripted behaviour and
 //! utility endpoint is exercised directly with a hyper client, without the sidecar.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

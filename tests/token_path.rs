@@ -7,7 +7,7 @@
 //! state. Assertions are on the provider's call count and on response headers; wall-clock bounds
 //! are generous, and real sleeps are short because the sidecar runs on the real clock.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
 //! Refresh-token safety, several routes side by side, and HTTPS upstreams with a private CA.
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::sidecar::{Sidecar, config, config_toml};

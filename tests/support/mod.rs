@@ -1,5 +1,6 @@
 //! What the integration tests share: the project's identity provider served on `127.0.0.1:0`,
-//! the sidecar in-process or as a process, Redis, HTTPS, and small hyper client helpers.
+//! the sidecar in-process or as a process, Redis, HTTPS, and small hyper client helpers. One test
+//! binary (`tests/integration.rs`) compiles it once for every test module.
 //!
 //! [`FakeProvider`] is `token_sidecar::demo::provider::Provider`, the provider `token-sidecar
 //! demo` runs (scripted [`Answer`]s for token calls, counts, recorded requests, refresh-token
@@ -11,25 +12,11 @@
 //! [`Fixture`] is the setup most tests start with: a provider, a sidecar in front of it and a
 //! client. [`oauth`] holds assertions on token-endpoint answers, [`sidecar`] and [`process`] run
 //! the sidecar, [`redis`] a `redis-server` for the fleet tier.
-//!
-//! Every integration test binary compiles this module on its own and uses a different part of
-//! it, so the parts some binaries leave unused carry a `dead_code` allowance of their own.
 
-#[allow(dead_code, reason = "for the binaries that test the token path")]
 pub mod oauth;
-#[allow(
-    dead_code,
-    reason = "for the binaries that run the sidecar as a process"
-)]
 pub mod process;
-#[allow(dead_code, reason = "for the binaries that test the fleet tier")]
 pub mod redis;
-#[allow(
-    dead_code,
-    reason = "each test binary drives a different part; support_selftest none"
-)]
 pub mod sidecar;
-#[allow(dead_code, reason = "for the binaries that test HTTPS")]
 pub mod tls;
 pub mod utility;
 
@@ -53,7 +40,6 @@ use token_sidecar::demo::provider::Provider;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-#[allow(unused_imports, reason = "for the binaries that script the provider")]
 pub use token_sidecar::demo::provider::Answer;
 
 use sidecar::Sidecar;
@@ -91,7 +77,6 @@ impl FakeProvider {
     }
 
     /// Starts a plain-HTTP provider on a given loopback port (for "down, then up" tests).
-    #[allow(dead_code, reason = "each test binary uses a different part")]
     pub async fn start_on(port: u16) -> FakeProvider {
         Self::spawn_on(None, port).await
     }
@@ -125,7 +110,6 @@ impl FakeProvider {
         format!("{scheme}://{}", self.provider.addr)
     }
 
-    #[allow(dead_code, reason = "each test binary uses a different part")]
     pub fn addr(&self) -> SocketAddr {
         self.provider.addr
     }
@@ -319,7 +303,6 @@ where
 
 /// The setup most tests start with: a fake provider, a one-route sidecar in front of it, and a
 /// keep-alive client. Script `idp` at any time: the sidecar calls it only when asked for a token.
-#[allow(dead_code, reason = "support_selftest tests the provider alone")]
 pub struct Fixture {
     /// Declared first so that it is dropped first: the sidecar stops before its provider.
     pub sidecar: Sidecar,
@@ -327,7 +310,6 @@ pub struct Fixture {
     pub client: Client,
 }
 
-#[allow(dead_code, reason = "support_selftest tests the provider alone")]
 impl Fixture {
     /// A provider with default behaviour and a sidecar for it configured by `toml` (see
     /// [`sidecar::config`]; `""` for the defaults).
