@@ -2,14 +2,14 @@
 //! keys against a silent and a slow provider (memory and the cache stay bounded, another app's
 //! token is still served), and guessed secrets that try to keep a client's owner from its
 //! tokens. docs/SECURITY.md and docs/RELIABILITY.md cite these tests and their figures.
-mod support;
+use crate::support;
 
 use futures_util::StreamExt as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::process::Running;
-use support::{Behavior, FakeProvider, Fixture, client, post_form};
+use support::{Answer, FakeProvider, Fixture, client, post_form};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -83,7 +83,7 @@ const MAX_ENTRIES: u64 = 500;
 
 /// Floods a sidecar in front of a provider that behaves as `provider` once the victim has its
 /// token, while the victim asks for its token every 20 ms.
-async fn flooded(provider: Behavior) -> Flooded {
+async fn flooded(provider: Answer) -> Flooded {
     let idp = FakeProvider::start().await;
     let dir =
         std::env::temp_dir().join(format!("ts-abuse-{}-{}", std::process::id(), rand_suffix()));
@@ -192,7 +192,7 @@ fn assert_bounded(what: &str, f: &Flooded) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_new_keys_against_a_silent_provider_stays_bounded() {
-    let f = flooded(Behavior::Hang).await;
+    let f = flooded(Answer::Hang).await;
     assert_bounded("silent provider", &f);
     assert!(
         f.refused_full > 0,
@@ -202,7 +202,7 @@ async fn a_flood_of_new_keys_against_a_silent_provider_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_new_keys_against_a_slow_provider_stays_bounded() {
-    let f = flooded(Behavior::slow_token(3600, Duration::from_millis(500))).await;
+    let f = flooded(Answer::slow_token(3600, Duration::from_millis(500))).await;
     assert_bounded("slow provider", &f);
 }
 
@@ -215,7 +215,7 @@ async fn guessed_secrets_cannot_keep_the_owner_from_its_tokens() {
     let fx = Fixture::start("").await;
     fx.idp.set_clients(&[("owner", "right")]);
     fx.idp.set_rate_limit(5);
-    fx.idp.set_default(Behavior::token(3));
+    fx.idp.set_default(Answer::token(3));
     let owner = "grant_type=client_credentials&client_id=owner&client_secret=right";
     assert_eq!(fx.post_token(owner).await.status, 200);
 

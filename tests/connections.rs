@@ -1,7 +1,7 @@
 //! Connection-level limits on both listeners: silent connections (HTTP/1 and h2c) cannot lock
 //! out other callers, idle connections close, HTTP/2 streams per connection are capped, and
 //! upgraded tunnels count against `max_connections` and close when idle.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -9,7 +9,7 @@ use http::Request;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::time::{Duration, Instant};
-use support::{Behavior, Fixture, client, post_form, send};
+use support::{Answer, Fixture, client, post_form, send};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -127,7 +127,7 @@ async fn http2_streams_per_connection_are_capped() {
         Fixture::start(
         "[limits]\nmax_streams = 8\n[client]\nrequest_timeout = \"1s\"\n[token]\nabsorb_hold = \"0s\"\n",
     ).await;
-    fx.idp.set_default(Behavior::Hang);
+    fx.idp.set_default(Answer::Hang);
     let stream = TcpStream::connect(fx.sidecar.addr).await.unwrap();
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))

@@ -1,7 +1,7 @@
 //! `token-sidecar demo`, as a new user runs it: the story ends with every client served through
 //! the sidecar and a handful of provider calls, and exits 0; `--serve` keeps a provider and a
 //! sidecar up that answer the curl commands it prints, and stops on SIGTERM.
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

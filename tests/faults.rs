@@ -4,7 +4,7 @@
 //!
 //! The ways a provider can fail a token call are one table, [`faults`]; each behaviour is one
 //! test that walks it.
-mod support;
+use crate::support;
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use support::oauth::{
     access_token, assert_cooling_down, assert_oauth_error, cache_status, expires_in, retry_after,
 };
 use support::sidecar::{Sidecar, config};
-use support::{Behavior, FakeProvider, Fixture, Reply, client, post_form};
+use support::{Answer, FakeProvider, Fixture, Reply, client, post_form};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FORM: &str = "grant_type=client_credentials&client_id=app&client_secret=s";
@@ -80,7 +80,7 @@ async fn until_ok(sidecar: &Sidecar) -> Reply {
 struct Fault {
     /// Names the row in assertion messages.
     name: &'static str,
-    provider: Behavior,
+    provider: Answer,
     status: u16,
     /// The RFC 6749 §5.2 `error` code of the answer.
     error: &'static str,
@@ -101,7 +101,7 @@ fn faults() -> Vec<Fault> {
     vec![
         Fault {
             name: "garbage",
-            provider: Behavior::Garbage,
+            provider: Answer::Garbage,
             status: 502,
             error: "server_error",
             cache_status: "token-sidecar; fwd=miss; detail=server_error",
@@ -109,7 +109,7 @@ fn faults() -> Vec<Fault> {
         },
         Fault {
             name: "a 200 without access_token",
-            provider: Behavior::Json(r#"{"token_type":"bearer","expires_in":3600}"#.into()),
+            provider: Answer::Json(r#"{"token_type":"bearer","expires_in":3600}"#.into()),
             status: 502,
             error: "server_error",
             cache_status: "token-sidecar; fwd=miss; detail=server_error",
@@ -117,7 +117,7 @@ fn faults() -> Vec<Fault> {
         },
         Fault {
             name: "a token response of megabytes",
-            provider: Behavior::Json(huge),
+            provider: Answer::Json(huge),
             status: 502,
             error: "server_error",
             cache_status: "token-sidecar; fwd=miss; detail=server_error",
@@ -125,7 +125,7 @@ fn faults() -> Vec<Fault> {
         },
         Fault {
             name: "a dropped connection",
-            provider: Behavior::Drop,
+            provider: Answer::Drop,
             status: 502,
             error: "temporarily_unavailable",
             cache_status: "token-sidecar; fwd=miss; detail=temporarily_unavailable",
@@ -133,7 +133,7 @@ fn faults() -> Vec<Fault> {
         },
         Fault {
             name: "no answer within the request timeout",
-            provider: Behavior::Hang,
+            provider: Answer::Hang,
             status: 504,
             error: "temporarily_unavailable",
             cache_status: "token-sidecar; fwd=miss; detail=temporarily_unavailable",
@@ -142,7 +142,7 @@ fn faults() -> Vec<Fault> {
         },
         Fault {
             name: "a 500 without Retry-After",
-            provider: Behavior::status(500, None),
+            provider: Answer::status(500, None),
             status: 500,
             error: "server_error",
             cache_status: "token-sidecar; fwd=miss; fwd-status=500",
@@ -265,7 +265,7 @@ async fn a_provider_that_keeps_failing_is_backed_off_then_recovered_from_after_t
         );
 
         // The first request after the advertised hold reaches the now healthy provider.
-        fx.idp.set_default(Behavior::token(3600));
+        fx.idp.set_default(Answer::token(3600));
         let mut reply = token(&fx.sidecar).await;
         if reply.status != 200 {
             assert_held(&fault, &reply, Duration::from_secs(60));
@@ -317,7 +317,7 @@ async fn provider_down_at_start_then_up_recovers_on_the_first_request_after_the_
 #[tokio::test]
 async fn flapping_between_429_and_200_makes_no_call_inside_each_window() {
     let fx = Fixture::start(PASS_HOLDS).await;
-    fx.idp.push(Behavior::status(429, Some("1")));
+    fx.idp.push(Answer::status(429, Some("1")));
     let held = statuses(&hammer(&fx.sidecar, Duration::from_millis(800)).await);
     assert_eq!(held[0], 429);
     assert!(held.iter().all(|&s| s == 429), "{held:?}");
@@ -329,7 +329,7 @@ async fn flapping_between_429_and_200_makes_no_call_inside_each_window() {
     let ok = until_ok(&fx.sidecar).await;
     assert_eq!(ok.status, 200);
     // Once healthy, the cached token serves everyone.
-    fx.idp.push(Behavior::status(429, Some("1")));
+    fx.idp.push(Answer::status(429, Some("1")));
     let served = statuses(&hammer(&fx.sidecar, Duration::from_millis(300)).await);
     assert!(served.iter().all(|&s| s == 200), "{served:?}");
     assert_eq!(fx.idp.token_calls(), 2);
@@ -339,7 +339,7 @@ async fn flapping_between_429_and_200_makes_no_call_inside_each_window() {
 async fn a_503_with_an_http_date_is_honoured() {
     let fx = Fixture::start(PASS_HOLDS).await;
     let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
-    fx.idp.push(Behavior::status(503, Some(&date)));
+    fx.idp.push(Answer::status(503, Some(&date)));
     assert_eq!(token(&fx.sidecar).await.status, 503);
     let held = token(&fx.sidecar).await;
     assert_eq!(held.status, 429);
@@ -351,7 +351,7 @@ async fn a_503_with_an_http_date_is_honoured() {
 #[tokio::test]
 async fn absurd_lifetimes_are_bounded() {
     let huge = Fixture::start("").await;
-    huge.idp.set_default(Behavior::token(10_000_000_000));
+    huge.idp.set_default(Answer::token(10_000_000_000));
     let reply = token(&huge.sidecar).await;
     assert!(
         reply.json()["expires_in"].as_u64().unwrap() <= 24 * 3600,
@@ -359,7 +359,7 @@ async fn absurd_lifetimes_are_bounded() {
     );
 
     let zero = Fixture::start("").await;
-    zero.idp.set_default(Behavior::token(0));
+    zero.idp.set_default(Answer::token(0));
     assert_eq!(token(&zero.sidecar).await.status, 200);
     assert_eq!(token(&zero.sidecar).await.status, 200);
     assert_eq!(
@@ -369,7 +369,7 @@ async fn absurd_lifetimes_are_bounded() {
     );
 
     let negative = Fixture::start("").await;
-    negative.idp.set_default(Behavior::token(-5));
+    negative.idp.set_default(Answer::token(-5));
     assert_eq!(token(&negative.sidecar).await.status, 502);
 }
 
@@ -523,7 +523,7 @@ async fn connections_past_the_cap_wait_while_every_one_is_busy() {
     // Idle connections make room for new ones (tests/connections.rs); busy ones do not.
     let fx = Fixture::start("[limits]\nmax_connections = 2\n").await;
     fx.idp
-        .set_default(Behavior::slow_token(3600, Duration::from_millis(1500)));
+        .set_default(Answer::slow_token(3600, Duration::from_millis(1500)));
     let addr = fx.sidecar.addr;
     let busy = |n: usize| {
         let form = format!("grant_type=client_credentials&client_id=busy-{n}&client_secret=s");

@@ -4,7 +4,7 @@
 //! back when it returns), no token for another fleet or secret, and nothing readable in Redis.
 //! Callers tag their requests with `x-pod`, which the flight's call carries to the provider, so
 //! the provider's record says which pod called.
-mod support;
+use crate::support;
 
 use futures_util::StreamExt as _;
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::process::{Running, run_to_end};
 use support::redis::RedisServer;
-use support::{Behavior, FakeProvider, Reply, client, send};
+use support::{Answer, FakeProvider, Reply, client, send};
 
 const FORM: &str = "grant_type=client_credentials&client_id=fleet-app&client_secret=fleet-secret";
 
@@ -143,7 +143,7 @@ async fn four_sidecars_with_a_hundred_cold_callers_each_make_one_provider_call()
     let redis = RedisServer::start();
     let idp = FakeProvider::start().await;
     // A slow answer, so every pod's herd arrives while the first call is out.
-    idp.set_default(Behavior::slow_token(300, Duration::from_millis(300)));
+    idp.set_default(Answer::slow_token(300, Duration::from_millis(300)));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, &redis.url(), &key, "", 4).await;
     let http = client();
@@ -178,7 +178,7 @@ async fn steady_load_across_four_sidecars_makes_about_one_call_per_lifetime() {
     let redis = RedisServer::start();
     let idp = FakeProvider::start().await;
     // A 10 s lifetime: each token is served about 8 s, refreshed ahead at 7.5 to 8 s.
-    idp.set_default(Behavior::token(10));
+    idp.set_default(Answer::token(10));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, &redis.url(), &key, "", 4).await;
     let run = Duration::from_secs(60);
@@ -200,8 +200,8 @@ async fn steady_load_across_four_sidecars_makes_about_one_call_per_lifetime() {
 async fn a_retry_after_seen_by_one_sidecar_holds_the_whole_fleet() {
     let redis = RedisServer::start();
     let idp = FakeProvider::start().await;
-    idp.push(Behavior::status(429, Some("5")));
-    idp.set_default(Behavior::token(300));
+    idp.push(Answer::status(429, Some("5")));
+    idp.set_default(Answer::token(300));
     let key = fleet_key();
     // Holds are passed on, not waited out, so the window shows in every answer.
     let (pods, _config) = fleet(
@@ -255,7 +255,7 @@ async fn losing_redis_mid_load_costs_no_client_error_and_sharing_resumes() {
     let mut redis = RedisServer::start();
     let idp = FakeProvider::start().await;
     // A 6 s lifetime: served 4 s, refreshed ahead at 3.5 to 4 s.
-    idp.set_default(Behavior::token(6));
+    idp.set_default(Answer::token(6));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, &redis.url(), &key, "", 4).await;
     let every = Duration::from_millis(50);
@@ -305,7 +305,7 @@ async fn another_fleet_key_or_another_secret_never_gets_the_token() {
     let redis = RedisServer::start();
     let idp = FakeProvider::start().await;
     idp.set_clients(&[("fleet-app", "fleet-secret")]);
-    idp.set_default(Behavior::token(300));
+    idp.set_default(Answer::token(300));
     let (ours, theirs) = (fleet_key(), fleet_key());
     let (pods, _config) = fleet(&idp, &redis.url(), &ours, "", 1).await;
     let (others, _other_config) = fleet(&idp, &redis.url(), &theirs, "", 1).await;
@@ -337,8 +337,8 @@ async fn another_fleet_key_or_another_secret_never_gets_the_token() {
 async fn redis_holds_no_plaintext_token_secret_or_client_id() {
     let redis = RedisServer::start();
     let idp = FakeProvider::start().await;
-    idp.push(Behavior::status(429, Some("2")));
-    idp.set_default(Behavior::token(300));
+    idp.push(Answer::status(429, Some("2")));
+    idp.set_default(Answer::token(300));
     let key = fleet_key();
     let (pods, _config) = fleet(
         &idp,
@@ -378,7 +378,7 @@ async fn redis_holds_no_plaintext_token_secret_or_client_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_whose_redis_is_down_is_ready_and_serves_alone() {
     let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::token(300));
+    idp.set_default(Answer::token(300));
     let key = fleet_key();
     let nowhere = format!("redis://127.0.0.1:{}/0", support::process::free_port());
     let (pods, _config) = fleet(&idp, &nowhere, &key, "", 1).await;
@@ -449,7 +449,7 @@ fn the_shared_tier_without_a_key_file_or_with_a_short_one_is_exit_64() {
 /// provider call.
 async fn cold_herd(redis: &RedisServer, url: &str, toml: &str, pods: usize, per: usize) {
     let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(300, Duration::from_millis(200)));
+    idp.set_default(Answer::slow_token(300, Duration::from_millis(200)));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, url, &key, toml, pods).await;
     let http = client();

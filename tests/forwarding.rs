@@ -1,7 +1,7 @@
 //! Everything that is not a cacheable token request reaches the provider as if the sidecar were
 //! not there: methods, paths, queries, headers (hop-by-hop removed), streamed bodies both ways,
 //! WebSocket upgrades; and a dead provider gives a quick 502/504, never a hang.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::sidecar::Sidecar;
-use support::{Behavior, Fixture, client, send};
+use support::{Answer, Fixture, client, send};
 use tokio_tungstenite::tungstenite::Message;
 
 fn request(method: Method, url: &str) -> http::request::Builder {
@@ -118,7 +118,7 @@ async fn a_dead_upstream_gives_a_quick_502_with_json() {
 #[tokio::test]
 async fn a_silent_upstream_gives_504_after_the_request_timeout() {
     let fx = Fixture::start("[client]\nrequest_timeout = \"500ms\"").await;
-    fx.idp.set_default(Behavior::Hang);
+    fx.idp.set_default(Answer::Hang);
     let started = Instant::now();
     // A non-cacheable token request (password grant) goes through the forwarder.
     let reply = fx
@@ -158,6 +158,14 @@ const HUNDRED_MB: u64 = 100 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_download_streams_through_with_bounded_memory() {
+    // It measures this process: alone, not beside the other tests of the binary.
+    if !support::process::alone(
+        "forwarding::a_hundred_megabyte_download_streams_through_with_bounded_memory",
+    )
+    .await
+    {
+        return;
+    }
     let fx = Fixture::start("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(stop.clone());
@@ -193,6 +201,14 @@ async fn a_hundred_megabyte_download_streams_through_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabyte_upload_streams_through_with_bounded_memory() {
+    // It measures this process: alone, not beside the other tests of the binary.
+    if !support::process::alone(
+        "forwarding::a_hundred_megabyte_upload_streams_through_with_bounded_memory",
+    )
+    .await
+    {
+        return;
+    }
     let fx = Fixture::start("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(stop.clone());

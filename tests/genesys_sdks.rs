@@ -9,7 +9,7 @@
 //! set-up requests), installed by `.ci/genesys-sdks.sh` once per test binary. An SDK that cannot
 //! be installed fails these tests; nothing here skips.
 
-mod support;
+use crate::support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

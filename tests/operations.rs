@@ -1,13 +1,13 @@
 //! Operating the sidecar: the real binary's exit codes and signals, admin endpoints, metrics,
 //! graceful shutdown, and logs that never carry a secret or a token.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use std::time::{Duration, Instant};
 use support::process::{Running, free_port, run_to_end};
-use support::{Behavior, FakeProvider, Fixture, client, post_form, send};
+use support::{Answer, FakeProvider, Fixture, client, post_form, send};
 
 async fn get(url: &str) -> support::Reply {
     send(
@@ -104,7 +104,7 @@ async fn call_in_flight(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_zero() {
     let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(3600, Duration::from_millis(1500)));
+    idp.set_default(Answer::slow_token(3600, Duration::from_millis(1500)));
     let sidecar = Running::start(&idp.url(), &[]);
     sidecar.wait_ready().await;
     let in_flight = call_in_flight(&idp, &sidecar).await;
@@ -232,7 +232,7 @@ async fn keep_alive_clients_see_no_broken_request_across_a_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_still_waiting_when_the_grace_ends_gets_an_answer() {
     let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(3600, Duration::from_secs(4)));
+    idp.set_default(Answer::slow_token(3600, Duration::from_secs(4)));
     let file = ConfigFile::new("grace", "shutdown_grace = \"1s\"\n");
     let sidecar = Running::start_args(&idp.url(), &["--config", &file.path()], &[]);
     sidecar.wait_ready().await;
@@ -294,7 +294,7 @@ async fn trace_logs_never_carry_secrets_tokens_or_authorization() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     send(&c, req).await;
-    idp.set_default(Behavior::status(401, None));
+    idp.set_default(Answer::status(401, None));
     post_form(
         &c,
         &format!("{base}/oauth/token"),
@@ -383,7 +383,7 @@ async fn healthz_readyz_and_metrics_report_the_token_path() {
         "no secret or token in metrics"
     );
 
-    fx.idp.set_default(Behavior::status(429, Some("60")));
+    fx.idp.set_default(Answer::status(429, Some("60")));
     fx.post_token("grant_type=client_credentials&client_id=other&client_secret=x")
         .await;
     let metrics = get(&format!("{}/metrics", fx.sidecar.admin_url))
@@ -412,7 +412,7 @@ async fn healthz_readyz_and_metrics_report_the_token_path() {
 #[tokio::test]
 async fn per_client_cool_down_series_are_capped() {
     let fx = Fixture::start("").await;
-    fx.idp.set_default(Behavior::status(429, Some("60")));
+    fx.idp.set_default(Answer::status(429, Some("60")));
     for i in 0..30 {
         let form = format!("grant_type=client_credentials&client_id=c{i}&client_secret=x");
         assert_eq!(fx.post_token(&form).await.status, 429);
@@ -461,7 +461,7 @@ async fn status_shows_keys_and_cool_downs_by_client_hash_only() {
     let token = fx.post_token(&form).await;
     assert_eq!(token.status, 200);
     let access_token = token.json()["access_token"].as_str().unwrap().to_owned();
-    fx.idp.push(Behavior::status(429, Some("60")));
+    fx.idp.push(Answer::status(429, Some("60")));
     let held = fx
         .post_token("grant_type=client_credentials&client_id=held-app&client_secret=x")
         .await;

@@ -4,8 +4,8 @@
 //! Each property states what must hold for every input, not for a handful of examples; the
 //! strategies lean towards the inputs that break parsers (percent signs, plus signs, colons,
 //! non-ASCII, boundary values) rather than uniform noise. Case counts are moderate so the file
-//! runs in seconds in a debug build; `PROPTEST_CASES=100000 cargo test --test properties` runs a
-//! deeper pass. docs/RELIABILITY.md lists every property by name.
+//! runs in seconds in a debug build; `PROPTEST_CASES=100000 cargo test --test integration
+//! properties::` runs a deeper pass. docs/RELIABILITY.md lists every property by name.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;

@@ -1,7 +1,7 @@
 //! Several routes on one listener, chosen by path prefix, and the Genesys Cloud preset that uses
 //! them: each request reaches the provider its longest matching prefix names, with the prefix
 //! removed where the route says so, and each route keeps its own cache.
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use http::Request;

@@ -1,5 +1,5 @@
 //! A first end-to-end check: a cold request, then a hit.
-mod support;
+use crate::support;
 
 use support::Fixture;
 

@@ -1,7 +1,7 @@
 //! Self-test of the fake identity provider in `tests/support`: every scripted behaviour and
 //! utility endpoint is exercised directly with a hyper client, without the sidecar.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Method, Request};
 use http_body_util::Full;
 use support::tls::{test_pki, tls_client};
-use support::{Behavior, FakeProvider, client, form_encode, post_form, send};
+use support::{Answer, FakeProvider, client, form_encode, post_form, send};
 use tokio_tungstenite::tungstenite::Message;
 
 const CC: &str = "grant_type=client_credentials";
@@ -67,7 +67,7 @@ async fn default_token_is_issued_and_counted() {
 #[tokio::test]
 async fn concurrent_token_calls_are_measured() {
     let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(60, Duration::from_millis(300)));
+    idp.set_default(Answer::slow_token(60, Duration::from_millis(300)));
     let c = client();
     let url = format!("{}/token", idp.url());
     let calls = (0..5).map(|_| post_form(&c, &url, CC, None));
@@ -86,13 +86,13 @@ async fn pushed_behaviours_are_consumed_in_order_then_default() {
     let idp = FakeProvider::start().await;
     let c = client();
     let url = format!("{}/token", idp.url());
-    idp.push(Behavior::status(503, None));
-    idp.push(Behavior::Json(
+    idp.push(Answer::status(503, None));
+    idp.push(Answer::Json(
         r#"{"access_token":"fixed","expires_in":5}"#.into(),
     ));
-    idp.push(Behavior::Garbage);
-    idp.push(Behavior::status(400, None));
-    idp.set_default(Behavior::token(120));
+    idp.push(Answer::Garbage);
+    idp.push(Answer::status(400, None));
+    idp.set_default(Answer::token(120));
 
     let r = post_form(&c, &url, CC, None).await;
     assert_eq!(r.status, 503);
@@ -129,8 +129,8 @@ async fn status_retry_after_is_verbatim() {
     let c = client();
     let url = format!("{}/token", idp.url());
     let date = "Wed, 21 Oct 2015 07:28:00 GMT";
-    idp.push(Behavior::status(429, Some(date)));
-    idp.push(Behavior::Status {
+    idp.push(Answer::status(429, Some(date)));
+    idp.push(Answer::Status {
         status: 500,
         retry_after: Some("2".into()),
         body: r#"{"error":"boom"}"#.into(),
@@ -346,7 +346,7 @@ async fn drop_closes_the_connection_without_a_response() {
     let idp = FakeProvider::start().await;
     let c = client();
     let url = format!("{}/token", idp.url());
-    idp.push(Behavior::Drop);
+    idp.push(Answer::Drop);
     let req = Request::post(&url)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from_static(CC.as_bytes())))
@@ -371,7 +371,7 @@ async fn hang_never_answers_and_drop_stops_the_server() {
     let addr = idp.addr();
     let c = client();
     let url = format!("{}/token", idp.url());
-    idp.set_default(Behavior::Hang);
+    idp.set_default(Answer::Hang);
     let req = Request::post(&url).body(Full::new(Bytes::from_static(CC.as_bytes())));
     let pending = tokio::spawn(c.request(req.unwrap()));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -459,7 +459,7 @@ async fn tls_provider_answers_a_client_trusting_the_test_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_token_calls() {
     let idp = FakeProvider::start().await;
-    idp.set_default(Behavior::slow_token(60, Duration::from_secs(1)));
+    idp.set_default(Answer::slow_token(60, Duration::from_secs(1)));
     let c = client();
     let url = format!("{}/token", idp.url());
     let calls = (0..1000).map(|_| post_form(&c, &url, CC, None));

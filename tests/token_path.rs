@@ -7,7 +7,7 @@
 //! state. Assertions are on the provider's call count and on response headers; wall-clock bounds
 //! are generous, and real sleeps are short because the sidecar runs on the real clock.
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use http_body_util::Full;
 use support::oauth::{
     access_token, assert_cooling_down, assert_oauth_error, cache_status, expires_in,
 };
-use support::{Behavior, Client, FakeProvider, Fixture, form_encode, post_form, send};
+use support::{Answer, Client, FakeProvider, Fixture, form_encode, post_form, send};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -133,7 +133,7 @@ async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 async fn five_hundred_concurrent_cold_requests_make_one_upstream_call() {
     let fx = Fixture::start("").await;
     fx.idp
-        .set_default(Behavior::slow_token(3600, Duration::from_millis(300)));
+        .set_default(Answer::slow_token(3600, Duration::from_millis(300)));
     let c = fx.client.clone();
     let url = fx.sidecar.token_url();
     warm_up(&c, &url, 500).await;
@@ -178,7 +178,7 @@ async fn five_hundred_concurrent_cold_requests_make_one_upstream_call() {
 async fn two_hundred_concurrent_requests_for_twenty_clients_make_twenty_upstream_calls() {
     let fx = Fixture::start("").await;
     fx.idp
-        .set_default(Behavior::slow_token(3600, Duration::from_millis(300)));
+        .set_default(Answer::slow_token(3600, Duration::from_millis(300)));
     let c = fx.client.clone();
     let url = fx.sidecar.token_url();
 
@@ -313,7 +313,7 @@ async fn basic_and_form_authentication_with_the_same_credentials_share_one_entry
 async fn served_expires_in_counts_down_and_other_fields_are_kept() {
     let fx = Fixture::start("").await;
     let body = r#"{"access_token":"fixed-abc","token_type":"Bearer","expires_in":3600,"scope":"read write","ext":{"nested":[1,2,{"x":null}]},"n":1.50}"#;
-    fx.idp.set_default(Behavior::Json(body.to_owned()));
+    fx.idp.set_default(Answer::Json(body.to_owned()));
     let form = cc("app", "s3cret");
 
     let first = fx.post_token(&form).await;
@@ -371,7 +371,7 @@ async fn a_token_past_its_safety_margin_is_fetched_again() {
     // Lifetime 5 s, counted a second short (4 s): served while a whole second is left, until
     // 3 s (the 0.5 s margin is smaller); refresh ahead would be due later than that, so it is
     // not started.
-    fx.idp.set_default(Behavior::token(5));
+    fx.idp.set_default(Answer::token(5));
     let form = cc("app", "s3cret");
 
     let first = fx.post_token(&form).await;
@@ -409,7 +409,7 @@ async fn refresh_ahead_serves_the_old_token_at_once_and_fetches_the_new_one_in_t
     let delay = Duration::from_millis(500);
     // Lifetime 6 s, counted from when the first request left (t0) and a second short: refresh
     // due at 2.7..3.0 s, served until 4.0 s.
-    fx.idp.set_default(Behavior::slow_token(6, delay));
+    fx.idp.set_default(Answer::slow_token(6, delay));
     let form = cc("app", "s3cret");
 
     let t0 = Instant::now();
@@ -454,7 +454,7 @@ async fn refresh_ahead_serves_the_old_token_at_once_and_fetches_the_new_one_in_t
 #[tokio::test]
 async fn a_provider_returning_the_same_token_causes_no_refresh_loop() {
     let fx = Fixture::start("").await;
-    fx.idp.set_default(Behavior::Json(
+    fx.idp.set_default(Answer::Json(
         r#"{"access_token":"same-token","token_type":"bearer","expires_in":4}"#.to_owned(),
     ));
     let form = cc("app", "s3cret");
@@ -483,7 +483,7 @@ async fn early_refreshes_that_return_the_same_token_back_off() {
     // Refresh due 0.4 s into every token's life: without a guard, a steady stream of requests
     // would refresh every 0.4 s although the provider keeps handing back the same token.
     let fx = Fixture::start("[token]\nrefresh_at = 0.1\nrefresh_jitter = 0.0\n").await;
-    fx.idp.set_default(Behavior::Json(
+    fx.idp.set_default(Answer::Json(
         r#"{"access_token":"same-token","token_type":"bearer","expires_in":4}"#.to_owned(),
     ));
     let form = cc("app", "s3cret");
@@ -520,10 +520,10 @@ const PASS_HOLDS: &str = "[token]\nabsorb_hold = \"0s\"\n";
 async fn short_holds_are_absorbed_so_no_caller_sees_a_429() {
     let fx = Fixture::start("").await;
     for _ in 0..3 {
-        fx.idp.push(Behavior::token(3600));
+        fx.idp.push(Answer::token(3600));
     }
     for _ in 0..2 {
-        fx.idp.push(Behavior::status(429, Some("1")));
+        fx.idp.push(Answer::status(429, Some("1")));
     }
     let (c, url) = (fx.client.clone(), fx.sidecar.token_url());
     let started = Instant::now();
@@ -557,7 +557,7 @@ async fn short_holds_are_absorbed_so_no_caller_sees_a_429() {
 #[tokio::test]
 async fn a_hold_longer_than_absorb_hold_is_passed_on_at_once() {
     let fx = Fixture::start("[token]\nabsorb_hold = \"2s\"\n").await;
-    fx.idp.push(Behavior::status(429, Some("3")));
+    fx.idp.push(Answer::status(429, Some("3")));
     let started = Instant::now();
     let first = fx.post_token(&cc("app", "s")).await;
     assert_eq!(first.status, 429, "{}", first.text());
@@ -578,7 +578,7 @@ async fn a_hold_longer_than_absorb_hold_is_passed_on_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_after_seconds_hold_every_caller_without_upstream_calls() {
     let fx = Fixture::start(PASS_HOLDS).await;
-    fx.idp.push(Behavior::status(429, Some("2")));
+    fx.idp.push(Answer::status(429, Some("2")));
     let c = fx.client.clone();
     let url = fx.sidecar.token_url();
     let form = cc("app", "s3cret");
@@ -631,7 +631,7 @@ async fn retry_after_http_date_holds_until_that_date() {
     // as read against the provider's own Date (also whole seconds: up to 1 s later in ours).
     let until = httpdate::parse_http_date(&date).unwrap();
     let slack = Duration::from_millis(1050);
-    fx.idp.push(Behavior::status(429, Some(&date)));
+    fx.idp.push(Answer::status(429, Some(&date)));
     let form = cc("app", "s3cret");
     let left = || {
         until
@@ -662,13 +662,13 @@ async fn a_throttled_refresh_keeps_serving_the_cached_token() {
     // Lifetime 6 s, counted a second short: refresh due at 2.7..3.0 s, served until 4.0 s
     // (while a whole second is left): a wide window to observe.
     let fx = Fixture::start("[token]\nrefresh_at = 0.5\n").await;
-    fx.idp.set_default(Behavior::token(6));
+    fx.idp.set_default(Answer::token(6));
     let form = cc("app", "s3cret");
 
     let first = fx.post_token(&form).await;
     let t0 = Instant::now();
     let token = access_token(&first);
-    fx.idp.set_default(Behavior::status(429, Some("30")));
+    fx.idp.set_default(Answer::status(429, Some("30")));
 
     sleep_until(t0 + Duration::from_millis(3050)).await;
     let trigger = fx.post_token(&form).await;
@@ -698,7 +698,7 @@ async fn a_throttled_refresh_keeps_serving_the_cached_token() {
 #[tokio::test]
 async fn service_unavailable_with_retry_after_holds_like_too_many_requests() {
     let fx = Fixture::start(&format!("{BACKOFF}absorb_hold = \"0s\"\n")).await;
-    fx.idp.push(Behavior::status(503, Some("2")));
+    fx.idp.push(Answer::status(503, Some("2")));
     let form = cc("app", "s3cret");
 
     let first = fx.post_token(&form).await;
@@ -728,7 +728,7 @@ async fn service_unavailable_with_retry_after_holds_like_too_many_requests() {
 async fn concurrent_callers_share_one_slow_client_error_which_is_then_remembered() {
     let fx = Fixture::start("").await;
     let body = r#"{"error":"invalid_client","error_description":"unknown client"}"#;
-    fx.idp.set_default(Behavior::Status {
+    fx.idp.set_default(Answer::Status {
         status: 401,
         retry_after: None,
         body: body.to_owned(),
@@ -768,7 +768,7 @@ async fn concurrent_callers_share_one_slow_client_error_which_is_then_remembered
 async fn a_leader_that_hangs_up_does_not_cancel_the_call_for_its_followers() {
     let fx = Fixture::start("").await;
     fx.idp
-        .set_default(Behavior::slow_token(3600, Duration::from_secs(1)));
+        .set_default(Answer::slow_token(3600, Duration::from_secs(1)));
     let c = fx.client.clone();
     let url = fx.sidecar.token_url();
     let form = cc("app", "s3cret");
@@ -1050,7 +1050,7 @@ async fn token_calls_ask_for_an_unencoded_answer_whatever_the_caller_accepts() {
 #[tokio::test]
 async fn dpop_requests_bypass_the_cache_and_nothing_of_them_is_remembered() {
     let fx = Fixture::start("").await;
-    fx.idp.push(Behavior::status(400, None));
+    fx.idp.push(Answer::status(400, None));
     for proof in ["proof-1", "proof-2", "proof-2"] {
         let request = Request::post(fx.sidecar.token_url())
             .header("content-type", "application/x-www-form-urlencoded")
@@ -1138,7 +1138,7 @@ async fn the_key_sees_only_what_goes_upstream() {
 async fn a_tokens_lifetime_counts_from_the_request_not_the_answer() {
     let fx = Fixture::start("").await;
     fx.idp
-        .set_default(Behavior::slow_token(10, Duration::from_millis(1500)));
+        .set_default(Answer::slow_token(10, Duration::from_millis(1500)));
     let reply = fx.post_token(&cc("app", "s3cret")).await;
     assert_eq!(reply.status, 200);
     assert!(

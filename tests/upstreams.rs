@@ -1,10 +1,10 @@
 //! Refresh-token safety, several routes side by side, and HTTPS upstreams with a private CA.
-mod support;
+use crate::support;
 
 use std::time::Duration;
 use support::sidecar::{Sidecar, config, config_toml};
 use support::tls::test_pki;
-use support::{Behavior, FakeProvider, Fixture, client, post_form};
+use support::{Answer, FakeProvider, Fixture, client, post_form};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_identical_refreshes_make_one_call_and_all_succeed() {
@@ -124,7 +124,7 @@ async fn two_routes_serve_two_providers_with_separate_caches() {
 async fn a_throttled_route_does_not_hold_back_the_other() {
     let eu = FakeProvider::start().await;
     let us = FakeProvider::start().await;
-    eu.set_default(Behavior::status(429, Some("30")));
+    eu.set_default(Answer::status(429, Some("30")));
     let sidecar = Sidecar::start_with(config_toml(&format!(
         "[[routes]]\nname = \"eu\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n[[routes]]\nname = \"us\"\nlisten = \"127.0.0.2:0\"\nupstream = \"{}\"\n",
         eu.url(),

@@ -1,20 +1,37 @@
-//! The demo's identity provider: a throttling OAuth 2.0 token endpoint on loopback that behaves
-//! like the real ones the sidecar was built for. It issues short-lived tokens to one client,
-//! allows a few token calls per second and answers the rest `429` with `Retry-After`, takes a
-//! few milliseconds per call, and serves one API endpoint that checks the bearer token. It
-//! counts what it answered, so the demo can show what the provider went through.
+//! The project's identity provider: an OAuth 2.0 token endpoint and one API endpoint on loopback,
+//! scripted and counted. It is the provider `token-sidecar demo` runs and the one the integration
+//! tests serve (`tests/support` wraps it), so the demo and the tests cannot drift apart.
+//!
+//! A token call (a `POST` on any path ending in `/token`) goes through the steps a real provider
+//! takes: the call's latency, a rate limit per whole second answered `429` with `Retry-After`,
+//! the client's credentials (HTTP Basic per RFC 6749 §2.3.1, or in the form), then a single-use
+//! refresh-token rotation for `grant_type=refresh_token` and the next scripted [`Answer`] for any
+//! other grant (one-shot answers first, then a default). A `GET` on a path ending in
+//! `/api/v2/users/me` stands in for a resource server: it accepts the bearer tokens this provider
+//! issued, or those of a provider whose tokens it accepts. Everything is counted ([`Counts`]) and,
+//! up to a bound, recorded ([`Recorded`]).
+//!
+//! The demo's throttling provider is one configuration of it ([`Behaviour`]). The tests' utility
+//! endpoints (echo, downloads, uploads, WebSocket) and HTTPS need dev-only crates, so they live in
+//! `tests/support`, which serves them around [`Provider::answer`].
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::net::TcpListener;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header, request};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -22,10 +39,27 @@ use tokio_util::sync::CancellationToken;
 pub const CLIENT_ID: &str = "demo-app";
 /// The demo client's secret (a demo: printed on purpose).
 pub const CLIENT_SECRET: &str = "demo-secret";
-/// Most access tokens remembered for the API endpoint; older ones are forgotten.
-const MAX_ISSUED: usize = 10_000;
 
-/// How the provider behaves.
+/// Most access tokens remembered for the API endpoint; past it the set starts again.
+const MAX_ISSUED: usize = 10_000;
+/// Requests kept for [`Provider::recorded`] until [`Provider::set_record_limit`] says otherwise.
+const DEFAULT_RECORD_LIMIT: usize = 100_000;
+/// Most connections one provider accepts (keeps the accept loop bounded).
+const MAX_ACCEPTS: usize = 10_000_000;
+/// Largest request body read; a bigger one closes the connection without an answer.
+const MAX_BODY: usize = 1 << 20;
+/// How long [`Answer::Hang`] holds a call before closing the connection without an answer.
+const HANG: Duration = Duration::from_secs(60);
+/// The `expires_in` of a rotated refresh grant's access token.
+const REFRESHED_LIFETIME: i64 = 3600;
+
+/// `tok-<n>` for access tokens: process-wide, so that no two providers of a process (a test's
+/// login and API hosts) ever issue the same token.
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+/// `rt-<m>` for refresh tokens, process-wide for the same reason.
+static NEXT_REFRESH: AtomicU64 = AtomicU64::new(1);
+
+/// How the demo's provider behaves: one configuration of [`Provider`] (see [`Behaviour::apply`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Behaviour {
     /// Token calls answered per whole second; the rest get 429.
@@ -36,81 +70,264 @@ pub struct Behaviour {
     pub latency: Duration,
 }
 
+impl Behaviour {
+    /// Configures `provider` as the demo's: this latency and rate limit, tokens of this lifetime,
+    /// only the demo client, and nothing recorded (a herd makes tens of thousands of calls).
+    pub fn apply(&self, provider: &Provider) {
+        provider.set_latency(self.latency);
+        provider.set_rate_limit(self.calls_per_second);
+        let lifetime = i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX);
+        provider.set_default(Answer::token(lifetime));
+        provider.set_clients(&[(CLIENT_ID, CLIENT_SECRET)]);
+        provider.set_record_limit(0);
+    }
+}
+
+/// What the provider answers a token call (any grant but `refresh_token`).
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// 200 `{"access_token":"tok-<n>","token_type":"bearer","expires_in":<expires_in>}` plus
+    /// `"scope"` when the request carried one; `n` is a process-wide counter. Sent after `delay`.
+    Token { expires_in: i64, delay: Duration },
+    /// 200 with exactly this JSON body.
+    Json(String),
+    /// This status, an optional `Retry-After` value (verbatim) and this JSON body, after `delay`.
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+        body: String,
+        delay: Duration,
+    },
+    /// 200 with `content-type: application/json` and a body that is not JSON.
+    Garbage,
+    /// Read the request, then close the connection without any response.
+    Drop,
+    /// Never answer (sleeps 60 s, then closes the connection without a response).
+    Hang,
+}
+
+impl Answer {
+    /// A token that expires in `expires_in` seconds, answered immediately.
+    pub fn token(expires_in: i64) -> Answer {
+        Answer::Token {
+            expires_in,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A token that expires in `expires_in` seconds, answered after `delay`.
+    pub fn slow_token(expires_in: i64, delay: Duration) -> Answer {
+        Answer::Token { expires_in, delay }
+    }
+
+    /// An error status with an OAuth error body chosen from the status: 429/503 ->
+    /// `temporarily_unavailable`, 401 -> `invalid_client`, 400 -> `invalid_request`, else
+    /// `server_error`.
+    pub fn status(status: u16, retry_after: Option<&str>) -> Answer {
+        let error = match status {
+            429 | 503 => "temporarily_unavailable",
+            401 => "invalid_client",
+            400 => "invalid_request",
+            _ => "server_error",
+        };
+        Answer::Status {
+            status,
+            retry_after: retry_after.map(str::to_owned),
+            body: serde_json::json!({ "error": error }).to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Set on the response of an [`Answer::Token`], for a layer that treats issued tokens apart (the
+/// tests gzip them when the request accepts it, as a provider behind a CDN does).
+#[derive(Clone, Copy, Debug)]
+pub struct Issued;
+
+/// One request as the provider saw it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    /// The request body; empty where a layer streams it (the tests' `/upload`, `/ws`).
+    pub body: Bytes,
+}
+
 /// What the provider answered, so far.
 #[derive(Debug, Default)]
 pub struct Counts {
-    /// Token calls, answered or throttled.
+    /// Token calls, answered or throttled (refresh grants and rejected calls included).
     pub calls: AtomicU64,
-    /// Tokens issued.
+    /// Access tokens issued.
     pub issued: AtomicU64,
-    /// Token calls answered 429.
+    /// Token calls the rate limit answered 429.
     pub throttled: AtomicU64,
+    /// Every request, counted when its head arrives.
+    pub requests: AtomicU64,
+    /// Token calls in progress now.
+    pub in_progress: AtomicU64,
+    /// The most token calls in progress at once.
+    pub most_in_progress: AtomicU64,
 }
 
 impl Counts {
     /// (calls, issued, throttled) now.
     pub fn read(&self) -> (u64, u64, u64) {
         (
-            self.calls.load(Ordering::Relaxed),
-            self.issued.load(Ordering::Relaxed),
-            self.throttled.load(Ordering::Relaxed),
+            self.calls.load(Ordering::SeqCst),
+            self.issued.load(Ordering::SeqCst),
+            self.throttled.load(Ordering::SeqCst),
         )
     }
 }
 
+/// Counts a token call as in progress until dropped (also when the call is cancelled).
+struct InProgress<'a>(&'a Counts);
+
+impl<'a> InProgress<'a> {
+    fn enter(counts: &'a Counts) -> InProgress<'a> {
+        let now = counts.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
+        counts.most_in_progress.fetch_max(now, Ordering::SeqCst);
+        InProgress(counts)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.in_progress.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the provider has been told to do, and what it remembers.
+#[derive(Debug)]
+struct Script {
+    /// Time every token call takes before anything is decided.
+    latency: Duration,
+    /// Token calls allowed per whole second of the provider's clock (every call counts, rejected
+    /// ones too, as at a real provider); past it, 429 with `Retry-After: 1`. `None`: no limit.
+    rate_limit: Option<u64>,
+    /// The second the rate window is for, and the calls in it.
+    window: (u64, u64),
+    /// The `(client_id, client_secret)` pairs a token call must present; empty: anyone.
+    clients: Vec<(String, String)>,
+    /// One-shot answers, consumed first in, first out before `default`; bounded by the script.
+    queue: VecDeque<Answer>,
+    default: Answer,
+    /// Registered refresh tokens, `true` once used; one entry per token registered or rotated.
+    refresh_tokens: HashMap<String, bool>,
+    /// Time a refresh grant takes before its token is checked.
+    refresh_delay: Duration,
+    /// Requests in arrival order, at most `record_limit` of them.
+    recorded: Vec<Recorded>,
+    record_limit: usize,
+    /// Access tokens the API endpoint accepts, bounded by [`MAX_ISSUED`]; a set that
+    /// [`Provider::accept_tokens_of`] can share with another provider.
+    issued: Arc<Mutex<HashSet<String>>>,
+}
+
 #[derive(Debug)]
 struct State {
-    behaviour: Behaviour,
-    counts: Arc<Counts>,
-    /// The second the rate window is for, and the calls in it.
-    window: Mutex<(u64, u64)>,
-    /// Access tokens the API endpoint accepts, bounded by [`MAX_ISSUED`].
-    tokens: Mutex<HashSet<String>>,
+    script: Mutex<Script>,
+    /// The start of the provider's clock, for the rate limit's seconds.
     epoch: Instant,
 }
 
-/// A running demo provider.
-#[derive(Debug)]
+/// A provider on a loopback address: scripted, counted, and served until its stop token fires.
+/// Cheap to clone; every clone is the same provider.
+#[derive(Clone, Debug)]
 pub struct Provider {
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
+    state: Arc<State>,
+}
+
+/// Locks one of the provider's mutexes; a panicking test thread must not wedge the others.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Provider {
-    /// Starts the provider on a free loopback port; it runs until `stop`.
-    pub async fn start(behaviour: Behaviour, stop: CancellationToken) -> std::io::Result<Provider> {
+    /// Starts the demo's provider on a free loopback port; it runs until `stop`.
+    pub async fn start(behaviour: Behaviour, stop: CancellationToken) -> io::Result<Provider> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let counts = Arc::new(Counts::default());
-        let state = Arc::new(State {
-            behaviour,
-            counts: counts.clone(),
-            window: Mutex::new((0, 0)),
-            tokens: Mutex::new(HashSet::new()),
-            epoch: Instant::now(),
+        let provider = Provider::new(listener.local_addr()?);
+        behaviour.apply(&provider);
+        provider.accept(listener, stop, |provider, tcp| {
+            provider.serve_connection(tcp)
         });
+        Ok(provider)
+    }
+
+    /// A provider for a listener bound at `addr`, not serving yet (see [`Provider::accept`]). It
+    /// starts as the tests expect: no latency, no rate limit, anyone may call, tokens of an hour,
+    /// and the first 100,000 requests recorded.
+    pub fn new(addr: SocketAddr) -> Provider {
+        let script = Script {
+            latency: Duration::ZERO,
+            rate_limit: None,
+            window: (0, 0),
+            clients: Vec::new(),
+            queue: VecDeque::new(),
+            default: Answer::token(3600),
+            refresh_tokens: HashMap::new(),
+            refresh_delay: Duration::ZERO,
+            recorded: Vec::new(),
+            record_limit: DEFAULT_RECORD_LIMIT,
+            issued: Arc::default(),
+        };
+        Provider {
+            addr,
+            counts: Arc::default(),
+            state: Arc::new(State {
+                script: Mutex::new(script),
+                epoch: Instant::now(),
+            }),
+        }
+    }
+
+    /// Accepts connections on `listener` until `stop`, each served by `serve` (which may wrap the
+    /// connection, in TLS say, and answer some paths itself). `stop` also ends every connection.
+    pub fn accept<S, F>(&self, listener: TcpListener, stop: CancellationToken, serve: S)
+    where
+        S: Fn(Provider, TcpStream) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let provider = self.clone();
         tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
+            // Dropped on return, which aborts every connection still open.
+            let mut connections = JoinSet::new();
+            let mut accepted = 0usize;
+            while accepted < MAX_ACCEPTS {
+                tokio::select! {
                     () = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(_) => continue,
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    result = listener.accept() => match result {
+                        Ok((tcp, _)) => {
+                            accepted += 1;
+                            let _ = tcp.set_nodelay(true);
+                            connections.spawn(serve(provider.clone(), tcp));
+                        }
+                        // Transient accept errors (EMFILE, say): back off briefly.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                     },
-                };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(&state, request).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                }
             }
         });
-        Ok(Provider { addr, counts })
+    }
+
+    /// Serves one accepted connection (HTTP/1.1 or h2) with [`Provider::answer`].
+    pub async fn serve_connection<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |request| {
+            let provider = self.clone();
+            async move { provider.answer(request).await }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
     }
 
     /// The provider's base URL.
@@ -119,145 +336,431 @@ impl Provider {
     }
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// Scripting: what the provider does from now on.
+impl Provider {
+    /// The answer to token calls once the one-shot queue is empty.
+    pub fn set_default(&self, answer: Answer) {
+        self.script().default = answer;
+    }
+
+    /// Queues a one-shot answer; queued answers are consumed first in, first out.
+    pub fn push(&self, answer: Answer) {
+        self.script().queue.push_back(answer);
+    }
+
+    /// If non-empty, token calls must authenticate as one of these `(client_id, client_secret)`
+    /// pairs (HTTP Basic per RFC 6749 §2.3.1, or `client_id`/`client_secret` in the form body);
+    /// anything else answers 401 `{"error":"invalid_client"}`. An empty slice lets anyone in.
+    pub fn set_clients(&self, clients: &[(&str, &str)]) {
+        self.script().clients = clients
+            .iter()
+            .map(|(id, secret)| ((*id).to_owned(), (*secret).to_owned()))
+            .collect();
+    }
+
+    /// Allows at most `calls` token calls per second, like a throttling provider.
+    pub fn set_rate_limit(&self, calls: u64) {
+        self.script().rate_limit = Some(calls);
+    }
+
+    /// Time every token call takes before the rate limit and the credentials are looked at.
+    pub fn set_latency(&self, latency: Duration) {
+        self.script().latency = latency;
+    }
+
+    /// Delay applied to every refresh-token call before the token is checked.
+    pub fn set_refresh_delay(&self, delay: Duration) {
+        self.script().refresh_delay = delay;
+    }
+
+    /// Keeps at most `limit` requests for [`Provider::recorded`] (counting goes on regardless).
+    pub fn set_record_limit(&self, limit: usize) {
+        self.script().record_limit = limit;
+    }
+
+    /// Registers and returns a fresh, valid, unused refresh token `rt-<m>`.
+    pub fn issue_refresh_token(&self) -> String {
+        let token = next_refresh_token();
+        self.script().refresh_tokens.insert(token.clone(), false);
+        token
+    }
+
+    /// Makes this provider's API endpoint accept the access tokens `issuer` issues, as an API
+    /// host accepts the login host's tokens: from now on both use `issuer`'s issued-token set
+    /// (tokens this provider issued before are forgotten).
+    pub fn accept_tokens_of(&self, issuer: &Provider) {
+        let issued = issuer.script().issued.clone();
+        self.script().issued = issued;
+    }
+
+    fn script(&self) -> MutexGuard<'_, Script> {
+        lock(&self.state.script)
+    }
+}
+
+/// Inspection: what the provider went through.
+impl Provider {
+    /// POSTs received on any path ending in `/token` (including rejected and refresh calls).
+    pub fn token_calls(&self) -> usize {
+        count(&self.counts.calls)
+    }
+
+    /// Every request received (counted when its head arrives).
+    pub fn requests(&self) -> usize {
+        count(&self.counts.requests)
+    }
+
+    /// Token calls the rate limit answered with 429.
+    pub fn throttled(&self) -> usize {
+        count(&self.counts.throttled)
+    }
+
+    /// Highest number of token calls (including refresh calls) in progress at once.
+    pub fn max_concurrent_token_calls(&self) -> usize {
+        count(&self.counts.most_in_progress)
+    }
+
+    /// The requests received, in arrival order (each appended once its body has been read).
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.script().recorded.clone()
+    }
+}
+
+fn count(counter: &AtomicU64) -> usize {
+    usize::try_from(counter.load(Ordering::SeqCst)).unwrap_or(usize::MAX)
+}
+
+/// Serving: the answers, for [`Provider::serve_connection`] or a layer of one's own.
+impl Provider {
+    /// Answers one request: a token call, the API endpoint, or 404. `Err` asks the server to
+    /// close the connection without an answer ([`Answer::Drop`], [`Answer::Hang`], a body that
+    /// could not be read or was over 1 MiB).
+    pub async fn answer(&self, request: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
+        self.arrived();
+        if request.method() == Method::POST && request.uri().path().ends_with("/token") {
+            return self.token_call(request).await;
+        }
+        let (parts, body) = request.into_parts();
+        let body = read(body).await?;
+        self.record(&parts, body);
+        if parts.method == Method::GET && parts.uri.path().ends_with("/api/v2/users/me") {
+            return Ok(self.users_me(&parts.headers));
+        }
+        Ok(json(
+            StatusCode::NOT_FOUND,
+            r#"{"error":"not_found","message":"try POST /oauth/token or GET /api/v2/users/me"}"#,
+        ))
+    }
+
+    /// Counts a request whose head has arrived; for a layer that answers some paths itself.
+    pub fn arrived(&self) {
+        self.counts.requests.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Records a request, if the record limit allows; for a layer that answers some paths itself.
+    pub fn record(&self, parts: &request::Parts, body: Bytes) {
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+        let mut script = self.script();
+        if script.recorded.len() < script.record_limit {
+            script.recorded.push(Recorded {
+                method: parts.method.clone(),
+                path_and_query,
+                headers: parts.headers.clone(),
+                body,
+            });
+        }
+    }
+
+    /// A token call, step by step as a real provider takes it.
+    async fn token_call(&self, request: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
+        self.counts.calls.fetch_add(1, Ordering::SeqCst);
+        let _in_progress = InProgress::enter(&self.counts);
+        let (parts, body) = request.into_parts();
+        let body = read(body).await?;
+        self.record(&parts, body.clone());
+        let form = parse_form(&body);
+        let latency = self.script().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        if self.over_rate_limit() {
+            return Ok(throttled());
+        }
+        if !self.client_ok(&parts.headers, &form) {
+            let mut response = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"provider\""),
+            );
+            return Ok(response);
+        }
+        if form_get(&form, "grant_type") == Some("refresh_token") {
+            return Ok(self.refresh(&form).await);
+        }
+        let answer = {
+            let mut script = self.script();
+            script
+                .queue
+                .pop_front()
+                .unwrap_or_else(|| script.default.clone())
+        };
+        self.scripted(answer, &form).await
+    }
+
+    /// Counts a call against the rate limit; true if it is over.
+    fn over_rate_limit(&self) -> bool {
+        let second = self.state.epoch.elapsed().as_secs();
+        let mut script = self.script();
+        let Some(limit) = script.rate_limit else {
+            return false;
+        };
+        if script.window.0 != second {
+            script.window = (second, 0);
+        }
+        script.window.1 += 1;
+        let over = script.window.1 > limit;
+        if over {
+            self.counts.throttled.fetch_add(1, Ordering::SeqCst);
+        }
+        over
+    }
+
+    /// Whether the call authenticates as a configured client (always, when none is configured).
+    /// An `Authorization` header wins over form parameters.
+    fn client_ok(&self, headers: &HeaderMap, form: &[(String, String)]) -> bool {
+        let clients = self.script().clients.clone();
+        if clients.is_empty() {
+            return true;
+        }
+        let presented = match headers.get(header::AUTHORIZATION) {
+            Some(value) => parse_basic(value),
+            None => form_get(form, "client_id").map(|id| {
+                let secret = form_get(form, "client_secret").unwrap_or_default();
+                (id.to_owned(), secret.to_owned())
+            }),
+        };
+        presented.is_some_and(|(id, secret)| clients.iter().any(|(i, s)| *i == id && *s == secret))
+    }
+
+    async fn scripted(
+        &self,
+        answer: Answer,
+        form: &[(String, String)],
+    ) -> io::Result<Response<Full<Bytes>>> {
+        match answer {
+            Answer::Token { expires_in, delay } => {
+                tokio::time::sleep(delay).await;
+                let mut body = serde_json::json!({
+                    "access_token": self.issue_access_token(),
+                    "token_type": "bearer",
+                    "expires_in": expires_in,
+                });
+                if let Some(scope) = form_get(form, "scope") {
+                    body["scope"] = serde_json::Value::from(scope);
+                }
+                let mut response = json(StatusCode::OK, body.to_string());
+                response.extensions_mut().insert(Issued);
+                Ok(response)
+            }
+            Answer::Json(body) => Ok(json(StatusCode::OK, body)),
+            Answer::Status {
+                status,
+                retry_after,
+                body,
+                delay,
+            } => {
+                tokio::time::sleep(delay).await;
+                let status = StatusCode::from_u16(status).expect("Answer::Status: invalid status");
+                let mut response = json(status, body);
+                if let Some(value) = retry_after {
+                    let value =
+                        HeaderValue::from_str(&value).expect("Answer::Status: invalid Retry-After");
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                Ok(response)
+            }
+            Answer::Garbage => Ok(json(
+                StatusCode::OK,
+                "<html>this is not json {\"access_token\":",
+            )),
+            Answer::Drop => Err(hang_up()),
+            Answer::Hang => {
+                tokio::time::sleep(HANG).await;
+                Err(hang_up())
+            }
+        }
+    }
+
+    /// A refresh grant: a registered, unused refresh token is spent for an access token and a
+    /// new refresh token; anything else is `invalid_grant`.
+    async fn refresh(&self, form: &[(String, String)]) -> Response<Full<Bytes>> {
+        let delay = self.script().refresh_delay;
+        tokio::time::sleep(delay).await;
+        let presented = form_get(form, "refresh_token").unwrap_or_default();
+        let rotated = {
+            let mut script = self.script();
+            match script.refresh_tokens.get_mut(presented) {
+                Some(used) if !*used => {
+                    *used = true;
+                    let next = next_refresh_token();
+                    script.refresh_tokens.insert(next.clone(), false);
+                    Some(next)
+                }
+                _ => None,
+            }
+        };
+        let Some(refresh_token) = rotated else {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+        };
+        let body = serde_json::json!({
+            "access_token": self.issue_access_token(),
+            "token_type": "bearer",
+            "expires_in": REFRESHED_LIFETIME,
+            "refresh_token": refresh_token,
+        });
+        json(StatusCode::OK, body.to_string())
+    }
+
+    /// A fresh `tok-<n>` access token, remembered for the API endpoint.
+    fn issue_access_token(&self) -> String {
+        let token = format!("tok-{}", NEXT_TOKEN.fetch_add(1, Ordering::SeqCst));
+        self.counts.issued.fetch_add(1, Ordering::SeqCst);
+        // The set's handle first: the two locks are never held together.
+        let issued = self.script().issued.clone();
+        let mut issued = lock(&issued);
+        if issued.len() >= MAX_ISSUED {
+            issued.clear();
+        }
+        issued.insert(token.clone());
+        token
+    }
+
+    /// The API endpoint: 200 with a fake user for `Authorization: Bearer <an issued token>`, else
+    /// a 401 in Genesys Cloud's error shape.
+    fn users_me(&self, headers: &HeaderMap) -> Response<Full<Bytes>> {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        let issued = self.script().issued.clone();
+        if bearer.is_some_and(|token| lock(&issued).contains(token)) {
+            let body =
+                serde_json::json!({"id": "fake-user", "name": "Fake User", "state": "active"});
+            json(StatusCode::OK, body.to_string())
+        } else {
+            let body = serde_json::json!({"message": "bad token", "code": "bad.credentials", "status": 401});
+            json(StatusCode::UNAUTHORIZED, body.to_string())
+        }
+    }
+}
+
+fn next_refresh_token() -> String {
+    format!("rt-{}", NEXT_REFRESH.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A request body, whole, up to [`MAX_BODY`].
+async fn read(body: Incoming) -> io::Result<Bytes> {
+    Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(io::Error::other)
+}
+
+/// The error that makes hyper close the connection without a response.
+fn hang_up() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "provider: closing the connection without an answer",
+    )
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
     response
 }
 
-async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (request.method(), request.uri().path()) {
-        (&Method::POST, "/oauth/token") => token(state, request).await,
-        (&Method::GET, "/api/v2/users/me") => me(state, &request),
-        _ => json(
-            StatusCode::NOT_FOUND,
-            r#"{"error":"not_found","message":"try POST /oauth/token or GET /api/v2/users/me"}"#
-                .into(),
-        ),
-    }
+fn oauth_error(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({ "error": error }).to_string())
 }
 
-/// `POST /oauth/token`: throttled first, like a real provider, then the credentials are checked.
-async fn token(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let counts = &state.counts;
-    counts.calls.fetch_add(1, Ordering::Relaxed);
-    let basic = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = match request.into_body().collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                r#"{"error":"invalid_request"}"#.into(),
-            );
-        }
-    };
-    tokio::time::sleep(state.behaviour.latency).await;
-    let second = state.epoch.elapsed().as_secs();
-    let allowed = {
-        let mut window = state.window.lock().expect("window lock");
-        if window.0 != second {
-            *window = (second, 0);
-        }
-        window.1 += 1;
-        window.1 <= state.behaviour.calls_per_second
-    };
-    if !allowed {
-        counts.throttled.fetch_add(1, Ordering::Relaxed);
-        let mut response = json(
-            StatusCode::TOO_MANY_REQUESTS,
-            r#"{"error":"temporarily_unavailable","error_description":"rate limit exceeded"}"#
-                .into(),
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return response;
-    }
-    if !authenticated(basic.as_deref(), &body) {
-        return json(
-            StatusCode::UNAUTHORIZED,
-            r#"{"error":"invalid_client"}"#.into(),
-        );
-    }
-    let n = counts.issued.fetch_add(1, Ordering::Relaxed) + 1;
-    let access_token = format!("demo-token-{n}-{:08x}", rand::random::<u32>());
-    {
-        let mut tokens = state.tokens.lock().expect("tokens lock");
-        if tokens.len() >= MAX_ISSUED {
-            tokens.clear();
-        }
-        tokens.insert(access_token.clone());
-    }
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "access_token": access_token,
-            "token_type": "bearer",
-            "expires_in": state.behaviour.lifetime.as_secs(),
-        })
-        .to_string(),
-    )
+/// The rate limit's answer: 429, `Retry-After: 1`.
+fn throttled() -> Response<Full<Bytes>> {
+    let mut response = json(
+        StatusCode::TOO_MANY_REQUESTS,
+        r#"{"error":"temporarily_unavailable","error_description":"rate limit exceeded"}"#,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
-/// The demo client, by HTTP Basic or in the form.
-fn authenticated(basic: Option<&str>, body: &[u8]) -> bool {
-    use base64::Engine as _;
-    let form: Vec<(String, String)> = form_pairs(body);
-    let field = |name: &str| {
-        form.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    if field("grant_type") != Some("client_credentials") {
-        return false;
+/// Decodes `Basic base64(form_encode(id) ":" form_encode(secret))` (RFC 6749 §2.3.1).
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let (scheme, rest) = value.to_str().ok()?.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
     }
-    if let Some(encoded) = basic.and_then(|v| v.strip_prefix("Basic ")) {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .unwrap_or_default();
-        return decoded == format!("{CLIENT_ID}:{CLIENT_SECRET}").as_bytes();
-    }
-    field("client_id") == Some(CLIENT_ID) && field("client_secret") == Some(CLIENT_SECRET)
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((form_decode(id), form_decode(secret)))
 }
 
-fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(&s.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-    };
+/// An `application/x-www-form-urlencoded` body as ordered pairs.
+fn parse_form(body: &[u8]) -> Vec<(String, String)> {
     String::from_utf8_lossy(body)
         .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (form_decode(k), form_decode(v))
+        })
         .collect()
 }
 
-/// `GET /api/v2/users/me`: 200 for a token this provider issued, 401 otherwise.
-fn me(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let known = token.is_some_and(|t| state.tokens.lock().expect("tokens lock").contains(t));
-    if known {
-        json(
-            StatusCode::OK,
-            r#"{"id":"demo-user","name":"Demo User","via":"the demo provider"}"#.into(),
-        )
-    } else {
-        json(
-            StatusCode::UNAUTHORIZED,
-            r#"{"error":"invalid_token"}"#.into(),
-        )
+fn form_get<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// `application/x-www-form-urlencoded` decoding of one name or value (`+` is a space).
+fn form_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_and_basic_credentials_are_decoded_as_rfc_6749_says() {
+        let form = parse_form(b"grant_type=client_credentials&client_id=a%3Ab&scope=x+y&flag&");
+        assert_eq!(form_get(&form, "client_id"), Some("a:b"));
+        assert_eq!(form_get(&form, "scope"), Some("x y"));
+        assert_eq!(form_get(&form, "flag"), Some(""));
+        assert_eq!(form_get(&form, "missing"), None);
+        // base64("svc%3Aa:s3+cr%2Bt") in either case of the scheme.
+        let encoded = base64::engine::general_purpose::STANDARD.encode("svc%3Aa:s3+cr%2Bt");
+        for scheme in ["Basic", "basic"] {
+            let value = HeaderValue::from_str(&format!("{scheme} {encoded}")).unwrap();
+            let expected = ("svc:a".to_owned(), "s3 cr+t".to_owned());
+            assert_eq!(parse_basic(&value), Some(expected));
+        }
+        assert_eq!(parse_basic(&HeaderValue::from_static("Bearer x")), None);
     }
 }

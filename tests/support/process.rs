@@ -1,5 +1,5 @@
-//! The real binary as a child process: started with a free loopback port, drained stderr,
-//! bounded waits, and stopped by its pid.
+//! Child processes: the real binary, started with a free loopback port, drained stderr, bounded
+//! waits, and stopped by its pid; and this test binary itself, for a test that must run alone.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -167,4 +167,36 @@ impl Running {
     pub fn wait(self) -> (i32, String) {
         self.process.wait(Duration::from_secs(30))
     }
+}
+
+/// Set in a child of this test binary to the one test it runs (see [`alone`]).
+const ALONE: &str = "TOKEN_SIDECAR_TEST_ALONE";
+
+/// For a test that measures this process (its memory) and so must not share it with the tests
+/// running beside it in this binary: runs the test named `test` (`module::function`) alone in a
+/// fresh child of this test binary. Returns true in that child, where the test goes on; in the
+/// calling test it waits (bounded) for the child, fails as it failed, and returns false.
+pub async fn alone(test: &str) -> bool {
+    if std::env::var_os(ALONE).is_some_and(|running| running == test) {
+        return true;
+    }
+    let binary = std::env::current_exe().expect("the test binary's path");
+    let child = tokio::process::Command::new(binary)
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, test)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(180), child)
+        .await
+        .unwrap_or_else(|_| panic!("{test} did not finish alone within 180 s"))
+        .expect("run the test binary");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{test}, alone:\n{stdout}\n{stderr}"
+    );
+    false
 }

@@ -132,11 +132,6 @@ impl Sidecar {
             let _ = stop.send(());
         }
     }
-
-    /// Takes the `run` task, to await it separately.
-    pub fn take_task(&mut self) -> JoinHandle<Result<(), String>> {
-        self.task.take().expect("task already taken")
-    }
 }
 
 impl Drop for Sidecar {
