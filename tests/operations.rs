@@ -7,6 +7,7 @@ use http::Request;
 use http_body_util::Full;
 use std::time::{Duration, Instant};
 use support::process::{Running, free_port, run_to_end};
+use support::redis::RedisServer;
 use support::{Answer, FakeProvider, Fixture, client, post_form, send};
 
 async fn get(url: &str) -> support::Reply {
@@ -631,8 +632,9 @@ fn an_unreadable_tls_file_is_reported_before_binding() {
 }
 
 /// The config files users start from as shipped: the one the Dockerfile copies into the image,
-/// and every ConfigMap's `token-sidecar.toml` under config/kubernetes/ (found by walking the
-/// YAML, so a new manifest is covered by being added).
+/// and the `token-sidecar.toml` of the ConfigMap that `kubectl kustomize` renders from each
+/// kustomization under config/kubernetes/ (found by walking the directory, so a new overlay is
+/// covered by being added). A file that several render alike is kept once, named after each.
 fn shipped_config_files() -> Vec<(String, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
@@ -645,17 +647,19 @@ fn shipped_config_files() -> Vec<(String, String)> {
         format!("Dockerfile: config/{copied}"),
         std::fs::read_to_string(root.join("config").join(copied)).unwrap(),
     )];
-    let mut dirs = vec![root.join("config/kubernetes")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                for (n, toml) in configmap_tomls(&text).into_iter().enumerate() {
-                    files.push((format!("{} (ConfigMap {n})", path.display()), toml));
-                }
+    for dir in kustomizations(&root.join("config/kubernetes")) {
+        let name = dir.strip_prefix(root).unwrap().display().to_string();
+        let yaml = kustomize(&dir);
+        let tomls = configmap_tomls(&yaml);
+        assert_eq!(
+            tomls.len(),
+            1,
+            "{name}: want one ConfigMap with token-sidecar.toml in `kubectl kustomize` output:\n{yaml}"
+        );
+        for toml in tomls {
+            match files.iter_mut().skip(1).find(|(_, known)| *known == toml) {
+                Some((names, _)) => *names = format!("{names}, {name}"),
+                None => files.push((name.clone(), toml)),
             }
         }
     }
@@ -663,12 +667,56 @@ fn shipped_config_files() -> Vec<(String, String)> {
     files
 }
 
-/// The block scalars keyed `token-sidecar.toml: |` in a YAML text, de-indented.
+/// Every directory under `dir` with a kustomization.yaml that is not a component (a component
+/// renders only as part of a kustomization that adds it), sorted.
+fn kustomizations(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if !text.lines().any(|l| l.trim() == "kind: Component") {
+                    found.push(dir.clone());
+                }
+            }
+        }
+    }
+    found.sort();
+    assert!(
+        !found.is_empty(),
+        "no kustomization under {}",
+        dir.display()
+    );
+    found
+}
+
+/// What `kubectl kustomize DIR` renders (kubectl is on every machine this project runs on; a
+/// machine without it fails here, saying so).
+fn kustomize(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubectl ({e}): it renders config/kubernetes/"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {stderr}",
+        dir.display()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The block scalars keyed `token-sidecar.toml: |` (or `|-`) in a YAML text, de-indented.
 fn configmap_tomls(yaml: &str) -> Vec<String> {
     let lines: Vec<&str> = yaml.lines().collect();
     let mut found = Vec::new();
     for (i, line) in lines.iter().enumerate() {
-        if line.trim() != "token-sidecar.toml: |" {
+        if !["token-sidecar.toml: |", "token-sidecar.toml: |-"].contains(&line.trim()) {
             continue;
         }
         let key_indent = line.len() - line.trim_start().len();
@@ -691,13 +739,24 @@ fn configmap_tomls(yaml: &str) -> Vec<String> {
 
 /// Issue: the image and the manifests set `token_paths`, which the Genesys preset refused, so
 /// `-e TOKEN_SIDECAR_GENESYS_REGION=…` exited 64. Every shipped config file must start with
-/// either way of naming the provider, and serve a token.
+/// either way of naming the provider, and serve a token. A config with a `[shared]` table
+/// (overlays/fleet) starts against a real redis-server on loopback, with its Redis URL and key
+/// file replaced through the environment (which wins over the file), and must put the token in
+/// Redis: the table is live, not just accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shipped_config_file_starts_with_an_upstream_or_a_genesys_region() {
     let idp = FakeProvider::start().await;
     let dir = std::env::temp_dir().join(format!("ts-shipped-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("fleet.key");
+    std::fs::write(
+        &key_file,
+        "a fleet secret for this test only, 32 bytes or more",
+    )
+    .unwrap();
+    let key_file = key_file.to_str().unwrap().to_owned();
     for (n, (name, toml)) in shipped_config_files().into_iter().enumerate() {
+        let shared = toml.lines().any(|l| l.trim() == "[shared]");
         let file = dir.join(format!("{n}.toml"));
         std::fs::write(&file, &toml).unwrap();
         let config = file.to_str().unwrap().to_owned();
@@ -715,6 +774,13 @@ async fn every_shipped_config_file_starts_with_an_upstream_or_a_genesys_region()
         ];
         for (way, mut env) in ways {
             env.push(("TOKEN_SIDECAR_CONFIG", &config));
+            // A fresh, empty Redis for each start of a [shared] config.
+            let redis = shared.then(RedisServer::start);
+            let redis_url = redis.as_ref().map(RedisServer::url).unwrap_or_default();
+            if shared {
+                env.push(("TOKEN_SIDECAR_SHARED_REDIS", &redis_url));
+                env.push(("TOKEN_SIDECAR_SHARED_KEY_FILE", &key_file));
+            }
             let mut sidecar = Running::start_bare(&[], &env);
             let deadline = Instant::now() + Duration::from_secs(10);
             while std::net::TcpStream::connect(("127.0.0.1", sidecar.admin)).is_err() {
@@ -743,9 +809,21 @@ async fn every_shipped_config_file_starts_with_an_upstream_or_a_genesys_region()
                 reply.json()["access_token"].is_string(),
                 "{name} with {way}"
             );
+            if let Some(redis) = &redis {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while redis.dump().is_empty() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{name} with {way}: [shared] is on, but nothing reached Redis"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             sidecar.terminate();
             let (code, stderr) = sidecar.wait();
             assert_eq!(code, 0, "{name} with {way}: {stderr}");
+            let fleet = if shared { ", fleet tier on" } else { "" };
+            println!("{name}: serves a token with {way}{fleet}");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
