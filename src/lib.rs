@@ -9,15 +9,16 @@
 //! - [`demo`]: `token-sidecar demo`, a built-in throttling provider and the story it tells;
 //! - [`app`]: building the parts before any port is bound, serving, draining; startup errors;
 //! - [`server`]: accept loops, connection limits, graceful drain;
-//! - [`router`]: dispatch by path prefix to a route, then between its token path and forwarding;
+//! - [`router`]: dispatch by path prefix to a route, then between its token path and forwarding,
+//!   on the path's normal form ([`path`]);
 //! - [`token`]: the token path (parsing and keys, cache, single flight, cool-downs, rendering);
 //! - [`fleet`]: the optional fleet tier on Redis/Valkey (shared tokens, flights, cool-downs;
 //!   configured by the `[shared]` table);
 //! - [`forward`]: streaming pass-through proxying, upgrades included;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
 //!   pooling, the token exchange), shared by the two above;
-//! - [`admin`]: liveness, readiness, metrics and `/status` endpoints (the `status`
-//!   subcommand that prints `/status` is [`cli::status`]);
+//! - [`admin`]: liveness, readiness, metrics and `/status` endpoints; [`status`]: the `/status`
+//!   document's types, which the token path fills and [`cli::status`] prints;
 //! - [`metrics`], [`telemetry`]: observability, free of secrets;
 //! - [`error`], [`body`]: the request path's error type and its responses, the one body type.
 #![forbid(unsafe_code)]
