@@ -556,3 +556,35 @@ async fn connections_past_the_cap_wait_while_every_one_is_busy() {
         assert!(held.await.unwrap().starts_with("HTTP/1.1 200"));
     }
 }
+
+/// Issue: twelve cold keys of one client at once (12 scopes), a provider allowing 5 calls a
+/// second and answering 429 `Retry-After: 1` past that. The hold was checked before a flight
+/// waited for its client's turn and never again, so every queued key called when its turn came:
+/// 9 × 429, 6 of them inside the hold. Each flight now checks the hold after its last wait, so a
+/// 429 is followed by a second without calls, and the callers wait it out (`absorb_hold`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_reaches_the_provider_while_the_client_is_held() {
+    let idp = FakeProvider::start().await;
+    idp.set_rate_limit(5);
+    let sidecar = support::process::Running::start(&idp.url(), &[]);
+    sidecar.wait_ready().await;
+    let http = client();
+    let url = format!("{}/oauth/token", sidecar.url());
+    let forms: Vec<String> = (0..12).map(|n| format!("{FORM}&scope=scope-{n}")).collect();
+    let replies =
+        futures_util::future::join_all(forms.iter().map(|form| post_form(&http, &url, form, None)))
+            .await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Each 429 is followed by a second without calls, so the provider's window opens again
+    // before the next: at most one 429 per 5 tokens issued, rounded up.
+    assert!(
+        idp.throttled() <= 3,
+        "{} calls answered 429 (before: 9)",
+        idp.throttled()
+    );
+    assert_eq!(idp.token_calls(), 12 + idp.throttled());
+    eprintln!("12 cold keys: {} × 429 from the provider", idp.throttled());
+    sidecar.terminate();
+    assert_eq!(sidecar.wait().0, 0);
+}

@@ -108,14 +108,26 @@ enum Next {
     /// A hold that fits in what is left of `absorb_hold` and before the deadline: wait it out,
     /// then play another round.
     WaitOut(Duration),
-    /// The fleet has the client on hold, now armed here too: the next round decides on it as on
-    /// any other hold.
+    /// The fleet has the client on hold, now armed here too, or a hold started while the flight
+    /// waited for its turn or the route's limits: the next round decides on it as on any other.
     Recheck,
     /// The flight is over and the callers get this: the call's answer, or the fleet's token.
     Land(FlightResult),
     /// No call within the callers' patience: a hold, the client's turn or the route's limits are
     /// too far off, and the callers get this refusal (a 429 with its `Retry-After`).
     GiveUp(Error),
+}
+
+/// How one attempt at a call went.
+enum Attempt {
+    /// The provider answered (or could not be reached): what the callers would get, and the hold
+    /// the answer started.
+    Answered(FlightResult, Option<Duration>),
+    /// The route's limits held the call back past what the callers can wait: their refusal.
+    HeldBack(Error),
+    /// A hold of the client started while the flight waited for its turn or its place under the
+    /// limits: no call was made.
+    OnHold(Cooling),
 }
 
 /// What a flight that reached the provider reports: the metric label, the hold it started, and
@@ -326,8 +338,15 @@ impl Flights {
             Err(refusal) => return self.give_up(course, lease, refusal).await,
         };
         match self.attempt(course, slot).await {
-            Ok((answer, hold)) => self.after_call(course, lease, answer, hold).await,
-            Err(refusal) => self.give_up(course, lease, refusal).await,
+            Attempt::Answered(answer, hold) => self.after_call(course, lease, answer, hold).await,
+            Attempt::HeldBack(refusal) => self.give_up(course, lease, refusal).await,
+            Attempt::OnHold(hold) => {
+                // Free the fleet's lock for the pod that will call once the hold is over.
+                let held = FlightResult::Failed(refusal(hold.left, hold.by));
+                self.tell_fleet(course.flight.fleet.as_ref(), lease, &held, None)
+                    .await;
+                Next::Recheck
+            }
         }
     }
 
@@ -480,14 +499,10 @@ impl Flights {
             && Instant::now() + left + self.upstream.request_timeout <= deadline
     }
 
-    /// One call through the route's limits, in the client's turn (`slot`, for an unproven key):
-    /// what the callers would get and the hold it started, or the refusal when the limits held
-    /// the call back and the provider never saw it.
-    async fn attempt(
-        &self,
-        course: &Course,
-        mut slot: Option<ProbeSlot<'_>>,
-    ) -> Result<(FlightResult, Option<Duration>), Error> {
+    /// One call through the route's limits, in the client's turn (`slot`, for an unproven key).
+    /// The hold is checked once more after the last wait, just before the call: while a client
+    /// is held, none of its flights reaches the provider.
+    async fn attempt(&self, course: &Course, mut slot: Option<ProbeSlot<'_>>) -> Attempt {
         // Queue behind the route's limits only as long as the call could still finish before
         // the callers' deadline; past that, tell them honestly when to come back.
         let max_queue = self
@@ -495,13 +510,18 @@ impl Flights {
             .wait_timeout
             .saturating_sub(self.upstream.request_timeout);
         let flight = &course.flight;
-        let (answer, call) = match self.limiter.admit(max_queue).await {
+        let permit = match self.limiter.admit(max_queue).await {
             Err(held) => {
                 warn!(route = %self.route, retry_after_s = ceil_secs(held.retry_after).max(1), "upstream token call held back by the route's limits");
-                return Err(refusal(held.retry_after, HeldBy::OwnLimit));
+                return Attempt::HeldBack(refusal(held.retry_after, HeldBy::OwnLimit));
             }
-            Ok(_permit) => self.call(flight).await,
+            Ok(permit) => permit,
         };
+        if let Some(hold) = self.cooling(&flight.client, flight.proven, Instant::now()) {
+            return Attempt::OnHold(hold);
+        }
+        let (answer, call) = self.call(flight).await;
+        drop(permit);
         self.log(&flight.client, &call, flight.landing.waiters());
         // Failures and throttling arm holds of their own; the pause is for rejected secrets.
         let rejected =
@@ -509,7 +529,7 @@ impl Flights {
         if let (Some(slot), true) = (slot.as_mut(), rejected) {
             slot.rejected();
         }
-        Ok((answer, call.hold))
+        Attempt::Answered(answer, call.hold)
     }
 
     /// Makes the call the limiter admitted and classifies its answer.
@@ -1068,6 +1088,32 @@ mod tests {
             course.absorbed
         );
         assert_eq!(bench.calls(), 1);
+    }
+
+    /// Issue: a hold checked only before the wait for the client's turn let every queued cold
+    /// key call when its turn came, inside the hold (6 of 9 429s). The hold is checked again
+    /// after the wait, just before the call.
+    #[tokio::test]
+    async fn a_hold_that_starts_while_a_flight_waits_for_its_turn_stops_its_call() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        let client = ClientKey::of(CLIENT_ID);
+        let in_progress = bench.flights.probes.claim(&client, Instant::now()).unwrap();
+        let mut course = bench.course(CLIENT_SECRET, false);
+        let (next, ()) = tokio::join!(bench.flights.round(&mut course), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The call in progress is answered 429 with Retry-After: 2 as its turn ends.
+            bench.hold(CLIENT_ID, secs(2));
+            drop(in_progress);
+        });
+        assert!(matches!(next, Next::Recheck), "{next:?}");
+        assert_eq!(bench.calls(), 0, "no call inside the hold");
+        // The next round waits the hold out (it fits in absorb_hold) rather than calling.
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::WaitOut(left) if left <= secs(2)),
+            "{next:?}"
+        );
+        assert_eq!(bench.calls(), 0);
     }
 
     #[tokio::test(start_paused = true)]
