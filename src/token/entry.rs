@@ -34,6 +34,9 @@ pub(crate) enum FlightResult {
     Failed(Error),
 }
 
+/// How often a first call checks whether its callers have all left (see [`Landing::deserted`]).
+const DESERTED_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The channel on which a flight publishes its outcome; `None` until it lands.
 pub(crate) type FlightRx = watch::Receiver<Option<FlightResult>>;
 type FlightTx = watch::Sender<Option<FlightResult>>;
@@ -346,6 +349,14 @@ impl Landing {
         self.tx
             .as_ref()
             .map_or(0, |tx| tx.receiver_count().saturating_sub(1))
+    }
+
+    /// Completes once no caller waits for this flight. Polled every [`DESERTED_POLL`]: the
+    /// entry keeps a receiver of its own, so the channel never reports itself closed.
+    pub(crate) async fn deserted(&self) {
+        while self.waiters() > 0 {
+            tokio::time::sleep(DESERTED_POLL).await;
+        }
     }
 
     /// Lands `shared` (see [`EntryState::land`]), then publishes it; returns how many callers

@@ -533,14 +533,35 @@ impl Flights {
     }
 
     /// Makes the call the limiter admitted and classifies its answer.
+    ///
+    /// The first call of a key that never had a token is abandoned once every caller has left:
+    /// no one would get its answer, and its slot in the cache is free at once (a flood of new
+    /// keys whose callers hang up cannot hold the table for the request timeout).
     async fn call(&self, flight: &Flight) -> (FlightResult, Call) {
         let (grant, client, proven) = (flight.grant, &flight.client, flight.proven);
         let (parts, body) = (head(&flight.parts), flight.body.clone());
         self.metrics.upstream_in_flight.inc();
         let sent = Instant::now();
-        let answer = self.upstream.exchange(parts, body, self.max_response).await;
+        let exchange = self.upstream.exchange(parts, body, self.max_response);
+        let answer = match proven {
+            true => Some(exchange.await),
+            false => tokio::select! {
+                answer = exchange => Some(answer),
+                () = flight.landing.deserted() => None,
+            },
+        };
         let latency = sent.elapsed();
         self.metrics.upstream_in_flight.dec();
+        let Some(answer) = answer else {
+            // Dropping the exchange dropped its connection to the provider. No hold: the
+            // provider did nothing wrong. The result lands for no one.
+            let call = Call {
+                label: "abandoned".to_owned(),
+                hold: None,
+                latency,
+            };
+            return (FlightResult::Failed(Error::WaitTimeout), call);
+        };
         let now = Instant::now();
         let (shared, label, hold) = match answer {
             Ok(reply) => {
