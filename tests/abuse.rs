@@ -522,3 +522,71 @@ fn futures_channel_body() -> (tokio::sync::mpsc::Sender<bytes::Bytes>, EndlessBo
         http_body_util::StreamBody::new(futures_util::StreamExt::boxed(stream)),
     )
 }
+
+/// Issue: while a flood of strangers' first calls goes on (their callers keep waiting), a new key
+/// of a client that has a proven key is still admitted: the last eighth of the table is for new
+/// keys of proven clients, and strangers' new keys are refused before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_flood_a_proven_clients_new_key_is_still_admitted() {
+    let idp = FakeProvider::start().await;
+    let dir = std::env::temp_dir().join(format!(
+        "ts-reserve-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("reserve.toml");
+    std::fs::write(
+        &file,
+        "[token]\nmax_entries = 80\nmax_concurrent_calls = 200\n[client]\nrequest_timeout = \"30s\"\n",
+    )
+    .unwrap();
+    let sidecar = Running::start_args(&idp.url(), &["--config", file.to_str().unwrap()], &[]);
+    sidecar.wait_ready().await;
+    let url = format!("{}/oauth/token", sidecar.url());
+    let owner = |scope: &str| {
+        format!("grant_type=client_credentials&client_id=owner&client_secret=right&scope={scope}")
+    };
+    assert_eq!(
+        post_form(&client(), &url, &owner("a"), None).await.status,
+        200
+    );
+    idp.set_default(Answer::Hang);
+    // 100 strangers' first calls whose callers wait (up to 20 s): more than the table holds.
+    let flooding = tokio::spawn({
+        let url = url.clone();
+        async move { flood(&url, 100, 100, Duration::from_secs(20)).await }
+    });
+    let mut entries = 0;
+    for _ in 0..100 {
+        entries = gauge(&metrics(&sidecar).await, "token_sidecar_cache_entries{");
+        if entries >= 70 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(entries, 70, "strangers fill all but the last eighth of 80");
+    let stranger = "grant_type=client_credentials&client_id=stranger&client_secret=x";
+    let refused = post_form(&client(), &url, stranger, None).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    // Every admitted stranger's call has reached the provider (and hangs there), so the next
+    // call the provider sees is the owner's.
+    for _ in 0..100 {
+        if idp.token_calls() >= 70 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        idp.token_calls(),
+        70,
+        "the owner's first key and 69 strangers"
+    );
+    idp.push(Answer::token(3600));
+    let admitted = post_form(&client(), &url, &owner("b"), None).await;
+    assert_eq!(admitted.status, 200, "{}", admitted.text());
+    flooding.abort();
+    sidecar.terminate();
+    let _ = sidecar.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -58,6 +58,10 @@ pub(crate) struct Cache {
     /// Keys whose first call is in progress may hold this many slots and still push out a
     /// proven key's token; past it, new keys only take slots with nothing to serve.
     probation: usize,
+    /// Slots only new keys of proven clients may take (`max_entries / 8`): a flood of strangers'
+    /// first calls whose callers keep waiting fills the rest, and a client that has shown valid
+    /// credentials still gets a new key (another scope, another audience) in.
+    reserve: usize,
     /// Tokens kept per key.
     pool_size: usize,
     /// Milliseconds since `epoch` until which the cache is known to be full (see
@@ -100,6 +104,7 @@ impl Cache {
             epoch: Instant::now(),
             max_entries,
             probation: (max_entries / 8).max(1),
+            reserve: max_entries / 8,
             pool_size,
             full_until_ms: AtomicU64::new(0),
         }
@@ -112,17 +117,28 @@ impl Cache {
     /// The map's guard is held while the entry is locked, so an entry cannot leave the map between
     /// the lookup and the decision (a flight started in an evicted entry would be lost to the next
     /// request).
+    ///
+    /// A new key of a client that is not `proven_client()` (asked only when the cache is nearly
+    /// full) finds room only outside the last [`Self::reserve`] slots.
     pub(crate) fn decide(
         &self,
         key: CacheKey,
         now: Instant,
+        proven_client: impl FnOnce() -> bool,
         cooling: impl Fn(bool) -> Option<Cooling>,
     ) -> Result<(Decision, usize), Full> {
         let stamp = self.stamp(now);
         if let Some(entry) = self.entries.get(&key) {
             return Ok((entry.decide(stamp, now, self.pool_size, cooling), 0));
         }
-        let evicted = if self.entries.len() >= self.max_entries {
+        let len = self.entries.len();
+        let strangers = self.max_entries - self.reserve;
+        let room = if len >= strangers && len < self.max_entries && proven_client() {
+            self.max_entries
+        } else {
+            strangers.max(1)
+        };
+        let evicted = if len >= room {
             self.make_room(stamp, now)?
         } else {
             0
@@ -252,7 +268,7 @@ mod tests {
 
     /// Leads a flight for `n` at `at` and lets it die, leaving an entry that may be evicted.
     fn touch(cache: &Cache, n: u8, at: Instant) -> usize {
-        let (decision, evicted) = cache.decide(key(n), at, |_| None).unwrap();
+        let (decision, evicted) = cache.decide(key(n), at, || true, |_| None).unwrap();
         assert!(
             matches!(decision, Decision::Lead { .. }),
             "a cold key leads a flight"
@@ -302,7 +318,7 @@ mod tests {
                     for i in 0..20_000u32 {
                         let k = key(n * 8 + (i % 8) as u8);
                         if let (Decision::Lead { flight, .. }, _) =
-                            cache.decide(k, t0, |_| None).unwrap()
+                            cache.decide(k, t0, || true, |_| None).unwrap()
                         {
                             leads += 1;
                             let held = cache.entries.get(&k).map(|e| e.clone());
@@ -326,7 +342,7 @@ mod tests {
     fn sweep_drops_idle_and_dead_entries_but_not_flights() {
         let cache = Cache::new(100, 1);
         let t0 = Instant::now();
-        let (_flight, _) = cache.decide(key(1), t0, |_| None).unwrap();
+        let (_flight, _) = cache.decide(key(1), t0, || true, |_| None).unwrap();
         touch(&cache, 2, t0);
         let swept = cache.sweep(t0 + Duration::from_secs(1), Duration::from_secs(3600));
         assert_eq!(
@@ -348,7 +364,9 @@ mod tests {
 
     /// Leads a flight for `n` at `at` and lands a token, leaving a key that serves it.
     fn serve(cache: &Cache, n: u8, at: Instant) {
-        let (Decision::Lead { flight, .. }, _) = cache.decide(key(n), at, |_| None).unwrap() else {
+        let (Decision::Lead { flight, .. }, _) =
+            cache.decide(key(n), at, || true, |_| None).unwrap()
+        else {
             panic!("a cold key leads a flight")
         };
         flight.land(
@@ -365,21 +383,30 @@ mod tests {
         let cache = Cache::new(16, 1);
         let t0 = Instant::now();
         let flights: Vec<_> = (0..16u8)
-            .map(|n| cache.decide(key(n), t0, |_| None).unwrap())
+            .map(|n| cache.decide(key(n), t0, || true, |_| None).unwrap())
             .collect();
         let at = t0 + Duration::from_secs(1);
-        assert_eq!(cache.decide(key(100), at, |_| None).err(), Some(Full));
+        assert_eq!(
+            cache.decide(key(100), at, || true, |_| None).err(),
+            Some(Full)
+        );
         assert_eq!(cache.len(), 16);
         // A known key is still answered: it joins its flight.
         assert!(matches!(
-            cache.decide(key(3), at, |_| None).unwrap().0,
+            cache.decide(key(3), at, || true, |_| None).unwrap().0,
             Decision::Join(_)
         ));
         // Refused at once for the memo's period, then room made once flights have ended.
         drop(flights);
-        assert_eq!(cache.decide(key(101), at, |_| None).err(), Some(Full));
+        assert_eq!(
+            cache.decide(key(101), at, || true, |_| None).err(),
+            Some(Full)
+        );
         let later = at + Duration::from_millis(FULL_MEMO_MS);
-        assert_eq!(cache.decide(key(102), later, |_| None).unwrap().1, 1);
+        assert_eq!(
+            cache.decide(key(102), later, || true, |_| None).unwrap().1,
+            1
+        );
         assert_eq!(cache.len(), 16);
     }
 
@@ -391,14 +418,17 @@ mod tests {
             serve(&cache, n, t0);
         }
         // Fill the rest with first calls in progress, up to the probation share (16 / 8 = 2).
-        let _a = cache.decide(key(50), t0, |_| None).unwrap();
-        let _b = cache.decide(key(51), t0, |_| None).unwrap();
+        let _a = cache.decide(key(50), t0, || true, |_| None).unwrap();
+        let _b = cache.decide(key(51), t0, || true, |_| None).unwrap();
         let at = t0 + Duration::from_secs(1);
-        assert_eq!(cache.decide(key(52), at, |_| None).err(), Some(Full));
+        assert_eq!(
+            cache.decide(key(52), at, || true, |_| None).err(),
+            Some(Full)
+        );
         for n in 0..14u8 {
             assert!(
                 matches!(
-                    cache.decide(key(n), at, |_| None).unwrap().0,
+                    cache.decide(key(n), at, || true, |_| None).unwrap().0,
                     Decision::Hit { .. }
                 ),
                 "proven key {n} still served"
@@ -414,7 +444,7 @@ mod tests {
             serve(&cache, n, t0 + Duration::from_millis(u64::from(n)));
         }
         let at = t0 + Duration::from_secs(1);
-        let (decision, evicted) = cache.decide(key(200), at, |_| None).unwrap();
+        let (decision, evicted) = cache.decide(key(200), at, || true, |_| None).unwrap();
         assert!(matches!(decision, Decision::Lead { proven: false, .. }));
         assert_eq!(evicted, 1);
         assert!(

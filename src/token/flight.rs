@@ -191,6 +191,10 @@ pub(crate) struct Flights {
     /// who guess secrets cannot hold the owner back.
     probe_holds: Cooldowns,
     probes: Probes,
+    /// Clients with a key that has had a token, and when one last landed: new keys of theirs may
+    /// use the share of the cache that strangers' first calls cannot fill (see
+    /// [`super::cache::Cache::decide`]). At most `max_entries` clients.
+    proven_clients: dashmap::DashMap<ClientKey, Instant>,
     /// The fleet tier, when it is on.
     fleet: Option<FleetKeys>,
     metrics: RouteMetrics,
@@ -222,6 +226,7 @@ impl Flights {
             holds: Cooldowns::new(route, config.max_entries),
             probe_holds: Cooldowns::new(route, config.max_entries),
             probes: Probes::new(config.probe_interval, config.max_entries),
+            proven_clients: dashmap::DashMap::new(),
             fleet,
             metrics,
             tracker,
@@ -247,6 +252,21 @@ impl Flights {
         }
     }
 
+    /// Whether a key of `client` has had a token (within the idle timeout).
+    pub(crate) fn is_proven_client(&self, client: &ClientKey) -> bool {
+        self.proven_clients.contains_key(client)
+    }
+
+    /// Notes that a key of `client` got a token at `now`; past the cap, only clients already
+    /// noted are refreshed (the sweep makes room).
+    fn prove(&self, client: ClientKey, now: Instant) {
+        if let Some(mut seen) = self.proven_clients.get_mut(&client) {
+            *seen = now;
+        } else if self.proven_clients.len() < self.config.max_entries {
+            self.proven_clients.insert(client, now);
+        }
+    }
+
     /// The fleet tier's keys, when it is on.
     pub(crate) fn fleet(&self) -> Option<&FleetKeys> {
         self.fleet.as_ref()
@@ -258,6 +278,9 @@ impl Flights {
         self.holds.sweep(now, forget_after);
         self.probe_holds.sweep(now, forget_after);
         self.probes.sweep(now);
+        let idle = self.config.idle_timeout;
+        self.proven_clients
+            .retain(|_, seen| now.saturating_duration_since(*seen) < idle);
     }
 
     /// Every client on hold and how long, the longer hold where a client has two.
@@ -420,8 +443,12 @@ impl Flights {
             landing,
             grant,
             fleet,
+            client,
             ..
         } = flight;
+        if matches!(result, FlightResult::Token(_)) {
+            self.prove(client, Instant::now());
+        }
         let committed = result.clone();
         landing.land(result, grant, &self.config, Instant::now(), rand::random());
         self.tell_fleet(fleet.as_ref(), leading, &committed, None)
@@ -727,6 +754,9 @@ mod tests {
         cache: Cache,
         /// The next flight's key: each flight leads in an entry of its own.
         next_key: AtomicU8,
+        /// The callers of the flights made by [`Bench::course_of`], kept waiting as real callers
+        /// do (a first call whose callers all left is abandoned).
+        callers: std::sync::Mutex<Vec<FlightRx>>,
         _stop: DropGuard,
     }
 
@@ -775,6 +805,7 @@ mod tests {
                 flights: Arc::new(flights),
                 cache: Cache::new(token.max_entries, token.pool_size),
                 next_key: AtomicU8::new(0),
+                callers: std::sync::Mutex::default(),
                 _stop: stop.drop_guard(),
             }
         }
@@ -789,7 +820,7 @@ mod tests {
                     ..
                 },
                 _,
-            )) = self.cache.decide(key, Instant::now(), |_| None)
+            )) = self.cache.decide(key, Instant::now(), || true, |_| None)
             else {
                 panic!("a new key leads its flight")
             };
@@ -812,7 +843,8 @@ mod tests {
         }
 
         fn course_of(&self, client_id: &str, secret: &str, proven: bool) -> Course {
-            let (flight, _rx) = self.flight(client_id, secret, proven);
+            let (flight, rx) = self.flight(client_id, secret, proven);
+            self.callers.lock().unwrap().push(rx);
             Course::new(flight, Instant::now() + self.flights.config.wait_timeout)
         }
 
@@ -1135,6 +1167,43 @@ mod tests {
             "{next:?}"
         );
         assert_eq!(bench.calls(), 0);
+    }
+
+    /// A first call whose callers have all left is dropped, its slot freed; a proven key's call
+    /// (a refresh, which has no callers by design) is not.
+    #[tokio::test]
+    async fn a_first_call_whose_callers_all_left_is_abandoned_but_a_refresh_is_not() {
+        let bench = Bench::start(TokenConfig::default(), secs(15), 100).await;
+        bench.provider.set_latency(Duration::from_millis(600));
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, false);
+        let mut course = Course::new(flight, Instant::now() + secs(30));
+        drop(rx);
+        let started = std::time::Instant::now();
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Failed(_))),
+            "{next:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            bench
+                .flights
+                .cooling(&course.flight.client, false, Instant::now())
+                .is_none()
+        );
+
+        let (flight, rx) = bench.flight(CLIENT_ID, CLIENT_SECRET, true);
+        let mut course = Course::new(flight, Instant::now() + secs(30));
+        drop(rx);
+        let next = bench.flights.round(&mut course).await;
+        assert!(
+            matches!(next, Next::Land(FlightResult::Token(_))),
+            "{next:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

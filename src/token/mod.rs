@@ -252,7 +252,8 @@ impl TokenRoute {
                 .cooling(&client(), proven, now)
                 .filter(|hold| hold.left > self.config.absorb_hold)
         };
-        let decision = match self.cache.decide(key, now, cooling) {
+        let proven_client = || self.flights.is_proven_client(&client());
+        let decision = match self.cache.decide(key, now, proven_client, cooling) {
             Ok((decision, evicted)) => {
                 self.metrics.evicted("capacity", evicted);
                 decision
