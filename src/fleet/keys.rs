@@ -84,24 +84,24 @@ impl Entry {
 }
 
 /// Seals `entry` under `key` for the Redis key `name`: format byte, nonce, ciphertext and tag.
-pub fn seal(key: &[u8; 32], name: &str, entry: &Entry) -> Vec<u8> {
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte AES key"));
+/// `None` if the system's random source fails (then nothing is shared, and the pod goes on
+/// alone for this token).
+pub fn seal(key: &[u8; 32], name: &str, entry: &Entry) -> Option<Vec<u8>> {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?);
     let mut nonce = [0u8; NONCE_LEN];
-    SystemRandom::new()
-        .fill(&mut nonce)
-        .expect("the system's random source works");
+    SystemRandom::new().fill(&mut nonce).ok()?;
     let mut data = entry.encode();
     key.seal_in_place_append_tag(
         Nonce::assume_unique_for_key(nonce),
         Aad::from(name.as_bytes()),
         &mut data,
     )
-    .expect("a token is far below AES-GCM's size limit");
+    .ok()?;
     let mut out = Vec::with_capacity(1 + NONCE_LEN + data.len());
     out.push(FORMAT);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&data);
-    out
+    Some(out)
 }
 
 /// Opens a value sealed by [`seal`]; `None` if another key or name sealed it, or it was altered.
@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn a_sealed_entry_opens_only_with_its_key_and_name() {
         let key = [7u8; 32];
-        let sealed = seal(&key, "tsc:t:ab", &entry());
+        let sealed = seal(&key, "tsc:t:ab", &entry()).unwrap();
         assert_eq!(open(&key, "tsc:t:ab", &sealed), Some(entry()));
         assert_eq!(open(&[8u8; 32], "tsc:t:ab", &sealed), None, "another key");
         assert_eq!(open(&key, "tsc:t:cd", &sealed), None, "another name");
@@ -150,7 +150,7 @@ mod tests {
             "no plaintext token in the sealed bytes"
         );
         assert_ne!(
-            seal(&key, "tsc:t:ab", &entry()),
+            seal(&key, "tsc:t:ab", &entry()).unwrap(),
             sealed,
             "a fresh nonce each time"
         );

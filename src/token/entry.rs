@@ -192,11 +192,10 @@ impl EntryState {
         cooling: impl Fn(bool) -> Option<Cooling>,
     ) -> Decision<FlightTx> {
         let servable = self.tokens.iter().filter(|t| t.servable(now)).count();
-        if servable > 0 {
+        let pick = self.turn.wrapping_add(1) % servable.max(1);
+        let picked = self.tokens.iter().filter(|t| t.servable(now)).nth(pick);
+        if let Some(token) = picked.cloned() {
             self.turn = self.turn.wrapping_add(1);
-            let pick = self.turn % servable;
-            let token = self.tokens.iter().filter(|t| t.servable(now)).nth(pick);
-            let token = token.expect("pick < servable").clone();
             // Refresh when a token is due, or fill the pool; tokens that are never refreshed
             // ahead (refresh-token answers) are never pooled either.
             let due = self.tokens.iter().any(|t| t.refresh_due(now));
@@ -274,10 +273,11 @@ impl EntryState {
                 self.tokens.retain(|t| t.servable(now));
                 if self.tokens.len() >= config.pool_size {
                     // Full: the new token replaces the one that is most due for a refresh.
-                    let most_due = (0..self.tokens.len())
-                        .min_by_key(|&i| self.tokens[i].refresh_at)
-                        .expect("a full pool is not empty");
-                    self.tokens.remove(most_due);
+                    let most_due =
+                        (0..self.tokens.len()).min_by_key(|&i| self.tokens[i].refresh_at);
+                    if let Some(most_due) = most_due {
+                        self.tokens.remove(most_due);
+                    }
                 }
                 self.tokens.push(token.clone());
             }
@@ -370,10 +370,9 @@ impl Landing {
         jitter: f64,
     ) -> usize {
         self.entry.lock().land(&shared, grant, config, now, jitter);
-        let tx = self
-            .tx
-            .take()
-            .expect("a landing lands once: land takes self");
+        let Some(tx) = self.tx.take() else {
+            unreachable!("only land and drop take the sender, and land takes self")
+        };
         let waiters = tx.receiver_count();
         tx.send_replace(Some(shared));
         waiters

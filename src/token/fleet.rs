@@ -180,7 +180,13 @@ impl FleetKeys {
             serve_ms: at(token.serve_until),
             refresh_ms: token.refresh_at.map_or(0, at),
         };
-        let sealed = keys::seal(&key.seal, key.names.token(), &entry);
+        let Some(sealed) = keys::seal(&key.seal, key.names.token(), &entry) else {
+            tracing::warn!("fleet tier: the random source failed; this token is not shared");
+            return self
+                .fleet
+                .commit_hold(&key.names, lease, Duration::ZERO)
+                .await;
+        };
         let serve = token.serve_until.saturating_duration_since(now);
         let fresh = token
             .refresh_at

@@ -169,7 +169,10 @@ fn head(parts: &Parts) -> Parts {
 /// Waits up to `timeout` for a flight to land and returns what it brought back.
 pub(crate) async fn wait(mut rx: FlightRx, timeout: Duration) -> FlightResult {
     match tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await {
-        Ok(Ok(shared)) => shared.clone().expect("waited for Some"),
+        // `wait_for` returns a value that passed `is_some`.
+        Ok(Ok(shared)) => shared
+            .clone()
+            .unwrap_or(FlightResult::Failed(Error::Internal)),
         // The flight task died without landing (a bug): its landing freed the slot.
         Ok(Err(_)) => FlightResult::Failed(Error::Internal),
         Err(_) => FlightResult::Failed(Error::WaitTimeout),

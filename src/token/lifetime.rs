@@ -227,11 +227,10 @@ fn split_template(object: &[(String, &RawValue)], position: usize, size: usize) 
         if i > 0 {
             template.put_u8(b',');
         }
-        template.put_slice(
-            serde_json::to_string(key)
-                .expect("strings serialise")
-                .as_bytes(),
-        );
+        match serde_json::to_string(key) {
+            Ok(key) => template.put_slice(key.as_bytes()),
+            Err(_) => unreachable!("serde_json writes any string to a String"),
+        }
         template.put_u8(b':');
         if i == position {
             split = template.len();
