@@ -56,6 +56,10 @@ pub struct RouteStatus {
 /// One cached key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyStatus {
+    /// 8 hex digits of the key's digest, which this process keys with a secret of its own: it
+    /// tells apart one client's keys (each scope, audience, secret) and changes on restart.
+    #[serde(default)]
+    pub key: String,
     /// The client's 8-hex hash; `null` for a key no client has named yet.
     pub client: Option<String>,
     /// Seconds the served token has left; `null` with nothing to serve.

@@ -519,7 +519,7 @@ async fn status_shows_keys_and_cool_downs_by_client_hash_only() {
     let table = String::from_utf8_lossy(&printed.stdout);
     assert!(printed.status.success(), "{table}");
     assert!(
-        table.contains("route default: 2 keys, 1 cool-downs"),
+        table.contains("route default: 2 keys, 1 cool-down,"),
         "{table}"
     );
     assert!(
@@ -847,4 +847,24 @@ async fn status_is_built_at_most_once_a_second() {
     assert_eq!(again.text(), first.text(), "served again within the second");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(keys(&get(&url).await), 1, "rebuilt after it");
+}
+
+/// Two keys of one client (two scopes) show as two rows that can be told apart, and no row
+/// shows the scope itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_one_clients_keys_apart() {
+    let fx = Fixture::start("").await;
+    for scope in ["read-secret-scope", "write-secret-scope"] {
+        let form =
+            format!("grant_type=client_credentials&client_id=app&client_secret=s&scope={scope}");
+        assert_eq!(fx.post_token(&form).await.status, 200);
+    }
+    let reply = get(&format!("{}/status", fx.sidecar.admin_url)).await;
+    assert!(!reply.text().contains("secret-scope"), "{}", reply.text());
+    let document = reply.json();
+    let keys = document["routes"][0]["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0]["client"], keys[1]["client"]);
+    let ids: Vec<&str> = keys.iter().map(|k| k["key"].as_str().unwrap()).collect();
+    assert!(ids[0].len() == 8 && ids[0] != ids[1], "{ids:?}");
 }

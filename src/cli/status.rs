@@ -94,10 +94,10 @@ fn render_route(out: &mut String, route: &RouteStatus) {
     };
     let _ = writeln!(
         out,
-        "\nroute {}: {} keys, {} cool-downs, upstream calls {}/{} in progress{rate}{}",
+        "\nroute {}: {}, {}, upstream calls {}/{} in progress{rate}{}",
         route.name,
-        route.keys_total,
-        route.cooldowns_total,
+        counted(route.keys_total, "key", "keys"),
+        counted(route.cooldowns_total, "cool-down", "cool-downs"),
         limiter.calls_in_progress,
         limiter.max_concurrent_calls,
         if route.shared { ", shared" } else { "" }
@@ -112,8 +112,8 @@ fn render_keys(out: &mut String, keys: &[KeyStatus], total: usize) {
     }
     let _ = writeln!(
         out,
-        "  {:<10} {:>8} {:>6}  STATE",
-        "CLIENT", "TTL", "TOKENS"
+        "  {:<10} {:<10} {:>8} {:>6}  STATE",
+        "CLIENT", "KEY", "TTL", "TOKENS"
     );
     for key in keys {
         let ttl = key.ttl_s.map_or("-".to_owned(), |s| format!("{s}s"));
@@ -124,11 +124,20 @@ fn render_keys(out: &mut String, keys: &[KeyStatus], total: usize) {
             (false, _) => "serving",
         };
         let client = key.client.as_deref().unwrap_or("-");
-        let _ = writeln!(out, "  {client:<10} {ttl:>8} {:>6}  {state}", key.tokens);
+        let _ = writeln!(
+            out,
+            "  {client:<10} {:<10} {ttl:>8} {:>6}  {state}",
+            key.key, key.tokens
+        );
     }
     if total > keys.len() {
         let _ = writeln!(out, "  ... {} of {total} keys listed", keys.len());
     }
+}
+
+/// `1 key`, `2 keys`.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn render_cooldowns(out: &mut String, cooldowns: &[CooldownStatus]) {
@@ -154,8 +163,8 @@ mod tests {
                 "name": "default", "keys_total": 3, "keys_listed": 2, "cooldowns_total": 1,
                 "shared": true,
                 "keys": [
-                    {"client": "ab12cd34", "ttl_s": 3541, "tokens": 1, "calling": true},
-                    {"client": null, "ttl_s": null, "tokens": 0, "calling": true}
+                    {"key": "0a1b2c3d", "client": "ab12cd34", "ttl_s": 3541, "tokens": 1, "calling": true},
+                    {"key": "4e5f6071", "client": null, "ttl_s": null, "tokens": 0, "calling": true}
                 ],
                 "cooldowns": [{"client": "ef56ab78", "left_s": 12}],
                 "limiter": {"calls_in_progress": 1, "max_concurrent_calls": 64,
@@ -167,13 +176,13 @@ mod tests {
             text.contains("shared tier: redis://…@r:6379/0 (breaker open)"),
             "{text}"
         );
-        assert!(text.contains("route default: 3 keys, 1 cool-downs, upstream calls 1/64 in progress, 5/s (4.5 available), shared"), "{text}");
+        assert!(text.contains("route default: 3 keys, 1 cool-down, upstream calls 1/64 in progress, 5/s (4.5 available), shared"), "{text}");
         assert!(
-            text.contains("ab12cd34      3541s      1  refreshing"),
+            text.contains("ab12cd34   0a1b2c3d      3541s      1  refreshing"),
             "{text}"
         );
         assert!(
-            text.contains("-                 -      0  calling"),
+            text.contains("-          4e5f6071          -      0  calling"),
             "{text}"
         );
         assert!(text.contains("... 2 of 3 keys listed"), "{text}");

@@ -38,6 +38,9 @@ const FULL_MEMO_MS: u64 = 50;
 /// One key as `/status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyView {
+    /// The first bytes of the key's digest (an HMAC under a key of this process): tells apart
+    /// the keys of one client (scopes, audiences) and reveals nothing.
+    pub(crate) key: [u8; 4],
     /// The client's hash prefix, once a flight named it.
     pub(crate) client: Option<[u8; 4]>,
     /// Whole seconds the longest-serving token has left; `None` with nothing to serve.
@@ -159,7 +162,9 @@ impl Cache {
             .iter()
             .map(|entry| {
                 let glance = entry.glance(now);
+                let digest = entry.key().0;
                 KeyView {
+                    key: [digest[0], digest[1], digest[2], digest[3]],
                     client: glance.client,
                     ttl_secs: glance.ttl_secs,
                     tokens: glance.tokens,

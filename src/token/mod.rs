@@ -393,6 +393,7 @@ impl RouteState for TokenRoute {
         let keys: Vec<KeyStatus> = keys
             .iter()
             .map(|key| KeyStatus {
+                key: hex4(key.key),
                 client: key.client.map(hex4),
                 ttl_s: key.ttl_secs,
                 tokens: key.tokens,
