@@ -204,6 +204,10 @@ if errors:
 print("dashboard OK")
 PY
 
+step "the PromQL evaluator behind docs/dashboard.png"
+# Standard library only; among its tests, every panel's expression parses.
+python3 bench/test_promql.py || failed+=("bench/test_promql.py")
+
 step "done"
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'FAILED: %s\n' "${failed[@]}"

@@ -189,6 +189,12 @@ impl Metrics {
         let route_label = RouteLabel {
             route: route.to_owned(),
         };
+        // The series a healthy route moves first exists from the start at 0, so rate() sees its
+        // first increase (a series born at 1 has none to Prometheus).
+        let _ = self.upstream_calls.get_or_create(&StatusLabels {
+            route: route.to_owned(),
+            status: "200".to_owned(),
+        });
         RouteMetrics {
             route: route.to_owned(),
             token_requests: self.token_requests.clone(),
