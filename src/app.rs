@@ -188,6 +188,7 @@ impl App {
         let serving = self.serve_routes(listeners.routes);
         if let Some(fleet) = &self.fleet {
             info!(redis = ?fleet, "shared tier on");
+            fleet.warm_up().await;
             tokio::spawn(fleet.clone().listen(self.closed.clone()));
         }
         let (admin_stop, admin_loop) = serve_admin(listeners.admin, admin_state.clone());

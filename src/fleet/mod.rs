@@ -224,6 +224,34 @@ impl Fleet {
         })
     }
 
+    /// Opens the connection and loads the scripts, before the sidecar says it is ready: the first
+    /// claims of a cold start then find both, instead of spending their short timeout on a TCP
+    /// and TLS handshake, HELLO/AUTH and a NOSCRIPT round trip (each pod would go alone). Bounded
+    /// by `connect_timeout` plus one call's `timeout`; a Redis that does not answer by then is
+    /// logged, and the pod starts without it (the claims find out as before).
+    pub(crate) async fn warm_up(&self) {
+        let mut connection = self.manager.clone();
+        let warm = async {
+            redis::cmd("PING")
+                .query_async::<()>(&mut connection)
+                .await?;
+            for script in [&self.claim, &self.commit_token, &self.commit_hold] {
+                script.load_async(&mut connection).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        let bound = self.connect_timeout + self.timeout;
+        match tokio::time::timeout(bound, warm).await {
+            Ok(Ok(())) => info!(redis = %self.address, "fleet tier: connected, scripts loaded"),
+            Ok(Err(e)) => {
+                warn!(redis = %self.address, why = ?e.kind(), "fleet tier: Redis refused the start; each pod goes on alone until it answers")
+            }
+            Err(_) => {
+                warn!(redis = %self.address, bound_ms = bound.as_millis() as u64, "fleet tier: no answer from Redis at start; each pod goes on alone until it answers")
+            }
+        }
+    }
+
     /// What `/status` shows: the server (without its login) and the breaker.
     pub(crate) fn status(&self) -> crate::status::FleetStatus {
         let breaker = match self.breaker.state() {
