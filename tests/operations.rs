@@ -837,16 +837,27 @@ async fn status_is_built_at_most_once_a_second() {
     let fx = Fixture::start("").await;
     let url = format!("{}/status", fx.sidecar.admin_url);
     let keys = |reply: &support::Reply| reply.json()["routes"][0]["keys_total"].as_u64().unwrap();
-    let first = get(&url).await;
-    assert_eq!(keys(&first), 0);
-    let token = fx
-        .post_token("grant_type=client_credentials&client_id=app&client_secret=s")
-        .await;
-    assert_eq!(token.status, 200);
-    let again = get(&url).await;
-    assert_eq!(again.text(), first.text(), "served again within the second");
+    // A key added between two calls within the second is not in the second document. On a
+    // machine too busy to make both calls within the second, the round is played again.
+    let mut judged = false;
+    for n in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let started = Instant::now();
+        let first = get(&url).await;
+        let form = format!("grant_type=client_credentials&client_id=app-{n}&client_secret=s");
+        assert_eq!(fx.post_token(&form).await.status, 200);
+        let again = get(&url).await;
+        if started.elapsed() < Duration::from_millis(900) {
+            assert_eq!(keys(&first), n);
+            assert_eq!(again.text(), first.text(), "served again within the second");
+            judged = true;
+            break;
+        }
+    }
+    assert!(judged, "no two calls within a second in 5 rounds");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(keys(&get(&url).await), 1, "rebuilt after it");
+    let keys_now = keys(&get(&url).await);
+    assert!(keys_now >= 1, "rebuilt after the second: {keys_now} keys");
 }
 
 /// Two keys of one client (two scopes) show as two rows that can be told apart, and no row
