@@ -2,14 +2,17 @@
 runs the load, reads the counters on both sides, and writes the report.
 
 Scenarios (see bench/README.md): hit path, cold storm, the story (a throttled provider), the
-burst (a provider whose limit is below the cold-key burst), steady state with rotation, memory and
-start. References run in the same process tree and, where the scenario allows, interleaved with
-the sidecar, so that only ratios from this one run are compared.
+burst (a provider whose limit is below the cold-key burst), steady state with rotation, the fleet,
+memory and start. References run in the same process tree and, where the scenario allows,
+interleaved with the sidecar, so that only ratios from this one run are compared. The loads are
+wrk and the project's binaries (bench/loads.py runs them and reads their outputs); the provider
+is `bench/provider.rs`, the project's own.
 
 Every child process is ours and is ended by its pid; every wait is bounded.
 """
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -31,12 +34,13 @@ ROOT = os.path.dirname(BENCH)
 TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target")
 SIDECAR = os.path.join(TARGET, "release", "token-sidecar")
 CEILING = os.path.join(TARGET, "release", "examples", "ceiling")
+PROVIDER = os.path.join(TARGET, "release", "examples", "provider")
+STORM = os.path.join(TARGET, "release", "examples", "storm")
 PROFILE_SIDECAR = os.path.join(ROOT, "target", "bench-profile", "release", "token-sidecar")
-PY = sys.executable
 
 sys.dont_write_bytecode = True  # no __pycache__ in bench/
 sys.path.insert(0, BENCH)
-import provider as provider_mod  # noqa: E402  (the token JSON the ceiling serves)
+import loads  # noqa: E402  (running the loads and reading their outputs)
 
 
 def check_binaries():
@@ -50,11 +54,11 @@ def check_binaries():
                     newest = max(newest, os.path.getmtime(os.path.join(base, name)))
     for name in ("Cargo.toml", "Cargo.lock"):
         newest = max(newest, os.path.getmtime(os.path.join(ROOT, name)))
-    for binary in (SIDECAR, CEILING):
+    for binary in (SIDECAR, CEILING, PROVIDER, STORM):
         if not os.path.exists(binary):
             sys.exit("bench: %s is missing: build with `cargo build --release --bin token-sidecar` "
-                     "then `cargo build --release --example ceiling` (CARGO_TARGET_DIR=%s)"
-                     % (binary, TARGET))
+                     "then `cargo build --release --example ceiling --example provider --example "
+                     "storm` (CARGO_TARGET_DIR=%s)" % (binary, TARGET))
         if os.path.getmtime(binary) < newest:
             sys.exit("bench: %s is older than the sources: rebuild it (bench/run.sh does)" % binary)
 
@@ -76,8 +80,7 @@ class Run:
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
     def note(self, argv):
-        shown = ["python3" if a == PY else rel(a) if os.path.isabs(a) and a.startswith(ROOT)
-                 else a for a in argv]
+        shown = [rel(a) if os.path.isabs(a) and a.startswith(ROOT) else a for a in argv]
         line = " ".join(shlex.quote(a) for a in shown)
         for entry in self.commands:
             if entry[:2] == [self.scenario, line]:
@@ -103,8 +106,7 @@ class Run:
         return proc, line.split()[-1]
 
     def stop_all(self):
-        for proc in self.children:
-            stop(proc)
+        stop(*self.children)
         self.children = []
 
 
@@ -118,9 +120,13 @@ def read_line(proc, timeout):
     return proc.stdout.readline().decode().strip()
 
 
-def stop(proc):
-    if proc.poll() is None:
+def stop(*procs):
+    """SIGTERM to every process still running, then waits for each (10 s, then SIGKILL): a
+    sidecar takes half a second to drain, and several drain at once."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         proc.send_signal(signal.SIGTERM)
+    for proc in running:
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -148,17 +154,25 @@ FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def start_provider(run, name, **opts):
-    argv = [PY, os.path.join(BENCH, "provider.py"), "--max-seconds", "900"]
-    for key, value in opts.items():
-        argv += ["--" + key.replace("_", "-"), str(value)]
-    proc, addr = run.spawn(name, argv)
-    return proc, addr
+    """`bench/provider.rs` on a free port, with `opts` as its flags; (process, address)."""
+    return run.spawn(name, loads.provider_argv(PROVIDER, max_seconds=900, **opts))
 
 
 def provider_stats(addr):
-    status, _, body = http("GET", "http://%s/stats" % addr)
+    return loads.provider_stats(addr)
+
+
+def token_file(run):
+    """The token JSON a token call gets from the provider (1 KiB `access_token`), written to
+    bench/out/token.json for the ceiling to serve: the same bytes a provider answers."""
+    prov, addr = start_provider(run, "token-provider", lifetime=3600, token_bytes=1024)
+    status, _, body = token_request("http://" + addr)
+    stop(prov)
     assert status == 200, status
-    return json.loads(body)
+    path = os.path.join(run.out, "token.json")
+    with open(path, "wb") as f:
+        f.write(body)
+    return path
 
 
 class Sidecar:
@@ -247,13 +261,39 @@ def wrk(run, url, seconds, script="hit.lua", connections=64, args=(), prefix=())
     raise RuntimeError("wrk gave no summary: %s %s" % (text, done.stderr.decode()))
 
 
-def client(run, mode, timeout, *args):
-    argv = [PY, os.path.join(BENCH, "client.py"), mode] + [str(a) for a in args]
+def clients_start(run, name, url, clients, seconds, requests, **opts):
+    """Starts wrk with bench/clients.lua: `clients` clients (one wrk thread each) sending
+    `requests` (`(authorization, body)` pairs, see clients.lua) for at most `seconds`; a handle
+    for clients_finish()."""
+    requests = loads.write_requests(os.path.join(run.out, name + ".requests"), requests)
+    done = None
+    if opts.get("ticks"):
+        done = os.path.join(run.out, name + ".done")
+        if os.path.exists(done):
+            os.remove(done)
+        opts["done"] = rel(done)
+    argv = loads.clients_argv(url, clients, seconds, requests=requests, **opts)
     run.note(argv)
-    done = subprocess.run(argv, capture_output=True, timeout=timeout, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError("client %s failed: %s" % (mode, done.stderr.decode()[-2000:]))
-    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+    proc = loads.start_wrk(argv, stderr=run.log(name + "-wrk"))
+    run.children.append(proc)
+    return proc, seconds + 30, done, clients
+
+
+def clients_finish(handle):
+    """clients.lua's summary (see loads.answers)."""
+    proc, limit, done, clients = handle
+    return loads.wrk_summary(proc, limit, done, clients)
+
+
+def clients_load(run, name, url, clients, seconds, requests, **opts):
+    return clients_finish(clients_start(run, name, url, clients, seconds, requests, **opts))
+
+
+def storm(run, target, n, key=0):
+    """The storm client (`bench/storm.rs`) against `target`: see loads.storm."""
+    argv = [STORM, "--target", target, "-n", str(n), "--key", str(key)]
+    run.note(argv)
+    return loads.storm(argv, 180)
 
 
 def token_request(url):
@@ -288,10 +328,9 @@ def scenario_hit(run):
     the ratio measures the servers, not the scheduler. `shared`: default worker counts, nothing
     pinned, as a pod would run it; on a 2-core machine wrk's thread and two server workers share
     two cores and the ratio also measures where the scheduler puts them."""
-    body_file = os.path.join(run.out, "token.json")
-    with open(body_file, "wb") as f:
-        f.write(provider_mod.token_body(1, 1024, 3600))
-    prov, prov_addr = start_provider(run, "hit-provider", lifetime=3600, token_bytes=1024)
+    body_file = token_file(run)
+    prov, prov_addr = start_provider(run, "hit-provider", lifetime=3600, token_bytes=1024,
+                                     call_log=0)
     setups = {}
     cpus = isolation_cpus()
     if cpus:
@@ -373,49 +412,55 @@ def hit_setup(run, setup, body_file, prov_addr, rounds, seconds, cpus=None,
 
 def scenario_storm(run):
     n = 1000 if run.quick else 10_000
-    body_file = os.path.join(run.out, "token.json")
-    with open(body_file, "wb") as f:
-        f.write(provider_mod.token_body(1, 1024, 3600))
+    body_file = token_file(run)
     ceiling, ceiling_addr = run.spawn("storm-ceiling", [CEILING, "127.0.0.1:0", body_file])
-    floor = client(run, "storm", 180, "--target", ceiling_addr, "-n", n)
+    floor = storm(run, ceiling_addr, n)
     stop(ceiling)
     prov, prov_addr = start_provider(run, "storm-provider", latency_ms=50, lifetime=3600)
     sidecar = Sidecar(run, "storm", prov_addr)
-    via = client(run, "storm", 180, "--target", sidecar.listen, "-n", n)
+    via = storm(run, sidecar.listen, n)
     calls_sidecar = sidecar.metric("token_sidecar_upstream_token_calls_total")
-    calls_provider_via = provider_stats(prov_addr)["counts"].get("calls", 0)
+    calls_provider_via = provider_stats(prov_addr)["calls"]
     sidecar.stop()
     # The same storm against a provider that takes 2 s, so every request arrives while the one
     # upstream call is still in flight: all but the leader must be coalesced waiters.
     slow, slow_addr = start_provider(run, "storm-slow-provider", latency_ms=2000, lifetime=3600)
     sidecar = Sidecar(run, "storm-slow", slow_addr)
-    via_slow = client(run, "storm", 180, "--target", sidecar.listen, "-n", n)
-    via_slow["upstream_calls"] = provider_stats(slow_addr)["counts"].get("calls", 0)
+    via_slow = storm(run, sidecar.listen, n)
+    via_slow["upstream_calls"] = provider_stats(slow_addr)["calls"]
     sidecar.stop()
     stop(slow)
-    direct = client(run, "storm", 180, "--target", prov_addr, "-n", n, "--key", 1)
-    calls_direct = provider_stats(prov_addr)["counts"].get("calls", 0) - calls_provider_via
+    direct = storm(run, prov_addr, n, key=1)
+    calls_direct = provider_stats(prov_addr)["calls"] - calls_provider_via
     return {"n": n, "via_sidecar": via, "direct": direct, "ceiling": floor, "via_slow": via_slow,
             "upstream_calls_via_sidecar": calls_provider_via,
             "upstream_calls_sidecar_metric": calls_sidecar,
             "upstream_calls_direct": calls_direct}
 
 
+def story_load(run, name, target, clients, keys, interval, duration):
+    """`clients` clients over `keys` credential sets (client i asks for set i mod keys), each
+    asking for a token every `interval` s for `duration` s, all starting together."""
+    result = clients_load(run, name, "http://%s/oauth/token" % target, clients, duration + 30,
+                          [("", loads.form(k)) for k in range(keys)], every=interval,
+                          jitter=0.05, ticks=int(duration / interval))
+    return dict(loads.answers(result), clients=clients, keys=keys, duration_s=duration,
+                interval_s=interval)
+
+
 def scenario_story(run):
     clients, keys, interval = 100, 5, 1.0
     duration, lifetime = (4, 3) if run.quick else (30, 10)
-    common = ["--clients", clients, "--keys", keys, "--interval", interval,
-              "--duration", duration]
     prov, prov_addr = start_provider(run, "story-direct-provider", latency_ms=50,
                                      lifetime=lifetime, rate_limit=10)
-    direct = client(run, "story", duration + 60, "--target", prov_addr, *common)
-    direct["upstream_calls"] = provider_stats(prov_addr)["counts"]
+    direct = story_load(run, "story-direct", prov_addr, clients, keys, interval, duration)
+    direct["upstream_calls"] = provider_stats(prov_addr)
     stop(prov)
     prov, prov_addr = start_provider(run, "story-sidecar-provider", latency_ms=50,
                                      lifetime=lifetime, rate_limit=10)
     sidecar = Sidecar(run, "story", prov_addr)
-    via = client(run, "story", duration + 60, "--target", sidecar.listen, *common)
-    via["upstream_calls"] = provider_stats(prov_addr)["counts"]
+    via = story_load(run, "story-sidecar", sidecar.listen, clients, keys, interval, duration)
+    via["upstream_calls"] = provider_stats(prov_addr)
     via["sidecar_outcomes"] = {o: sidecar.metric("token_sidecar_token_requests_total", outcome=o)
                                for o in ("hit", "miss", "coalesced", "stale", "cooldown",
                                          "error")}
@@ -427,7 +472,7 @@ def scenario_story(run):
             "expected_upstream_calls": keys * expected_per_key}
 
 
-BURST_LIMIT = 3  # the provider's token calls per one-second window, below the 5 cold keys
+BURST_LIMIT = 3  # the provider's token calls per second, below the 5 cold keys
 
 
 def scenario_burst(run):
@@ -437,8 +482,6 @@ def scenario_burst(run):
     passed on as 429s)."""
     clients, keys, interval = 100, 5, 1.0
     duration, lifetime = (4, 3) if run.quick else (30, 10)
-    common = ["--clients", clients, "--keys", keys, "--interval", interval,
-              "--duration", duration]
     outcomes = ("hit", "miss", "coalesced", "stale", "cooldown", "error")
     legs = {}
     for leg, token in (("direct", None), ("absorb", {}), ("pass", {"absorb_hold": "0s"})):
@@ -449,10 +492,11 @@ def scenario_burst(run):
         if token is not None:
             sidecar = Sidecar(run, "burst-" + leg, prov_addr, token=token)
             target = sidecar.listen
-        result = client(run, "story", duration + 60, "--target", target, *common)
-        stats = provider_stats(prov_addr)
-        result["upstream_calls"] = stats["counts"]
-        result["retry_after"] = stats["retry_after"]
+        result = story_load(run, "burst-" + leg, target, clients, keys, interval, duration)
+        result["upstream_calls"] = provider_stats(prov_addr)
+        sent = collections.Counter(call["retry_after"] for call in loads.provider_calls(prov_addr)
+                                   if call["status"] == 429)
+        result["retry_after"] = dict(sorted(sent.items()))
         if sidecar is not None:
             result["sidecar_outcomes"] = {
                 o: sidecar.metric("token_sidecar_token_requests_total", outcome=o)
@@ -468,12 +512,26 @@ def scenario_burst(run):
 
 def scenario_steady(run):
     duration, lifetime = (6, 3) if run.quick else (60, 10)
-    keys = 10
+    keys, connections = 10, 16
     prov, prov_addr = start_provider(run, "steady-provider", latency_ms=50, lifetime=lifetime)
     sidecar = Sidecar(run, "steady", prov_addr)
-    result = client(run, "steady", duration + 60, "--target", sidecar.listen,
-                    "--provider", prov_addr, "--connections", 16, "--keys", keys,
-                    "--duration", duration)
+    log = os.path.join(run.out, "steady-answers-")
+    for i in range(1, connections + 1):
+        if os.path.exists("%s%d.txt" % (log, i)):
+            os.remove("%s%d.txt" % (log, i))
+    # A closed loop: each client sends its next request as soon as its answer is in, cycling
+    # through the keys; every answer's send time and latency goes to the log.
+    summary = clients_load(run, "steady", "http://%s/oauth/token" % sidecar.listen, connections,
+                           duration, [("", loads.form(k)) for k in range(keys)], rotate=1,
+                           log=rel(log))
+    result = steady_figures(["%s%d.txt" % (log, i) for i in range(1, connections + 1)],
+                            loads.provider_calls(prov_addr))
+    answered = loads.answers(summary)
+    result.update({"connections": connections, "keys": keys,
+                   "duration_s": round(summary["duration_s"], 3),
+                   "rps": round(result["requests"] / summary["duration_s"], 1),
+                   "statuses": answered["statuses"], "outcomes": answered["outcomes"],
+                   "transport_errors": answered["transport_errors"]})
     result["sidecar_outcomes"] = {o: sidecar.metric("token_sidecar_token_requests_total",
                                                     outcome=o)
                                   for o in ("hit", "miss", "coalesced", "stale", "error")}
@@ -481,6 +539,49 @@ def scenario_steady(run):
     result["lifetime_s"] = lifetime
     result["target_calls_per_key"] = duration / (0.8 * lifetime)
     return result
+
+
+def steady_figures(logs, calls, warmup=1.0, margin=0.02):
+    """Splits the steady load's answers (`logs`: clients.lua's per-client answer files, read and
+    then removed: they are large) into those sent during a refresh and the rest. A refresh moment
+    runs from just before a background call reaches the provider until a little after its answer,
+    when the new token is swapped in; first calls per key are cold misses, not refreshes."""
+    starts, lats = [], []
+    for path in logs:
+        with open(path) as f:
+            for line in f:
+                sent, latency_us, _ = line.split()
+                starts.append(float(sent))
+                lats.append(int(latency_us) / 1e6)
+        os.remove(path)
+    by_key = collections.defaultdict(list)
+    for call in calls:
+        by_key[call["client_id"]].append((call["arrived"], call["answered"]))
+    windows = sorted((a - margin, d + margin)
+                     for rows in by_key.values() for (a, d) in sorted(rows)[1:])
+    warm_from = min(starts, default=0) + warmup
+    during, elsewhere = [], []
+    wi = 0
+    for i in sorted(range(len(starts)), key=starts.__getitem__):
+        t = starts[i]
+        if t < warm_from:
+            continue
+        while wi < len(windows) and windows[wi][1] < t:
+            wi += 1
+        inside = any(lo <= t <= hi for lo, hi in windows[wi:wi + 4])
+        (during if inside else elsewhere).append(lats[i])
+    per_key = sorted(len(rows) for rows in by_key.values())
+
+    def figures(values):
+        return {"requests": len(values), "p50_ms": loads.ms(loads.percentile(values, 50)),
+                "p99_ms": loads.ms(loads.percentile(values, 99)),
+                "max_ms": loads.ms(max(values) if values else None)}
+
+    return {"requests": len(lats), "upstream_calls": len(calls),
+            "upstream_calls_per_key": per_key,
+            "upstream_calls_per_key_mean": round(sum(per_key) / max(1, len(per_key)), 2),
+            "refresh_windows": len(windows),
+            "during_refresh": figures(during), "elsewhere": figures(elsewhere)}
 
 
 def redis_server(run):
@@ -505,50 +606,33 @@ def redis_server(run):
     raise RuntimeError("redis-server did not answer within 10 s")
 
 
-def fleet_load(sidecars, seconds, every=0.05):
-    """Each sidecar asked for the same key every `every` s by two threads for `seconds`; returns
-    (answers, non-200s)."""
-    import threading
-    counts = {"answers": 0, "errors": 0}
-    lock = threading.Lock()
-    until = time.monotonic() + seconds
-
-    def ask(url):
-        for _ in range(100_000):
-            if time.monotonic() >= until:
-                return
-            status = token_request(url)[0]
-            with lock:
-                counts["answers"] += 1
-                counts["errors"] += status != 200
-            time.sleep(every)
-
-    threads = [threading.Thread(target=ask, args=("http://" + s.listen,))
-               for s in sidecars for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 60)
-    return counts["answers"], counts["errors"]
+def fleet_load(run, mode, sidecars, seconds, every=0.05):
+    """Each sidecar asked for the same key by two clients every `every` s for `seconds` (one
+    wrk per sidecar, all at once); returns (answers, answers other than 200 and socket errors)."""
+    handles = [clients_start(run, "fleet-%s-%d" % (mode, i), "http://%s/oauth/token" % s.listen,
+                             2, seconds + 30, [("", FORM.decode())], every=every,
+                             ticks=int(seconds / every))
+               for i, s in enumerate(sidecars)]
+    results = [loads.answers(clients_finish(h)) for h in handles]
+    return sum(r["requests"] for r in results), sum(r["errors"] for r in results)
 
 
-def cold_latencies(sidecar, n):
-    """`n` sequential requests, each for a new client id (a miss: a flight, and with the tier a
-    claim and a commit); their latencies in ms."""
-    latencies = []
-    for i in range(n):
-        form = ("grant_type=client_credentials&client_id=cold-%d-%d&client_secret=s"
-                % (os.getpid(), i)).encode()
-        started = time.monotonic()
-        status = http("POST", "http://%s/oauth/token" % sidecar.listen, form, FORM_HEADERS)[0]
-        latencies.append((time.monotonic() - started) * 1000)
-        assert status == 200, status
-    return latencies
-
-
-def pct(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(p * len(ordered) + 0.5)) - 1))]
+def fill_keys(run, name, sidecar, n, connections):
+    """`fill.lua`: `n` requests for `n` new client ids on `connections` connections (1: each a
+    sequential cold miss); (wrk's summary, wall time). wrk is interrupted once fill.lua has all
+    `n` answers (its main thread would sleep out the whole -d)."""
+    done = os.path.join(run.out, name + ".done")
+    if os.path.exists(done):
+        os.remove(done)
+    argv = ["wrk", "-t1", "-c%d" % connections, "-d120s", "--timeout", "10s", "-s",
+            os.path.join(BENCH, "fill.lua"), "http://%s/oauth/token" % sidecar.listen, "--",
+            str(n), rel(done)]
+    run.note(argv)
+    started = time.monotonic()
+    proc = loads.start_wrk(argv, stderr=run.log(name + "-wrk"))
+    run.children.append(proc)
+    summary = loads.wrk_summary(proc, 150, done, 1)
+    return summary, time.monotonic() - started
 
 
 def scenario_fleet(run):
@@ -567,14 +651,15 @@ def scenario_fleet(run):
                                          lifetime=lifetime)
         sidecars = [Sidecar(run, "fleet-%s-%d" % (mode, i), prov_addr, args=args)
                     for i in range(pods)]
-        answers, errors = fleet_load(sidecars, duration)
-        calls = provider_stats(prov_addr)["counts"].get("ok", 0)
+        answers, errors = fleet_load(run, mode, sidecars, duration)
+        calls = provider_stats(prov_addr)["issued"]
         # Tokens are served for ~80 % of their lifetime, then refreshed.
         result[mode] = {"answers": answers, "errors": errors, "provider_calls": calls,
                         "calls_per_lifetime": calls * lifetime / duration}
-        cold = cold_latencies(sidecars[0], 30 if run.quick else 300)
-        result[mode]["cold_p50_ms"] = pct(cold, 0.5)
-        result[mode]["cold_p99_ms"] = pct(cold, 0.99)
+        cold, _ = fill_keys(run, "fleet-cold-" + mode, sidecars[0], 30 if run.quick else 300, 1)
+        assert cold["errors_status"] == 0, cold
+        result[mode]["cold_p50_ms"] = cold["p50_us"] / 1000
+        result[mode]["cold_p99_ms"] = cold["p99_us"] / 1000
         hits = [wrk(run, "http://" + sidecars[0].listen + "/oauth/token", 1 if run.quick else 3)
                 for _ in range(1 if run.quick else 3)]
         result[mode]["hit_rps"] = statistics.median(h["rps"] for h in hits)
@@ -583,9 +668,7 @@ def scenario_fleet(run):
             result[mode]["shared_claims"] = {
                 o: sum(s.metric("token_sidecar_shared_claims_total", outcome=o) for s in sidecars)
                 for o in ("hit", "lead", "busy", "cooldown", "commit", "skipped")}
-        for s in sidecars:
-            s.stop()
-        stop(prov)
+        stop(prov, *(s.proc for s in sidecars))
     return result
 
 
@@ -602,31 +685,14 @@ def scenario_memory(run):
             rss_idle.append(sidecar.rss_kib())
         sidecar.stop()
 
-    body_file = os.path.join(run.out, "token.json")
-    with open(body_file, "wb") as f:
-        f.write(provider_mod.token_body(1, 1024, 3600))
+    body_file = token_file(run)
     ceiling, ceiling_addr = run.spawn("memory-ceiling", [CEILING, "127.0.0.1:0", body_file])
     sidecar = Sidecar(run, "memory", ceiling_addr)
     url = "http://" + sidecar.listen + "/oauth/token"
     wrk(run, url, 1)  # the same 64 connections and buffers the fill will use, on one key
     time.sleep(0.3)
     rss_base = sidecar.rss_kib()
-    # wrk keeps sleeping for its whole -d after fill.lua stops its thread, so watch the cache
-    # instead and interrupt wrk (it still prints its summary on SIGINT) once every key is in.
-    argv = ["wrk", "-t1", "-c64", "-d120s", "--timeout", "10s", "-s",
-            os.path.join(BENCH, "fill.lua"), url, "--", str(n)]
-    run.note(argv)
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=run.log("memory-wrk"), cwd=ROOT)
-    while proc.poll() is None and time.monotonic() - started < 120:
-        if sidecar.metric("token_sidecar_cache_entries") >= n + 1:
-            break
-        time.sleep(0.1)
-    fill_s = time.monotonic() - started
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    text = proc.communicate(timeout=30)[0].decode()
-    fill = json.loads(text.split("WRK_JSON ", 1)[1].splitlines()[0])
+    fill, fill_s = fill_keys(run, "memory", sidecar, n, 64)
     time.sleep(0.3)
     rss_full = sidecar.rss_kib()
     entries = sidecar.metric("token_sidecar_cache_entries")
@@ -677,7 +743,8 @@ def scenario_profile(run):
     if not os.path.exists(PROFILE_SIDECAR):
         raise RuntimeError("no profiling build at %s" % rel(PROFILE_SIDECAR))
     seconds = 3 if run.quick else 8
-    prov, prov_addr = start_provider(run, "profile-provider", lifetime=3600, token_bytes=1024)
+    prov, prov_addr = start_provider(run, "profile-provider", lifetime=3600, token_bytes=1024,
+                                     call_log=0)
     sidecar = Sidecar(run, "profile", prov_addr, binary=PROFILE_SIDECAR)
     url = "http://" + sidecar.listen + "/oauth/token"
     token_request("http://" + sidecar.listen)
@@ -894,7 +961,8 @@ def render(run, info, results, argv):
                                                            h["p99_ratio_per_round"])),
                  h["sidecar_requests"], h["sidecar_hits"], h["sidecar_upstream_calls"]))
         p = hit["provider"]
-        w("(c) The provider directly (Python fake, no added latency, shared setup): %.0f req/s, "
+        w("(c) The provider directly (`bench/provider.rs`, one thread, no added latency, "
+          "shared setup): %.0f req/s, "
           "p50 %s, p99 %s.\n\nThe machine's other work moves every figure from one round to "
           "the next (a round's req/s can swing by half for the ceiling alone), which is why "
           "rounds are paired and the median is taken.\n"
@@ -904,8 +972,9 @@ def render(run, info, results, argv):
         a, sh = fleet["alone"], fleet["shared"]
         w("\n## Fleet: N sidecars, with and without the shared tier\n")
         w("%d sidecar processes in front of one provider (20 ms per call, tokens of %d s), each "
-          "asked for the same key by two clients every 50 ms for %d s; then, on one of them, "
-          "sequential cold misses (a new client id each) and 3-s wrk hit rounds. `shared` adds "
+          "asked for the same key by two clients every 50 ms for %d s (`bench/clients.lua`); "
+          "then, on one of them, sequential cold misses (`bench/fill.lua` on one connection: a "
+          "new client id each) and 3-s wrk hit rounds. `shared` adds "
           "`--shared-redis` on a real `redis-server` on loopback and `--shared-key-file`.\n"
           % (fleet["pods"], fleet["lifetime_s"], fleet["duration_s"]))
         w("| | provider calls | per token lifetime | answers | errors | cold miss p50 | cold "
@@ -929,7 +998,7 @@ def render(run, info, results, argv):
         v, d = storm["via_sidecar"], storm["direct"]
         w("\n## 2. Cold storm\n")
         w("%d connections opened first, then one cold request for the same key written on each "
-          "before any answer is read (`bench/client.py storm`). The provider answers after 50 ms."
+          "before any answer is read (`bench/storm.rs`). The provider answers after 50 ms."
           "\n" % storm["n"])
         w("| | upstream calls | ok | failures | wall time (send → last answer) | p50 | p99 | "
           "outcomes |\n|---|---|---|---|---|---|---|---|")
@@ -945,21 +1014,23 @@ def render(run, info, results, argv):
           % (x["upstream_calls"], x["ok"], x["failures"], x["wall_s"], x["p50_ms"], x["p99_ms"],
              ", ".join("%s %d" % kv for kv in sorted(x["outcomes"].items()))))
         c = storm["ceiling"]
-        w("| ceiling (answers at once: the client's own floor) | — | %d | %d | %.3f s | %s ms | "
+        w("| ceiling (answers at once: the client's and loopback's own floor) | — | %d | %d | "
+          "%.3f s | %s ms | "
           "%s ms | — |" % (c["ok"], c["failures"], c["wall_s"], c["p50_ms"], c["p99_ms"]))
-        w("\nConnecting the %d client sockets took %.2f s (not part of the wall time); writing "
-          "all requests took %.3f s of the wall time, so with a 50 ms provider most requests "
-          "arrive after the one upstream call has landed and are hits rather than coalesced "
-          "waiters; the 2-s provider row is the same storm with every request arriving while "
-          "the call is in flight.\n"
+        w("\nConnecting the %d client sockets took %.2f s (not part of the wall time); handing "
+          "every request to its connection took %.3f s of the wall time. Requests that reach the "
+          "sidecar while the one upstream call is in flight are coalesced waiters; any that "
+          "arrive after it landed are hits. The 2-s provider row is the same storm with every "
+          "request arriving while the call is in flight.\n"
           % (storm["n"], v["connect_s"], v["send_s"]))
 
     if isinstance(story, dict):
         d, s = story["direct"], story["via_sidecar"]
         w("\n## 3. The story: a provider that allows 10 token calls per second\n")
         w("%d clients sharing %d credential sets (%d replicas each) each fetch a token every "
-          "%.0f s for %d s (`bench/client.py story`); the provider allows 10 token calls in any "
-          "one-second window and answers 429 with `Retry-After` beyond that; tokens live %d s; "
+          "%.0f s for %d s (`bench/clients.lua`, a wrk thread per client); the provider allows 10 "
+          "token calls in each second and answers 429 with `Retry-After` beyond that; tokens "
+          "live %d s; "
           "the provider adds 50 ms per token."
           "\n" % (story["clients"], story["keys"], story["clients"] // story["keys"],
                   story["interval_s"], story["duration_s"], story["lifetime_s"]))
@@ -969,7 +1040,7 @@ def render(run, info, results, argv):
             w("| %s | %d | %d | %d | %d | %d (%d ok, %d × 429) |"
               % (name, x["requests"], x["ok"], x["throttled_429"],
                  x["errors"] - x["throttled_429"], x["upstream_calls"].get("calls", 0),
-                 x["upstream_calls"].get("ok", 0), x["upstream_calls"].get("throttled", 0)))
+                 x["upstream_calls"].get("issued", 0), x["upstream_calls"].get("throttled", 0)))
         w("\nExpected upstream calls through the sidecar: %d keys × (1 + ⌊%d s / (0.8 × %d s)⌋) "
           "= %d (refresh jitter can add one refresh per key near the end). Sidecar outcomes: %s.\n"
           % (story["keys"], story["duration_s"], story["lifetime_s"],
@@ -978,9 +1049,9 @@ def render(run, info, results, argv):
 
     if isinstance(burst, dict):
         w("\n## 4. The burst: a provider whose limit is below the cold-key burst\n")
-        w("The story's load (`bench/client.py story`: %d clients sharing %d credential sets, a "
-          "token every %.0f s for %d s) against a provider that allows %d token calls in any "
-          "one-second window, fewer than the %d cold keys that all ask at once; beyond that it "
+        w("The story's load (`bench/clients.lua`: %d clients sharing %d credential sets, a "
+          "token every %.0f s for %d s) against a provider that allows %d token calls in each "
+          "second, fewer than the %d cold keys that all ask at once; beyond that it "
           "answers 429 with `Retry-After` (sent this run: %s); 50 ms per token, tokens live %d s. "
           "Three legs, each with its own provider: directly, through the sidecar with default "
           "settings (`absorb_hold` 5 s: a hold that ends in time is waited out with the callers "
@@ -1003,7 +1074,7 @@ def render(run, info, results, argv):
             w("| %s | %d | %d | %d | %d | %.0f ms | %d (%d ok, %d × 429) | %s | %s |"
               % (name, x["requests"], x["ok"], x["throttled_429"],
                  x["errors"] - x["throttled_429"], x["max_ms"] or 0,
-                 x["upstream_calls"].get("calls", 0), x["upstream_calls"].get("ok", 0),
+                 x["upstream_calls"].get("calls", 0), x["upstream_calls"].get("issued", 0),
                  x["upstream_calls"].get("throttled", 0),
                  "%d" % x["sidecar_outcomes"]["cooldown"] if "sidecar_outcomes" in x else "—",
                  "%d" % x["holds_absorbed"] if "holds_absorbed" in x else "—"))
@@ -1022,7 +1093,8 @@ def render(run, info, results, argv):
         dr, el = steady["during_refresh"], steady["elsewhere"]
         w("\n## 5. Steady state with rotation\n")
         w("%d keep-alive connections in a closed loop over %d keys for %.0f s "
-          "(`bench/client.py steady`); tokens live %d s, the provider adds 50 ms. A request is "
+          "(`bench/clients.lua`, a wrk thread per connection); tokens live %d s, the provider adds "
+          "50 ms. A request is "
           "\"during a refresh\" if it started between 20 ms before a background refresh reached "
           "the provider and 20 ms after its answer left (%d refresh windows, from the provider's "
           "call log); first calls per key and the first second are left out.\n"
@@ -1035,8 +1107,8 @@ def render(run, info, results, argv):
           % (el["requests"], el["p50_ms"], el["p99_ms"], el["max_ms"]))
         w("\nUpstream calls per key (first fetch + refreshes): %s, mean %.2f, so %.2f refreshes "
           "per key against the issue's %.0f / (0.8 × %d) = %.1f (the design's 0–5 %% refresh "
-          "jitter moves refreshes up to 0.5 s earlier). %d requests at %.0f req/s (the Python "
-          "client is the bottleneck); statuses %s; sidecar outcomes: %s.\n"
+          "jitter moves refreshes up to 0.5 s earlier). %d requests at %.0f req/s; statuses %s; "
+          "sidecar outcomes: %s.\n"
           % (steady["upstream_calls_per_key"], steady["upstream_calls_per_key_mean"],
              steady["upstream_calls_per_key_mean"] - 1, steady["duration_s"],
              steady["lifetime_s"], steady["target_calls_per_key"],
@@ -1089,7 +1161,7 @@ def render(run, info, results, argv):
     w("```")
     w("bash bench/run.sh%s" % (" " + " ".join(argv) if argv else ""))
     w("cargo build --release --bin token-sidecar")
-    w("cargo build --release --example ceiling")
+    w("cargo build --release --example ceiling --example provider --example storm")
     if run.profile:
         w("CARGO_TARGET_DIR=target/bench-profile CARGO_PROFILE_RELEASE_STRIP=none "
           "CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --bin token-sidecar")

@@ -107,7 +107,7 @@ def main():
     run.scenario = "compare"
     setups = {}
     try:
-        prov, prov_addr = bench.start_provider(run, "compare-provider", lifetime=3600,
+        prov, prov_addr = bench.start_provider(run, "compare-provider", lifetime=3600, call_log=0,
                                                token_bytes=1024)
         binaries = {"base": args.base, "new": args.new}
         cpus = bench.isolation_cpus()

@@ -4,9 +4,10 @@
 #
 #   bash bench/compare.sh BASE_REV [--rounds N] [--seconds S]
 #
-# Builds the working tree (cargo build --release) and BASE_REV (in a detached git worktree under
-# $CARGO_TARGET_DIR/compare, with its own target directory), then runs bench/compare.py. Writes
-# bench/out/COMPARE.md. Everything runs on 127.0.0.1; needs wrk (installed if missing).
+# Builds the working tree (cargo build --release, then the provider example) and BASE_REV (in a
+# detached git worktree under $CARGO_TARGET_DIR/compare, with its own target directory), then runs
+# bench/compare.py. Writes bench/out/COMPARE.md. Everything runs on 127.0.0.1; needs wrk
+# (installed if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: $0 BASE_REV [--rounds N] [--seconds S]" >&2; exit 64; }
@@ -23,6 +24,8 @@ fi
 target=${CARGO_TARGET_DIR:-target}
 case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 cargo build --release --bin token-sidecar
+# The provider both builds are served by, built apart so the binary keeps its own features.
+cargo build --release --example provider
 new_bin="$target/release/token-sidecar"
 
 work="$target/compare"

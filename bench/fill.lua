@@ -1,11 +1,15 @@
--- wrk script for the memory scenario: request i asks for client "fill-i", so each request is a new
--- cache key, until N (the first script argument, default 100000) answers have arrived; the thread
--- then stops. Requests still in flight past N wrap around to keys already cached.
+-- wrk script for the memory scenario and the fleet's cold misses: request i asks for client
+-- "fill-i", so each request is a new cache key, until N (the first script argument, default
+-- 100000) answers have arrived; the thread then stops and appends a line to the file named by the
+-- second argument, if any (wrk's main thread sleeps out its whole -d: bench.py interrupts it once
+-- the line is there). Requests still in flight past N wrap around to keys already cached.
 
 local n, sent, answered, failed = 100000, 0, 0, 0
+local done_file, finished = nil, false
 
 function init(args)
   if args[1] then n = tonumber(args[1]) end
+  done_file = args[2]
 end
 
 function request()
@@ -20,7 +24,15 @@ end
 function response(status, headers, body)
   answered = answered + 1
   if status ~= 200 then failed = failed + 1 end
-  if answered >= n then wrk.thread:stop() end
+  if answered >= n and not finished then
+    finished = true
+    if done_file then
+      local f = assert(io.open(done_file, "a"))
+      f:write("done\n")
+      f:close()
+    end
+    wrk.thread:stop()
+  end
 end
 
 function done(summary, latency, requests)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point of the benchmark suite.
 #
-#   bash bench/run.sh            full run (about 7 minutes): writes bench/RESULTS.md
+#   bash bench/run.sh            full run (about 9 minutes): writes bench/RESULTS.md
 #   bash bench/run.sh --quick    a few seconds per scenario, small N: writes bench/out/RESULTS.md
 #                                and exits non-zero only if a scenario failed to run
 #   bash bench/run.sh --profile  also profiles the hit path with perf (builds a symbolized copy
@@ -32,11 +32,12 @@ if [ "$profile" = 1 ] && ! command -v perf >/dev/null 2>&1; then
   exit 1
 fi
 
-# Two invocations: building the example in the same one would unify the dev-dependencies'
+# Two invocations: building the examples in the same one would unify the dev-dependencies'
 # features (tokio's test-util and others) into the binary, which would then not be the one
-# `cargo build --release` gives users.
+# `cargo build --release` gives users. The examples: the loopback ceiling, the fake provider
+# (the project's own, src/demo/provider.rs) and the cold storm's client.
 cargo build --release --bin token-sidecar
-cargo build --release --example ceiling
+cargo build --release --example ceiling --example provider --example storm
 if [ "$profile" = 1 ]; then
   # Same source and profile, but with symbols and line tables, in a separate target directory so
   # the measured binary stays exactly the release one. Cargo.toml is not touched.

@@ -4,11 +4,12 @@
 #
 #   bench/soak.sh [MINUTES]      default 10
 #
-# Starts (all on 127.0.0.1, ports picked free): bench/soak.py's provider (expires_in 10 s; a few
-# per cent each of 429 + Retry-After: 1, 503, 500, dropped connections, 2 s answers and garbage),
-# the sidecar (RUST_LOG=warn), and bench/soak.py's load (50 keep-alive clients over 20 credential
-# sets at 2000 req/s in all). Writes bench/out/soak-<UTC time>/ (summary.txt, summary.json, logs)
-# and prints the summary. Everything it starts is stopped on exit, however it exits.
+# Starts (all on 127.0.0.1, ports picked free): the project's provider (bench/provider.rs:
+# expires_in 10 s; a few per cent each of 429 + Retry-After: 1, 503, 500, dropped connections, 2 s
+# answers and garbage), the sidecar (RUST_LOG=warn), and bench/soak.py's load (wrk with
+# bench/clients.lua: 50 keep-alive clients over 20 credential sets at 2000 req/s in all). Writes
+# bench/out/soak-<UTC time>/ (summary.txt, summary.json, logs) and prints the summary. Everything
+# it starts is stopped on exit, however it exits.
 # Extra load options can be passed through SOAK_LOAD_ARGS (e.g. "--rate 0" for unthrottled).
 set -euo pipefail
 
@@ -38,17 +39,23 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-echo "== building the release binary"
+echo "== building the release binary and the provider"
+# Two invocations, as in bench/run.sh: the example's dev-dependencies must not change the binary.
 cargo build --release --bin token-sidecar
-bin=target/release/token-sidecar
+cargo build --release --example provider
+target=${CARGO_TARGET_DIR:-target}
+bin=$target/release/token-sidecar
+provider=$target/release/examples/provider
+# The provider's faults, per token call; the load's estimate of upstream calls uses the same.
+faults="429=0.03,503=0.02,500=0.03,drop=0.02,slow=0.03,garbage=0.02"
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 echo "== starting the fake provider"
-python3 bench/soak.py provider --port-file "$out/provider.port" --lifetime 10 \
-  --max-seconds "$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 600 }')" \
+"$provider" --port-file "$out/provider.port" --lifetime 10 --token-bytes 0 --faults "$faults" \
+  --call-log 10000000 --max-seconds "$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 600 }')" \
   >"$out/provider.log" 2>&1 &
 pids+=($!)
 for ((i = 0; i < 100; i++)); do
@@ -91,11 +98,11 @@ status=0
 # shellcheck disable=SC2086 # SOAK_LOAD_ARGS is a list of options on purpose
 python3 bench/soak.py load --sidecar "127.0.0.1:$listen_port" --admin "127.0.0.1:$admin_port" \
   --provider "127.0.0.1:$provider_port" --pid "$sidecar_pid" --minutes "$minutes" \
-  --out "$out" ${SOAK_LOAD_ARGS:-} || status=$?
+  --faults "$faults" --out "$out" ${SOAK_LOAD_ARGS:-} || status=$?
 
 # The log at warn level: faults show up here; no credential may.
 warns=$(grep -c 'WARN' "$out/sidecar.log" || true)
-leaks=$(grep -c 'soak-secret-\|tok-soak-client' "$out/sidecar.log" || true)
+leaks=$(grep -c 'soak-secret-\|tok-[0-9]' "$out/sidecar.log" || true)
 
 echo "== stopping the sidecar (SIGTERM)"
 kill -TERM "$sidecar_pid"

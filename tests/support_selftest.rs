@@ -151,6 +151,52 @@ async fn status_retry_after_is_verbatim() {
 }
 
 #[tokio::test]
+async fn the_call_log_names_each_calls_client_status_and_token_and_tokens_are_padded() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    idp.set_call_log_limit(3);
+    idp.set_token_bytes(64);
+    idp.push(Answer::status(429, Some("7")));
+
+    let throttled = post_form(&c, &url, &format!("{CC}&client_id=a&client_secret=s"), None).await;
+    assert_eq!(throttled.status, 429);
+    let ok = post_form(&c, &url, CC, Some(("b", "s"))).await;
+    let token = ok.json()["access_token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("tok-") && token.ends_with('x') && token.len() == 64);
+    post_form(&c, &url, CC, None).await;
+    post_form(&c, &url, CC, None).await; // past the log's bound
+
+    let calls = idp.calls();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[0].client_id.as_deref(), Some("a"));
+    assert_eq!(calls[0].status.map(|s| s.as_u16()), Some(429));
+    assert_eq!(calls[0].retry_after.as_deref(), Some("7"));
+    assert_eq!(calls[0].access_token, None);
+    assert_eq!(calls[1].client_id.as_deref(), Some("b"));
+    assert_eq!(calls[1].access_token.as_deref(), Some(token.as_str()));
+    assert_eq!(calls[2].client_id, None);
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.arrived <= c.answered && c.answered <= idp.clock())
+    );
+}
+
+#[tokio::test]
+async fn a_mix_draws_faults_at_their_rates_after_the_queue() {
+    let idp = FakeProvider::start().await;
+    let c = client();
+    let url = format!("{}/token", idp.url());
+    idp.set_mix(&[(1.0, Answer::status(503, None))], 1);
+    idp.push(Answer::token(60));
+    assert_eq!(post_form(&c, &url, CC, None).await.status, 200);
+    assert_eq!(post_form(&c, &url, CC, None).await.status, 503);
+    idp.set_mix(&[(0.0, Answer::status(503, None))], 1);
+    assert_eq!(post_form(&c, &url, CC, None).await.status, 200);
+}
+
+#[tokio::test]
 async fn client_credentials_are_checked() {
     let idp = FakeProvider::start().await;
     let c = client();

@@ -3,17 +3,28 @@
 //! tests serve (`tests/support` wraps it), so the demo and the tests cannot drift apart.
 //!
 //! A token call (a `POST` on any path ending in `/token`) goes through the steps a real provider
-//! takes: the call's latency, a rate limit per whole second answered `429` with `Retry-After`,
+//! takes: the call's latency, a rate limit per second answered `429` with `Retry-After` (after
+//! the latency, or before it when it stands for a gateway's),
 //! the client's credentials (HTTP Basic per RFC 6749 §2.3.1, or in the form), then a single-use
 //! refresh-token rotation for `grant_type=refresh_token` and the next scripted [`Answer`] for any
 //! other grant (one-shot answers first, then a default). A `GET` on a path ending in
 //! `/api/v2/users/me` stands in for a resource server: it accepts the bearer tokens this provider
 //! issued, or those of a provider whose tokens it accepts. Everything is counted ([`Counts`]) and,
-//! up to a bound, recorded ([`Recorded`]).
+//! up to a bound, recorded ([`Recorded`]); token calls can also be logged with their times, client
+//! id, status and token ([`Call`], in [`calls`]).
 //!
 //! The demo's throttling provider is one configuration of it ([`Behaviour`]). The tests' utility
 //! endpoints (echo, downloads, uploads, WebSocket) and HTTPS need dev-only crates, so they live in
-//! `tests/support`, which serves them around [`Provider::answer`].
+//! `tests/support`, which serves them around [`Provider::answer`]. The benchmark's provider
+//! (`bench/provider.rs`) is another configuration: real-sized tokens, a call log, and a seeded
+//! mix of faults ([`mix`]).
+
+mod calls;
+mod form;
+mod limit;
+mod mix;
+
+pub use calls::Call;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -23,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header, request};
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -34,6 +44,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use form::{form_get, parse_form, presented};
 
 /// The demo client's credentials.
 pub const CLIENT_ID: &str = "demo-app";
@@ -202,13 +214,10 @@ impl Drop for InProgress<'_> {
 /// What the provider has been told to do, and what it remembers.
 #[derive(Debug)]
 struct Script {
-    /// Time every token call takes before anything is decided.
+    /// Time every token call takes before anything is decided (but by a gateway's rate limit).
     latency: Duration,
-    /// Token calls allowed per whole second of the provider's clock (every call counts, rejected
-    /// ones too, as at a real provider); past it, 429 with `Retry-After: 1`. `None`: no limit.
-    rate_limit: Option<u64>,
-    /// The second the rate window is for, and the calls in it.
-    window: (u64, u64),
+    /// Token calls allowed per second; past it, 429 with `Retry-After: 1`. `None`: no limit.
+    rate_limit: Option<limit::RateLimit>,
     /// The `(client_id, client_secret)` pairs a token call must present; empty: anyone.
     clients: Vec<(String, String)>,
     /// One-shot answers, consumed first in, first out before `default`; bounded by the script.
@@ -224,6 +233,12 @@ struct Script {
     /// Access tokens the API endpoint accepts, bounded by [`MAX_ISSUED`]; a set that
     /// [`Provider::accept_tokens_of`] can share with another provider.
     issued: Arc<Mutex<HashSet<String>>>,
+    /// Smallest access token issued: `tok-<n>` is padded with `x` up to it (0: no padding).
+    token_bytes: usize,
+    /// Answers drawn at random before `default`, once the one-shot queue is empty.
+    mix: Option<mix::Mix>,
+    /// Token calls as answered, up to the log's bound (none by default).
+    calls: calls::CallLog,
 }
 
 #[derive(Debug)]
@@ -266,7 +281,6 @@ impl Provider {
         let script = Script {
             latency: Duration::ZERO,
             rate_limit: None,
-            window: (0, 0),
             clients: Vec::new(),
             queue: VecDeque::new(),
             default: Answer::token(3600),
@@ -275,6 +289,9 @@ impl Provider {
             recorded: Vec::new(),
             record_limit: DEFAULT_RECORD_LIMIT,
             issued: Arc::default(),
+            token_bytes: 0,
+            mix: None,
+            calls: calls::CallLog::default(),
         };
         Provider {
             addr,
@@ -358,12 +375,21 @@ impl Provider {
             .collect();
     }
 
-    /// Allows at most `calls` token calls per second, like a throttling provider.
+    /// Allows at most `calls` token calls per whole second of the provider's clock, every call
+    /// counting (rejected ones too, as at a real provider), like a throttling provider.
     pub fn set_rate_limit(&self, calls: u64) {
-        self.script().rate_limit = Some(calls);
+        self.script().rate_limit = Some(limit::RateLimit::fixed(calls));
     }
 
-    /// Time every token call takes before the rate limit and the credentials are looked at.
+    /// Allows at most `calls` admitted token calls in any rolling second, decided as a call
+    /// arrives and refused at once, as a gateway in front of the provider does; a refused call
+    /// does not count (see [`limit`]).
+    pub fn set_rolling_rate_limit(&self, calls: u64) {
+        self.script().rate_limit = Some(limit::RateLimit::rolling(calls));
+    }
+
+    /// Time every token call takes before the rate limit and the credentials are looked at (a
+    /// rolling rate limit, a gateway's, decides before it).
     pub fn set_latency(&self, latency: Duration) {
         self.script().latency = latency;
     }
@@ -376,6 +402,24 @@ impl Provider {
     /// Keeps at most `limit` requests for [`Provider::recorded`] (counting goes on regardless).
     pub fn set_record_limit(&self, limit: usize) {
         self.script().record_limit = limit;
+    }
+
+    /// Logs the first `limit` token calls for [`Provider::calls`] (none until this is called).
+    pub fn set_call_log_limit(&self, limit: usize) {
+        self.script().calls.set_limit(limit);
+    }
+
+    /// Pads every access token issued from now on to at least `bytes` bytes, as real tokens
+    /// (signed JWTs) are long: `tok-<n>` followed by `x`s.
+    pub fn set_token_bytes(&self, bytes: usize) {
+        self.script().token_bytes = bytes;
+    }
+
+    /// Draws each token call's answer (once the one-shot queue is empty) from `answers`: each
+    /// `(rate, answer)` with probability `rate`, the default the rest of the time, from a
+    /// generator seeded with `seed`. Panics when the rates add up to more than 1.
+    pub fn set_mix(&self, answers: &[(f64, Answer)], seed: u64) {
+        self.script().mix = Some(mix::Mix::new(answers, seed));
     }
 
     /// Registers and returns a fresh, valid, unused refresh token `rt-<m>`.
@@ -423,6 +467,17 @@ impl Provider {
     /// The requests received, in arrival order (each appended once its body has been read).
     pub fn recorded(&self) -> Vec<Recorded> {
         self.script().recorded.clone()
+    }
+
+    /// The token calls logged so far, in the order they were answered
+    /// ([`Provider::set_call_log_limit`]).
+    pub fn calls(&self) -> Vec<Call> {
+        self.script().calls.rows()
+    }
+
+    /// Time since the provider was created: the clock of [`Call`]'s times.
+    pub fn clock(&self) -> Duration {
+        self.state.epoch.elapsed()
     }
 }
 
@@ -474,22 +529,44 @@ impl Provider {
         }
     }
 
-    /// A token call, step by step as a real provider takes it.
+    /// A token call: answered step by step ([`Provider::token_answer`]), then logged.
     async fn token_call(&self, request: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
+        let arrived = self.clock();
         self.counts.calls.fetch_add(1, Ordering::SeqCst);
         let _in_progress = InProgress::enter(&self.counts);
         let (parts, body) = request.into_parts();
         let body = read(body).await?;
         self.record(&parts, body.clone());
         let form = parse_form(&body);
-        let latency = self.script().latency;
+        let presented = presented(&parts.headers, &form);
+        let answer = self.token_answer(presented.as_ref(), &form).await;
+        let client_id = presented.map(|(id, _)| id);
+        let times = (arrived, self.clock());
+        self.script().calls.push(times, client_id, &answer);
+        answer
+    }
+
+    /// The answer to a token call, step by step as a real provider takes it.
+    async fn token_answer(
+        &self,
+        presented: Option<&(String, String)>,
+        form: &[(String, String)],
+    ) -> io::Result<Response<Full<Bytes>>> {
+        let (latency, at_arrival) = {
+            let script = self.script();
+            let at_arrival = script.rate_limit.as_ref().is_some_and(|l| l.at_arrival());
+            (script.latency, at_arrival)
+        };
+        if at_arrival && self.over_rate_limit() {
+            return Ok(throttled());
+        }
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        if self.over_rate_limit() {
+        if !at_arrival && self.over_rate_limit() {
             return Ok(throttled());
         }
-        if !self.client_ok(&parts.headers, &form) {
+        if !self.client_ok(presented) {
             let mut response = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -497,52 +574,37 @@ impl Provider {
             );
             return Ok(response);
         }
-        if form_get(&form, "grant_type") == Some("refresh_token") {
-            return Ok(self.refresh(&form).await);
+        if form_get(form, "grant_type") == Some("refresh_token") {
+            return Ok(self.refresh(form).await);
         }
         let answer = {
             let mut script = self.script();
-            script
-                .queue
-                .pop_front()
-                .unwrap_or_else(|| script.default.clone())
+            let drawn = script.queue.pop_front();
+            let drawn = drawn.or_else(|| script.mix.as_mut().and_then(mix::Mix::draw));
+            drawn.unwrap_or_else(|| script.default.clone())
         };
-        self.scripted(answer, &form).await
+        self.scripted(answer, form).await
     }
 
     /// Counts a call against the rate limit; true if it is over.
     fn over_rate_limit(&self) -> bool {
-        let second = self.state.epoch.elapsed().as_secs();
-        let mut script = self.script();
-        let Some(limit) = script.rate_limit else {
-            return false;
-        };
-        if script.window.0 != second {
-            script.window = (second, 0);
-        }
-        script.window.1 += 1;
-        let over = script.window.1 > limit;
+        let now = self.clock();
+        let over = self
+            .script()
+            .rate_limit
+            .as_mut()
+            .is_some_and(|limit| limit.over(now));
         if over {
             self.counts.throttled.fetch_add(1, Ordering::SeqCst);
         }
         over
     }
 
-    /// Whether the call authenticates as a configured client (always, when none is configured).
-    /// An `Authorization` header wins over form parameters.
-    fn client_ok(&self, headers: &HeaderMap, form: &[(String, String)]) -> bool {
-        let clients = self.script().clients.clone();
-        if clients.is_empty() {
-            return true;
-        }
-        let presented = match headers.get(header::AUTHORIZATION) {
-            Some(value) => parse_basic(value),
-            None => form_get(form, "client_id").map(|id| {
-                let secret = form_get(form, "client_secret").unwrap_or_default();
-                (id.to_owned(), secret.to_owned())
-            }),
-        };
-        presented.is_some_and(|(id, secret)| clients.iter().any(|(i, s)| *i == id && *s == secret))
+    /// Whether the credentials presented are a configured client's (always, when none is
+    /// configured).
+    fn client_ok(&self, presented: Option<&(String, String)>) -> bool {
+        let script = self.script();
+        script.clients.is_empty() || presented.is_some_and(|p| script.clients.contains(p))
     }
 
     async fn scripted(
@@ -553,8 +615,9 @@ impl Provider {
         match answer {
             Answer::Token { expires_in, delay } => {
                 tokio::time::sleep(delay).await;
+                let access_token = self.issue_access_token();
                 let mut body = serde_json::json!({
-                    "access_token": self.issue_access_token(),
+                    "access_token": access_token,
                     "token_type": "bearer",
                     "expires_in": expires_in,
                 });
@@ -563,6 +626,9 @@ impl Provider {
                 }
                 let mut response = json(StatusCode::OK, body.to_string());
                 response.extensions_mut().insert(Issued);
+                response
+                    .extensions_mut()
+                    .insert(calls::IssuedToken(access_token));
                 Ok(response)
             }
             Answer::Json(body) => Ok(json(StatusCode::OK, body)),
@@ -615,21 +681,33 @@ impl Provider {
         let Some(refresh_token) = rotated else {
             return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
         };
+        let access_token = self.issue_access_token();
         let body = serde_json::json!({
-            "access_token": self.issue_access_token(),
+            "access_token": access_token,
             "token_type": "bearer",
             "expires_in": REFRESHED_LIFETIME,
             "refresh_token": refresh_token,
         });
-        json(StatusCode::OK, body.to_string())
+        let mut response = json(StatusCode::OK, body.to_string());
+        response
+            .extensions_mut()
+            .insert(calls::IssuedToken(access_token));
+        response
     }
 
-    /// A fresh `tok-<n>` access token, remembered for the API endpoint.
+    /// A fresh `tok-<n>` access token, padded to the script's size, remembered for the API
+    /// endpoint.
     fn issue_access_token(&self) -> String {
-        let token = format!("tok-{}", NEXT_TOKEN.fetch_add(1, Ordering::SeqCst));
+        let mut token = format!("tok-{}", NEXT_TOKEN.fetch_add(1, Ordering::SeqCst));
         self.counts.issued.fetch_add(1, Ordering::SeqCst);
         // The set's handle first: the two locks are never held together.
-        let issued = self.script().issued.clone();
+        let (issued, bytes) = {
+            let script = self.script();
+            (script.issued.clone(), script.token_bytes)
+        };
+        if token.len() < bytes {
+            token.extend(std::iter::repeat_n('x', bytes - token.len()));
+        }
         let mut issued = lock(&issued);
         if issued.len() >= MAX_ISSUED {
             issued.clear();
@@ -704,63 +782,4 @@ fn throttled() -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
-}
-
-/// Decodes `Basic base64(form_encode(id) ":" form_encode(secret))` (RFC 6749 §2.3.1).
-fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
-    let (scheme, rest) = value.to_str().ok()?.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    Some((form_decode(id), form_decode(secret)))
-}
-
-/// An `application/x-www-form-urlencoded` body as ordered pairs.
-fn parse_form(body: &[u8]) -> Vec<(String, String)> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (form_decode(k), form_decode(v))
-        })
-        .collect()
-}
-
-fn form_get<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
-/// `application/x-www-form-urlencoded` decoding of one name or value (`+` is a space).
-fn form_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(&s.replace('+', " "))
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forms_and_basic_credentials_are_decoded_as_rfc_6749_says() {
-        let form = parse_form(b"grant_type=client_credentials&client_id=a%3Ab&scope=x+y&flag&");
-        assert_eq!(form_get(&form, "client_id"), Some("a:b"));
-        assert_eq!(form_get(&form, "scope"), Some("x y"));
-        assert_eq!(form_get(&form, "flag"), Some(""));
-        assert_eq!(form_get(&form, "missing"), None);
-        // base64("svc%3Aa:s3+cr%2Bt") in either case of the scheme.
-        let encoded = base64::engine::general_purpose::STANDARD.encode("svc%3Aa:s3+cr%2Bt");
-        for scheme in ["Basic", "basic"] {
-            let value = HeaderValue::from_str(&format!("{scheme} {encoded}")).unwrap();
-            let expected = ("svc:a".to_owned(), "s3 cr+t".to_owned());
-            assert_eq!(parse_basic(&value), Some(expected));
-        }
-        assert_eq!(parse_basic(&HeaderValue::from_static("Bearer x")), None);
-    }
 }
