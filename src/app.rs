@@ -151,12 +151,12 @@ impl App {
                 route_metrics,
                 process,
             );
-            routes.push(router::Route {
-                prefix: route.path_prefix.clone(),
-                strip: route.strip_prefix,
-                token: Arc::new(token),
+            routes.push(router::Route::new(
+                &route.path_prefix,
+                route.strip_prefix,
+                Arc::new(token),
                 forwarder,
-            });
+            ));
         }
         let states: Vec<Weak<dyn RouteState>> = routes
             .iter()

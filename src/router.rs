@@ -25,10 +25,32 @@ use crate::token::TokenRoute;
 /// One route's running parts, as the dispatcher sees them.
 #[derive(Debug, Clone)]
 pub(crate) struct Route {
+    /// The `path_prefix` as configured, for logs.
     pub(crate) prefix: String,
-    pub(crate) strip: bool,
+    /// Its match key (see [`crate::path::match_key`]) and segment count, made once.
+    prefix_key: String,
+    prefix_segments: usize,
+    strip: bool,
     pub(crate) token: Arc<TokenRoute>,
-    pub(crate) forwarder: Arc<Forwarder>,
+    forwarder: Arc<Forwarder>,
+}
+
+impl Route {
+    pub(crate) fn new(
+        prefix: &str,
+        strip: bool,
+        token: Arc<TokenRoute>,
+        forwarder: Arc<Forwarder>,
+    ) -> Route {
+        Route {
+            prefix: prefix.to_owned(),
+            prefix_key: crate::path::match_key(prefix).into_owned(),
+            prefix_segments: crate::path::segments(prefix),
+            strip,
+            token,
+            forwarder,
+        }
+    }
 }
 
 /// Sends a request to the route its path selects, then to that route's token path or forwarder.
@@ -111,19 +133,16 @@ impl Target {
         // Sorted longest prefix first, so the first that covers the path is the longest.
         let route = routes
             .iter()
-            .position(|route| crate::path::covers(&crate::path::match_key(&route.prefix), &key))
+            .position(|route| crate::path::covers(&route.prefix_key, &key))
             .ok_or(Error::NoRoute)?;
-        let rest = match routes[route].strip {
+        let (rest, rest_key) = match routes[route].strip {
             true => {
-                let count = crate::path::segments(&routes[route].prefix);
-                crate::path::strip_segments(&normal, count)
+                let rest = crate::path::strip_segments(&normal, routes[route].prefix_segments);
+                (rest, crate::path::match_key(rest))
             }
-            false => &normal,
+            false => (&*normal, key),
         };
-        if let Some(token_path) = routes[route]
-            .token
-            .token_path(&crate::path::match_key(rest))
-        {
+        if let Some(token_path) = routes[route].token.token_path(&rest_key) {
             let rewrite = (token_path != path).then(|| token_path.to_owned());
             return Ok(Target {
                 route,
@@ -152,7 +171,7 @@ pub(crate) type ListenerService = CatchPanic<Dispatch, PanicHandler>;
 
 /// Builds the service of one listener from its routes.
 pub(crate) fn listener_service(mut routes: Vec<Route>) -> ListenerService {
-    routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
+    routes.sort_by_key(|route| std::cmp::Reverse(route.prefix_key.len()));
     ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(internal_error as PanicHandler))
         .service(Dispatch(routes.into()))

@@ -87,7 +87,9 @@ pub(crate) struct TokenRoute {
     max_request_body: usize,
     /// How long the whole body may take to arrive.
     body_read_timeout: Duration,
-    token_paths: Vec<String>,
+    /// The route's token paths as configured (the path a token call is sent to), each with its
+    /// match key (see [`crate::path::match_key`]), made once.
+    token_paths: Vec<(String, String)>,
     /// The caller's Host goes upstream (and so into the key) instead of the upstream's.
     preserve_host: bool,
     keyer: Keyer,
@@ -130,7 +132,11 @@ impl TokenRoute {
             config: route.token.clone(),
             max_request_body: limits.max_request_body,
             body_read_timeout: limits.body_read_timeout,
-            token_paths: route.token_paths.clone(),
+            token_paths: route
+                .token_paths
+                .iter()
+                .map(|p| (crate::path::match_key(p).into_owned(), p.clone()))
+                .collect(),
             preserve_host: route.preserve_host,
             keyer: Keyer::new(&rand::random()),
             cache: Cache::new(route.token.max_entries, route.token.pool_size),
@@ -152,8 +158,8 @@ impl TokenRoute {
     pub(crate) fn token_path(&self, key: &str) -> Option<&str> {
         self.token_paths
             .iter()
-            .find(|p| crate::path::match_key(p) == key)
-            .map(String::as_str)
+            .find(|(path_key, _)| path_key == key)
+            .map(|(_, path)| path.as_str())
     }
 
     /// Evicts idle and dead entries and forgets old cool-downs; called periodically.
