@@ -1,7 +1,8 @@
 //! Accept loops and connection settings: HTTP/1.1 and h2c on every listener, header size, count
 //! and read-time limits, HTTP/2 stream and keep-alive limits, idle timeouts, a cap on open
-//! connections (upgraded tunnels included) that closes the longest-idle connection to make room,
-//! and graceful draining on shutdown.
+//! connections (upgraded tunnels included) that makes room by closing the longest-idle
+//! connection, or else the one that has waited longest for a request body the sidecar reads
+//! (see [`awaiting_body`]), and graceful draining on shutdown.
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -46,11 +47,25 @@ const DRAIN_IDLE_DELAY: Duration = Duration::from_secs(1);
 /// new connection) until it has had no open connection for this long, or `closed` fires.
 const DRAIN_QUIET: Duration = Duration::from_millis(500);
 
+/// How often a connection waiting for a place under the cap looks again for one to close.
+const CAP_RECHECK: Duration = Duration::from_millis(100);
+
+tokio::task_local! {
+    /// The current request's place on its connection, for [`awaiting_body`].
+    static CONNECTION: InProgress;
+}
+
 /// One open connection as the listener sees it.
 #[derive(Debug)]
 struct Conn {
+    /// The listener's epoch, which the millisecond stamps count from.
+    epoch: Instant,
     /// Requests in progress (until their response head is ready).
     active: AtomicUsize,
+    /// Requests of `active` whose body the sidecar is waiting for (see [`awaiting_body`]).
+    awaiting_body: AtomicUsize,
+    /// Milliseconds since the epoch when the connection began waiting for a request body.
+    body_since_ms: AtomicU64,
     /// Milliseconds since the listener's epoch when the last request ended, or the connection
     /// opened.
     idle_since_ms: AtomicU64,
@@ -77,7 +92,10 @@ impl Registry {
 
     fn add(&self) -> (u64, Arc<Conn>) {
         let conn = Arc::new(Conn {
+            epoch: self.epoch,
             active: AtomicUsize::new(0),
+            awaiting_body: AtomicUsize::new(0),
+            body_since_ms: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(self.now_ms()),
             served: AtomicU64::new(0),
             h2: std::sync::atomic::AtomicBool::new(false),
@@ -132,22 +150,78 @@ impl Registry {
             None => false,
         }
     }
+
+    /// Asks the connection that has waited longest for a request body (and is doing nothing
+    /// else) to close; false if there is none.
+    fn close_longest_waiting_for_body(&self) -> bool {
+        let conns = self.lock();
+        let waiting = conns
+            .values()
+            .filter(|c| c.only_awaiting_body() && !c.close.is_cancelled())
+            .min_by_key(|c| c.body_since_ms.load(Ordering::Relaxed));
+        match waiting {
+            Some(conn) => {
+                conn.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Runs `read`, the reading of a request body the sidecar needs whole (a token request's form),
+/// with the request's connection marked as waiting for it from the first time it is not there
+/// yet: at the connection cap, with nothing idle to close, the connection that has waited
+/// longest for its body is closed to make room, so that a slow sender cannot keep legitimate
+/// callers out for the whole body read timeout. A body that is already here (the usual case)
+/// marks nothing.
+pub(crate) async fn awaiting_body<F: Future>(read: F) -> F::Output {
+    let mut read = pin!(read);
+    let mut mark: Option<BodyWait> = None;
+    std::future::poll_fn(|cx| {
+        let poll = read.as_mut().poll(cx);
+        if poll.is_pending() && mark.is_none() {
+            mark = BodyWait::start();
+        }
+        poll
+    })
+    .await
+}
+
+/// A request's wait for its body, counted on its connection until dropped.
+struct BodyWait(Arc<Conn>);
+
+impl BodyWait {
+    /// `None` outside a connection's request (a unit test calling the handler directly).
+    fn start() -> Option<BodyWait> {
+        CONNECTION
+            .try_with(|request| {
+                let conn = &request.conn;
+                if conn.awaiting_body.fetch_add(1, Ordering::Relaxed) == 0 {
+                    conn.body_since_ms.store(conn.now_ms(), Ordering::Relaxed);
+                }
+                BodyWait(conn.clone())
+            })
+            .ok()
+    }
+}
+
+impl Drop for BodyWait {
+    fn drop(&mut self) {
+        self.0.awaiting_body.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a request as in progress on its connection until dropped.
 struct InProgress {
     conn: Arc<Conn>,
-    registry: Arc<Registry>,
 }
 
 impl InProgress {
-    fn start(conn: &Arc<Conn>, registry: &Arc<Registry>) -> InProgress {
+    fn start(conn: &Arc<Conn>) -> InProgress {
         conn.active.fetch_add(1, Ordering::Relaxed);
         conn.served.fetch_add(1, Ordering::Relaxed);
-        InProgress {
-            conn: conn.clone(),
-            registry: registry.clone(),
-        }
+        InProgress { conn: conn.clone() }
     }
 }
 
@@ -155,7 +229,7 @@ impl Drop for InProgress {
     fn drop(&mut self) {
         self.conn
             .idle_since_ms
-            .store(self.registry.now_ms(), Ordering::Relaxed);
+            .store(self.conn.now_ms(), Ordering::Relaxed);
         self.conn.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -270,8 +344,10 @@ async fn accept(
     }
 }
 
-/// A place under the cap: at once if there is one; otherwise after closing the longest-idle
-/// connection, or once a connection ends. `None` when `stop` (the listener closing) fires first.
+/// A place under the cap: at once if there is one; otherwise once a connection ends, after
+/// closing the longest-idle connection or, with none idle, the one that has waited longest for a
+/// request body; looked for again every [`CAP_RECHECK`] while every connection is busy. `None`
+/// when `stop` (the listener closing) fires first.
 async fn slot(
     slots: &Arc<Semaphore>,
     registry: &Registry,
@@ -280,13 +356,21 @@ async fn slot(
     if let Ok(permit) = slots.clone().try_acquire_owned() {
         return Some(permit);
     }
-    if registry.close_longest_idle() {
-        debug!("connection cap reached: closing the longest-idle connection");
-    }
-    tokio::select! {
-        // Nothing closes the semaphore; if something did, the listener would stop as on `stop`.
-        permit = slots.clone().acquire_owned() => permit.ok(),
-        () = stop.cancelled() => None,
+    let acquire = slots.clone().acquire_owned();
+    let mut acquire = pin!(acquire);
+    loop {
+        if registry.close_longest_idle() {
+            debug!("connection cap reached: closing the longest-idle connection");
+        } else if registry.close_longest_waiting_for_body() {
+            debug!("connection cap reached: closing the connection waiting longest for a body");
+        }
+        tokio::select! {
+            // Nothing closes the semaphore; if something did, the listener would stop as on
+            // `stop`.
+            permit = acquire.as_mut() => return permit.ok(),
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(CAP_RECHECK) => {}
+        }
     }
 }
 
@@ -325,7 +409,7 @@ where
         limits,
         drain,
     } = task;
-    let service = tracked(service, slot, &conn, &registry, &drain);
+    let service = tracked(service, slot, &conn, &drain);
     let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let mut connection = pin!(connection);
     let mut closing: Option<Instant> = None;
@@ -353,7 +437,8 @@ where
                 return connection.await;
             }
             () = conn.close.cancelled(), if closing.is_none() => {
-                if conn.never_served() {
+                // Nothing to finish: nothing sent yet, or a body that is not coming.
+                if conn.never_served() || conn.only_awaiting_body() {
                     return Ok(());
                 }
                 connection.as_mut().graceful_shutdown();
@@ -372,13 +457,12 @@ where
 }
 
 /// `service` with each request counted on its connection (in progress until its response body
-/// is done), HTTP/2 noted, the slot handed to a request that may become a tunnel, and
+/// is done) and run knowing its connection (for [`awaiting_body`]), HTTP/2 noted, the slot handed to a request that may become a tunnel, and
 /// `Connection: close` on HTTP/1.1 answers once the listener drains.
 fn tracked<S, B>(
     service: S,
     slot: ConnectionSlot,
     conn: &Arc<Conn>,
-    registry: &Arc<Registry>,
     drain: &CancellationToken,
 ) -> impl tower::Service<
     Request<Incoming>,
@@ -399,9 +483,9 @@ where
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
 {
-    let (conn, registry, drain) = (conn.clone(), registry.clone(), drain.clone());
+    let (conn, drain) = (conn.clone(), drain.clone());
     tower::service_fn(move |mut request: Request<Incoming>| {
-        let in_progress = InProgress::start(&conn, &registry);
+        let in_progress = InProgress::start(&conn);
         let http1 = request.version() < http::Version::HTTP_2;
         if !http1 {
             conn.h2.store(true, Ordering::Relaxed);
@@ -414,7 +498,10 @@ where
         let mut service = service.clone();
         let drain = drain.clone();
         async move {
-            let mut response = tower::Service::call(&mut service, request).await;
+            let call = tower::Service::call(&mut service, request);
+            let mut call = pin!(CONNECTION.scope(in_progress, call));
+            let mut response = call.as_mut().await;
+            let in_progress = call.as_mut().take_value();
             // Draining: tell a keep-alive client to come back on a new connection.
             if let (Ok(response), true) = (&mut response, http1 && drain.is_cancelled()) {
                 response.headers_mut().insert(
@@ -446,8 +533,19 @@ enum Timer {
 }
 
 impl Conn {
+    /// Milliseconds since the listener's epoch.
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn never_served(&self) -> bool {
         self.served.load(Ordering::Relaxed) == 0
+    }
+
+    /// Every request in progress is waiting for its body.
+    fn only_awaiting_body(&self) -> bool {
+        let waiting = self.awaiting_body.load(Ordering::Relaxed);
+        waiting > 0 && waiting == self.active.load(Ordering::Relaxed)
     }
 
     /// How long the connection may sit without a request: a connection that never sent one

@@ -654,3 +654,65 @@ async fn a_flood_with_large_heads_costs_its_bound_once_and_reuses_it() {
     sidecar.terminate();
     let _ = sidecar.wait();
 }
+
+/// Issue 21: with every connection under `max_connections` busy sending a token request's body
+/// a byte at a time, a legitimate caller waited until `body_read_timeout` (10 s) freed a place.
+/// The cap now closes the connection that has waited longest for its body when none is idle,
+/// so the caller is answered at once; connections busy at the provider are never closed
+/// (faults.rs: connections_past_the_cap_wait_while_every_one_is_busy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_at_the_connection_cap_make_room_for_a_caller() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CAP: usize = 8;
+    let idp = FakeProvider::start().await;
+    let dir =
+        std::env::temp_dir().join(format!("ts-abuse-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cap.toml");
+    std::fs::write(&file, format!("[limits]\nmax_connections = {CAP}\n")).unwrap();
+    let sidecar = Running::start_args(&idp.url(), &["--config", file.to_str().unwrap()], &[]);
+    sidecar.wait_ready().await;
+    let addr = format!("127.0.0.1:{}", sidecar.listen);
+    // Every place taken by a token request whose body stops after its first byte.
+    let mut slow = Vec::new();
+    for n in 0..CAP {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /oauth/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\nx-slow: {n}\r\n\r\ng"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        slow.push(stream);
+        // The oldest waits longest: each starts waiting in turn.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let reply = post_form(
+        &client(),
+        &format!("{}/oauth/token", sidecar.url()),
+        "grant_type=client_credentials&client_id=app&client_secret=s",
+        None,
+    )
+    .await;
+    let waited = started.elapsed();
+    eprintln!(
+        "{CAP} slow bodies at the cap: a caller answered {} in {waited:?}",
+        reply.status
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered long before the 10 s body read timeout: {waited:?}"
+    );
+    // The first slow sender's connection was the one closed, without an answer.
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), slow[0].read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the longest-waiting connection was closed");
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert_eq!(
+        idp.requests(),
+        1,
+        "only the caller's request reached the provider"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -209,13 +209,11 @@ impl TokenRoute {
             }
             MediaType::Other => return self.reject(Error::UnsupportedMediaType),
         }
-        let body =
-            match request::read_form(&parts, body, self.max_request_body, self.body_read_timeout)
-                .await
-            {
-                Ok(body) => body,
-                Err(error) => return self.reject(error),
-            };
+        let read = request::read_form(&parts, body, self.max_request_body, self.body_read_timeout);
+        let body = match crate::server::awaiting_body(read).await {
+            Ok(body) => body,
+            Err(error) => return self.reject(error),
+        };
         match self.answer(parts, body) {
             Answer::Ready(response) => response,
             Answer::Pending(later) => later.await,
