@@ -15,10 +15,11 @@ use support::process::{Running, run_to_end};
 use support::redis::RedisServer;
 use support::{Answer, FakeProvider, Reply, client, send};
 
-const FORM: &str = "grant_type=client_credentials&client_id=fleet-app&client_secret=fleet-secret";
+pub(crate) const FORM: &str =
+    "grant_type=client_credentials&client_id=fleet-app&client_secret=fleet-secret";
 
 /// A file removed when dropped.
-struct TempFile(PathBuf);
+pub(crate) struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(name: &str, contents: &[u8]) -> TempFile {
@@ -43,7 +44,7 @@ impl Drop for TempFile {
 }
 
 /// A fresh fleet secret of 48 random bytes.
-fn fleet_key() -> TempFile {
+pub(crate) fn fleet_key() -> TempFile {
     TempFile::new("key", &rand::random::<[u8; 48]>())
 }
 
@@ -54,7 +55,7 @@ fn fleet_key() -> TempFile {
 /// tests that count provider calls are about sharing, and the default 75 ms budget is missed on a
 /// CI machine running four pods, Redis and the rest of the suite on two cores, after which a pod
 /// rightly goes alone (one call more). The tests of a slow or lost Redis set their own.
-async fn fleet(
+pub(crate) async fn fleet(
     idp: &FakeProvider,
     redis: &str,
     key: &TempFile,
@@ -86,7 +87,12 @@ async fn fleet(
 }
 
 /// One token request to `pod`, tagged with its index.
-async fn token(http: &support::Client, pod: &Running, index: usize, form: &str) -> Reply {
+pub(crate) async fn token(
+    http: &support::Client,
+    pod: &Running,
+    index: usize,
+    form: &str,
+) -> Reply {
     let request = http::Request::post(format!("{}/oauth/token", pod.url()))
         .header("content-type", "application/x-www-form-urlencoded")
         .header("x-pod", index.to_string())
@@ -98,7 +104,7 @@ async fn token(http: &support::Client, pod: &Running, index: usize, form: &str) 
 }
 
 /// Provider calls made by pod `index`.
-fn calls_by(idp: &FakeProvider, index: usize) -> usize {
+pub(crate) fn calls_by(idp: &FakeProvider, index: usize) -> usize {
     idp.recorded()
         .iter()
         .filter(|r| {
@@ -478,7 +484,7 @@ async fn cold_herd(redis: &RedisServer, url: &str, toml: &str, pods: usize, per:
         redis
             .dump()
             .iter()
-            .any(|(name, _)| name.starts_with(b"tsc:t:")),
+            .any(|(name, _)| name.starts_with(b"tsc:{") && name.windows(4).any(|w| w == b"}:t:")),
         "the token is in Redis"
     );
 }

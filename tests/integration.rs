@@ -11,6 +11,7 @@ mod demo;
 mod docs;
 mod faults;
 mod fleet;
+mod fleet_faults;
 mod forwarding;
 mod genesys_sdks;
 mod operations;

@@ -220,6 +220,8 @@ struct Script {
     rate_limit: Option<limit::RateLimit>,
     /// The `(client_id, client_secret)` pairs a token call must present; empty: anyone.
     clients: Vec<(String, String)>,
+    /// The answer to other credentials; `None`: 401 `invalid_client`.
+    rejection: Option<Answer>,
     /// One-shot answers, consumed first in, first out before `default`; bounded by the script.
     queue: VecDeque<Answer>,
     default: Answer,
@@ -282,6 +284,7 @@ impl Provider {
             latency: Duration::ZERO,
             rate_limit: None,
             clients: Vec::new(),
+            rejection: None,
             queue: VecDeque::new(),
             default: Answer::token(3600),
             refresh_tokens: HashMap::new(),
@@ -373,6 +376,13 @@ impl Provider {
             .iter()
             .map(|(id, secret)| ((*id).to_owned(), (*secret).to_owned()))
             .collect();
+    }
+
+    /// Answers token calls with credentials other than [`Provider::set_clients`]'s with `answer`
+    /// (a 429 with a long `Retry-After`, say, as some providers throttle guessers) instead of
+    /// 401 `invalid_client`.
+    pub fn set_rejection(&self, answer: Answer) {
+        self.script().rejection = Some(answer);
     }
 
     /// Allows at most `calls` token calls per whole second of the provider's clock, every call
@@ -567,6 +577,10 @@ impl Provider {
             return Ok(throttled());
         }
         if !self.client_ok(presented) {
+            let rejection = self.script().rejection.clone();
+            if let Some(answer) = rejection {
+                return self.scripted(answer, form).await;
+            }
             let mut response = oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

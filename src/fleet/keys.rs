@@ -1,7 +1,7 @@
 //! The fleet tier's cryptography: the keys derived from the fleet secret (HKDF-SHA256, one per
-//! purpose; `config` reads and checks the secret itself), and the sealing of what Redis holds
+//! purpose; `config` reads and checks the secret itself), the sealing of what Redis holds
 //! (AES-256-GCM with a random nonce, the Redis key name as associated data, so an entry copied
-//! to another name does not open).
+//! to another name does not open), and the MAC of cool-down deadlines.
 //!
 //! Redis sees key names that are HMACs under a derived key, and values it cannot open: the value
 //! key is derived from the fleet secret *and* the caller's whole key material, client secret
@@ -120,6 +120,45 @@ pub fn open(key: &[u8; 32], name: &str, sealed: &[u8]) -> Option<Entry> {
     Entry::decode(plain)
 }
 
+/// A fleet cool-down's value: its deadline (Unix milliseconds) and a MAC of it and the
+/// cool-down's name under `key`, so that nobody without the fleet secret can write a hold that
+/// pods obey, and a valid one copied to another client's name or replayed later does nothing
+/// (its deadline is in it).
+pub fn hold_value(key: &[u8; 32], name: &str, deadline_ms: u64) -> String {
+    let tag = hold_mac(key, name, deadline_ms);
+    let mac: String = tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{deadline_ms}.{mac}")
+}
+
+/// The deadline of a cool-down value made by [`hold_value`] for `name` under `key`; `None` if
+/// it was not (forged, altered, or another name's).
+pub fn hold_deadline(key: &[u8; 32], name: &str, value: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (deadline, mac) = text.split_once('.')?;
+    let deadline_ms: u64 = deadline.parse().ok()?;
+    let expected = hold_value(key, name, deadline_ms);
+    let expected = &expected.as_bytes()[expected.len() - 32..];
+    // Compared in constant time: the MAC is what a forger would guess at.
+    let differ = mac.len() != 32
+        || expected
+            .iter()
+            .zip(mac.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            != 0;
+    (!differ).then_some(deadline_ms)
+}
+
+fn hold_mac(key: &[u8; 32], name: &str, deadline_ms: u64) -> ring::hmac::Tag {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut context = ring::hmac::Context::with_key(&key);
+    context.update(name.as_bytes());
+    context.update(&deadline_ms.to_be_bytes());
+    context.sign()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +193,32 @@ mod tests {
             sealed,
             "a fresh nonce each time"
         );
+    }
+
+    #[test]
+    fn a_hold_value_checks_only_for_its_name_and_deadline() {
+        let key = [9u8; 32];
+        let value = hold_value(&key, "tsc:{c}:c:proven", 1_000);
+        assert_eq!(
+            hold_deadline(&key, "tsc:{c}:c:proven", value.as_bytes()),
+            Some(1_000)
+        );
+        assert_eq!(
+            hold_deadline(&[1u8; 32], "tsc:{c}:c:proven", value.as_bytes()),
+            None
+        );
+        assert_eq!(
+            hold_deadline(&key, "tsc:{d}:c:proven", value.as_bytes()),
+            None
+        );
+        let later = value.replacen("1000", "9000", 1);
+        assert_eq!(
+            hold_deadline(&key, "tsc:{c}:c:proven", later.as_bytes()),
+            None
+        );
+        for forged in [&b"1"[..], b"", b"99999999999999.", b"\xff.00"] {
+            assert_eq!(hold_deadline(&key, "tsc:{c}:c:proven", forged), None);
+        }
     }
 
     #[test]

@@ -10,9 +10,13 @@
 //! `token::fleet`.
 //!
 //! Redis holds, per key (the names are HMACs: see [`Names`]): the sealed token (`t`, TTL = its
-//! serve-until), a marker that it is still fresh (`f`, TTL = until the fleet refreshes it), the
-//! flight lock (`l`, a random owner, TTL = the request timeout, so a dead owner's lock expires),
-//! and per client the cool-down (`c`, TTL = the hold, never shortened).
+//! serve-until, which the sealed payload also carries and which wins), a marker that it is still
+//! fresh (`f`, TTL = until the fleet refreshes it), a marker that the key has had a token (`p`,
+//! so it is proven on every pod), the flight lock (`l`, a random owner, a [`LEASE`] renewed by
+//! its leader while the call runs, so a lock whose owner died or never knew it had it expires
+//! within a second), and per client two cool-downs (`c` armed by proven keys' calls, `u` by
+//! unproven ones'; TTL = the hold, never shortened; the value is its deadline under a MAC that
+//! the token path checks).
 
 pub(crate) mod breaker;
 pub mod keys;
@@ -34,27 +38,40 @@ pub use keys::Entry;
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
 
+/// How long a flight lock lasts unless its leader renews it: followers notice a leader that
+/// died (or a claim that timed out here but took the lock on Redis) within this and a poll.
+pub(crate) const LEASE: Duration = Duration::from_secs(1);
+
+/// How often a leader renews its lock while its call runs.
+const RENEW_EVERY: Duration = Duration::from_millis(250);
+
 /// One key's Redis names, from two HMACs the token path makes of the request's canonical form
 /// (`token::request::Canonical`): `id` (of the whole form) and `client` (of its client part, the
-/// route and client id, for the cool-down). Only these digests reach Redis.
+/// route and client id, for the cool-downs). Only these digests reach Redis. Every name of a key
+/// carries its client's digest as a hash tag, so each script touches one Cluster slot.
 #[derive(Debug, Clone)]
 pub(crate) struct Names {
-    /// Hex of the key's HMAC: the notice payload and the suffix of every name.
+    /// Hex of the key's HMAC: the notice payload.
     pub id: String,
     token: String,
     fresh: String,
+    proven: String,
     lock: String,
     cool: String,
+    probe_cool: String,
 }
 
 impl Names {
     pub(crate) fn new(id: &[u8; 32], client: &[u8; 32]) -> Names {
-        let id = hex(id);
+        let (id, client) = (hex(id), hex(client));
+        let name = |kind: &str, of: &str| format!("tsc:{{{client}}}:{kind}:{of}");
         Names {
-            token: format!("tsc:t:{id}"),
-            fresh: format!("tsc:f:{id}"),
-            lock: format!("tsc:l:{id}"),
-            cool: format!("tsc:c:{}", hex(client)),
+            token: name("t", &id),
+            fresh: name("f", &id),
+            proven: name("p", &id),
+            lock: name("l", &id),
+            cool: name("c", "proven"),
+            probe_cool: name("c", "unproven"),
             id,
         }
     }
@@ -62,6 +79,11 @@ impl Names {
     /// The name the sealed token is stored under, its associated data.
     pub(crate) fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The name of the cool-down that calls of a key proven or not arm.
+    pub(crate) fn cool(&self, proven: bool) -> &str {
+        if proven { &self.cool } else { &self.probe_cool }
     }
 }
 
@@ -72,46 +94,86 @@ fn hex(bytes: &[u8]) -> String {
 /// What a claim found.
 #[derive(Debug)]
 pub(crate) enum Claim {
-    /// A sealed token, with how long it may still be served and how long until the fleet
-    /// refreshes it (zero: due now).
+    /// A sealed token, with how long Redis keeps it and how long until the fleet refreshes it
+    /// (zero: due now), and the cool-down that postpones the refresh, if one is on.
     Token {
         sealed: Vec<u8>,
         serve_left: Duration,
         fresh_left: Duration,
+        hold: Option<Hold>,
     },
-    /// The client is on a fleet cool-down for this long, and no token is stored.
-    Cooldown(Duration),
+    /// The client is on a fleet cool-down, and no token is stored.
+    Cooldown(Hold),
     /// This pod took the flight lock: it calls the provider and commits.
     Lead(Lease),
     /// Another pod holds the lock: wait for its notice.
     Busy,
 }
 
-/// A held flight lock: its random owner, for the compare-and-delete.
+/// What a claim passes over: a stored token that did not open (sealed under another key,
+/// altered, or past its sealed serve-until), or cool-downs whose MAC did not check. The flight
+/// then leads, and its commit overwrites them.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Passing {
+    pub token: bool,
+    pub holds: bool,
+}
+
+/// A fleet cool-down as Redis holds it: its value (a deadline and its MAC, for the token path to
+/// check: Redis's TTL alone is not trusted), its TTL, and which of the client's two it is
+/// (armed by a proven key's call or not).
+#[derive(Debug)]
+pub(crate) struct Hold {
+    pub value: Vec<u8>,
+    pub ttl: Duration,
+    pub proven: bool,
+}
+
+/// A flight lock this pod holds, or may hold (a claim that timed out here may still have taken
+/// it on Redis): its random owner, for the compare-and-delete, whether the key is proven in the
+/// fleet (which cool-down its call's hold arms), and whether the claim passed over a forged
+/// cool-down (which the hold then overwrites). Renewed while it lives when `renewal` is set.
 #[derive(Debug)]
 pub(crate) struct Lease {
     owner: String,
+    pub proven: bool,
+    forged_hold: bool,
+    _renewal: Option<tokio_util::sync::DropGuard>,
 }
 
-/// A stored token, its fresh marker and the client's cool-down decide; else the lock is taken.
+/// A stored token, its fresh marker and the client's cool-downs decide; else the lock is taken.
+/// KEYS: token, fresh, proven marker, proven cool-down, unproven cool-down, lock. ARGV: owner,
+/// lease ms, whether the pod knows the key proven, whether to look at cool-downs (not after one
+/// was found forged), whether to look at the token (not after it did not open). An unproven key
+/// obeys both cool-downs, a proven one only the proven one.
 const CLAIM: &str = r"
-local v = redis.call('GET', KEYS[1])
+local proven = ARGV[3] == '1' or redis.call('EXISTS', KEYS[3]) == 1
+local p = proven and 1 or 0
+local v = false
+if ARGV[5] == '1' then v = redis.call('GET', KEYS[1]) end
 if v and redis.call('EXISTS', KEYS[2]) == 1 then
-  return {1, v, redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])}
+  return {1, v, redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2]), p}
 end
-local cd = redis.call('PTTL', KEYS[3])
-if cd > 0 then
-  if v then return {1, v, redis.call('PTTL', KEYS[1]), cd} end
-  return {2, cd}
+if ARGV[4] == '1' then
+  local name, which, cd = KEYS[4], 1, redis.call('PTTL', KEYS[4])
+  if not proven then
+    local ud = redis.call('PTTL', KEYS[5])
+    if ud > cd then name, which, cd = KEYS[5], 0, ud end
+  end
+  if cd > 0 then
+    local cv = redis.call('GET', name)
+    if v then return {1, v, redis.call('PTTL', KEYS[1]), cd, p, cv, which} end
+    return {2, cv, cd, p, which}
+  end
 end
-if redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {3}
+if redis.call('SET', KEYS[6], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {3, p}
 end
-return {4}
+return {4, p}
 ";
 
-/// Stores the sealed token (TTL = serve-until) and its fresh marker, frees the lock if still
-/// ours, and tells the fleet.
+/// Stores the sealed token (TTL = serve-until), its fresh marker and the key's proven marker,
+/// frees the lock if still ours, and tells the fleet.
 const COMMIT_TOKEN: &str = r"
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if tonumber(ARGV[4]) > 0 then
@@ -119,21 +181,30 @@ if tonumber(ARGV[4]) > 0 then
 else
   redis.call('DEL', KEYS[2])
 end
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 ";
 
-/// Extends the client's cool-down (never shortens it), frees the lock if still ours, and tells
-/// the fleet. A hold of 0 only frees the lock.
+/// Extends the client's cool-down (never shortens it, unless the one there was found forged),
+/// frees the lock if still ours, and tells the fleet. A hold of 0 only frees the lock.
 const COMMIT_HOLD: &str = r"
 local ms = tonumber(ARGV[2])
-if ms > 0 and redis.call('PTTL', KEYS[1]) < ms then
-  redis.call('SET', KEYS[1], '1', 'PX', ms)
+if ms > 0 and (ARGV[6] == '1' or redis.call('PTTL', KEYS[1]) < ms) then
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ms)
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
+";
+
+/// Extends a lock's lease if it is still ours.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 ";
 
 /// One process's connection to its fleet.
@@ -150,6 +221,7 @@ pub(crate) struct Fleet {
     claim: Script,
     commit_token: Script,
     commit_hold: Script,
+    renew: Script,
     /// "Landed" notices from Redis, by key id; followers subscribe before they claim.
     landed: broadcast::Sender<Arc<str>>,
     metrics: FleetMetrics,
@@ -219,6 +291,7 @@ impl Fleet {
             claim: Script::new(CLAIM),
             commit_token: Script::new(COMMIT_TOKEN),
             commit_hold: Script::new(COMMIT_HOLD),
+            renew: Script::new(RENEW),
             landed: broadcast::channel(1024).0,
             metrics,
         })
@@ -235,7 +308,12 @@ impl Fleet {
             redis::cmd("PING")
                 .query_async::<()>(&mut connection)
                 .await?;
-            for script in [&self.claim, &self.commit_token, &self.commit_hold] {
+            for script in [
+                &self.claim,
+                &self.commit_token,
+                &self.commit_hold,
+                &self.renew,
+            ] {
                 script.load_async(&mut connection).await?;
             }
             Ok::<(), redis::RedisError>(())
@@ -280,43 +358,115 @@ impl Fleet {
         self.landed.subscribe()
     }
 
-    /// One claim round trip; `None` when Redis is skipped or failed (go on alone).
-    pub(crate) async fn claim(&self, names: &Names, lock_for: Duration) -> Option<Claim> {
+    /// One claim round trip for a key the pod knows `proven` or not, looking at the stored token
+    /// and the client's cool-downs unless `passing` says to pass over them (found unreadable or
+    /// forged). `Err` when Redis is skipped or failed (go on alone), with the lease the claim may
+    /// have taken on Redis all the same, so that the pod's commit frees it (and offers its
+    /// token) if Redis answers by then.
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        names: &Names,
+        proven: bool,
+        passing: Passing,
+    ) -> Result<Claim, Option<Lease>> {
+        let flag = |on: bool| if on { "1" } else { "0" };
         let owner = hex(&rand::random::<[u8; 16]>());
         let mut invocation = self.claim.prepare_invoke();
         invocation
             .key(&names.token)
             .key(&names.fresh)
+            .key(&names.proven)
             .key(&names.cool)
+            .key(&names.probe_cool)
             .key(&names.lock)
             .arg(&owner)
-            .arg(millis(lock_for).max(1));
-        let value: Value = self
-            .call("claim", invocation.invoke_async(&mut self.manager.clone()))
-            .await?;
-        let claim = parse_claim(value, owner);
-        if claim.is_none() {
-            self.metrics.error("claim");
-        }
-        let outcome = match &claim {
-            Some(Claim::Token { .. }) => "hit",
-            Some(Claim::Cooldown(_)) => "cooldown",
-            Some(Claim::Lead(_)) => "lead",
-            Some(Claim::Busy) => "busy",
-            None => return None,
+            .arg(millis(LEASE))
+            .arg(flag(proven))
+            .arg(flag(!passing.holds))
+            .arg(flag(!passing.token));
+        let lease = |proven: bool, renewal| Lease {
+            owner: owner.clone(),
+            proven,
+            forged_hold: passing.holds,
+            _renewal: renewal,
         };
-        self.metrics.claim(outcome);
-        claim
+        let value: Value = match self
+            .call("claim", invocation.invoke_async(&mut self.manager.clone()))
+            .await
+        {
+            Outcome::Done(value) => value,
+            Outcome::Skipped => return Err(None),
+            Outcome::Failed => return Err(Some(lease(proven, None))),
+        };
+        let Some(answer) = parse_claim(value) else {
+            // Not our script's answer (a value of another type under one of the names): a
+            // miss for this key only.
+            self.metrics.error("claim");
+            return Err(Some(lease(proven, None)));
+        };
+        let claim = match answer {
+            Answer::Token {
+                sealed,
+                serve_left,
+                fresh_left,
+                hold,
+            } => Claim::Token {
+                sealed,
+                serve_left,
+                fresh_left,
+                hold,
+            },
+            Answer::Cooldown(hold) => Claim::Cooldown(hold),
+            Answer::Lead(proven) => {
+                let renewal = self.keep(names.lock.clone(), owner.clone());
+                Claim::Lead(lease(proven, Some(renewal)))
+            }
+            Answer::Busy => Claim::Busy,
+        };
+        self.metrics.claim(match &claim {
+            Claim::Token { .. } => "hit",
+            Claim::Cooldown(_) => "cooldown",
+            Claim::Lead(_) => "lead",
+            Claim::Busy => "busy",
+        });
+        Ok(claim)
+    }
+
+    /// Renews the lock `lock` of `owner` every [`RENEW_EVERY`] until the guard is dropped (the
+    /// flight committed or ended) or the lock is no longer ours.
+    fn keep(self: &Arc<Self>, lock: String, owner: String) -> tokio_util::sync::DropGuard {
+        let stop = CancellationToken::new();
+        let (fleet, done) = (self.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = done.cancelled() => return,
+                    () = tokio::time::sleep(RENEW_EVERY) => {}
+                }
+                let mut invocation = fleet.renew.prepare_invoke();
+                invocation.key(&lock).arg(&owner).arg(millis(LEASE));
+                let mut connection = fleet.manager.clone();
+                let renewed = invocation.invoke_async::<i64>(&mut connection);
+                match fleet.call("renew", renewed).await {
+                    Outcome::Done(1) => {}
+                    // Lost (expired while Redis was away, or taken over): the next commit's
+                    // compare-and-delete leaves the new owner's lock alone.
+                    Outcome::Done(_) => return,
+                    Outcome::Skipped | Outcome::Failed => {}
+                }
+            }
+        });
+        stop.drop_guard()
     }
 
     /// Counts a stored token this pod could not open (another secret or fleet key sealed it, or
-    /// it was altered): a miss.
+    /// it was altered) or a cool-down whose MAC does not check: a miss.
     pub(crate) fn unreadable(&self) {
         self.metrics.claim("unreadable");
     }
 
-    /// Stores a sealed token for `serve` (its serve-until) and `fresh` (until its refresh), frees
-    /// the lock and tells the fleet.
+    /// Stores a sealed token for `serve` (its serve-until) and `fresh` (until its refresh), marks
+    /// the key proven for `proven_for`, frees the lock and tells the fleet.
     pub(crate) async fn commit_token(
         &self,
         names: &Names,
@@ -324,58 +474,70 @@ impl Fleet {
         sealed: Vec<u8>,
         serve: Duration,
         fresh: Duration,
+        proven_for: Duration,
     ) {
         let serve = millis(serve);
         if serve == 0 {
-            return self.commit_hold(names, lease, Duration::ZERO).await;
+            return self.commit_hold(names, lease, Duration::ZERO, "").await;
         }
         let mut invocation = self.commit_token.prepare_invoke();
         invocation
             .key(&names.token)
             .key(&names.fresh)
             .key(&names.lock)
+            .key(&names.proven)
             .arg(&lease.owner)
             .arg(sealed)
             .arg(serve)
             .arg(millis(fresh).min(serve))
             .arg(LANDED)
-            .arg(&names.id);
+            .arg(&names.id)
+            .arg(millis(proven_for).max(serve));
         self.commit(invocation).await;
     }
 
-    /// Extends the client's fleet cool-down to at least `hold` (zero: none), frees the lock and
-    /// tells the fleet.
-    pub(crate) async fn commit_hold(&self, names: &Names, lease: &Lease, hold: Duration) {
+    /// Extends the cool-down the lease's key arms (proven or not) to at least `hold` (zero:
+    /// none) with `value` (its deadline and MAC), frees the lock and tells the fleet.
+    pub(crate) async fn commit_hold(
+        &self,
+        names: &Names,
+        lease: &Lease,
+        hold: Duration,
+        value: &str,
+    ) {
         let mut invocation = self.commit_hold.prepare_invoke();
         invocation
-            .key(&names.cool)
+            .key(names.cool(lease.proven))
             .key(&names.lock)
             .arg(&lease.owner)
             .arg(millis(hold))
             .arg(LANDED)
-            .arg(&names.id);
+            .arg(&names.id)
+            .arg(value)
+            .arg(if lease.forged_hold { "1" } else { "0" });
         self.commit(invocation).await;
     }
 
     async fn commit(&self, invocation: redis::ScriptInvocation<'_>) {
-        let done: Option<Value> = self
-            .call("commit", invocation.invoke_async(&mut self.manager.clone()))
+        let done = self
+            .call::<Value>("commit", invocation.invoke_async(&mut self.manager.clone()))
             .await;
-        if done.is_some() {
+        if let Outcome::Done(_) = done {
             self.metrics.claim("commit");
         }
     }
 
-    /// Runs `call` unless the breaker is open, bounded by the timeout; a failure opens the
-    /// breaker.
+    /// Runs `call` unless the breaker is open, bounded by the timeout. A failure of Redis or of
+    /// the connection opens the breaker; an error about one key's values (a wrong type under one
+    /// of its names) is that key's failure alone.
     async fn call<T>(
         &self,
         op: &'static str,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Option<T> {
+    ) -> Outcome<T> {
         if !self.breaker.allow(Instant::now()) {
             self.metrics.claim("skipped");
-            return None;
+            return Outcome::Skipped;
         }
         self.metrics.breaker(self.breaker.state() as i64);
         let why = match tokio::time::timeout(self.timeout, call).await {
@@ -385,7 +547,11 @@ impl Fleet {
                 }
                 self.breaker.success();
                 self.metrics.breaker(breaker::State::Closed as i64);
-                return Some(value);
+                return Outcome::Done(value);
+            }
+            Ok(Err(e)) if about_one_key(&e) => {
+                self.metrics.error(op);
+                return Outcome::Failed;
             }
             Ok(Err(e)) => format!("{:?}", e.kind()),
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
@@ -395,7 +561,7 @@ impl Fleet {
             warn!(redis = %self.address, op, why, "shared tier: Redis failed; each pod goes on alone until it answers again");
         }
         self.metrics.breaker(self.breaker.state() as i64);
-        None
+        Outcome::Failed
     }
 
     /// Listens for "landed" notices until `stop`, reconnecting after a backoff when the
@@ -440,13 +606,47 @@ impl Fleet {
     }
 }
 
+/// How one Redis call went.
+enum Outcome<T> {
+    Done(T),
+    /// Not sent: the breaker is open.
+    Skipped,
+    /// Sent, and no usable answer: it may have run on Redis all the same.
+    Failed,
+}
+
+/// An error Redis gave about the values under one key's names (a script error such as
+/// WRONGTYPE), not about Redis or the connection.
+fn about_one_key(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+            | redis::ErrorKind::Extension
+            | redis::ErrorKind::UnexpectedReturnType
+    )
+}
+
 /// Whole milliseconds, saturating.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A claim script's answer.
+enum Answer {
+    Token {
+        sealed: Vec<u8>,
+        serve_left: Duration,
+        fresh_left: Duration,
+        hold: Option<Hold>,
+    },
+    Cooldown(Hold),
+    /// The lock is ours; whether the key is proven in the fleet.
+    Lead(bool),
+    Busy,
+}
+
 /// A claim script's answer; `None` if it is not one (a Redis that is not ours).
-fn parse_claim(value: Value, owner: String) -> Option<Claim> {
+fn parse_claim(value: Value) -> Option<Answer> {
     let Value::Array(items) = value else {
         return None;
     };
@@ -454,21 +654,36 @@ fn parse_claim(value: Value, owner: String) -> Option<Claim> {
         Some(Value::Int(n)) => Some(*n),
         _ => None,
     };
+    let bytes = |i: usize| match items.get(i) {
+        Some(Value::BulkString(b)) => Some(b.clone()),
+        _ => None,
+    };
     let left = |i: usize| int(i).map(|ms| Duration::from_millis(ms.max(0) as u64));
     match int(0)? {
         1 => {
-            let Some(Value::BulkString(sealed)) = items.get(1) else {
-                return None;
+            let fresh_left = left(3)?;
+            let hold = match (bytes(5), int(6)) {
+                (Some(value), Some(which)) => Some(Hold {
+                    value,
+                    ttl: fresh_left,
+                    proven: which == 1,
+                }),
+                _ => None,
             };
-            Some(Claim::Token {
-                sealed: sealed.clone(),
+            Some(Answer::Token {
+                sealed: bytes(1)?,
                 serve_left: left(2)?,
-                fresh_left: left(3)?,
+                fresh_left,
+                hold,
             })
         }
-        2 => Some(Claim::Cooldown(left(1)?)),
-        3 => Some(Claim::Lead(Lease { owner })),
-        4 => Some(Claim::Busy),
+        2 => Some(Answer::Cooldown(Hold {
+            value: bytes(1)?,
+            ttl: left(2)?,
+            proven: int(4)? == 1,
+        })),
+        3 => Some(Answer::Lead(int(1)? == 1)),
+        4 => Some(Answer::Busy),
         _ => None,
     }
 }
@@ -480,7 +695,10 @@ mod tests {
     #[test]
     fn names_reveal_only_digests() {
         let names = Names::new(&[0xab; 32], &[0xcd; 32]);
-        assert_eq!(names.token(), format!("tsc:t:{}", "ab".repeat(32)));
-        assert_eq!(names.cool, format!("tsc:c:{}", "cd".repeat(32)));
+        let tag = format!("{{{}}}", "cd".repeat(32));
+        assert_eq!(names.token(), format!("tsc:{tag}:t:{}", "ab".repeat(32)));
+        assert_eq!(names.cool(true), format!("tsc:{tag}:c:proven"));
+        assert_eq!(names.cool(false), format!("tsc:{tag}:c:unproven"));
+        assert_eq!(names.lock, format!("tsc:{tag}:l:{}", "ab".repeat(32)));
     }
 }

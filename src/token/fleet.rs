@@ -8,7 +8,11 @@
 //! from the fleet secret and the provider: the name under one, the value key under another, so
 //! the value key depends on the client secret too and nothing in Redis opens without it. The
 //! cool-down name is an HMAC of the form's client part (route and client id, no secret) under a
-//! third.
+//! third, and its value a deadline under a MAC with a fourth.
+//!
+//! Redis is not trusted with time: a token is served only until the serve-until sealed with it,
+//! whatever its TTL, and a cool-down is obeyed only if its MAC checks, for at most
+//! `retry_after_max`.
 
 use http::HeaderValue;
 use std::sync::Arc;
@@ -18,8 +22,9 @@ use tokio::time::Instant;
 use super::entry::FlightResult;
 use super::lifetime::Token;
 use super::request::{Canonical, Grant, Keyer};
+use crate::config::TokenConfig;
 use crate::fleet::keys::{self, Entry};
-use crate::fleet::{Claim, Fleet, Lease, Names};
+use crate::fleet::{Claim, Fleet, Hold, Lease, Names, Passing};
 
 /// One route's keys into the fleet.
 #[derive(Debug)]
@@ -31,6 +36,12 @@ pub(crate) struct FleetKeys {
     values: Keyer,
     /// Keys the per-client cool-down names.
     clients: Keyer,
+    /// Keys the MACs of cool-down deadlines.
+    holds: [u8; 32],
+    /// The longest fleet cool-down obeyed (`token.retry_after_max`, as for a local one).
+    max_hold: Duration,
+    /// How long a key stays proven in the fleet after its last token (`token.idle_timeout`).
+    proven_for: Duration,
 }
 
 /// One key's place in the fleet.
@@ -49,21 +60,25 @@ pub(crate) enum Step {
     Hold(Duration),
     /// This pod leads the fleet's flight: call the provider, then commit.
     Lead(Lease),
-    /// No fleet answer (Redis skipped, failed, or a follower's wait ran out): go on alone.
-    Alone,
+    /// No fleet answer (Redis skipped, failed, or a follower's wait ran out): go on alone, and
+    /// commit to the lease if the failed claim may have taken one.
+    Alone(Option<Lease>),
 }
 
 impl FleetKeys {
     /// The keys of a route whose provider is `upstream`: the provider is part of every key, so
     /// two fleets' routes of one name towards two providers (staging and production, say)
     /// never share a token or a cool-down.
-    pub(crate) fn new(fleet: Arc<Fleet>, upstream: &str) -> FleetKeys {
+    pub(crate) fn new(fleet: Arc<Fleet>, upstream: &str, config: &TokenConfig) -> FleetKeys {
         let secret = fleet.secret();
-        let derive = |purpose: &str| Keyer::new(&secret.derive(&format!("{purpose} {upstream}")));
+        let derive = |purpose: &str| secret.derive(&format!("{purpose} {upstream}"));
         FleetKeys {
-            names: derive("redis key names"),
-            values: derive("redis value keys"),
-            clients: derive("redis client names"),
+            names: Keyer::new(&derive("redis key names")),
+            values: Keyer::new(&derive("redis value keys")),
+            clients: Keyer::new(&derive("redis client names")),
+            holds: derive("redis hold macs"),
+            max_hold: config.retry_after_max,
+            proven_for: config.idle_timeout,
             fleet,
         }
     }
@@ -81,53 +96,80 @@ impl FleetKeys {
         })
     }
 
-    /// Asks the fleet about `key` until it says something other than "another pod is calling",
-    /// waiting for that pod's notice (or polling) no later than `until`. The lock taken lasts
-    /// `lock_for`, the longest a call can take.
-    pub(crate) async fn consult(&self, key: &FleetKey, lock_for: Duration, until: Instant) -> Step {
-        loop {
+    /// Asks the fleet about `key` (`proven` if this pod has had a token for it) until it says
+    /// something other than "another pod is calling", waiting for that pod's notice (or
+    /// polling) no later than `until`. A leader that dies stops renewing its lock, which then
+    /// expires: the next poll takes it.
+    pub(crate) async fn consult(&self, key: &FleetKey, proven: bool, until: Instant) -> Step {
+        let mut passing = Passing::default();
+        for _ in 0..MAX_CLAIMS {
             // Subscribed before the claim, so a notice sent between the two is not missed.
             let mut notices = self.fleet.notices();
-            let claim = match self.fleet.claim(&key.names, lock_for).await {
-                None => return Step::Alone,
-                Some(claim) => claim,
+            let claim = match self.fleet.claim(&key.names, proven, passing).await {
+                Err(orphan) => return Step::Alone(orphan),
+                Ok(claim) => claim,
             };
             match claim {
                 Claim::Token {
                     sealed,
                     serve_left,
                     fresh_left,
-                } => return self.open(key, &sealed, serve_left, fresh_left),
-                Claim::Cooldown(left) => return Step::Hold(left),
-                Claim::Lead(lease) => return Step::Lead(lease),
-                Claim::Busy => {}
-            }
-            let now = Instant::now();
-            if now >= until {
-                return Step::Alone;
-            }
-            let poll = self.fleet.poll_interval().min(until - now);
-            let _ = tokio::time::timeout(poll, async {
-                loop {
-                    match notices.recv().await {
-                        Ok(id) if *id == *key.names.id => return,
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await
-                        }
+                    hold,
+                } => {
+                    let fresh = match hold {
+                        Some(hold) => self.checked(key, &hold).unwrap_or(FORGED_FRESH),
+                        None => fresh_left,
+                    };
+                    match self.open(key, &sealed, serve_left, fresh) {
+                        Some(token) => return Step::Token(token),
+                        // Claim again passing over it: this flight leads and overwrites it.
+                        None => passing.token = true,
                     }
                 }
-            })
-            .await;
+                Claim::Cooldown(hold) => match self.checked(key, &hold) {
+                    Some(left) => return Step::Hold(left),
+                    // Forged: claim again passing over the cool-downs; the hold this flight
+                    // may start then overwrites it.
+                    None => passing.holds = true,
+                },
+                Claim::Lead(lease) => return Step::Lead(lease),
+                Claim::Busy => {
+                    wait_for_notice(&mut notices, key, self.fleet.poll_interval(), until).await
+                }
+            }
+            if Instant::now() >= until {
+                return Step::Alone(None);
+            }
         }
+        Step::Alone(None)
     }
 
-    fn open(&self, key: &FleetKey, sealed: &[u8], serve_left: Duration, fresh: Duration) -> Step {
+    /// How long a fleet cool-down found for `key` holds it: until the deadline its MAC vouches
+    /// for, no longer than Redis keeps it nor `retry_after_max`; `None` if the MAC does not check.
+    fn checked(&self, key: &FleetKey, hold: &Hold) -> Option<Duration> {
+        let name = key.names.cool(hold.proven);
+        let Some(deadline) = keys::hold_deadline(&self.holds, name, &hold.value) else {
+            self.fleet.unreadable();
+            return None;
+        };
+        let left = Duration::from_millis(deadline.saturating_sub(unix_ms(SystemTime::now())));
+        Some(left.min(hold.ttl).min(self.max_hold))
+    }
+
+    /// The stored token, if it opens under this key and name and its sealed serve-until is
+    /// still ahead.
+    fn open(&self, key: &FleetKey, sealed: &[u8], ttl: Duration, fresh: Duration) -> Option<Token> {
+        let now_ms = unix_ms(SystemTime::now());
         let token = keys::open(&key.seal, key.names.token(), sealed).and_then(|entry| {
             let content_type = HeaderValue::from_str(&entry.content_type).ok()?;
-            let expires_left =
-                serve_left + Duration::from_millis(entry.expires_ms.saturating_sub(entry.serve_ms));
-            let refresh = (entry.refresh_ms > 0).then_some(fresh);
+            // The sealed serve-until and expiry win over Redis's TTL: a value written back with
+            // a longer one is never served past them.
+            let serve_left = Duration::from_millis(entry.serve_ms.checked_sub(now_ms)?).min(ttl);
+            let expires_left = Duration::from_millis(entry.expires_ms.saturating_sub(now_ms));
+            if serve_left.is_zero() || expires_left < serve_left {
+                return None;
+            }
+            let refresh = (entry.refresh_ms > 0).then_some(fresh.min(serve_left));
             Token::from_fleet(
                 &entry.body,
                 content_type,
@@ -137,13 +179,10 @@ impl FleetKeys {
                 refresh,
             )
         });
-        match token {
-            Some(token) => Step::Token(token),
-            None => {
-                self.fleet.unreadable();
-                Step::Alone
-            }
+        if token.is_none() {
+            self.fleet.unreadable();
         }
+        token
     }
 
     /// Tells the fleet how the flight `lease` led ended: the token, or the hold it started
@@ -155,12 +194,6 @@ impl FleetKeys {
         shared: &FlightResult,
         hold: Option<Duration>,
     ) {
-        let FlightResult::Token(token) = shared else {
-            return self
-                .fleet
-                .commit_hold(&key.names, lease, hold.unwrap_or_default())
-                .await;
-        };
         let now = Instant::now();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -168,6 +201,14 @@ impl FleetKeys {
         let at = |instant: Instant| {
             u64::try_from((wall + instant.saturating_duration_since(now)).as_millis())
                 .unwrap_or(u64::MAX)
+        };
+        let FlightResult::Token(token) = shared else {
+            let hold = hold.unwrap_or_default().min(self.max_hold);
+            let value = keys::hold_value(&self.holds, key.names.cool(lease.proven), at(now + hold));
+            return self
+                .fleet
+                .commit_hold(&key.names, lease, hold, &value)
+                .await;
         };
         let entry = Entry {
             content_type: token
@@ -184,7 +225,7 @@ impl FleetKeys {
             tracing::warn!("fleet tier: the random source failed; this token is not shared");
             return self
                 .fleet
-                .commit_hold(&key.names, lease, Duration::ZERO)
+                .commit_hold(&key.names, lease, Duration::ZERO, "")
                 .await;
         };
         let serve = token.serve_until.saturating_duration_since(now);
@@ -192,7 +233,42 @@ impl FleetKeys {
             .refresh_at
             .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
         self.fleet
-            .commit_token(&key.names, lease, sealed, serve, fresh)
+            .commit_token(&key.names, lease, sealed, serve, fresh, self.proven_for)
             .await;
     }
+}
+
+/// Claims of one consultation at most: each is a busy lock waited on for a notice or a poll, or
+/// a forged cool-down passed over, so this bounds the loop whatever Redis holds.
+const MAX_CLAIMS: usize = 64;
+
+/// When a stored token's cool-down is forged, the pod asks again this much later (instead of
+/// at every hit).
+const FORGED_FRESH: Duration = Duration::from_secs(1);
+
+/// Unix milliseconds, saturating.
+fn unix_ms(at: SystemTime) -> u64 {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Waits for the notice that `key` landed, at most `poll` and no later than `until`.
+async fn wait_for_notice(
+    notices: &mut tokio::sync::broadcast::Receiver<Arc<str>>,
+    key: &FleetKey,
+    poll: Duration,
+    until: Instant,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let poll = poll.min(until.saturating_duration_since(Instant::now()));
+    let _ = tokio::time::timeout(poll, async {
+        loop {
+            match notices.recv().await {
+                Ok(id) if *id == *key.names.id => return,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
 }

@@ -349,15 +349,18 @@ impl Flights {
         if let Some(hold) = self.cooling(&flight.client, flight.proven, Instant::now()) {
             return self.wait_or_give_up(course, hold);
         }
-        let lease = match self.ask_fleet(flight.fleet.as_ref(), course.deadline).await {
+        let fleet = self.ask_fleet(flight.fleet.as_ref(), flight.proven, course.deadline);
+        let lease = match fleet.await {
             Step::Token(token) => return Next::Land(FlightResult::Token(Arc::new(token))),
             Step::Hold(left) => {
                 let (client, proven, now) = (&flight.client, flight.proven, Instant::now());
                 self.start_hold(client, proven, HeldBy::Provider, Some(left), now);
                 return Next::Recheck;
             }
-            Step::Lead(lease) => Some(lease),
-            Step::Alone => None,
+            // A lease the claim may have taken though Redis did not answer in time: the commit
+            // frees it and offers the token, if Redis answers by then.
+            Step::Lead(lease) | Step::Alone(Some(lease)) => Some(lease),
+            Step::Alone(None) => None,
         };
         let slot = match self.take_turn(course).await {
             Ok(slot) => slot,
@@ -460,15 +463,14 @@ impl Flights {
 
     /// One round's question to the fleet, if this key is shared: a follower waits for the
     /// fleet's leader no longer than leaves time for a call of its own before `deadline`.
-    async fn ask_fleet(&self, key: Option<&FleetKey>, deadline: Instant) -> Step {
+    async fn ask_fleet(&self, key: Option<&FleetKey>, proven: bool, deadline: Instant) -> Step {
         let (Some(keys), Some(key)) = (&self.fleet, key) else {
-            return Step::Alone;
+            return Step::Alone(None);
         };
-        let lock_for = self.upstream.request_timeout + Duration::from_secs(1);
         let until = deadline
             .checked_sub(self.upstream.request_timeout)
             .unwrap_or_else(Instant::now);
-        keys.consult(key, lock_for, until).await
+        keys.consult(key, proven, until).await
     }
 
     /// Commits what the flight holding `lease` got (a token, or the hold it started), which
@@ -917,8 +919,8 @@ mod tests {
         assert!(bench.flights.fleet().is_none());
         let course = bench.course(CLIENT_SECRET, true);
         let fleet = course.flight.fleet.as_ref();
-        let step = bench.flights.ask_fleet(fleet, course.deadline).await;
-        assert!(matches!(step, Step::Alone), "{step:?}");
+        let step = bench.flights.ask_fleet(fleet, false, course.deadline).await;
+        assert!(matches!(step, Step::Alone(None)), "{step:?}");
     }
 
     #[tokio::test]

@@ -376,7 +376,11 @@ fn fleet_keys(route: &RouteConfig, fleet: Option<Arc<Fleet>>) -> Option<fleet::F
         tracing::warn!(route = %route.name, pool_size = route.token.pool_size, "shared tier off for this route: a pool of distinct tokens is kept per pod");
         return None;
     }
-    Some(fleet::FleetKeys::new(fleet, &route.upstream.to_string()))
+    Some(fleet::FleetKeys::new(
+        fleet,
+        &route.upstream.to_string(),
+        &route.token,
+    ))
 }
 
 /// Most keys `/status` lists per route (they are all counted).
