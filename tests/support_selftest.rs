@@ -1,5 +1,7 @@
-//! Self-test of the fake identity provider in `tests/support`: every scripted behaviour and
-//! utility endpoint is exercised directly with a hyper client, without the sidecar.
+//! Self-test of `tests/support`: every scripted behaviour and utility endpoint of the fake
+//! identity provider, exercised directly with a hyper client, without the sidecar; then the
+//! network the fleet tier's tests stand on: the TCP proxy's latency, stall, byte loss and cut
+//! against a real `redis-server`.
 
 use crate::support;
 
@@ -9,6 +11,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Method, Request};
 use http_body_util::Full;
+use support::latency::TcpProxy;
+use support::redis::RedisServer;
 use support::tls::{test_pki, tls_client};
 use support::{Answer, FakeProvider, client, form_encode, post_form, send};
 use tokio_tungstenite::tungstenite::Message;
@@ -513,4 +517,174 @@ async fn a_thousand_concurrent_token_calls() {
     assert!(replies.iter().all(|r| r.status == 200));
     assert_eq!(idp.token_calls(), 1000);
     assert_eq!(idp.max_concurrent_token_calls(), 1000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network and Redis of the fleet tier's tests
+// ---------------------------------------------------------------------------------------------
+
+const PONG: &[u8] = b"+PONG\r\n";
+
+/// A real `redis-server` and a proxy in front of it.
+async fn proxied_redis() -> (RedisServer, TcpProxy) {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    (redis, proxy)
+}
+
+/// Reads until a line ends (a whole simple RESP reply) or `bound` passes; what came, maybe empty.
+async fn read_reply(stream: &mut tokio::net::TcpStream, bound: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 256];
+    while !reply.ends_with(b"\r\n") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => reply.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    reply
+}
+
+/// Sends an inline `PING` and reads the reply (bounded by 5 s).
+async fn ping(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncWriteExt as _;
+    stream.write_all(b"PING\r\n").await.unwrap();
+    read_reply(stream, Duration::from_secs(5)).await
+}
+
+async fn connect(proxy: &TcpProxy) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(proxy.addr()).await.unwrap()
+}
+
+/// Whether the peer closed or reset the connection within 2 s.
+async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+    matches!(read, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn tcp_proxy_delays_both_ways_without_serialising_chunks() {
+    use tokio::io::AsyncWriteExt as _;
+    let (_redis, proxy) = proxied_redis().await;
+    let client = redis::Client::open(proxy.redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let latency = Duration::from_millis(150);
+    proxy.set_latency(latency);
+
+    let started = Instant::now();
+    let pong: String = redis::cmd("PING").query_async(&mut redis).await.unwrap();
+    let round_trip = started.elapsed();
+    assert_eq!(pong, "PONG");
+    assert!(
+        round_trip >= 2 * latency,
+        "{round_trip:?}: latency each way"
+    );
+
+    // Five pings written 20 ms apart are in the line together: the last reply comes about one
+    // round trip after the last ping (~380 ms in all); a proxy that slept the latency per chunk
+    // would take at least 5 x 150 ms one way.
+    let mut raw = connect(&proxy).await;
+    let started = Instant::now();
+    for _ in 0..5 {
+        raw.write_all(b"PING\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 5 * PONG.len() {
+        let more = read_reply(&mut raw, Duration::from_secs(5)).await;
+        assert!(!more.is_empty(), "replies stopped at {replies:?}");
+        replies.extend(more);
+    }
+    let took = started.elapsed();
+    assert_eq!(replies, PONG.repeat(5));
+    assert!(took >= 2 * latency + Duration::from_millis(80), "{took:?}");
+    assert!(
+        took < Duration::from_millis(700),
+        "{took:?}: chunks were serialised"
+    );
+}
+
+#[tokio::test]
+async fn tcp_proxy_stall_holds_bytes_until_released() {
+    use tokio::io::AsyncWriteExt as _;
+    let (_redis, proxy) = proxied_redis().await;
+    let mut conn = connect(&proxy).await;
+    assert_eq!(ping(&mut conn).await, PONG);
+
+    proxy.stall(true);
+    conn.write_all(b"PING\r\n").await.unwrap();
+    let stalled = read_reply(&mut conn, Duration::from_millis(300)).await;
+    assert!(stalled.is_empty(), "a stalled link delivered {stalled:?}");
+
+    proxy.stall(false);
+    let started = Instant::now();
+    assert_eq!(read_reply(&mut conn, Duration::from_secs(2)).await, PONG);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(ping(&mut conn).await, PONG);
+}
+
+#[tokio::test]
+async fn tcp_proxy_drop_bytes_corrupts_the_next_reply() {
+    let (_redis, proxy) = proxied_redis().await;
+    let mut conn = connect(&proxy).await;
+    assert_eq!(ping(&mut conn).await, PONG);
+
+    proxy.drop_bytes(3);
+    assert_eq!(
+        ping(&mut conn).await,
+        b"NG\r\n",
+        "the reply's first 3 bytes, `+PO`, are lost"
+    );
+    assert_eq!(ping(&mut conn).await, PONG, "only the next 3 bytes");
+
+    // A client's protocol stream desynchronises: "PONG\r\n" is no RESP reply.
+    let client = redis::Client::open(proxy.redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    proxy.drop_bytes(1);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        redis::cmd("PING").query_async::<String>(&mut redis),
+    )
+    .await;
+    assert!(
+        !matches!(reply, Ok(Ok(ref pong)) if pong == "PONG"),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_proxy_cut_closes_every_connection_and_drop_stops_it() {
+    let (_redis, proxy) = proxied_redis().await;
+    let (mut a, mut b) = (connect(&proxy).await, connect(&proxy).await);
+    assert_eq!(ping(&mut a).await, PONG);
+    assert_eq!(ping(&mut b).await, PONG);
+
+    proxy.cut();
+    assert!(closed(&mut a).await, "cut must close the first connection");
+    assert!(closed(&mut b).await, "cut must close the second connection");
+
+    // The link is back for new connections.
+    let mut c = connect(&proxy).await;
+    assert_eq!(ping(&mut c).await, PONG);
+
+    let (addr, port) = (proxy.addr(), proxy.port());
+    assert_eq!(addr.port(), port);
+    drop(proxy);
+    assert!(
+        closed(&mut c).await,
+        "dropping the proxy closes its connections"
+    );
+    let mut refused = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a dropped proxy stops listening");
 }
