@@ -1,7 +1,7 @@
 //! Self-test of `tests/support`: every scripted behaviour and utility endpoint of the fake
 //! identity provider, exercised directly with a hyper client, without the sidecar; then the
-//! network the fleet tier's tests stand on: the TCP proxy's latency, stall, byte loss and cut
-//! against a real `redis-server`.
+//! network and Redis the fleet tier's tests stand on: the TCP proxy's latency, stall, byte loss
+//! and cut against a real `redis-server`, a Redis Cluster, and a Sentinel failover.
 
 use crate::support;
 
@@ -12,7 +12,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Method, Request};
 use http_body_util::Full;
 use support::latency::TcpProxy;
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 use support::tls::{test_pki, tls_client};
 use support::{Answer, FakeProvider, client, form_encode, post_form, send};
 use tokio_tungstenite::tungstenite::Message;
@@ -687,4 +687,126 @@ async fn tcp_proxy_cut_closes_every_connection_and_drop_stops_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "a dropped proxy stops listening");
+}
+
+#[tokio::test]
+async fn redis_cluster_spreads_keys_over_its_masters() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    assert_eq!(cluster.urls().len(), 3);
+    assert_eq!(cluster.seeds(), cluster.urls().join(","));
+
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let mut redis = client.get_async_connection().await.unwrap();
+    // Slots 15495, 3300 and 7365: one in each master's third of the slot space.
+    let keys = ["a", "b", "c"];
+    let mut slots = Vec::new();
+    for key in keys {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(format!("value of {key}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        slots.push(slot);
+    }
+    assert_eq!(slots, [15495, 3300, 7365]);
+    for key in keys {
+        let value: String = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(value, format!("value of {key}"));
+    }
+    for url in cluster.urls() {
+        let node = redis::Client::open(url.as_str()).unwrap();
+        let mut node = node.get_multiplexed_async_connection().await.unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut node).await.unwrap();
+        assert_eq!(keys, 1, "{url} holds one of the three keys");
+    }
+    assert_eq!(cluster.ports().len(), 3);
+}
+
+/// `GET key` on a fresh connection to the server on loopback `port`.
+async fn redis_get(port: u16, key: &str) -> Option<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_sentinel_fails_over_to_the_replica() {
+    use redis::sentinel::{SentinelClient, SentinelServerType};
+    let group = tokio::task::spawn_blocking(RedisSentinel::start)
+        .await
+        .unwrap();
+    let (first, replica) = (group.primary_port(), group.replica_port());
+    let mut sentinel = SentinelClient::build(
+        group.sentinel_urls(),
+        group.master_name(),
+        None,
+        SentinelServerType::Master,
+    )
+    .unwrap();
+    let mut primary = sentinel.get_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("before")
+        .arg("1")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    // The write reaches the replica before the primary dies, so it must survive the failover.
+    let mut replicated = false;
+    for _ in 0..100 {
+        replicated = redis_get(replica, "before").await.as_deref() == Some("1");
+        if replicated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(replicated, "the replica has the write within 2 s");
+
+    let started = Instant::now();
+    let group = tokio::task::spawn_blocking(move || {
+        let mut group = group;
+        group.kill_primary();
+        group.wait_failover(Duration::from_secs(15));
+        group
+    })
+    .await
+    .unwrap();
+    eprintln!("failover in {:?}", started.elapsed());
+    assert_eq!(
+        (group.primary_port(), group.replica_port()),
+        (replica, first)
+    );
+
+    // Sentinel now leads clients to the promoted replica, which takes writes.
+    let mut primary = sentinel.get_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("after")
+        .arg("2")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    let before: String = redis::cmd("GET")
+        .arg("before")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    assert_eq!(before, "1");
+    // On its own port too (Sentinel closed its old clients at the promotion).
+    assert_eq!(redis_get(replica, "after").await.as_deref(), Some("2"));
 }
