@@ -1,5 +1,7 @@
-//! Self-test of the fake identity provider in `tests/support`: every scripted behaviour and
-//! utility endpoint is exercised directly with a hyper client, without the sidecar.
+//! Self-test of `tests/support`: every scripted behaviour and utility endpoint of the fake
+//! identity provider, exercised directly with a hyper client, without the sidecar; then the
+//! network and Redis the fleet tier's tests stand on: the TCP proxy's latency, stall, byte loss
+//! and cut against a real `redis-server`, a Redis Cluster, and a Sentinel failover.
 
 use crate::support;
 
@@ -9,6 +11,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http::{Method, Request};
 use http_body_util::Full;
+use support::latency::TcpProxy;
+use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 use support::tls::{test_pki, tls_client};
 use support::{Answer, FakeProvider, client, form_encode, post_form, send};
 use tokio_tungstenite::tungstenite::Message;
@@ -513,4 +517,296 @@ async fn a_thousand_concurrent_token_calls() {
     assert!(replies.iter().all(|r| r.status == 200));
     assert_eq!(idp.token_calls(), 1000);
     assert_eq!(idp.max_concurrent_token_calls(), 1000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network and Redis of the fleet tier's tests
+// ---------------------------------------------------------------------------------------------
+
+const PONG: &[u8] = b"+PONG\r\n";
+
+/// A real `redis-server` and a proxy in front of it.
+async fn proxied_redis() -> (RedisServer, TcpProxy) {
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    (redis, proxy)
+}
+
+/// Reads until a line ends (a whole simple RESP reply) or `bound` passes; what came, maybe empty.
+async fn read_reply(stream: &mut tokio::net::TcpStream, bound: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 256];
+    while !reply.ends_with(b"\r\n") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => reply.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    reply
+}
+
+/// Sends an inline `PING` and reads the reply (bounded by 5 s).
+async fn ping(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncWriteExt as _;
+    stream.write_all(b"PING\r\n").await.unwrap();
+    read_reply(stream, Duration::from_secs(5)).await
+}
+
+async fn connect(proxy: &TcpProxy) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(proxy.addr()).await.unwrap()
+}
+
+/// Whether the peer closed or reset the connection within 2 s.
+async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+    matches!(read, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn tcp_proxy_delays_both_ways_without_serialising_chunks() {
+    use tokio::io::AsyncWriteExt as _;
+    let (_redis, proxy) = proxied_redis().await;
+    let client = redis::Client::open(proxy.redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let latency = Duration::from_millis(150);
+    proxy.set_latency(latency);
+
+    let started = Instant::now();
+    let pong: String = redis::cmd("PING").query_async(&mut redis).await.unwrap();
+    let round_trip = started.elapsed();
+    assert_eq!(pong, "PONG");
+    assert!(
+        round_trip >= 2 * latency,
+        "{round_trip:?}: latency each way"
+    );
+
+    // Five pings written 20 ms apart are in the line together: the last reply comes about one
+    // round trip after the last ping (~380 ms in all); a proxy that slept the latency per chunk
+    // would take at least 5 x 150 ms one way.
+    let mut raw = connect(&proxy).await;
+    let started = Instant::now();
+    for _ in 0..5 {
+        raw.write_all(b"PING\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 5 * PONG.len() {
+        let more = read_reply(&mut raw, Duration::from_secs(5)).await;
+        assert!(!more.is_empty(), "replies stopped at {replies:?}");
+        replies.extend(more);
+    }
+    let took = started.elapsed();
+    assert_eq!(replies, PONG.repeat(5));
+    assert!(took >= 2 * latency + Duration::from_millis(80), "{took:?}");
+    assert!(
+        took < Duration::from_millis(700),
+        "{took:?}: chunks were serialised"
+    );
+}
+
+#[tokio::test]
+async fn tcp_proxy_stall_holds_bytes_until_released() {
+    use tokio::io::AsyncWriteExt as _;
+    let (_redis, proxy) = proxied_redis().await;
+    let mut conn = connect(&proxy).await;
+    assert_eq!(ping(&mut conn).await, PONG);
+
+    proxy.stall(true);
+    conn.write_all(b"PING\r\n").await.unwrap();
+    let stalled = read_reply(&mut conn, Duration::from_millis(300)).await;
+    assert!(stalled.is_empty(), "a stalled link delivered {stalled:?}");
+
+    proxy.stall(false);
+    let started = Instant::now();
+    assert_eq!(read_reply(&mut conn, Duration::from_secs(2)).await, PONG);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(ping(&mut conn).await, PONG);
+}
+
+#[tokio::test]
+async fn tcp_proxy_drop_bytes_corrupts_the_next_reply() {
+    let (_redis, proxy) = proxied_redis().await;
+    let mut conn = connect(&proxy).await;
+    assert_eq!(ping(&mut conn).await, PONG);
+
+    proxy.drop_bytes(3);
+    assert_eq!(
+        ping(&mut conn).await,
+        b"NG\r\n",
+        "the reply's first 3 bytes, `+PO`, are lost"
+    );
+    assert_eq!(ping(&mut conn).await, PONG, "only the next 3 bytes");
+
+    // A client's protocol stream desynchronises: "PONG\r\n" is no RESP reply.
+    let client = redis::Client::open(proxy.redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    proxy.drop_bytes(1);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        redis::cmd("PING").query_async::<String>(&mut redis),
+    )
+    .await;
+    assert!(
+        !matches!(reply, Ok(Ok(ref pong)) if pong == "PONG"),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_proxy_cut_closes_every_connection_and_drop_stops_it() {
+    let (_redis, proxy) = proxied_redis().await;
+    let (mut a, mut b) = (connect(&proxy).await, connect(&proxy).await);
+    assert_eq!(ping(&mut a).await, PONG);
+    assert_eq!(ping(&mut b).await, PONG);
+
+    proxy.cut();
+    assert!(closed(&mut a).await, "cut must close the first connection");
+    assert!(closed(&mut b).await, "cut must close the second connection");
+
+    // The link is back for new connections.
+    let mut c = connect(&proxy).await;
+    assert_eq!(ping(&mut c).await, PONG);
+
+    let (addr, port) = (proxy.addr(), proxy.port());
+    assert_eq!(addr.port(), port);
+    drop(proxy);
+    assert!(
+        closed(&mut c).await,
+        "dropping the proxy closes its connections"
+    );
+    let mut refused = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "a dropped proxy stops listening");
+}
+
+#[tokio::test]
+async fn redis_cluster_spreads_keys_over_its_masters() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    assert_eq!(cluster.urls().len(), 3);
+    assert_eq!(cluster.seeds(), cluster.urls().join(","));
+
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let mut redis = client.get_async_connection().await.unwrap();
+    // Slots 15495, 3300 and 7365: one in each master's third of the slot space.
+    let keys = ["a", "b", "c"];
+    let mut slots = Vec::new();
+    for key in keys {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(format!("value of {key}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        slots.push(slot);
+    }
+    assert_eq!(slots, [15495, 3300, 7365]);
+    for key in keys {
+        let value: String = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(value, format!("value of {key}"));
+    }
+    for url in cluster.urls() {
+        let node = redis::Client::open(url.as_str()).unwrap();
+        let mut node = node.get_multiplexed_async_connection().await.unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut node).await.unwrap();
+        assert_eq!(keys, 1, "{url} holds one of the three keys");
+    }
+    assert_eq!(cluster.ports().len(), 3);
+}
+
+/// `GET key` on a fresh connection to the server on loopback `port`.
+async fn redis_get(port: u16, key: &str) -> Option<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn redis_sentinel_fails_over_to_the_replica() {
+    use redis::sentinel::{SentinelClient, SentinelServerType};
+    let group = tokio::task::spawn_blocking(RedisSentinel::start)
+        .await
+        .unwrap();
+    let (first, replica) = (group.primary_port(), group.replica_port());
+    let mut sentinel = SentinelClient::build(
+        group.sentinel_urls(),
+        group.master_name(),
+        None,
+        SentinelServerType::Master,
+    )
+    .unwrap();
+    let mut primary = sentinel.get_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("before")
+        .arg("1")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    // The write reaches the replica before the primary dies, so it must survive the failover.
+    let mut replicated = false;
+    for _ in 0..100 {
+        replicated = redis_get(replica, "before").await.as_deref() == Some("1");
+        if replicated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(replicated, "the replica has the write within 2 s");
+
+    let started = Instant::now();
+    let group = tokio::task::spawn_blocking(move || {
+        let mut group = group;
+        group.kill_primary();
+        group.wait_failover(Duration::from_secs(15));
+        group
+    })
+    .await
+    .unwrap();
+    eprintln!("failover in {:?}", started.elapsed());
+    assert_eq!(
+        (group.primary_port(), group.replica_port()),
+        (replica, first)
+    );
+
+    // Sentinel now leads clients to the promoted replica, which takes writes.
+    let mut primary = sentinel.get_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg("after")
+        .arg("2")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    let before: String = redis::cmd("GET")
+        .arg("before")
+        .query_async(&mut primary)
+        .await
+        .unwrap();
+    assert_eq!(before, "1");
+    // On its own port too (Sentinel closed its old clients at the promotion).
+    assert_eq!(redis_get(replica, "after").await.as_deref(), Some("2"));
 }

@@ -11,8 +11,10 @@
 //!
 //! [`Fixture`] is the setup most tests start with: a provider, a sidecar in front of it and a
 //! client. [`oauth`] holds assertions on token-endpoint answers, [`sidecar`] and [`process`] run
-//! the sidecar, [`redis`] a `redis-server` for the fleet tier.
+//! the sidecar, [`redis`] Redis for the fleet tier (a server, a cluster, a Sentinel group), and
+//! [`latency`] a TCP proxy that makes the network in front of it slow, stalled, lossy or cut.
 
+pub mod latency;
 pub mod oauth;
 pub mod process;
 pub mod redis;
