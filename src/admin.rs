@@ -31,6 +31,14 @@ pub(crate) struct AdminState {
     pub status: tokio::sync::Mutex<Option<(Instant, Arc<str>)>>,
 }
 
+impl AdminState {
+    /// Ready: every listener bound, not draining, and, with `shared.required`, Redis has answered
+    /// once.
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.fleet.as_ref().is_none_or(|fleet| fleet.ready())
+    }
+}
+
 /// How long a `/status` document is served again before it is rebuilt.
 const STATUS_FRESH: Duration = Duration::from_secs(1);
 
@@ -57,7 +65,7 @@ async fn cached_status(state: &Arc<AdminState>) -> Arc<str> {
 /// The `/status` document, as pretty JSON.
 fn status(state: &AdminState) -> String {
     let document = Status {
-        ready: state.ready.load(Ordering::Acquire),
+        ready: state.is_ready(),
         shared: state.fleet.as_ref().map(|fleet| fleet.status()),
         routes: state
             .routes
@@ -82,7 +90,7 @@ pub(crate) async fn handle(
             (StatusCode::OK, "text/plain", "ok\n".to_owned())
         }
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            if state.ready.load(Ordering::Acquire) {
+            if state.is_ready() {
                 (StatusCode::OK, "text/plain", "ready\n".to_owned())
             } else {
                 (

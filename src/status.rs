@@ -19,10 +19,23 @@ pub struct Status {
 /// The fleet tier as one pod sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FleetStatus {
-    /// The Redis address, without its login.
+    /// The Redis address (addresses, for Cluster seeds or Sentinels), without its login.
     pub redis: String,
+    /// `single`, `cluster`, or `sentinel <master>`.
+    #[serde(default)]
+    pub mode: String,
     /// `closed`, `open` (each pod alone) or `half-open`.
     pub breaker: String,
+    /// A connection to Redis is open now.
+    #[serde(default)]
+    pub connected: bool,
+    /// Redis has answered at least once since the start (`shared.required` waits for it).
+    #[serde(default)]
+    pub answered: bool,
+    /// Why Redis does not answer now (a TLS failure, a refused login, a timeout...), if it does
+    /// not.
+    #[serde(default)]
+    pub cause: Option<String>,
 }
 
 /// One route's keys, calls in progress, cool-downs and limits.

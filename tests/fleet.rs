@@ -412,12 +412,13 @@ async fn a_sidecar_whose_redis_is_down_is_ready_and_serves_alone() {
     )
     .await
     .text();
+    // No connection: claims are skipped at once (never a wait), and reconnects are counted.
     assert!(
-        metrics.contains("token_sidecar_shared_errors_total{op=\"claim\"} 1"),
+        metrics.contains("token_sidecar_shared_errors_total{op=\"connect\"}"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("token_sidecar_shared_breaker_state 1"),
+        metrics.contains("token_sidecar_shared_claims_total{outcome=\"skipped\"}"),
         "{metrics}"
     );
     let status = send(
@@ -428,7 +429,10 @@ async fn a_sidecar_whose_redis_is_down_is_ready_and_serves_alone() {
     )
     .await
     .json();
-    assert_eq!(status["shared"]["breaker"], "open", "{status}");
+    assert_eq!(status["shared"]["connected"], false, "{status}");
+    assert_eq!(status["shared"]["answered"], false, "{status}");
+    let cause = status["shared"]["cause"].as_str().unwrap_or_default();
+    assert!(cause.contains("refused"), "the cause is shown: {status}");
     assert_eq!(status["routes"][0]["shared"], true, "{status}");
 }
 

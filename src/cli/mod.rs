@@ -46,6 +46,14 @@ pub struct Cli {
     /// [env: TOKEN_SIDECAR_SHARED_KEY_FILE]
     #[arg(long, value_name = "PATH")]
     pub shared_key_file: Option<PathBuf>,
+    /// --shared-redis names Redis Cluster seed nodes, comma-separated
+    /// [env: TOKEN_SIDECAR_SHARED_CLUSTER]
+    #[arg(long)]
+    pub shared_cluster: bool,
+    /// The Sentinel master name; --shared-redis then names the Sentinels, comma-separated
+    /// [env: TOKEN_SIDECAR_SHARED_SENTINEL_MASTER]
+    #[arg(long, value_name = "NAME")]
+    pub shared_sentinel_master: Option<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -119,6 +127,8 @@ impl Cli {
             workers: self.workers,
             shared_redis: self.shared_redis.clone(),
             shared_key_file: self.shared_key_file.clone(),
+            shared_cluster: self.shared_cluster.then_some(true),
+            shared_sentinel_master: self.shared_sentinel_master.clone(),
         }
     }
 }

@@ -69,11 +69,19 @@ pub fn render(document: &Status) -> String {
     let _ = writeln!(out, "ready: {ready}");
     match &document.shared {
         Some(fleet) => {
+            let connected = if fleet.connected {
+                ""
+            } else {
+                ", not connected"
+            };
             let _ = writeln!(
                 out,
-                "shared tier: {} (breaker {})",
-                fleet.redis, fleet.breaker
+                "shared tier: {} ({}, breaker {}{connected})",
+                fleet.redis, fleet.mode, fleet.breaker
             );
+            if let Some(cause) = &fleet.cause {
+                let _ = writeln!(out, "  failing: {cause}");
+            }
         }
         None => out.push_str("shared tier: off\n"),
     }
@@ -158,7 +166,9 @@ mod tests {
     fn a_status_document_renders_as_tables() {
         let document = serde_json::json!({
             "ready": true,
-            "shared": {"redis": "redis://…@r:6379/0", "breaker": "open"},
+            "shared": {"redis": "redis://…@r:6379/0", "mode": "single", "breaker": "open",
+                       "connected": false, "answered": true,
+                       "cause": "no answer within 75 ms"},
             "routes": [{
                 "name": "default", "keys_total": 3, "keys_listed": 2, "cooldowns_total": 1,
                 "shared": true,
@@ -173,7 +183,7 @@ mod tests {
         });
         let text = render(&serde_json::from_value(document).unwrap());
         assert!(
-            text.contains("shared tier: redis://…@r:6379/0 (breaker open)"),
+            text.contains("shared tier: redis://…@r:6379/0 (single, breaker open, not connected)\n  failing: no answer within 75 ms"),
             "{text}"
         );
         assert!(text.contains("route default: 3 keys, 1 cool-down, upstream calls 1/64 in progress, 5/s (4.5 available), shared"), "{text}");

@@ -29,6 +29,11 @@ pub const TOKEN_SIDECAR_GENESYS_API_UPSTREAM: &str = "TOKEN_SIDECAR_GENESYS_API_
 pub const TOKEN_SIDECAR_SHARED_REDIS: &str = "TOKEN_SIDECAR_SHARED_REDIS";
 /// The fleet secret's file (`--shared-key-file`, `shared.key_file`).
 pub const TOKEN_SIDECAR_SHARED_KEY_FILE: &str = "TOKEN_SIDECAR_SHARED_KEY_FILE";
+/// `true`: `shared.redis` names Redis Cluster seed nodes (`--shared-cluster`, `shared.cluster`).
+pub const TOKEN_SIDECAR_SHARED_CLUSTER: &str = "TOKEN_SIDECAR_SHARED_CLUSTER";
+/// The Sentinel master name; `shared.redis` then names the Sentinels
+/// (`--shared-sentinel-master`, `shared.sentinel_master`).
+pub const TOKEN_SIDECAR_SHARED_SENTINEL_MASTER: &str = "TOKEN_SIDECAR_SHARED_SENTINEL_MASTER";
 
 /// The environment as the sidecar reads it: an empty variable is unset, so
 /// `-e TOKEN_SIDECAR_LISTEN=` clears a value an image sets.

@@ -1,5 +1,7 @@
-//! The fleet tier's configuration, the `[shared]` table: the Redis URL, the fleet secret read
-//! from its key file and checked, an optional password file, and the tier's time bounds. The
+//! The fleet tier's configuration, the `[shared]` table: where Redis is (one server, Cluster
+//! seed nodes or Sentinels), the fleet secret read from its key file and checked (and the
+//! previous one, during a rotation), an optional password file, TLS files, the readiness gate,
+//! and the tier's time bounds. The
 //! tier itself (`crate::fleet`) takes [`SharedConfig`] and [`FleetSecret`] from here and derives
 //! its keys from the secret; configuration never reaches into the tier.
 
@@ -44,17 +46,54 @@ impl FleetSecret {
     }
 }
 
+/// How the Redis URLs of `shared.redis` are used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server (or a proxy in front of several).
+    Single,
+    /// Seed nodes of a Redis Cluster; the topology is discovered and followed.
+    Cluster,
+    /// Sentinels that name the primary of this master; failovers are followed.
+    Sentinel(String),
+}
+
+/// A TLS client certificate and its key, PEM, for Redis servers that require mTLS.
+#[derive(Clone)]
+pub struct ClientCert {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientCert(..)")
+    }
+}
+
 /// The fleet tier's settings (see `[shared]` in the docs).
 #[derive(Clone)]
 pub struct SharedConfig {
-    /// `redis://` or `rediss://` URL; may carry an ACL user and password, so never printed.
+    /// `redis://` or `rediss://` URLs, comma-separated (several for Cluster seeds or
+    /// Sentinels); may carry an ACL user and password, so never printed.
     pub redis: String,
+    /// What the URLs are.
+    pub mode: RedisMode,
     /// A password read from `password_file`, instead of one in the URL.
     pub password: Option<String>,
     /// The fleet secret, from `key_file`.
     pub secret: FleetSecret,
+    /// Where the secret is read again on SIGHUP.
+    pub key_file: PathBuf,
+    /// The fleet secret before a rotation, from `previous_key_file`: read, never written.
+    pub previous_secret: Option<FleetSecret>,
+    /// Where the previous secret is read again on SIGHUP.
+    pub previous_key_file: Option<PathBuf>,
     /// A PEM CA bundle for `rediss://`, instead of the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// A client certificate for servers that require one (`cert_file`, `cert_key_file`).
+    pub client_cert: Option<ClientCert>,
+    /// Not ready until Redis has answered once.
+    pub required: bool,
     /// Longest wait for one Redis call's answer.
     pub timeout: Duration,
     /// Longest wait for a connection to Redis.
@@ -67,6 +106,8 @@ impl std::fmt::Debug for SharedConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedConfig")
             .field("redis", &redacted(&self.redis))
+            .field("mode", &self.mode)
+            .field("required", &self.required)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("poll_interval", &self.poll_interval)
@@ -74,14 +115,34 @@ impl std::fmt::Debug for SharedConfig {
     }
 }
 
-/// A Redis URL without its user and password, for messages.
-pub(crate) fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
+impl SharedConfig {
+    /// The URLs of `redis`, in order.
+    pub fn urls(&self) -> Vec<&str> {
+        urls(&self.redis)
     }
+}
+
+/// The comma-separated URLs of `redis`, trimmed, empty ones left out.
+fn urls(redis: &str) -> Vec<&str> {
+    redis
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// Redis URLs without their user and password, for messages.
+pub(crate) fn redacted(redis: &str) -> String {
+    urls(redis)
+        .iter()
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+            }
+            _ => (*url).to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The `[shared]` table as written; a flag or variable replaces `redis` and `key_file` before
@@ -93,6 +154,12 @@ pub(super) struct FileShared {
     pub(super) key_file: Option<PathBuf>,
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    pub(super) cluster: Option<bool>,
+    pub(super) sentinel_master: Option<String>,
+    previous_key_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    cert_key_file: Option<PathBuf>,
+    required: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -105,7 +172,7 @@ impl FileShared {
     /// The fleet tier's settings, off (`None`) without a Redis URL. The secret and the password
     /// are read here, so a bad one stops the start rather than the first token call.
     pub(super) fn into_config(self) -> Result<Option<SharedConfig>, ConfigError> {
-        let Some(redis) = self.redis else {
+        let Some(redis) = self.redis.clone() else {
             return Ok(None);
         };
         let Some(key_file) = &self.key_file else {
@@ -116,19 +183,22 @@ impl FileShared {
                 ),
             ));
         };
-        if !["redis://", "rediss://", "redis+unix://", "unix://"]
-            .iter()
-            .any(|scheme| redis.starts_with(scheme))
-        {
-            return Err(ConfigError::at(
-                KeyPath::top("shared.redis"),
-                format!(" {}: use a redis:// or rediss:// URL", redacted(&redis)),
-            ));
-        }
-        let secret = FleetSecret::from_file_bytes(&read("key_file", key_file)?)
-            .map_err(|why| shared_error("key_file", key_file, why))?;
+        let mode = self.mode(&redis)?;
+        let secret = read_secret("key_file", key_file)?;
+        let previous_secret = self
+            .previous_key_file
+            .as_deref()
+            .map(|path| read_secret("previous_key_file", path))
+            .transpose()?;
         let password = self.password_file.as_deref().map(password).transpose()?;
+        let client_cert = self.client_cert(&redis)?;
         Ok(Some(SharedConfig {
+            key_file: key_file.clone(),
+            previous_key_file: self.previous_key_file,
+            previous_secret,
+            client_cert,
+            required: self.required.unwrap_or(false),
+            mode,
             redis,
             password,
             secret,
@@ -138,6 +208,81 @@ impl FileShared {
             poll_interval: bounded("poll_interval", self.poll_interval, 100, 5_000)?,
         }))
     }
+}
+
+impl FileShared {
+    /// What the URLs are; each must be `redis://` or `rediss://`, and several need Cluster or
+    /// Sentinel.
+    fn mode(&self, redis: &str) -> Result<RedisMode, ConfigError> {
+        let key = || KeyPath::top("shared.redis");
+        let all = urls(redis);
+        if all.is_empty() {
+            return Err(ConfigError::at(
+                key(),
+                " is empty: give a redis:// or rediss:// URL",
+            ));
+        }
+        if let Some(url) = all.iter().find(|url| {
+            !["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme))
+        }) {
+            return Err(ConfigError::at(
+                key(),
+                format!(" {}: use a redis:// or rediss:// URL", redacted(url)),
+            ));
+        }
+        let sentinel = self
+            .sentinel_master
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty());
+        match (self.cluster.unwrap_or(false), sentinel) {
+            (true, Some(_)) => Err(ConfigError::at(
+                KeyPath::top("shared.cluster"),
+                " and shared.sentinel_master are both set: a fleet's Redis is one or the other",
+            )),
+            (true, None) => Ok(RedisMode::Cluster),
+            (false, Some(master)) => Ok(RedisMode::Sentinel(master.to_owned())),
+            (false, None) if all.len() > 1 => Err(ConfigError::at(
+                key(),
+                format!(
+                    " names {} servers: several need shared.cluster = true (Cluster seed nodes) or shared.sentinel_master (Sentinels)",
+                    all.len()
+                ),
+            )),
+            (false, None) => Ok(RedisMode::Single),
+        }
+    }
+
+    /// The client certificate and its key, both or neither, for `rediss://` only.
+    fn client_cert(&self, redis: &str) -> Result<Option<ClientCert>, ConfigError> {
+        let (cert, key) = match (&self.cert_file, &self.cert_key_file) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            _ => {
+                return Err(ConfigError::at(
+                    KeyPath::top("shared.cert_file"),
+                    " and shared.cert_key_file go together: give both or neither",
+                ));
+            }
+        };
+        if urls(redis).iter().any(|url| !url.starts_with("rediss://")) {
+            return Err(ConfigError::at(
+                KeyPath::top("shared.cert_file"),
+                " is set but shared.redis is not rediss://: a client certificate needs TLS",
+            ));
+        }
+        Ok(Some(ClientCert {
+            cert: read("cert_file", cert)?,
+            key: read("cert_key_file", key)?,
+        }))
+    }
+}
+
+/// The fleet secret in the file `shared.<key>` names, checked.
+fn read_secret(key: &str, path: &Path) -> Result<FleetSecret, ConfigError> {
+    FleetSecret::from_file_bytes(&read(key, path)?).map_err(|why| shared_error(key, path, why))
 }
 
 /// `shared.<key> <path>: <why>`.
@@ -274,5 +419,94 @@ mod tests {
             "redis://…@redis:6379/0"
         );
         assert_eq!(redacted("redis://redis:6379"), "redis://redis:6379");
+    }
+
+    #[test]
+    fn cluster_sentinel_and_tls_files_are_checked_and_layered() {
+        let dir = std::env::temp_dir().join(format!("ts-shared-modes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("fleet.key");
+        std::fs::write(&key, [b'k'; 40]).unwrap();
+        let pem = dir.join("client.pem");
+        std::fs::write(&pem, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        let file = |shared: &str| {
+            format!(
+                "upstream = \"http://x\"\n[shared]\nkey_file = {:?}\n{shared}",
+                key.display()
+            )
+        };
+        let mode = |shared: &str, env: &[(&str, &str)]| {
+            load(with_file(), env, Some(&file(shared))).map(|c| c.shared.unwrap().mode)
+        };
+        let seeds = "redis = \"redis://a:1, redis://b:2,redis://c:3\"\n";
+        assert_eq!(
+            mode(&format!("{seeds}cluster = true\n"), &[]).unwrap(),
+            RedisMode::Cluster
+        );
+        assert_eq!(
+            mode(seeds, &[("TOKEN_SIDECAR_SHARED_CLUSTER", "true")]).unwrap(),
+            RedisMode::Cluster
+        );
+        assert_eq!(
+            mode(
+                seeds,
+                &[("TOKEN_SIDECAR_SHARED_SENTINEL_MASTER", "mymaster")]
+            )
+            .unwrap(),
+            RedisMode::Sentinel("mymaster".into())
+        );
+        let flags = Overrides {
+            shared_sentinel_master: Some("flagged".into()),
+            ..with_file()
+        };
+        let c = load(flags, &[], Some(&file(seeds))).unwrap();
+        assert_eq!(
+            c.shared.unwrap().mode,
+            RedisMode::Sentinel("flagged".into())
+        );
+
+        let e = mode(seeds, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("shared.redis") && e.contains("names 3 servers"),
+            "{e}"
+        );
+        assert!(e.contains("line 4"), "the file's line: {e}");
+        let both = format!("{seeds}cluster = true\nsentinel_master = \"m\"\n");
+        let e = mode(&both, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("shared.cluster") && e.contains("one or the other"),
+            "{e}"
+        );
+        let e = mode(seeds, &[("TOKEN_SIDECAR_SHARED_CLUSTER", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("TOKEN_SIDECAR_SHARED_CLUSTER") && e.contains("boolean"),
+            "{e}"
+        );
+
+        let one = "redis = \"rediss://r:6380\"\n";
+        let half = format!("{one}cert_file = {:?}\n", pem.display());
+        let e = mode(&half, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("cert_key_file") && e.contains("both or neither"),
+            "{e}"
+        );
+        let plain = format!(
+            "redis = \"redis://r:6379\"\ncert_file = {:?}\ncert_key_file = {:?}\n",
+            pem.display(),
+            pem.display()
+        );
+        let e = mode(&plain, &[]).unwrap_err().to_string();
+        assert!(e.contains("needs TLS"), "{e}");
+        let whole = format!(
+            "{half}cert_key_file = {:?}\nrequired = true\n",
+            pem.display()
+        );
+        let c = load(with_file(), &[], Some(&file(&whole))).unwrap();
+        let shared = c.shared.unwrap();
+        assert!(shared.client_cert.is_some() && shared.required);
+        assert!(!format!("{shared:?}").contains("BEGIN"), "no PEM in Debug");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

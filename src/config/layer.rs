@@ -9,8 +9,9 @@ use std::time::Duration;
 use super::env::{
     TOKEN_SIDECAR_ADMIN, TOKEN_SIDECAR_GENESYS_API_UPSTREAM, TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM,
     TOKEN_SIDECAR_GENESYS_REGION, TOKEN_SIDECAR_LISTEN, TOKEN_SIDECAR_LOG_FORMAT,
-    TOKEN_SIDECAR_SHARED_KEY_FILE, TOKEN_SIDECAR_SHARED_REDIS, TOKEN_SIDECAR_UPSTREAM,
-    TOKEN_SIDECAR_WORKERS, env_addr, given,
+    TOKEN_SIDECAR_SHARED_CLUSTER, TOKEN_SIDECAR_SHARED_KEY_FILE, TOKEN_SIDECAR_SHARED_REDIS,
+    TOKEN_SIDECAR_SHARED_SENTINEL_MASTER, TOKEN_SIDECAR_UPSTREAM, TOKEN_SIDECAR_WORKERS, env_addr,
+    given,
 };
 use super::error::{ConfigError, Source};
 use super::file::FileConfig;
@@ -31,6 +32,8 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub shared_redis: Option<String>,
     pub shared_key_file: Option<PathBuf>,
+    pub shared_cluster: Option<bool>,
+    pub shared_sentinel_master: Option<String>,
 }
 
 /// How long draining may take when neither the file nor a flag says.
@@ -152,7 +155,28 @@ fn shared(
         .clone()
         .or_else(|| env(TOKEN_SIDECAR_SHARED_KEY_FILE).map(PathBuf::from))
         .or(table.key_file.take());
+    if let Some(cluster) = flags.shared_cluster {
+        table.cluster = Some(cluster);
+    } else if let Some(value) = env(TOKEN_SIDECAR_SHARED_CLUSTER) {
+        table.cluster = Some(env_bool(TOKEN_SIDECAR_SHARED_CLUSTER, &value)?);
+    }
+    table.sentinel_master = flags
+        .shared_sentinel_master
+        .clone()
+        .or_else(|| env(TOKEN_SIDECAR_SHARED_SENTINEL_MASTER))
+        .or(table.sentinel_master.take());
     table.into_config()
+}
+
+/// A boolean variable: `true`/`false`, `1`/`0`, `yes`/`no`; the error names the variable.
+fn env_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::new(format!(
+            "{name}={value:?} is not a boolean: use true or false"
+        ))),
+    }
 }
 
 #[cfg(test)]

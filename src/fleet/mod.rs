@@ -19,21 +19,24 @@
 //! the token path checks).
 
 pub(crate) mod breaker;
+mod health;
 pub mod keys;
+mod link;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script, Value};
+use redis::{Script, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::config::{FleetSecret, SharedConfig, redacted};
+use crate::config::{FleetSecret, RedisMode, SharedConfig, redacted};
 use crate::metrics::FleetMetrics;
 use breaker::Breaker;
+use health::Health;
 pub use keys::Entry;
+use link::{Conn, Link};
 
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
@@ -209,22 +212,45 @@ return 0
 
 /// One process's connection to its fleet.
 pub(crate) struct Fleet {
-    client: Client,
-    manager: ConnectionManager,
+    link: Arc<Link>,
     /// Where the Redis server is, without credentials, for logs.
     address: String,
+    mode: RedisMode,
     secret: FleetSecret,
     breaker: Breaker,
+    health: Arc<Health>,
+    /// Not ready until Redis has answered once.
+    required: bool,
     timeout: Duration,
     connect_timeout: Duration,
     poll_interval: Duration,
+    scripts: Arc<Scripts>,
+    /// "Landed" notices from Redis, by key id; followers subscribe before they claim.
+    landed: broadcast::Sender<Arc<str>>,
+    metrics: FleetMetrics,
+}
+
+/// The tier's scripts, loaded on every new connection.
+struct Scripts {
     claim: Script,
     commit_token: Script,
     commit_hold: Script,
     renew: Script,
-    /// "Landed" notices from Redis, by key id; followers subscribe before they claim.
-    landed: broadcast::Sender<Arc<str>>,
-    metrics: FleetMetrics,
+}
+
+impl Scripts {
+    /// Loads every script on `conn` (on every primary, in a cluster).
+    async fn load(&self, conn: &mut Conn) -> redis::RedisResult<()> {
+        for script in [
+            &self.claim,
+            &self.commit_token,
+            &self.commit_hold,
+            &self.renew,
+        ] {
+            script.load_async(conn).await?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Fleet {
@@ -237,97 +263,103 @@ impl std::fmt::Debug for Fleet {
 }
 
 impl Fleet {
-    /// A fleet client for `config`; connects lazily, so a Redis that is down at start delays
-    /// nothing. Errors name what is wrong with the URL or the CA file.
+    /// A fleet client for `config`, not connected yet (see [`Fleet::warm_up`]). Errors name
+    /// what is wrong with a URL or a TLS file.
     pub(crate) fn new(config: &SharedConfig, metrics: FleetMetrics) -> Result<Fleet, String> {
         let address = redacted(&config.redis);
-        let mut info: redis::ConnectionInfo = redis::IntoConnectionInfo::into_connection_info(
-            config.redis.as_str(),
-        )
-        .map_err(|e| {
-            format!(
-                "shared.redis {address}: {}",
-                e.detail().unwrap_or("not a redis:// or rediss:// URL")
-            )
-        })?;
-        if let Some(password) = &config.password {
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let client = match &config.ca_file {
-            Some(path) => {
-                let root = std::fs::read(path)
-                    .map_err(|e| format!("shared.ca_file {}: {e}", path.display()))?;
-                Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root),
-                    },
-                )
-            }
-            None => Client::open(info),
-        }
-        .map_err(|e| format!("shared.redis {address}: {e}"))?;
-        let manager = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_response_timeout(Some(config.timeout))
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(2)),
-        )
-        .map_err(|e| format!("shared.redis {address}: {e}"))?;
+        let link = Link::new(config)?;
         metrics.breaker(breaker::State::Closed as i64);
         Ok(Fleet {
-            client,
-            manager,
+            link: Arc::new(link),
+            health: Arc::new(Health::new(address.clone())),
             address,
+            mode: config.mode.clone(),
+            required: config.required,
             secret: config.secret.clone(),
             breaker: Breaker::new(Duration::from_millis(500), Duration::from_secs(30)),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             poll_interval: config.poll_interval,
-            claim: Script::new(CLAIM),
-            commit_token: Script::new(COMMIT_TOKEN),
-            commit_hold: Script::new(COMMIT_HOLD),
-            renew: Script::new(RENEW),
+            scripts: Arc::new(Scripts {
+                claim: Script::new(CLAIM),
+                commit_token: Script::new(COMMIT_TOKEN),
+                commit_hold: Script::new(COMMIT_HOLD),
+                renew: Script::new(RENEW),
+            }),
             landed: broadcast::channel(1024).0,
             metrics,
         })
     }
 
     /// Opens the connection and loads the scripts, before the sidecar says it is ready: the first
-    /// claims of a cold start then find both, instead of spending their short timeout on a TCP
-    /// and TLS handshake, HELLO/AUTH and a NOSCRIPT round trip (each pod would go alone). Bounded
-    /// by `connect_timeout` plus one call's `timeout`; a Redis that does not answer by then is
-    /// logged, and the pod starts without it (the claims find out as before).
+    /// claims of a cold start then find both, instead of going alone while a connection is made.
+    /// Bounded by `connect_timeout` plus one call's `timeout`; a Redis that does not answer by
+    /// then is logged, and the pod starts without it (reconnecting in the background).
     pub(crate) async fn warm_up(&self) {
-        let mut connection = self.manager.clone();
-        let warm = async {
-            redis::cmd("PING")
-                .query_async::<()>(&mut connection)
-                .await?;
-            for script in [
-                &self.claim,
-                &self.commit_token,
-                &self.commit_hold,
-                &self.renew,
-            ] {
-                script.load_async(&mut connection).await?;
-            }
-            Ok::<(), redis::RedisError>(())
-        };
         let bound = self.connect_timeout + self.timeout;
+        let warm = async {
+            let mut conn = self.link.connect().await?;
+            self.scripts
+                .load(&mut conn)
+                .await
+                .map_err(|e| link::describe(&e))
+        };
         match tokio::time::timeout(bound, warm).await {
-            Ok(Ok(())) => info!(redis = %self.address, "fleet tier: connected, scripts loaded"),
-            Ok(Err(e)) => {
-                warn!(redis = %self.address, why = ?e.kind(), "fleet tier: Redis refused the start; each pod goes on alone until it answers")
+            Ok(Ok(())) => {
+                self.health.ok();
+                info!(redis = %self.address, "fleet tier: connected, scripts loaded");
             }
-            Err(_) => {
-                warn!(redis = %self.address, bound_ms = bound.as_millis() as u64, "fleet tier: no answer from Redis at start; each pod goes on alone until it answers")
-            }
+            Ok(Err(why)) => self.health.failed("connect", why),
+            Err(_) => self.health.failed(
+                "connect",
+                format!("no connection within {} ms", bound.as_millis()),
+            ),
         }
+        if !self.health.answered() {
+            self.metrics.error("connect");
+        }
+        if self.link.get().is_none() {
+            self.reconnect_later();
+        }
+    }
+
+    /// Starts a reconnect in the background unless one is running: connects (bounded by the
+    /// connect timeout), loads the scripts, and tries again after a pause until it has a
+    /// connection. Calls meanwhile go alone at once.
+    fn reconnect_later(&self) {
+        if !self.link.reconnect() {
+            return;
+        }
+        let (link, scripts, health, metrics) = (
+            self.link.clone(),
+            self.scripts.clone(),
+            self.health.clone(),
+            self.metrics.clone(),
+        );
+        tokio::spawn(async move {
+            for attempt in 0u32.. {
+                match link.connect().await {
+                    Ok(mut conn) => match scripts.load(&mut conn).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            link.reset();
+                            health.failed("connect", link::describe(&e));
+                        }
+                    },
+                    Err(why) => health.failed("connect", why),
+                }
+                metrics.error("connect");
+                let pause = Duration::from_millis(100).saturating_mul(1 << attempt.min(5));
+                tokio::time::sleep(pause.min(Duration::from_secs(3))).await;
+            }
+            link.reconnected();
+        });
+    }
+
+    /// Whether the pod may say it is ready: always, unless `shared.required` and Redis has never
+    /// answered.
+    pub(crate) fn ready(&self) -> bool {
+        !self.required || self.health.answered()
     }
 
     /// What `/status` shows: the server (without its login) and the breaker.
@@ -339,7 +371,15 @@ impl Fleet {
         };
         crate::status::FleetStatus {
             redis: self.address.clone(),
+            mode: match &self.mode {
+                RedisMode::Single => "single".to_owned(),
+                RedisMode::Cluster => "cluster".to_owned(),
+                RedisMode::Sentinel(master) => format!("sentinel {master}"),
+            },
             breaker: breaker.to_owned(),
+            connected: self.link.get().is_some(),
+            answered: self.health.answered(),
+            cause: self.health.cause(),
         }
     }
 
@@ -371,7 +411,7 @@ impl Fleet {
     ) -> Result<Claim, Option<Lease>> {
         let flag = |on: bool| if on { "1" } else { "0" };
         let owner = hex(&rand::random::<[u8; 16]>());
-        let mut invocation = self.claim.prepare_invoke();
+        let mut invocation = self.scripts.claim.prepare_invoke();
         invocation
             .key(&names.token)
             .key(&names.fresh)
@@ -390,10 +430,8 @@ impl Fleet {
             forged_hold: passing.holds,
             _renewal: renewal,
         };
-        let value: Value = match self
-            .call("claim", invocation.invoke_async(&mut self.manager.clone()))
-            .await
-        {
+        let claim = |mut conn: Conn| async move { invocation.invoke_async(&mut conn).await };
+        let value: Value = match self.call("claim", claim).await {
             Outcome::Done(value) => value,
             Outcome::Skipped => return Err(None),
             Outcome::Failed => return Err(Some(lease(proven, None))),
@@ -443,11 +481,11 @@ impl Fleet {
                     () = done.cancelled() => return,
                     () = tokio::time::sleep(RENEW_EVERY) => {}
                 }
-                let mut invocation = fleet.renew.prepare_invoke();
+                let mut invocation = fleet.scripts.renew.prepare_invoke();
                 invocation.key(&lock).arg(&owner).arg(millis(LEASE));
-                let mut connection = fleet.manager.clone();
-                let renewed = invocation.invoke_async::<i64>(&mut connection);
-                match fleet.call("renew", renewed).await {
+                let renew =
+                    |mut conn: Conn| async move { invocation.invoke_async(&mut conn).await };
+                match fleet.call::<i64, _, _>("renew", renew).await {
                     Outcome::Done(1) => {}
                     // Lost (expired while Redis was away, or taken over): the next commit's
                     // compare-and-delete leaves the new owner's lock alone.
@@ -480,7 +518,7 @@ impl Fleet {
         if serve == 0 {
             return self.commit_hold(names, lease, Duration::ZERO, "").await;
         }
-        let mut invocation = self.commit_token.prepare_invoke();
+        let mut invocation = self.scripts.commit_token.prepare_invoke();
         invocation
             .key(&names.token)
             .key(&names.fresh)
@@ -505,7 +543,7 @@ impl Fleet {
         hold: Duration,
         value: &str,
     ) {
-        let mut invocation = self.commit_hold.prepare_invoke();
+        let mut invocation = self.scripts.commit_hold.prepare_invoke();
         invocation
             .key(names.cool(lease.proven))
             .key(&names.lock)
@@ -519,33 +557,38 @@ impl Fleet {
     }
 
     async fn commit(&self, invocation: redis::ScriptInvocation<'_>) {
-        let done = self
-            .call::<Value>("commit", invocation.invoke_async(&mut self.manager.clone()))
-            .await;
+        let commit = |mut conn: Conn| async move { invocation.invoke_async(&mut conn).await };
+        let done = self.call::<Value, _, _>("commit", commit).await;
         if let Outcome::Done(_) = done {
             self.metrics.claim("commit");
         }
     }
 
-    /// Runs `call` unless the breaker is open, bounded by the timeout. A failure of Redis or of
-    /// the connection opens the breaker; an error about one key's values (a wrong type under one
-    /// of its names) is that key's failure alone.
-    async fn call<T>(
-        &self,
-        op: &'static str,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Outcome<T> {
+    /// Runs `call` on the current connection unless the breaker is open or there is none (then a
+    /// reconnect starts), bounded by the timeout. A failure of Redis or of the connection opens
+    /// the breaker and drops the connection (after a timeout its replies may never line up
+    /// again); an error about one key's values (a wrong type under one of its names) is that
+    /// key's failure alone.
+    async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Outcome<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        // Looked at before the breaker, whose half-open trial must end in a success or a failure.
+        let Some(conn) = self.link.get() else {
+            self.reconnect_later();
+            self.metrics.claim("skipped");
+            return Outcome::Skipped;
+        };
         if !self.breaker.allow(Instant::now()) {
             self.metrics.claim("skipped");
             return Outcome::Skipped;
         }
         self.metrics.breaker(self.breaker.state() as i64);
-        let why = match tokio::time::timeout(self.timeout, call).await {
+        let why = match tokio::time::timeout(self.timeout, call(conn)).await {
             Ok(Ok(value)) => {
-                if self.breaker.state() != breaker::State::Closed {
-                    info!(redis = %self.address, "shared tier: Redis answers again");
-                }
                 self.breaker.success();
+                self.health.ok();
                 self.metrics.breaker(breaker::State::Closed as i64);
                 return Outcome::Done(value);
             }
@@ -553,14 +596,15 @@ impl Fleet {
                 self.metrics.error(op);
                 return Outcome::Failed;
             }
-            Ok(Err(e)) => format!("{:?}", e.kind()),
+            Ok(Err(e)) => link::describe(&e),
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };
+        self.link.reset();
         self.metrics.error(op);
-        if self.breaker.failure(Instant::now(), rand::random()) {
-            warn!(redis = %self.address, op, why, "shared tier: Redis failed; each pod goes on alone until it answers again");
-        }
+        self.breaker.failure(Instant::now(), rand::random());
+        self.health.failed(op, why);
         self.metrics.breaker(self.breaker.state() as i64);
+        self.reconnect_later();
         Outcome::Failed
     }
 
@@ -571,7 +615,7 @@ impl Fleet {
         let mut failures = 0u32;
         while !stop.is_cancelled() {
             let connected = tokio::time::timeout(self.connect_timeout, async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = self.link.pubsub(failures).await?;
                 pubsub.subscribe(LANDED).await?;
                 redis::RedisResult::Ok(pubsub)
             })
