@@ -22,7 +22,7 @@ pub(crate) const FORM: &str =
 pub(crate) struct TempFile(PathBuf);
 
 impl TempFile {
-    fn new(name: &str, contents: &[u8]) -> TempFile {
+    pub(crate) fn new(name: &str, contents: &[u8]) -> TempFile {
         let path = std::env::temp_dir().join(format!(
             "token-sidecar-fleet-{}-{name}-{:x}",
             std::process::id(),
@@ -32,7 +32,7 @@ impl TempFile {
         TempFile(path)
     }
 
-    fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.0.to_str().unwrap()
     }
 }

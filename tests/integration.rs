@@ -12,6 +12,7 @@ mod docs;
 mod faults;
 mod fleet;
 mod fleet_faults;
+mod fleet_redis;
 mod forwarding;
 mod genesys_sdks;
 mod operations;

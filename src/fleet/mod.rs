@@ -239,17 +239,21 @@ struct Scripts {
 }
 
 impl Scripts {
-    /// Loads every script on `conn` (on every primary, in a cluster).
-    async fn load(&self, conn: &mut Conn) -> redis::RedisResult<()> {
-        for script in [
+    /// Loads every script on `conn` (on every primary, in a cluster), all at once: one round
+    /// trip on a multiplexed connection.
+    async fn load(&self, conn: &Conn) -> redis::RedisResult<()> {
+        let scripts = [
             &self.claim,
             &self.commit_token,
             &self.commit_hold,
             &self.renew,
-        ] {
-            script.load_async(conn).await?;
-        }
-        Ok(())
+        ];
+        futures_util::future::try_join_all(scripts.map(|script| {
+            let mut conn = conn.clone();
+            async move { script.load_async(&mut conn).await }
+        }))
+        .await
+        .map(drop)
     }
 }
 
@@ -293,16 +297,16 @@ impl Fleet {
 
     /// Opens the connection and loads the scripts, before the sidecar says it is ready: the first
     /// claims of a cold start then find both, instead of going alone while a connection is made.
-    /// Bounded by `connect_timeout` plus one call's `timeout`; a Redis that does not answer by
-    /// then is logged, and the pod starts without it (reconnecting in the background).
+    /// Bounded by twice `connect_timeout` (connecting, then loading); a Redis that does not
+    /// answer by then is logged, and the pod starts without it (reconnecting in the background).
     pub(crate) async fn warm_up(&self) {
-        let bound = self.connect_timeout + self.timeout;
+        let bound = self.connect_timeout * 2;
         let warm = async {
-            let mut conn = self.link.connect().await?;
-            self.scripts
-                .load(&mut conn)
-                .await
-                .map_err(|e| link::describe(&e))
+            let conn = self.link.connect().await?;
+            self.scripts.load(&conn).await.map_err(|e| {
+                self.link.reset();
+                link::describe(&e)
+            })
         };
         match tokio::time::timeout(bound, warm).await {
             Ok(Ok(())) => {
@@ -339,8 +343,11 @@ impl Fleet {
         tokio::spawn(async move {
             for attempt in 0u32.. {
                 match link.connect().await {
-                    Ok(mut conn) => match scripts.load(&mut conn).await {
-                        Ok(()) => break,
+                    Ok(conn) => match scripts.load(&conn).await {
+                        Ok(()) => {
+                            health.ok();
+                            break;
+                        }
                         Err(e) => {
                             link.reset();
                             health.failed("connect", link::describe(&e));

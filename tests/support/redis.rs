@@ -25,6 +25,8 @@ pub struct RedisServer {
     ca: Option<String>,
     /// `user:password@` for the URL, when the server requires it.
     auth: Option<String>,
+    /// The PEM client certificate and key this support presents, for a server requiring mTLS.
+    client_cert: Option<(String, String)>,
 }
 
 impl Drop for RedisServer {
@@ -42,12 +44,24 @@ impl RedisServer {
     /// A server with `args`; `ca` for a TLS one (then `args` name its files), `auth` as
     /// `user:password` when it requires a login.
     pub fn start_with(args: Vec<String>, ca: Option<String>, auth: Option<String>) -> RedisServer {
+        RedisServer::start_tls(args, ca, auth, None)
+    }
+
+    /// [`RedisServer::start_with`], presenting `client_cert` (PEM certificate and key) to a
+    /// server started with `--tls-auth-clients yes`.
+    pub fn start_tls(
+        args: Vec<String>,
+        ca: Option<String>,
+        auth: Option<String>,
+        client_cert: Option<(String, String)>,
+    ) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
             args,
             ca,
             auth,
+            client_cert,
         };
         server.restart();
         server
@@ -113,7 +127,12 @@ impl RedisServer {
             Some(ca) => redis::Client::build_with_tls(
                 self.url(),
                 redis::TlsCertificates {
-                    client_tls: None,
+                    client_tls: self.client_cert.as_ref().map(|(cert, key)| {
+                        redis::ClientTlsConfig {
+                            client_cert: cert.clone().into_bytes(),
+                            client_key: key.clone().into_bytes(),
+                        }
+                    }),
                     root_cert: Some(ca.clone().into_bytes()),
                 },
             )?,
