@@ -187,6 +187,21 @@ async fn four_sidecars_with_a_hundred_cold_callers_each_make_one_provider_call()
         "one provider call for the whole fleet"
     );
     assert_eq!(tokens.len(), 1, "every caller got the same token");
+    // The other pods' callers are told their token came from the fleet, not the provider.
+    let status = |r: &Reply| r.header("cache-status").unwrap_or_default();
+    let from_fleet = replies
+        .iter()
+        .filter(|r| status(r).contains("detail=fleet"))
+        .count();
+    let fetched = replies
+        .iter()
+        .filter(|r| status(r).contains("fwd-status=200; stored"))
+        .count();
+    assert!(from_fleet >= 3, "{from_fleet} answers say detail=fleet");
+    assert_eq!(
+        fetched, 1,
+        "one answer says the provider's token was stored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,6 +36,8 @@ pub struct Token {
     /// When the next request should start a background refresh; `None` for tokens that are never
     /// refreshed ahead (refresh-token grant answers).
     pub refresh_at: Option<Instant>,
+    /// Another pod of the fleet fetched it (its `Cache-Status` says `detail=fleet`).
+    pub from_fleet: bool,
 }
 
 /// What a successful upstream body turned out to be.
@@ -102,12 +104,14 @@ impl Token {
         if serve_left < Duration::from_secs(1) {
             return None;
         }
-        Some(template.token(
+        let mut token = template.token(
             content_type,
             now + expires_left,
             now + serve_left,
             refresh_left.map(|left| now + left.min(serve_left)),
-        ))
+        );
+        token.from_fleet = true;
+        Some(token)
     }
 
     /// The whole answer body at `now`, as [`Self::pieces`] sends it.
@@ -213,6 +217,7 @@ impl Template {
             expires_at,
             serve_until,
             refresh_at,
+            from_fleet: false,
         }
     }
 }

@@ -29,6 +29,8 @@ pub(crate) enum Fetch {
 pub(crate) enum Fetched {
     /// A token, now stored.
     Token,
+    /// Another pod's token from the fleet tier, now stored: no provider call.
+    Fleet,
     /// The provider's answer, passed through with its status.
     Reply(StatusCode),
     /// No usable answer: the sidecar's own error, by its RFC 6749 code.
@@ -80,6 +82,8 @@ impl std::fmt::Display for CacheStatus {
                 match fetched {
                     Fetched::Token if collapsed => f.write_str("; fwd-status=200")?,
                     Fetched::Token => f.write_str("; fwd-status=200; stored")?,
+                    Fetched::Fleet if collapsed => f.write_str("; detail=fleet")?,
+                    Fetched::Fleet => f.write_str("; detail=fleet; stored")?,
                     Fetched::Reply(status) => write!(f, "; fwd-status={}", status.as_u16())?,
                     Fetched::Failed(code) => write!(f, "; detail={code}")?,
                 }
@@ -143,7 +147,14 @@ pub(crate) fn landed(
         collapsed,
     };
     match shared {
-        FlightResult::Token(t) => token(&t, now, status(Fetched::Token)),
+        FlightResult::Token(t) => {
+            let fetched = if t.from_fleet {
+                Fetched::Fleet
+            } else {
+                Fetched::Token
+            };
+            token(&t, now, status(fetched))
+        }
         FlightResult::Reply(r) => reply(&r, status(Fetched::Reply(r.status))),
         FlightResult::Failed(e) => {
             let code = e.code();
@@ -186,6 +197,14 @@ mod tests {
             (
                 fetched(Fetch::Miss, Fetched::Token, true),
                 "token-sidecar; fwd=miss; fwd-status=200; collapsed",
+            ),
+            (
+                fetched(Fetch::Miss, Fetched::Fleet, false),
+                "token-sidecar; fwd=miss; detail=fleet; stored",
+            ),
+            (
+                fetched(Fetch::Stale, Fetched::Fleet, true),
+                "token-sidecar; fwd=stale; detail=fleet; collapsed",
             ),
             (
                 fetched(
