@@ -190,6 +190,7 @@ impl App {
             info!(redis = ?fleet, "shared tier on");
             fleet.warm_up().await;
             tokio::spawn(fleet.clone().listen(self.closed.clone()));
+            tokio::spawn(reload_on_hangup(fleet.clone()));
         }
         let (admin_stop, admin_loop) = serve_admin(listeners.admin, admin_state.clone());
         admin_state.ready.store(true, Ordering::Release);
@@ -312,6 +313,27 @@ async fn sweep(route: Arc<TokenRoute>, every: Duration, stop: CancellationToken)
         tokio::select! {
             _ = tick.tick() => route.sweep(),
             () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Reads the fleet's key files again on every SIGHUP (a key rotation without a restart). A bad
+/// file keeps the keys in use; the error names the file, never its bytes.
+async fn reload_on_hangup(fleet: Arc<Fleet>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("fleet tier: cannot listen for SIGHUP; key files are read at start only");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match fleet.reload() {
+            Ok(()) => {
+                info!("fleet tier: SIGHUP: key files read again; writing with the current key")
+            }
+            Err(why) => tracing::warn!(
+                why,
+                "fleet tier: SIGHUP: a key file is unusable; the keys in use are kept"
+            ),
         }
     }
 }

@@ -19,7 +19,7 @@ pub(crate) const FORM: &str =
     "grant_type=client_credentials&client_id=fleet-app&client_secret=fleet-secret";
 
 /// A file removed when dropped.
-pub(crate) struct TempFile(PathBuf);
+pub(crate) struct TempFile(pub(crate) PathBuf);
 
 impl TempFile {
     pub(crate) fn new(name: &str, contents: &[u8]) -> TempFile {

@@ -3,10 +3,11 @@
 //! processes on loopback. Each test failed on the tier before this round: followers of a killed
 //! leader waited 15 s and more, one pod's guesses refused the owner on the others, and a token
 //! value written back after its expiry was served with the TTL Redis was given.
-use crate::fleet::{FORM, calls_by, fleet, fleet_key, token};
+use crate::fleet::{FORM, TempFile, calls_by, fleet, fleet_key, token};
 use crate::support;
 
 use std::time::{Duration, Instant};
+use support::process::Running;
 use support::redis::RedisServer;
 use support::{Answer, FakeProvider, client};
 
@@ -247,4 +248,103 @@ async fn what_a_redis_writer_replays_or_forges_is_never_obeyed() {
     );
     assert_eq!(reply.status, 200, "a forged cool-down holds nobody");
     assert_eq!(idp.token_calls(), 3);
+}
+
+/// A sidecar of the fleet on `redis` with `key_file` and, if given, `previous_key_file`, ready.
+async fn pod_with_keys(
+    idp: &FakeProvider,
+    redis: &RedisServer,
+    config: &TempFile,
+    key_file: &TempFile,
+) -> Running {
+    let url = redis.url();
+    let args = [
+        "--shared-redis",
+        url.as_str(),
+        "--shared-key-file",
+        key_file.path(),
+        "--config",
+        config.path(),
+    ];
+    let pod = Running::start_args(&idp.url(), &args, &[]);
+    pod.wait_ready().await;
+    pod
+}
+
+/// Issue 22 item 8: rotating the fleet secret split the fleet in two for the whole roll. A pod
+/// given the new key and the old one as `previous_key_file` serves the tokens sealed under the
+/// old one (and stores them again under the new), and SIGHUP reads the key files again without
+/// a restart; an unusable file keeps the keys in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_reads_the_previous_key_and_sighup_reloads_the_files() {
+    let redis = RedisServer::start();
+    let idp = FakeProvider::start().await;
+    idp.set_default(Answer::token(300));
+    let (old, new) = (rand::random::<[u8; 48]>(), rand::random::<[u8; 48]>());
+    let http = client();
+    // Pod 0 before the roll: the old key, the old key as previous too.
+    let (key0, previous0) = (TempFile::new("k0", &old), TempFile::new("p0", &old));
+    let config0 = TempFile::new(
+        "c0.toml",
+        format!("[shared]\nprevious_key_file = {:?}\n", previous0.path()).as_bytes(),
+    );
+    let pod0 = pod_with_keys(&idp, &redis, &config0, &key0).await;
+    assert_eq!(token(&http, &pod0, 0, FORM).await.status, 200);
+    assert_eq!(idp.token_calls(), 1);
+
+    // Pod 1, rolled out with the new key and the old one as previous: no call of its own.
+    let (key1, previous1) = (TempFile::new("k1", &new), TempFile::new("p1", &old));
+    let config1 = TempFile::new(
+        "c1.toml",
+        format!("[shared]\nprevious_key_file = {:?}\n", previous1.path()).as_bytes(),
+    );
+    let pod1 = pod_with_keys(&idp, &redis, &config1, &key1).await;
+    let reply = token(&http, &pod1, 1, FORM).await;
+    assert_eq!(reply.status, 200);
+    let status = reply.header("cache-status").unwrap_or_default();
+    assert!(status.contains("detail=fleet"), "{status}");
+    assert_eq!(
+        idp.token_calls(),
+        1,
+        "the token sealed under the old key was served"
+    );
+
+    // Pod 0 rotates in place: the new key written, SIGHUP. A key pod 1 fetches under the new
+    // key is then served to pod 0 from the fleet.
+    std::fs::write(&key0.0, new).unwrap();
+    let hangup = |pod: &Running| {
+        let pid = pod.process.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    hangup(&pod0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let scoped = format!("{FORM}&scope=after-rotation");
+    assert_eq!(token(&http, &pod1, 1, &scoped).await.status, 200);
+    assert_eq!(idp.token_calls(), 2);
+    let reply = token(&http, &pod0, 0, &scoped).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        idp.token_calls(),
+        2,
+        "pod 0 writes and reads with the new key"
+    );
+
+    // An unusable key file on SIGHUP keeps the keys in use.
+    std::fs::write(&key0.0, b"short\n").unwrap();
+    hangup(&pod0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = format!("{FORM}&scope=after-a-bad-reload");
+    assert_eq!(token(&http, &pod1, 1, &again).await.status, 200);
+    assert_eq!(token(&http, &pod0, 0, &again).await.status, 200);
+    println!(
+        "key rotation: {} provider calls for 3 keys on 2 pods across a roll and two SIGHUPs",
+        idp.token_calls()
+    );
+    assert_eq!(idp.token_calls(), 3, "the new key is still in use");
 }

@@ -507,6 +507,15 @@ mod tests {
         let shared = c.shared.unwrap();
         assert!(shared.client_cert.is_some() && shared.required);
         assert!(!format!("{shared:?}").contains("BEGIN"), "no PEM in Debug");
+        let short = dir.join("short.key");
+        std::fs::write(&short, b"0123456789\n").unwrap();
+        let rotating = format!("{one}previous_key_file = {:?}\n", short.display());
+        let e = mode(&rotating, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("shared.previous_key_file") && e.contains("at least 32"),
+            "{e}"
+        );
+        assert!(!e.contains("0123456789"), "the key is never quoted: {e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

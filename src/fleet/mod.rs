@@ -2,12 +2,14 @@
 //! Redis (or Valkey) server, so a fleet of N pods makes one provider call per token lifetime,
 //! not N, and a `Retry-After` seen by one pod holds them all.
 //!
-//! This module owns the Redis side and knows nothing of tokens: [`Fleet`] runs the three scripts
-//! (claim, commit a token, commit a hold) each in one bounded round trip, listens for "landed"
-//! notices, and keeps a [`breaker::Breaker`] so that a slow or lost Redis costs one short timeout,
-//! then nothing: every pod goes on alone, as without the tier, and tries Redis again after a
-//! backoff. [`keys`] derives the key names and seals the values. The token path's use of it is
-//! `token::fleet`.
+//! This module owns the Redis side and knows nothing of tokens: [`Fleet`] runs the scripts
+//! (`scripts`: claim, commit a token, commit a hold, renew a lease) each in one bounded round
+//! trip over the `link` (one server, a Cluster or Sentinels; connected in the background, never
+//! inside a call), listens for "landed" notices, keeps a [`breaker::Breaker`] so that a slow or
+//! lost Redis costs one short timeout, then nothing (every pod goes on alone, as without the
+//! tier, and tries Redis again after a backoff), and reports its `health`. It holds the fleet
+//! secrets and reads their files again on SIGHUP. [`keys`] derives the keys and seals the
+//! values. The token path's use of it is `token::fleet`.
 //!
 //! Redis holds, per key (the names are HMACs: see [`Names`]): the sealed token (`t`, TTL = its
 //! serve-until, which the sealed payload also carries and which wins), a marker that it is still
@@ -22,8 +24,9 @@ pub(crate) mod breaker;
 mod health;
 pub mod keys;
 mod link;
+mod scripts;
 
-use redis::{Script, Value};
+use redis::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -37,6 +40,7 @@ use breaker::Breaker;
 use health::Health;
 pub use keys::Entry;
 use link::{Conn, Link};
+use scripts::{Answer, Scripts, parse_claim};
 
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
@@ -144,79 +148,15 @@ pub(crate) struct Lease {
     _renewal: Option<tokio_util::sync::DropGuard>,
 }
 
-/// A stored token, its fresh marker and the client's cool-downs decide; else the lock is taken.
-/// KEYS: token, fresh, proven marker, proven cool-down, unproven cool-down, lock. ARGV: owner,
-/// lease ms, whether the pod knows the key proven, whether to look at cool-downs (not after one
-/// was found forged), whether to look at the token (not after it did not open). An unproven key
-/// obeys both cool-downs, a proven one only the proven one.
-const CLAIM: &str = r"
-local proven = ARGV[3] == '1' or redis.call('EXISTS', KEYS[3]) == 1
-local p = proven and 1 or 0
-local v = false
-if ARGV[5] == '1' then v = redis.call('GET', KEYS[1]) end
-if v and redis.call('EXISTS', KEYS[2]) == 1 then
-  return {1, v, redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2]), p}
-end
-if ARGV[4] == '1' then
-  local name, which, cd = KEYS[4], 1, redis.call('PTTL', KEYS[4])
-  if not proven then
-    local ud = redis.call('PTTL', KEYS[5])
-    if ud > cd then name, which, cd = KEYS[5], 0, ud end
-  end
-  if cd > 0 then
-    local cv = redis.call('GET', name)
-    if v then return {1, v, redis.call('PTTL', KEYS[1]), cd, p, cv, which} end
-    return {2, cv, cd, p, which}
-  end
-end
-if redis.call('SET', KEYS[6], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {3, p}
-end
-return {4, p}
-";
-
-/// Stores the sealed token (TTL = serve-until), its fresh marker and the key's proven marker,
-/// frees the lock if still ours, and tells the fleet.
-const COMMIT_TOKEN: &str = r"
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if tonumber(ARGV[4]) > 0 then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
-else
-  redis.call('DEL', KEYS[2])
-end
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
-";
-
-/// Extends the client's cool-down (never shortens it, unless the one there was found forged),
-/// frees the lock if still ours, and tells the fleet. A hold of 0 only frees the lock.
-const COMMIT_HOLD: &str = r"
-local ms = tonumber(ARGV[2])
-if ms > 0 and (ARGV[6] == '1' or redis.call('PTTL', KEYS[1]) < ms) then
-  redis.call('SET', KEYS[1], ARGV[5], 'PX', ms)
-end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
-";
-
-/// Extends a lock's lease if it is still ours.
-const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
-
 /// One process's connection to its fleet.
 pub(crate) struct Fleet {
     link: Arc<Link>,
     /// Where the Redis server is, without credentials, for logs.
     address: String,
     mode: RedisMode,
-    secret: FleetSecret,
+    secrets: std::sync::RwLock<Secrets>,
+    /// Where the secrets are read again on SIGHUP.
+    key_files: (std::path::PathBuf, Option<std::path::PathBuf>),
     breaker: Breaker,
     health: Arc<Health>,
     /// Not ready until Redis has answered once.
@@ -230,31 +170,13 @@ pub(crate) struct Fleet {
     metrics: FleetMetrics,
 }
 
-/// The tier's scripts, loaded on every new connection.
-struct Scripts {
-    claim: Script,
-    commit_token: Script,
-    commit_hold: Script,
-    renew: Script,
-}
-
-impl Scripts {
-    /// Loads every script on `conn` (on every primary, in a cluster), all at once: one round
-    /// trip on a multiplexed connection.
-    async fn load(&self, conn: &Conn) -> redis::RedisResult<()> {
-        let scripts = [
-            &self.claim,
-            &self.commit_token,
-            &self.commit_hold,
-            &self.renew,
-        ];
-        futures_util::future::try_join_all(scripts.map(|script| {
-            let mut conn = conn.clone();
-            async move { script.load_async(&mut conn).await }
-        }))
-        .await
-        .map(drop)
-    }
+/// The fleet secret the pod writes with, the previous one it still reads (during a rotation),
+/// and how many times they were read again.
+#[derive(Clone, Debug)]
+pub(crate) struct Secrets {
+    pub current: FleetSecret,
+    pub previous: Option<FleetSecret>,
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -279,17 +201,17 @@ impl Fleet {
             address,
             mode: config.mode.clone(),
             required: config.required,
-            secret: config.secret.clone(),
+            secrets: std::sync::RwLock::new(Secrets {
+                current: config.secret.clone(),
+                previous: config.previous_secret.clone(),
+                generation: 0,
+            }),
+            key_files: (config.key_file.clone(), config.previous_key_file.clone()),
             breaker: Breaker::new(Duration::from_millis(500), Duration::from_secs(30)),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             poll_interval: config.poll_interval,
-            scripts: Arc::new(Scripts {
-                claim: Script::new(CLAIM),
-                commit_token: Script::new(COMMIT_TOKEN),
-                commit_hold: Script::new(COMMIT_HOLD),
-                renew: Script::new(RENEW),
-            }),
+            scripts: Arc::new(Scripts::new()),
             landed: broadcast::channel(1024).0,
             metrics,
         })
@@ -390,9 +312,56 @@ impl Fleet {
         }
     }
 
-    /// The fleet secret, for deriving the token path's keys.
-    pub(crate) fn secret(&self) -> &FleetSecret {
-        &self.secret
+    /// The fleet secrets, for deriving the token path's keys.
+    pub(crate) fn secrets(&self) -> Secrets {
+        self.secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many times the secrets were read again (the token path re-derives its keys when this
+    /// changes).
+    pub(crate) fn generation(&self) -> u64 {
+        self.secrets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
+    }
+
+    /// Reads the key files again (on SIGHUP): the pod writes with the new current secret and
+    /// reads with both. A file that is missing or too short changes nothing; the error names it
+    /// and never quotes it.
+    pub(crate) fn reload(&self) -> Result<(), String> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| FleetSecret::from_file_bytes(&bytes))
+                .map_err(|why| format!("{}: {why}", path.display()))
+        };
+        let current = read(&self.key_files.0)?;
+        let previous = self.key_files.1.as_deref().map(read).transpose()?;
+        let mut secrets = self.secrets.write().unwrap_or_else(|e| e.into_inner());
+        *secrets = Secrets {
+            current,
+            previous,
+            generation: secrets.generation + 1,
+        };
+        Ok(())
+    }
+
+    /// The value under `name` (a token sealed under the previous secret), if Redis answers.
+    pub(crate) async fn peek(&self, name: &str) -> Option<Vec<u8>> {
+        let get = |mut conn: Conn| async move {
+            redis::cmd("GET")
+                .arg(name)
+                .query_async::<Option<Vec<u8>>>(&mut conn)
+                .await
+        };
+        match self.call("peek", get).await {
+            Outcome::Done(value) => value,
+            Outcome::Skipped | Outcome::Failed => None,
+        }
     }
 
     /// How often a follower asks again without a notice.
@@ -680,63 +649,6 @@ fn about_one_key(e: &redis::RedisError) -> bool {
 /// Whole milliseconds, saturating.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// A claim script's answer.
-enum Answer {
-    Token {
-        sealed: Vec<u8>,
-        serve_left: Duration,
-        fresh_left: Duration,
-        hold: Option<Hold>,
-    },
-    Cooldown(Hold),
-    /// The lock is ours; whether the key is proven in the fleet.
-    Lead(bool),
-    Busy,
-}
-
-/// A claim script's answer; `None` if it is not one (a Redis that is not ours).
-fn parse_claim(value: Value) -> Option<Answer> {
-    let Value::Array(items) = value else {
-        return None;
-    };
-    let int = |i: usize| match items.get(i) {
-        Some(Value::Int(n)) => Some(*n),
-        _ => None,
-    };
-    let bytes = |i: usize| match items.get(i) {
-        Some(Value::BulkString(b)) => Some(b.clone()),
-        _ => None,
-    };
-    let left = |i: usize| int(i).map(|ms| Duration::from_millis(ms.max(0) as u64));
-    match int(0)? {
-        1 => {
-            let fresh_left = left(3)?;
-            let hold = match (bytes(5), int(6)) {
-                (Some(value), Some(which)) => Some(Hold {
-                    value,
-                    ttl: fresh_left,
-                    proven: which == 1,
-                }),
-                _ => None,
-            };
-            Some(Answer::Token {
-                sealed: bytes(1)?,
-                serve_left: left(2)?,
-                fresh_left,
-                hold,
-            })
-        }
-        2 => Some(Answer::Cooldown(Hold {
-            value: bytes(1)?,
-            ttl: left(2)?,
-            proven: int(4)? == 1,
-        })),
-        3 => Some(Answer::Lead(int(1)? == 1)),
-        4 => Some(Answer::Busy),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

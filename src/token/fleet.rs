@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::entry::FlightResult;
 use super::lifetime::Token;
 use super::request::{Canonical, Grant, Keyer};
-use crate::config::TokenConfig;
+use crate::config::{FleetSecret, TokenConfig};
 use crate::fleet::keys::{self, Entry};
 use crate::fleet::{Claim, Fleet, Hold, Lease, Names, Passing};
 
@@ -30,6 +30,23 @@ use crate::fleet::{Claim, Fleet, Hold, Lease, Names, Passing};
 #[derive(Debug)]
 pub(crate) struct FleetKeys {
     fleet: Arc<Fleet>,
+    /// The route's provider, part of every derived key.
+    upstream: String,
+    /// The keys of the current secret and of the previous one, and the secrets' generation they
+    /// were derived from.
+    sets: std::sync::RwLock<Sets>,
+    /// The longest fleet cool-down obeyed (`token.retry_after_max`, as for a local one).
+    max_hold: Duration,
+    /// How long a key stays proven in the fleet after its last token (`token.idle_timeout`).
+    proven_for: Duration,
+}
+
+/// A generation of key sets: the current secret's and the previous one's.
+type Sets = (u64, Arc<KeySet>, Option<Arc<KeySet>>);
+
+/// The keys one fleet secret gives a route.
+#[derive(Debug)]
+struct KeySet {
     /// Keys the Redis names.
     names: Keyer,
     /// Keys the value keys: the whole key material, secret included.
@@ -38,24 +55,44 @@ pub(crate) struct FleetKeys {
     clients: Keyer,
     /// Keys the MACs of cool-down deadlines.
     holds: [u8; 32],
-    /// The longest fleet cool-down obeyed (`token.retry_after_max`, as for a local one).
-    max_hold: Duration,
-    /// How long a key stays proven in the fleet after its last token (`token.idle_timeout`).
-    proven_for: Duration,
 }
 
-/// One key's place in the fleet.
+impl KeySet {
+    fn derive(secret: &FleetSecret, upstream: &str) -> KeySet {
+        let derive = |purpose: &str| secret.derive(&format!("{purpose} {upstream}"));
+        KeySet {
+            names: Keyer::new(&derive("redis key names")),
+            values: Keyer::new(&derive("redis value keys")),
+            clients: Keyer::new(&derive("redis client names")),
+            holds: derive("redis hold macs"),
+        }
+    }
+
+    /// A key's names and value key under this set.
+    fn place(&self, canonical: &Canonical) -> (Names, [u8; 32]) {
+        let names = Names::new(
+            &canonical.digest(&self.names),
+            &canonical.client_digest(&self.clients),
+        );
+        (names, canonical.digest(&self.values))
+    }
+}
+
+/// One key's place in the fleet: its names and value key under the current secret, and where a
+/// token sealed under the previous one would be.
 #[derive(Debug)]
 pub(crate) struct FleetKey {
     names: Names,
     seal: [u8; 32],
+    set: Arc<KeySet>,
+    previous: Option<(Names, [u8; 32])>,
 }
 
 /// What the fleet said for one round of a flight.
 #[derive(Debug)]
 pub(crate) enum Step {
     /// Another pod's token, ready to land.
-    Token(Token),
+    Token(Arc<Token>),
     /// The client is on a fleet cool-down this long: hold locally too.
     Hold(Duration),
     /// This pod leads the fleet's flight: call the provider, then commit.
@@ -70,29 +107,54 @@ impl FleetKeys {
     /// two fleets' routes of one name towards two providers (staging and production, say)
     /// never share a token or a cool-down.
     pub(crate) fn new(fleet: Arc<Fleet>, upstream: &str, config: &TokenConfig) -> FleetKeys {
-        let secret = fleet.secret();
-        let derive = |purpose: &str| secret.derive(&format!("{purpose} {upstream}"));
         FleetKeys {
-            names: Keyer::new(&derive("redis key names")),
-            values: Keyer::new(&derive("redis value keys")),
-            clients: Keyer::new(&derive("redis client names")),
-            holds: derive("redis hold macs"),
+            sets: std::sync::RwLock::new(Self::derive(&fleet, upstream)),
+            upstream: upstream.to_owned(),
             max_hold: config.retry_after_max,
             proven_for: config.idle_timeout,
             fleet,
         }
     }
 
+    fn derive(fleet: &Fleet, upstream: &str) -> Sets {
+        let secrets = fleet.secrets();
+        let previous = secrets.previous.as_ref();
+        (
+            secrets.generation,
+            Arc::new(KeySet::derive(&secrets.current, upstream)),
+            previous.map(|secret| Arc::new(KeySet::derive(secret, upstream))),
+        )
+    }
+
+    /// The current key sets, derived again once after the fleet read its key files again.
+    fn sets(&self) -> (Arc<KeySet>, Option<Arc<KeySet>>) {
+        let generation = self.fleet.generation();
+        {
+            let sets = self.sets.read().unwrap_or_else(|e| e.into_inner());
+            if sets.0 == generation {
+                return (sets.1.clone(), sets.2.clone());
+            }
+        }
+        let derived = Self::derive(&self.fleet, &self.upstream);
+        let sets = (derived.1.clone(), derived.2.clone());
+        *self.sets.write().unwrap_or_else(|e| e.into_inner()) = derived;
+        sets
+    }
+
     /// The fleet key of a token request from its canonical form, or `None` for what the fleet
     /// does not share (refresh grants: their answers are per refresh token and kept only
     /// briefly).
     pub(crate) fn key(&self, grant: Grant, canonical: &Canonical) -> Option<FleetKey> {
-        (grant == Grant::ClientCredentials).then(|| FleetKey {
-            names: Names::new(
-                &canonical.digest(&self.names),
-                &canonical.client_digest(&self.clients),
-            ),
-            seal: canonical.digest(&self.values),
+        if grant != Grant::ClientCredentials {
+            return None;
+        }
+        let (current, previous) = self.sets();
+        let (names, seal) = current.place(canonical);
+        Some(FleetKey {
+            names,
+            seal,
+            set: current,
+            previous: previous.map(|set| set.place(canonical)),
         })
     }
 
@@ -120,8 +182,8 @@ impl FleetKeys {
                         Some(hold) => self.checked(key, &hold).unwrap_or(FORGED_FRESH),
                         None => fresh_left,
                     };
-                    match self.open(key, &sealed, serve_left, fresh) {
-                        Some(token) => return Step::Token(token),
+                    match self.open(&key.seal, key.names.token(), &sealed, serve_left, fresh) {
+                        Some(token) => return Step::Token(Arc::new(token)),
                         // Claim again passing over it: this flight leads and overwrites it.
                         None => passing.token = true,
                     }
@@ -132,7 +194,7 @@ impl FleetKeys {
                     // may start then overwrites it.
                     None => passing.holds = true,
                 },
-                Claim::Lead(lease) => return Step::Lead(lease),
+                Claim::Lead(lease) => return self.lead(key, lease).await,
                 Claim::Busy => {
                     wait_for_notice(&mut notices, key, self.fleet.poll_interval(), until).await
                 }
@@ -148,7 +210,7 @@ impl FleetKeys {
     /// for, no longer than Redis keeps it nor `retry_after_max`; `None` if the MAC does not check.
     fn checked(&self, key: &FleetKey, hold: &Hold) -> Option<Duration> {
         let name = key.names.cool(hold.proven);
-        let Some(deadline) = keys::hold_deadline(&self.holds, name, &hold.value) else {
+        let Some(deadline) = keys::hold_deadline(&key.set.holds, name, &hold.value) else {
             self.fleet.unreadable();
             return None;
         };
@@ -156,11 +218,38 @@ impl FleetKeys {
         Some(left.min(hold.ttl).min(self.max_hold))
     }
 
-    /// The stored token, if it opens under this key and name and its sealed serve-until is
-    /// still ahead.
-    fn open(&self, key: &FleetKey, sealed: &[u8], ttl: Duration, fresh: Duration) -> Option<Token> {
+    /// This pod took the lead for `key`. During a rotation a token sealed under the previous
+    /// secret may be stored under the previous names: it is served and stored again under the
+    /// current ones (which frees the lock), instead of a provider call.
+    async fn lead(&self, key: &FleetKey, lease: Lease) -> Step {
+        let Some((names, seal)) = &key.previous else {
+            return Step::Lead(lease);
+        };
+        let Some(sealed) = self.fleet.peek(names.token()).await else {
+            return Step::Lead(lease);
+        };
+        let Some(token) = self.open(seal, names.token(), &sealed, Duration::MAX, Duration::MAX)
+        else {
+            return Step::Lead(lease);
+        };
+        let token = Arc::new(token);
+        self.commit(key, &lease, &FlightResult::Token(token.clone()), None)
+            .await;
+        Step::Token(token)
+    }
+
+    /// The stored token, if it opens under `seal` and `name` and its sealed serve-until is still
+    /// ahead; served no longer than `ttl` (Redis's) and refreshed after `fresh` at the latest.
+    fn open(
+        &self,
+        seal: &[u8; 32],
+        name: &str,
+        sealed: &[u8],
+        ttl: Duration,
+        fresh: Duration,
+    ) -> Option<Token> {
         let now_ms = unix_ms(SystemTime::now());
-        let token = keys::open(&key.seal, key.names.token(), sealed).and_then(|entry| {
+        let token = keys::open(seal, name, sealed).and_then(|entry| {
             let content_type = HeaderValue::from_str(&entry.content_type).ok()?;
             // The sealed serve-until and expiry win over Redis's TTL: a value written back with
             // a longer one is never served past them.
@@ -169,7 +258,8 @@ impl FleetKeys {
             if serve_left.is_zero() || expires_left < serve_left {
                 return None;
             }
-            let refresh = (entry.refresh_ms > 0).then_some(fresh.min(serve_left));
+            let refresh_left = Duration::from_millis(entry.refresh_ms.saturating_sub(now_ms));
+            let refresh = (entry.refresh_ms > 0).then_some(fresh.min(refresh_left).min(serve_left));
             Token::from_fleet(
                 &entry.body,
                 content_type,
@@ -204,7 +294,8 @@ impl FleetKeys {
         };
         let FlightResult::Token(token) = shared else {
             let hold = hold.unwrap_or_default().min(self.max_hold);
-            let value = keys::hold_value(&self.holds, key.names.cool(lease.proven), at(now + hold));
+            let value =
+                keys::hold_value(&key.set.holds, key.names.cool(lease.proven), at(now + hold));
             return self
                 .fleet
                 .commit_hold(&key.names, lease, hold, &value)

@@ -351,7 +351,7 @@ impl Flights {
         }
         let fleet = self.ask_fleet(flight.fleet.as_ref(), flight.proven, course.deadline);
         let lease = match fleet.await {
-            Step::Token(token) => return Next::Land(FlightResult::Token(Arc::new(token))),
+            Step::Token(token) => return Next::Land(FlightResult::Token(token)),
             Step::Hold(left) => {
                 let (client, proven, now) = (&flight.client, flight.proven, Instant::now());
                 self.start_hold(client, proven, HeldBy::Provider, Some(left), now);
