@@ -541,6 +541,7 @@ async fn rediss_with_an_acl_user_in_the_url_shares_tokens() {
         "+del",
         "+exists",
         "+pttl",
+        "+pexpire",
         "+publish",
         "+subscribe",
         "+eval",
