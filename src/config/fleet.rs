@@ -122,24 +122,38 @@ impl SharedConfig {
     }
 }
 
-/// The comma-separated URLs of `redis`, trimmed, empty ones left out.
+/// The schemes `shared.redis` accepts.
+const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+
+/// The comma-separated URLs of `redis`, trimmed, empty ones left out. A comma splits only where
+/// a URL follows it: a password may hold one.
 fn urls(redis: &str) -> Vec<&str> {
-    redis
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect()
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (comma, _) in redis.match_indices(',') {
+        let next = redis[comma + 1..].trim_start();
+        if next.is_empty() || SCHEMES.iter().any(|scheme| next.starts_with(scheme)) {
+            out.push(redis[start..comma].trim());
+            start = comma + 1;
+        }
+    }
+    out.push(redis[start..].trim());
+    out.retain(|url| !url.is_empty());
+    out
 }
 
-/// Redis URLs without their user and password, for messages.
+/// Redis URLs without their user, password and query (a socket URL's `pass=`), for messages.
 pub(crate) fn redacted(redis: &str) -> String {
     urls(redis)
         .iter()
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        .map(|url| {
+            let url = url.split_once('?').map_or(*url, |(before, _)| before);
+            match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+                }
+                _ => url.to_owned(),
             }
-            _ => (*url).to_owned(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -222,11 +236,10 @@ impl FileShared {
                 " is empty: give a redis:// or rediss:// URL",
             ));
         }
-        if let Some(url) = all.iter().find(|url| {
-            !["redis://", "rediss://", "redis+unix://", "unix://"]
-                .iter()
-                .any(|scheme| url.starts_with(scheme))
-        }) {
+        if let Some(url) = all
+            .iter()
+            .find(|url| !SCHEMES.iter().any(|scheme| url.starts_with(scheme)))
+        {
             return Err(ConfigError::at(
                 key(),
                 format!(" {}: use a redis:// or rediss:// URL", redacted(url)),
@@ -419,6 +432,17 @@ mod tests {
             "redis://…@redis:6379/0"
         );
         assert_eq!(redacted("redis://redis:6379"), "redis://redis:6379");
+        // A comma in a password splits nothing, and nothing of it is shown.
+        assert_eq!(urls("redis://u:pa,ss@h:6379/0"), ["redis://u:pa,ss@h:6379/0"]);
+        assert_eq!(redacted("redis://u:pa,ss@h:6379/0"), "redis://…@h:6379/0");
+        assert_eq!(
+            redacted("redis://a:1, rediss://u:p,w@b:2"),
+            "redis://a:1,rediss://…@b:2"
+        );
+        assert_eq!(
+            redacted("redis+unix:///run/redis.sock?db=0&pass=secret"),
+            "redis+unix:///run/redis.sock"
+        );
     }
 
     #[test]

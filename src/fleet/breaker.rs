@@ -7,6 +7,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The breaker's state, also its metric value.
+/// How long a half-open trial may take before another is allowed (longer than any call's
+/// `shared.timeout`).
+const TRIAL: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
     /// Redis is used.
@@ -65,9 +69,15 @@ impl Breaker {
         let mut inner = self.lock();
         match inner.state {
             State::Closed => true,
+            // A trial whose outcome never came (its task ended without a word) is replaced.
+            State::HalfOpen if now >= inner.until => {
+                inner.until = now + TRIAL;
+                true
+            }
             State::HalfOpen => false,
             State::Open if now >= inner.until => {
                 inner.state = State::HalfOpen;
+                inner.until = now + TRIAL;
                 true
             }
             State::Open => false,
@@ -86,6 +96,11 @@ impl Breaker {
     pub(crate) fn failure(&self, now: Instant, unit: f64) -> bool {
         let mut inner = self.lock();
         let opened = inner.state == State::Closed;
+        if inner.state == State::Open {
+            // A call that was already out when the breaker opened: the backoff grows only on a
+            // failed trial, not once per call in flight.
+            return false;
+        }
         let ceiling = self
             .base
             .saturating_mul(1u32 << inner.failures.min(16))
@@ -123,9 +138,27 @@ mod tests {
         breaker.success();
         assert_eq!(breaker.state(), State::Closed);
         assert!(breaker.allow(t1));
+        // Failed trials grow the backoff to its cap.
+        let mut t = t1;
         for _ in 0..40 {
-            breaker.failure(t1, 0.999);
+            assert!(breaker.allow(t));
+            breaker.failure(t, 0.999);
+            t += Duration::from_secs(4);
         }
-        assert!(breaker.allow(t1 + Duration::from_secs(4)), "capped");
+        assert!(breaker.allow(t), "capped at 4 s");
+    }
+
+    #[test]
+    fn calls_in_flight_when_it_opens_do_not_grow_the_backoff_and_a_lost_trial_is_replaced() {
+        let breaker = Breaker::new(Duration::from_secs(1), Duration::from_secs(30));
+        let t0 = Instant::now();
+        assert!(breaker.failure(t0, 0.999));
+        for _ in 0..10 {
+            assert!(!breaker.failure(t0, 0.999), "already open");
+        }
+        assert!(breaker.allow(t0 + Duration::from_millis(1000)), "still 1 s");
+        // The trial's outcome never comes: another trial after TRIAL.
+        assert!(!breaker.allow(t0 + Duration::from_secs(5)));
+        assert!(breaker.allow(t0 + Duration::from_millis(1000) + TRIAL));
     }
 }

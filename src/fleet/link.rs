@@ -69,7 +69,10 @@ pub(crate) struct Link {
     /// Each call's answer timeout, and the connect timeout, for new connections.
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
-    current: Mutex<Option<Conn>>,
+    /// The connection and its number, so that a late failure of an older connection does not
+    /// drop a newer one.
+    current: Mutex<Option<(u64, Conn)>>,
+    opened: std::sync::atomic::AtomicU64,
     connecting: AtomicBool,
 }
 
@@ -98,25 +101,35 @@ impl Link {
                 .set_response_timeout(Some(config.timeout)),
             connect_timeout: config.connect_timeout,
             current: Mutex::new(None),
+            opened: std::sync::atomic::AtomicU64::new(0),
             connecting: AtomicBool::new(false),
         })
     }
 
-    /// The current connection, if there is one.
-    pub(crate) fn get(&self) -> Option<Conn> {
+    /// The current connection and its number, if there is one.
+    pub(crate) fn get(&self) -> Option<(u64, Conn)> {
         self.lock().clone()
     }
 
-    /// Drops the current connection: the next call finds none and a reconnect begins.
-    pub(crate) fn reset(&self) {
-        self.lock().take();
+    /// Whether a connection is open now.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Drops connection number `which` if it is still the current one: the next call finds none
+    /// and a reconnect begins.
+    pub(crate) fn reset(&self, which: u64) {
+        let mut current = self.lock();
+        if current.as_ref().is_some_and(|(number, _)| *number == which) {
+            current.take();
+        }
     }
 
     /// Connects (once, bounded by the connect timeout) and keeps the connection; `Ok` at once if
     /// there is one.
-    pub(crate) async fn connect(&self) -> Result<Conn, String> {
-        if let Some(conn) = self.get() {
-            return Ok(conn);
+    pub(crate) async fn connect(&self) -> Result<(u64, Conn), String> {
+        if let Some(current) = self.get() {
+            return Ok(current);
         }
         let conn = tokio::time::timeout(self.connect_timeout, self.open())
             .await
@@ -127,8 +140,9 @@ impl Link {
                 )
             })?
             .map_err(|e| describe(&e))?;
-        *self.lock() = Some(conn.clone());
-        Ok(conn)
+        let number = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.lock() = Some((number, conn.clone()));
+        Ok((number, conn))
     }
 
     /// Whether a reconnect may start now: false while one is running. The caller runs
@@ -176,7 +190,7 @@ impl Link {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, Conn)>> {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -14,7 +14,7 @@
 //! Redis holds, per key (the names are HMACs: see [`Names`]): the sealed token (`t`, TTL = its
 //! serve-until, which the sealed payload also carries and which wins), a marker that it is still
 //! fresh (`f`, TTL = until the fleet refreshes it), a marker that the key has had a token (`p`,
-//! so it is proven on every pod), the flight lock (`l`, a random owner, a [`LEASE`] renewed by
+//! so it is proven on every pod), the flight lock (`l`, a random owner, a lease of 1 s renewed by
 //! its leader while the call runs, so a lock whose owner died or never knew it had it expires
 //! within a second), and per client two cool-downs (`c` armed by proven keys' calls, `u` by
 //! unproven ones'; TTL = the hold, never shortened; the value is its deadline under a MAC that
@@ -45,12 +45,11 @@ use scripts::{Answer, Scripts, parse_claim};
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
 
-/// How long a flight lock lasts unless its leader renews it: followers notice a leader that
-/// died (or a claim that timed out here but took the lock on Redis) within this and a poll.
-pub(crate) const LEASE: Duration = Duration::from_secs(1);
-
-/// How often a leader renews its lock while its call runs.
-const RENEW_EVERY: Duration = Duration::from_millis(250);
+/// How long a flight lock lasts unless its leader renews it, at least: followers notice a leader
+/// that died (or a claim that timed out here but took the lock on Redis) within the lease and a
+/// poll. With a `shared.timeout` over a quarter of it, the lease is four timeouts, so that a slow
+/// renewal never lets it lapse; the leader renews it every quarter lease.
+const LEASE: Duration = Duration::from_secs(1);
 
 /// One key's Redis names, from two HMACs the token path makes of the request's canonical form
 /// (`token::request::Canonical`): `id` (of the whole form) and `client` (of its client part, the
@@ -118,12 +117,13 @@ pub(crate) enum Claim {
 }
 
 /// What a claim passes over: a stored token that did not open (sealed under another key,
-/// altered, or past its sealed serve-until), or cool-downs whose MAC did not check. The flight
-/// then leads, and its commit overwrites them.
-#[derive(Debug, Default, Clone, Copy)]
+/// altered, or past its sealed serve-until), or the client's cool-downs, one of which (this
+/// value) was forged or stale. The flight then leads, and its commit overwrites them (the
+/// cool-down only while it still holds that value).
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Passing {
     pub token: bool,
-    pub holds: bool,
+    pub holds: Option<Vec<u8>>,
 }
 
 /// A fleet cool-down as Redis holds it: its value (a deadline and its MAC, for the token path to
@@ -138,13 +138,13 @@ pub(crate) struct Hold {
 
 /// A flight lock this pod holds, or may hold (a claim that timed out here may still have taken
 /// it on Redis): its random owner, for the compare-and-delete, whether the key is proven in the
-/// fleet (which cool-down its call's hold arms), and whether the claim passed over a forged
-/// cool-down (which the hold then overwrites). Renewed while it lives when `renewal` is set.
+/// fleet (which cool-down its call's hold arms), and the forged cool-down the claim passed over
+/// (which the hold then overwrites). Renewed while it lives when `renewal` is set.
 #[derive(Debug)]
 pub(crate) struct Lease {
     owner: String,
     pub proven: bool,
-    forged_hold: bool,
+    forged_hold: Option<Vec<u8>>,
     _renewal: Option<tokio_util::sync::DropGuard>,
 }
 
@@ -164,6 +164,8 @@ pub(crate) struct Fleet {
     timeout: Duration,
     connect_timeout: Duration,
     poll_interval: Duration,
+    /// A flight lock's lease (see [`LEASE`]).
+    lease: Duration,
     scripts: Arc<Scripts>,
     /// "Landed" notices from Redis, by key id; followers subscribe before they claim.
     landed: broadcast::Sender<Arc<str>>,
@@ -209,6 +211,7 @@ impl Fleet {
             key_files: (config.key_file.clone(), config.previous_key_file.clone()),
             breaker: Breaker::new(Duration::from_millis(500), Duration::from_secs(30)),
             timeout: config.timeout,
+            lease: LEASE.max(config.timeout * 4),
             connect_timeout: config.connect_timeout,
             poll_interval: config.poll_interval,
             scripts: Arc::new(Scripts::new()),
@@ -224,9 +227,9 @@ impl Fleet {
     pub(crate) async fn warm_up(&self) {
         let bound = self.connect_timeout * 2;
         let warm = async {
-            let conn = self.link.connect().await?;
+            let (number, conn) = self.link.connect().await?;
             self.scripts.load(&conn).await.map_err(|e| {
-                self.link.reset();
+                self.link.reset(number);
                 link::describe(&e)
             })
         };
@@ -244,7 +247,7 @@ impl Fleet {
         if !self.health.answered() {
             self.metrics.error("connect");
         }
-        if self.link.get().is_none() {
+        if !self.link.is_connected() {
             self.reconnect_later();
         }
     }
@@ -265,13 +268,13 @@ impl Fleet {
         tokio::spawn(async move {
             for attempt in 0u32.. {
                 match link.connect().await {
-                    Ok(conn) => match scripts.load(&conn).await {
+                    Ok((number, conn)) => match scripts.load(&conn).await {
                         Ok(()) => {
                             health.ok();
                             break;
                         }
                         Err(e) => {
-                            link.reset();
+                            link.reset(number);
                             health.failed("connect", link::describe(&e));
                         }
                     },
@@ -306,7 +309,7 @@ impl Fleet {
                 RedisMode::Sentinel(master) => format!("sentinel {master}"),
             },
             breaker: breaker.to_owned(),
-            connected: self.link.get().is_some(),
+            connected: self.link.is_connected(),
             answered: self.health.answered(),
             cause: self.health.cause(),
         }
@@ -383,7 +386,7 @@ impl Fleet {
         self: &Arc<Self>,
         names: &Names,
         proven: bool,
-        passing: Passing,
+        passing: &Passing,
     ) -> Result<Claim, Option<Lease>> {
         let flag = |on: bool| if on { "1" } else { "0" };
         let owner = hex(&rand::random::<[u8; 16]>());
@@ -396,14 +399,14 @@ impl Fleet {
             .key(&names.probe_cool)
             .key(&names.lock)
             .arg(&owner)
-            .arg(millis(LEASE))
+            .arg(millis(self.lease))
             .arg(flag(proven))
-            .arg(flag(!passing.holds))
+            .arg(flag(passing.holds.is_none()))
             .arg(flag(!passing.token));
         let lease = |proven: bool, renewal| Lease {
             owner: owner.clone(),
             proven,
-            forged_hold: passing.holds,
+            forged_hold: passing.holds.clone(),
             _renewal: renewal,
         };
         let claim = |mut conn: Conn| async move { invocation.invoke_async(&mut conn).await };
@@ -446,7 +449,7 @@ impl Fleet {
         Ok(claim)
     }
 
-    /// Renews the lock `lock` of `owner` every [`RENEW_EVERY`] until the guard is dropped (the
+    /// Renews the lock `lock` of `owner` every quarter lease until the guard is dropped (the
     /// flight committed or ended) or the lock is no longer ours.
     fn keep(self: &Arc<Self>, lock: String, owner: String) -> tokio_util::sync::DropGuard {
         let stop = CancellationToken::new();
@@ -455,10 +458,10 @@ impl Fleet {
             loop {
                 tokio::select! {
                     () = done.cancelled() => return,
-                    () = tokio::time::sleep(RENEW_EVERY) => {}
+                    () = tokio::time::sleep(fleet.lease / 4) => {}
                 }
                 let mut invocation = fleet.scripts.renew.prepare_invoke();
-                invocation.key(&lock).arg(&owner).arg(millis(LEASE));
+                invocation.key(&lock).arg(&owner).arg(millis(fleet.lease));
                 let renew =
                     |mut conn: Conn| async move { invocation.invoke_async(&mut conn).await };
                 match fleet.call::<i64, _, _>("renew", renew).await {
@@ -528,7 +531,7 @@ impl Fleet {
             .arg(LANDED)
             .arg(&names.id)
             .arg(value)
-            .arg(if lease.forged_hold { "1" } else { "0" });
+            .arg(lease.forged_hold.as_deref().unwrap_or_default());
         self.commit(invocation).await;
     }
 
@@ -551,7 +554,7 @@ impl Fleet {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         // Looked at before the breaker, whose half-open trial must end in a success or a failure.
-        let Some(conn) = self.link.get() else {
+        let Some((number, conn)) = self.link.get() else {
             self.reconnect_later();
             self.metrics.claim("skipped");
             return Outcome::Skipped;
@@ -569,13 +572,17 @@ impl Fleet {
                 return Outcome::Done(value);
             }
             Ok(Err(e)) if about_one_key(&e) => {
+                // Redis answered: the breaker's trial succeeded, and the cause is shown.
+                self.breaker.success();
+                self.metrics.breaker(breaker::State::Closed as i64);
                 self.metrics.error(op);
+                self.health.failed(op, link::describe(&e));
                 return Outcome::Failed;
             }
             Ok(Err(e)) => link::describe(&e),
             Err(_) => format!("no answer within {} ms", self.timeout.as_millis()),
         };
-        self.link.reset();
+        self.link.reset(number);
         self.metrics.error(op);
         self.breaker.failure(Instant::now(), rand::random());
         self.health.failed(op, why);

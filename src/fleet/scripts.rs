@@ -54,11 +54,13 @@ redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 ";
 
-/// Extends the client's cool-down (never shortens it, unless the one there was found forged),
+/// Extends the client's cool-down (never shortens it, unless the one there is still the value a
+/// claim found forged, ARGV[6]),
 /// frees the lock if still ours, and tells the fleet. A hold of 0 only frees the lock.
 pub(super) const COMMIT_HOLD: &str = r"
 local ms = tonumber(ARGV[2])
-if ms > 0 and (ARGV[6] == '1' or redis.call('PTTL', KEYS[1]) < ms) then
+if ms > 0 and (redis.call('PTTL', KEYS[1]) < ms
+    or (ARGV[6] ~= '' and redis.call('GET', KEYS[1]) == ARGV[6])) then
   redis.call('SET', KEYS[1], ARGV[5], 'PX', ms)
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end

@@ -163,11 +163,13 @@ impl FleetKeys {
     /// polling) no later than `until`. A leader that dies stops renewing its lock, which then
     /// expires: the next poll takes it.
     pub(crate) async fn consult(&self, key: &FleetKey, proven: bool, until: Instant) -> Step {
-        let mut passing = Passing::default();
-        for _ in 0..MAX_CLAIMS {
+        let (mut passing, mut passes) = (Passing::default(), 0);
+        // Bounded by `until` (each busy round waits for a notice or a poll) and, whatever Redis
+        // holds, by the number of values passed over.
+        while passes <= MAX_PASSES {
             // Subscribed before the claim, so a notice sent between the two is not missed.
             let mut notices = self.fleet.notices();
-            let claim = match self.fleet.claim(&key.names, proven, passing).await {
+            let claim = match self.fleet.claim(&key.names, proven, &passing).await {
                 Err(orphan) => return Step::Alone(orphan),
                 Ok(claim) => claim,
             };
@@ -178,25 +180,32 @@ impl FleetKeys {
                     fresh_left,
                     hold,
                 } => {
-                    let fresh = match hold {
-                        Some(hold) => self.checked(key, &hold).unwrap_or(FORGED_FRESH),
-                        None => fresh_left,
+                    // A cool-down on the client postpones the refresh (a forged one a little).
+                    let postponed =
+                        hold.map(|hold| self.checked(key, &hold).unwrap_or(FORGED_FRESH));
+                    let refresh = match postponed {
+                        Some(left) => Refresh::Postponed(left),
+                        None => Refresh::Fresh(fresh_left),
                     };
-                    match self.open(&key.seal, key.names.token(), &sealed, serve_left, fresh) {
+                    let opened =
+                        self.open(&key.seal, key.names.token(), &sealed, serve_left, refresh);
+                    match opened {
                         Some(token) => return Step::Token(Arc::new(token)),
                         // Claim again passing over it: this flight leads and overwrites it.
-                        None => passing.token = true,
+                        None => (passing.token, passes) = (true, passes + 1),
                     }
                 }
                 Claim::Cooldown(hold) => match self.checked(key, &hold) {
                     Some(left) => return Step::Hold(left),
-                    // Forged: claim again passing over the cool-downs; the hold this flight
-                    // may start then overwrites it.
-                    None => passing.holds = true,
+                    // Forged or stale: claim again passing over the cool-downs; the hold this
+                    // flight may start then overwrites it.
+                    None => (passing.holds, passes) = (Some(hold.value), passes + 1),
                 },
                 Claim::Lead(lease) => return self.lead(key, lease).await,
                 Claim::Busy => {
-                    wait_for_notice(&mut notices, key, self.fleet.poll_interval(), until).await
+                    wait_for_notice(&mut notices, key, self.fleet.poll_interval(), until).await;
+                    // The leader may have stored a token or a hold since: look at them again.
+                    passing = Passing::default();
                 }
             }
             if Instant::now() >= until {
@@ -207,7 +216,8 @@ impl FleetKeys {
     }
 
     /// How long a fleet cool-down found for `key` holds it: until the deadline its MAC vouches
-    /// for, no longer than Redis keeps it nor `retry_after_max`; `None` if the MAC does not check.
+    /// for, no longer than Redis keeps it nor `retry_after_max`; `None` if the MAC does not check
+    /// or the deadline has passed (a value replayed with a new TTL holds nobody).
     fn checked(&self, key: &FleetKey, hold: &Hold) -> Option<Duration> {
         let name = key.names.cool(hold.proven);
         let Some(deadline) = keys::hold_deadline(&key.set.holds, name, &hold.value) else {
@@ -215,7 +225,8 @@ impl FleetKeys {
             return None;
         };
         let left = Duration::from_millis(deadline.saturating_sub(unix_ms(SystemTime::now())));
-        Some(left.min(hold.ttl).min(self.max_hold))
+        let left = left.min(hold.ttl).min(self.max_hold);
+        (!left.is_zero()).then_some(left)
     }
 
     /// This pod took the lead for `key`. During a rotation a token sealed under the previous
@@ -228,7 +239,7 @@ impl FleetKeys {
         let Some(sealed) = self.fleet.peek(names.token()).await else {
             return Step::Lead(lease);
         };
-        let Some(token) = self.open(seal, names.token(), &sealed, Duration::MAX, Duration::MAX)
+        let Some(token) = self.open(seal, names.token(), &sealed, Duration::MAX, Refresh::Sealed)
         else {
             return Step::Lead(lease);
         };
@@ -239,14 +250,14 @@ impl FleetKeys {
     }
 
     /// The stored token, if it opens under `seal` and `name` and its sealed serve-until is still
-    /// ahead; served no longer than `ttl` (Redis's) and refreshed after `fresh` at the latest.
+    /// ahead; served no longer than `ttl` (Redis's) and refreshed as `refresh` says.
     fn open(
         &self,
         seal: &[u8; 32],
         name: &str,
         sealed: &[u8],
         ttl: Duration,
-        fresh: Duration,
+        refresh: Refresh,
     ) -> Option<Token> {
         let now_ms = unix_ms(SystemTime::now());
         let token = keys::open(seal, name, sealed).and_then(|entry| {
@@ -258,8 +269,13 @@ impl FleetKeys {
             if serve_left.is_zero() || expires_left < serve_left {
                 return None;
             }
-            let refresh_left = Duration::from_millis(entry.refresh_ms.saturating_sub(now_ms));
-            let refresh = (entry.refresh_ms > 0).then_some(fresh.min(refresh_left).min(serve_left));
+            let sealed = Duration::from_millis(entry.refresh_ms.saturating_sub(now_ms));
+            let refresh_left = match refresh {
+                Refresh::Fresh(fresh) => fresh.min(sealed),
+                Refresh::Postponed(hold) => hold,
+                Refresh::Sealed => sealed,
+            };
+            let refresh = (entry.refresh_ms > 0).then_some(refresh_left.min(serve_left));
             Token::from_fleet(
                 &entry.body,
                 content_type,
@@ -329,9 +345,20 @@ impl FleetKeys {
     }
 }
 
-/// Claims of one consultation at most: each is a busy lock waited on for a notice or a poll, or
-/// a forged cool-down passed over, so this bounds the loop whatever Redis holds.
-const MAX_CLAIMS: usize = 64;
+/// When a token taken from the fleet is refreshed next.
+#[derive(Debug, Clone, Copy)]
+enum Refresh {
+    /// When its fresh marker runs out, or its sealed refresh moment if sooner.
+    Fresh(Duration),
+    /// After the client's cool-down: not before, whatever the sealed moment says.
+    Postponed(Duration),
+    /// At its sealed refresh moment.
+    Sealed,
+}
+
+/// Values (an unreadable token, a forged or stale cool-down) one consultation passes over at
+/// most before it goes alone.
+const MAX_PASSES: usize = 4;
 
 /// When a stored token's cool-down is forged, the pod asks again this much later (instead of
 /// at every hit).
