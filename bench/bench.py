@@ -177,13 +177,15 @@ def token_file(run):
 
 class Sidecar:
     def __init__(self, run, name, upstream, binary=SIDECAR, token=None, prefix=(), workers=None,
-                 args=()):
+                 args=(), grace=None):
         self.listen = "127.0.0.1:%d" % free_port()
         self.admin = "127.0.0.1:%d" % free_port()
         self.config = os.path.join(run.out, name + ".toml")
         token = dict({"max_entries": 200000}, **(token or {}))
         with open(self.config, "w") as f:
             f.write("# Written by bench/bench.py for the %s scenario.\n" % name)
+            if grace is not None:
+                f.write("shutdown_grace = %s\n" % json.dumps(grace))
             f.write("[limits]\nmax_connections = 20000\n\n[token]\n")
             for key, value in token.items():
                 f.write("%s = %s\n" % (key, json.dumps(value)))
@@ -193,9 +195,27 @@ class Sidecar:
             argv += ["--workers", str(workers)]
         argv += list(args)
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+        self.name, self.argv, self.env = name, argv, env  # for restart()
         self.started = time.monotonic()
         self.proc, _ = run.spawn(name + "-sidecar", argv, env=env, announce=False)
         self.ready_s = wait_ready(self.admin, self.proc, 10.0) - self.started
+
+    def restart(self, run):
+        """A pod restart: SIGTERM, wait for the exit, then the same command line on the same ports
+        until /readyz answers 200. The monotonic times of the three steps."""
+        times = {"sigterm": time.monotonic()}
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            # Under load a sidecar drains for its whole grace (10 s by default): its keep-alive
+            # callers, told `Connection: close`, come back on new connections.
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        times["exited"] = time.monotonic()
+        self.proc, _ = run.spawn(self.name + "-sidecar", self.argv, env=self.env, announce=False)
+        times["ready"] = wait_ready(self.admin, self.proc, 10.0)
+        return times
 
     def metrics(self):
         status, _, body = http("GET", "http://%s/metrics" % self.admin)
@@ -550,7 +570,7 @@ def steady_figures(logs, calls, warmup=1.0, margin=0.02):
     for path in logs:
         with open(path) as f:
             for line in f:
-                sent, latency_us, _ = line.split()
+                sent, latency_us = line.split()[:2]
                 starts.append(float(sent))
                 lats.append(int(latency_us) / 1e6)
         os.remove(path)
@@ -585,36 +605,172 @@ def steady_figures(logs, calls, warmup=1.0, margin=0.02):
 
 
 def redis_server(run):
-    """A real redis-server on a free loopback port for the fleet scenario; stopped with the
-    scenario's other children."""
+    """A real redis-server on a free loopback port for the fleet scenario, (process, URL); stopped
+    with the scenario's other children."""
     if subprocess.run(["sh", "-c", "command -v redis-server"], capture_output=True).returncode:
         raise RuntimeError("the fleet scenario needs redis-server (Debian's redis-server package)")
     port = free_port()
     argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", run.out]
-    run.spawn("fleet-redis", argv, announce=False)
+    proc, _ = run.spawn("fleet-redis", argv, announce=False)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
-                    return "redis://127.0.0.1:%d/0" % port
+                    return proc, "redis://127.0.0.1:%d/0" % port
         except OSError:
             pass
         time.sleep(0.02)
     raise RuntimeError("redis-server did not answer within 10 s")
 
 
-def fleet_load(run, mode, sidecars, seconds, every=0.05):
+def fleet_load(run, mode, sidecars, seconds, every=0.05, disturb=None):
     """Each sidecar asked for the same key by two clients every `every` s for `seconds` (one
-    wrk per sidecar, all at once); returns (answers, answers other than 200 and socket errors)."""
+    wrk per sidecar, all at once), every answer logged (clients.lua's `log=`). `disturb(started)`,
+    if given, runs while the load does and returns its timeline. Returns (clients.lua's summary
+    per sidecar, the answer files per sidecar, the timeline)."""
+    prefixes = [os.path.join(run.out, "fleet-%s-%d-answers-" % (mode, i))
+                for i in range(len(sidecars))]
+    files = [["%s%d.txt" % (prefix, client) for client in (1, 2)] for prefix in prefixes]
+    for path in sum(files, []):
+        if os.path.exists(path):
+            os.remove(path)
     handles = [clients_start(run, "fleet-%s-%d" % (mode, i), "http://%s/oauth/token" % s.listen,
                              2, seconds + 30, [("", FORM.decode())], every=every,
-                             ticks=int(seconds / every))
+                             ticks=int(seconds / every), log=rel(prefixes[i]))
                for i, s in enumerate(sidecars)]
-    results = [loads.answers(clients_finish(h)) for h in handles]
-    return sum(r["requests"] for r in results), sum(r["errors"] for r in results)
+    timeline = disturb(time.monotonic()) if disturb else {}
+    summaries = [clients_finish(h) for h in handles]
+    timeline["load_end"] = time.monotonic()
+    return summaries, files, timeline
+
+
+def sleep_until(moment):
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def blip_start(prov_addr, lifetime, earliest, latest, lead=0.5):
+    """When the Redis blip starts: `lead` s before the first token refresh due at or after
+    `earliest` (a refresh leaves at 75-80 % of a token's life, counted from the provider's last
+    call), so that the blip meets the tier's claim and commit rather than only hits; no later than
+    `latest`."""
+    last = max(call["arrived"] for call in loads.provider_calls(prov_addr))
+    due = last + 0.75 * lifetime
+    while due - lead < earliest:
+        due += 0.75 * lifetime
+    return min(due - lead, latest)
+
+
+def fleet_disturbance(run, pod, redis, seconds, prov_addr, lifetime, blip_s=2.0):
+    """The shared mode's disturbances, for fleet_load: at a third of the load `pod` restarts; from
+    two thirds on, at the next token refresh, `redis` stops (SIGSTOP) for `blip_s`, a stall as a
+    failover or a GC pause looks to its clients, then goes on (SIGCONT)."""
+    def disturb(started):
+        sleep_until(started + seconds / 3)
+        timeline = {"restart": pod.restart(run)}
+        sleep_until(blip_start(prov_addr, lifetime, started + 2 * seconds / 3,
+                               started + seconds - blip_s - 0.5))
+        timeline["blip_from"] = time.monotonic()
+        redis.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(blip_s)
+        finally:
+            redis.send_signal(signal.SIGCONT)
+        timeline["blip_to"] = time.monotonic()
+        timeline["blip_at_s"] = round(timeline["blip_from"] - started, 2)
+        return timeline
+    return disturb
+
+
+def read_answers(paths):
+    """clients.lua's answer files, read and then removed: (sent, latency_s, status, held_s) rows."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                sent, latency_us, status, held_us = line.split()
+                rows.append((float(sent), int(latency_us) / 1e6, int(status), int(held_us) / 1e6))
+        os.remove(path)
+    return rows
+
+
+def stall_figures(rows, stall_s=1.0):
+    """Answers slower than `stall_s` (a caller stalled) and the worst answer, in ms."""
+    return {"stalled_over_1s": sum(1 for r in rows if r[1] > stall_s),
+            "worst_ms": loads.ms(max((r[1] for r in rows), default=None))}
+
+
+def phase(start, end, timeline):
+    """Which disturbance the span [start, end] overlaps: restart (SIGTERM until a second after
+    /readyz answered again), blip (the stop until a second after it), or none."""
+    restart = timeline["restart"]
+    if start <= restart["ready"] + 1.0 and end >= restart["sigterm"]:
+        return "restart"
+    if start <= timeline["blip_to"] + 1.0 and end >= timeline["blip_from"]:
+        return "blip"
+    return "none"
+
+
+def calls_by_phase(calls, timeline):
+    """Provider calls (loads.provider_calls) by when they arrived: before the restart, during it
+    (SIGTERM to ready), between, during the blip, after it (to the end of the load)."""
+    restart = timeline["restart"]
+    bounds = [("before", restart["sigterm"]), ("restart", restart["ready"]),
+              ("between", timeline["blip_from"]), ("blip", timeline["blip_to"]),
+              ("after", timeline["load_end"])]
+    counts = {name: 0 for name, _ in bounds}
+    for call in calls:
+        name = next((name for name, until in bounds if call["arrived"] <= until), None)
+        if name:
+            counts[name] += 1
+    return counts
+
+
+def disturbance_figures(summaries, rows, timeline, calls, pod, stall_s=1.0):
+    """What the restart of sidecar `pod` and the Redis blip did to the callers (`rows`: every
+    pod's answers, read_answers): answers over `stall_s`, by phase, and the worst; the restarted
+    pod's requests that met a refused or broken connection and were sent again
+    (`restart_refused`), wrk's failed connection attempts (it retries at once), and how late its
+    callers' requests left; requests sent and never answered (any pod); provider calls by
+    phase."""
+    answers = [r for pod_rows in rows for r in pod_rows]
+    stalls = [r for r in answers if r[1] > stall_s]
+    worst = max(answers, key=lambda r: r[1])
+    restart, errors = timeline["restart"], summaries[pod]["errors"]
+    return dict(stall_figures(answers, stall_s), **{
+        "stalls_by_phase": dict(collections.Counter(
+            phase(r[0], r[0] + r[1], timeline) for r in stalls)),
+        "worst_phase": phase(worst[0], worst[0] + worst[1], timeline),
+        "restart_refused": summaries[pod]["counts"].get("retried", 0),
+        "restart_failed_attempts": errors["connect"] + errors["read"] + errors["write"],
+        "restart_drain_ms": round((restart["exited"] - restart["sigterm"]) * 1000, 1),
+        "restart_down_ms": round((restart["ready"] - restart["sigterm"]) * 1000, 1),
+        "restart_held_max_ms": loads.ms(max((r[3] for r in rows[pod]), default=0.0)),
+        "lost_in_flight": sum(s["counts"].get("sent", 0) for s in summaries) - len(answers),
+        "blip_ms": round((timeline["blip_to"] - timeline["blip_from"]) * 1000, 1),
+        "blip_at_s": timeline["blip_at_s"],
+        "provider_calls": calls_by_phase(calls, timeline),
+    })
+
+
+def fleet_mode(run, mode, sidecars, prov_addr, duration, disturb):
+    """The steady load on `sidecars` (disturbed by `disturb` if given) and its figures."""
+    summaries, files, timeline = fleet_load(run, mode, sidecars, duration, disturb=disturb)
+    calls = provider_stats(prov_addr)["issued"]
+    answered = [loads.answers(s) for s in summaries]
+    rows = [read_answers(paths) for paths in files]
+    figures = {"answers": sum(a["requests"] for a in answered),
+               "errors": sum(a["errors"] for a in answered), "provider_calls": calls}
+    figures.update(stall_figures([r for pod_rows in rows for r in pod_rows]))
+    if disturb:
+        figures["disturbance"] = disturbance_figures(
+            summaries, rows, timeline, loads.provider_calls(prov_addr), len(sidecars) - 1)
+        # The restarted pod's failed connection attempts are counted there, not as errors.
+        figures["answers"] -= figures["disturbance"]["restart_failed_attempts"]
+        figures["errors"] -= figures["disturbance"]["restart_failed_attempts"]
+    return figures
 
 
 def fill_keys(run, name, sidecar, n, connections):
@@ -637,10 +793,11 @@ def fill_keys(run, name, sidecar, n, connections):
 
 def scenario_fleet(run):
     """N sidecars for one key, without and with the shared tier on a real redis-server: provider
-    calls per token lifetime under steady load, the cold path's added latency, and the hit path
-    with the tier on and off (hits never touch Redis)."""
+    calls per token lifetime under steady load, callers stalled over 1 s, the cold path's added
+    latency, and the hit path with the tier on and off (hits never touch Redis). With the tier,
+    the load also lives through a pod restart and a Redis blip (fleet_disturbance)."""
     pods, lifetime, duration = (4, 4, 8) if run.quick else (4, 10, 40)
-    redis = redis_server(run)
+    redis_proc, redis = redis_server(run)
     key_file = os.path.join(run.out, "fleet.key")
     with open(key_file, "wb") as f:
         f.write(os.urandom(48))
@@ -649,13 +806,14 @@ def scenario_fleet(run):
     for mode, args in (("alone", []), ("shared", tier)):
         prov, prov_addr = start_provider(run, "fleet-provider-" + mode, latency_ms=20,
                                          lifetime=lifetime)
-        sidecars = [Sidecar(run, "fleet-%s-%d" % (mode, i), prov_addr, args=args)
-                    for i in range(pods)]
-        answers, errors = fleet_load(run, mode, sidecars, duration)
-        calls = provider_stats(prov_addr)["issued"]
+        # The quick run's load is shorter than the default grace a restart drains for.
+        sidecars = [Sidecar(run, "fleet-%s-%d" % (mode, i), prov_addr, args=args,
+                            grace="1s" if run.quick else None) for i in range(pods)]
+        disturb = fleet_disturbance(run, sidecars[-1], redis_proc, duration, prov_addr,
+                                    lifetime) if mode == "shared" else None
+        result[mode] = fleet_mode(run, mode, sidecars, prov_addr, duration, disturb)
         # Tokens are served for ~80 % of their lifetime, then refreshed.
-        result[mode] = {"answers": answers, "errors": errors, "provider_calls": calls,
-                        "calls_per_lifetime": calls * lifetime / duration}
+        result[mode]["calls_per_lifetime"] = result[mode]["provider_calls"] * lifetime / duration
         cold, _ = fill_keys(run, "fleet-cold-" + mode, sidecars[0], 30 if run.quick else 300, 1)
         assert cold["errors_status"] == 0, cold
         result[mode]["cold_p50_ms"] = cold["p50_us"] / 1000
@@ -822,6 +980,27 @@ def verdict(ok):
     return "met" if ok else "**not met**"
 
 
+def render_disturbance(w, d):
+    """The fleet section's line on the shared mode's pod restart and Redis blip."""
+    calls = d["provider_calls"]
+    w("\nPod restart and a %.0f-s Redis blip under load: **%d requests over 1 s** (target 0; "
+      "by phase: %s), worst %s ms (%s), refused while the pod restarted: %d, provider calls "
+      "during/after the blip: %d/%d."
+      % (d["blip_ms"] / 1000, d["stalled_over_1s"],
+         ", ".join("%s %d" % kv for kv in sorted(d["stalls_by_phase"].items())) or "none",
+         d["worst_ms"], d["worst_phase"], d["restart_refused"], calls["blip"], calls["after"]))
+    w("The blip began %.1f s into the load, just before a token refresh. "
+      "The restarted pod was down %.0f ms (SIGTERM to /readyz 200; %.0f ms of it draining); "
+      "*refused* counts its callers' requests whose connection was refused or broke before the "
+      "answer, sent again on a new one (%d failed attempts: wrk retries at once); those "
+      "requests left up to %s ms late; %d requests (all pods) were sent and never answered. "
+      "Provider calls by phase: %s."
+      % (d["blip_at_s"], d["restart_down_ms"], d["restart_drain_ms"],
+         d["restart_failed_attempts"],
+         d["restart_held_max_ms"], d["lost_in_flight"],
+         ", ".join("%s %d" % kv for kv in calls.items())))
+
+
 def render(run, info, results, argv):
     out = []
     w = out.append
@@ -904,11 +1083,13 @@ def render(run, info, results, argv):
     if isinstance(fleet, dict):
         a, sh = fleet["alone"], fleet["shared"]
         worth = sh["provider_calls"] / max(a["provider_calls"] / fleet["pods"], 1e-9)
+        stalls = a["stalled_over_1s"] + sh["stalled_over_1s"]
         w("| fleet (%d sidecars, one key) | provider calls: %d alone, %d with the shared tier "
-          "(%.2f pods' worth); %d errors | ≤ 1.5 pods' worth (vs %d), 0 errors | %s |"
+          "(%.2f pods' worth, through a pod restart and a Redis blip); %d errors; stalls over "
+          "1 s: %d | ≤ 1.5 pods' worth (vs %d), 0 errors, 0 stalls | %s |"
           % (fleet["pods"], a["provider_calls"], sh["provider_calls"], worth,
-             a["errors"] + sh["errors"], fleet["pods"],
-             verdict(worth <= 1.5 and a["errors"] + sh["errors"] == 0)))
+             a["errors"] + sh["errors"], stalls, fleet["pods"],
+             verdict(worth <= 1.5 and a["errors"] + sh["errors"] == 0 and stalls == 0)))
     mem = results.get("memory")
     if isinstance(mem, dict):
         w("| memory | %.0f bytes per cached key (%d-byte token JSON) | ≤ token + 1024 = %d | %s |"
@@ -975,15 +1156,24 @@ def render(run, info, results, argv):
           "asked for the same key by two clients every 50 ms for %d s (`bench/clients.lua`); "
           "then, on one of them, sequential cold misses (`bench/fill.lua` on one connection: a "
           "new client id each) and 3-s wrk hit rounds. `shared` adds "
-          "`--shared-redis` on a real `redis-server` on loopback and `--shared-key-file`.\n"
+          "`--shared-redis` on a real `redis-server` on loopback and `--shared-key-file`, and "
+          "its load lives through two disturbances: at a third, the last sidecar restarts "
+          "(SIGTERM, exit, the same command line on the same ports until `/readyz` answers 200); "
+          "from two thirds, half a second before the next token refresh is due, `redis-server` "
+          "stops for 2 s (SIGSTOP, then SIGCONT). Every answer's "
+          "latency is logged (`clients.lua` `log=`); *over 1 s* counts answers slower than 1 s "
+          "(a stalled caller), *worst* is the slowest answer.\n"
           % (fleet["pods"], fleet["lifetime_s"], fleet["duration_s"]))
-        w("| | provider calls | per token lifetime | answers | errors | cold miss p50 | cold "
-          "miss p99 | hit req/s | hit p99 |\n|---|---|---|---|---|---|---|---|---|")
+        w("| | provider calls | per token lifetime | answers | errors | over 1 s | worst | "
+          "cold miss p50 | cold miss p99 | hit req/s | hit p99 |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
         for mode in ("alone", "shared"):
             x = fleet[mode]
-            w("| %s | %d | %.2f | %d | %d | %.1f ms | %.1f ms | %.0f | %s |"
+            w("| %s | %d | %.2f | %d | %d | %d | %s ms | %.1f ms | %.1f ms | %.0f | %s |"
               % (mode, x["provider_calls"], x["calls_per_lifetime"], x["answers"], x["errors"],
-                 x["cold_p50_ms"], x["cold_p99_ms"], x["hit_rps"], us(x["hit_p99_us"])))
+                 x["stalled_over_1s"], x["worst_ms"], x["cold_p50_ms"], x["cold_p99_ms"],
+                 x["hit_rps"], us(x["hit_p99_us"])))
+        render_disturbance(w, sh["disturbance"])
         w("\nA token is served until its lifetime less max(1 s, 10 %) less a second, and "
           "refreshed ahead at 75-80 % of it, so each pod alone calls a little more often than "
           "once per lifetime; what matters is the shared row against a quarter of the alone "

@@ -17,9 +17,15 @@
 --   jitter=S       a uniform random delay in [0, S) added to every scheduled request
 --   ticks=N        requests per client; then the thread stops and appends a line to `done`
 --   done=FILE      see ticks (bench.py interrupts wrk once every thread has written its line)
---   log=PREFIX     each answer as `SENT LATENCY_US STATUS` in PREFIX<i>.txt
+--   log=PREFIX     each answer as `SENT LATENCY_US STATUS HELD_US` in PREFIX<i>.txt: HELD_US is
+--                  how late the request left against its schedule (a slow answer before it, or a
+--                  connection wrk had to make again first: a refused one is retried at once)
 --   lifetime=S     check every 200: a JSON token whose expires_in is in 1..S; each distinct token
 --                  is reported with its last sighting and the latest expiry it was served with
+-- done() also reports `counts.sent`, the requests sent; `counts.retried`, those of them whose
+-- connection failed before the answer (refused, reset, closed under it) so that wrk sent them
+-- again; and `counts.resent`, every extra attempt (wrk reconnects at once, so a refused
+-- connection is retried in a tight loop: attempts, not requests).
 -- A client that falls more than one interval behind (a slow answer) sends its next request at
 -- once and then keeps its interval, as a real client would; it never bursts to catch up.
 
@@ -56,7 +62,9 @@ end
 tally = {}
 local opt, lines = {}, {}
 local live, finished = false, false
-local sent, sent_at, next_at = 0, 0, 0
+local sent, sent_at, next_at, due_at = 0, 0, 0, nil
+-- The request in flight: its line, whether it is still unanswered, and how often it was sent.
+local line, awaiting, attempts = 1, false, 0
 local logfile
 
 function init(args)
@@ -96,28 +104,40 @@ local function finish()
   wrk.thread:stop()
 end
 
+local function count(key)
+  tally[key] = (tally[key] or 0) + 1
+end
+
 function delay()
   live = true
+  if awaiting then return 0 end  -- the request in flight lost its connection: send it again
   if opt.ticks > 0 and sent >= opt.ticks then
     finish()
     return 3600 * 1000
   end
-  local due = next_at + math.random() * opt.jitter
-  return math.max(0, math.floor((due - now()) * 1000 + 0.5))
+  due_at = next_at + math.random() * opt.jitter
+  return math.max(0, math.floor((due_at - now()) * 1000 + 0.5))
 end
 
 function request()
   -- wrk calls request() once before the run to check the script: that call sends nothing.
   if not live then return lines[1] end
-  local line = (id - 1 + (opt.rotate == "1" and sent or 0)) % #lines + 1
-  sent = sent + 1
   sent_at = now()
+  if awaiting then
+    -- The request in flight got no answer: its connection was refused, reset or closed under
+    -- it, and wrk asks again on a new one (at once, without delay()). The same request, due
+    -- when it was: it neither counts as sent again nor moves the schedule.
+    if attempts == 1 then count("count retried") end
+    attempts = attempts + 1
+    count("count resent")
+    return lines[line]
+  end
+  awaiting, attempts = true, 1
+  line = (id - 1 + (opt.rotate == "1" and sent or 0)) % #lines + 1
+  sent = sent + 1
+  tally["count sent"] = sent
   next_at = math.max(next_at + opt.every, sent_at - opt.every)
   return lines[line]
-end
-
-local function count(key)
-  tally[key] = (tally[key] or 0) + 1
 end
 
 local function check(body, seen)
@@ -136,11 +156,13 @@ end
 
 function response(status, headers, body)
   local answered = now()
+  awaiting = false
   count("status " .. status)
   local cache_status = headers["cache-status"] or headers["Cache-Status"]
   count("cache " .. (cache_status and (cache_status:gsub("; ttl=%d+", "")) or "none"))
   if logfile then
-    logfile:write(string.format("%.6f %d %d\n", sent_at, (answered - sent_at) * 1e6, status))
+    logfile:write(string.format("%.6f %d %d %d\n", sent_at, (answered - sent_at) * 1e6, status,
+                                math.max(0, sent_at - (due_at or sent_at)) * 1e6))
   end
   if opt.lifetime and status == 200 then check(body, answered) end
 end
@@ -173,10 +195,10 @@ function done(summary, latency, requests)
     errors = { connect = summary.errors.connect, read = summary.errors.read,
                write = summary.errors.write, status = summary.errors.status,
                timeout = summary.errors.timeout },
-    statuses = {}, cache_status = {}, anomalies = {}, tokens = {},
+    statuses = {}, cache_status = {}, anomalies = {}, tokens = {}, counts = {},
   }
   local sums = { status = result.statuses, cache = result.cache_status,
-                  anomaly = result.anomalies }
+                  anomaly = result.anomalies, count = result.counts }
   for i, thread in ipairs(threads) do
     local tally, tokens = thread:get("tally"), {}
     for key, value in pairs(tally) do
