@@ -15,9 +15,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, InjectConfig, RouteConfig};
 use crate::fleet::Fleet;
 use crate::forward::Forwarder;
+use crate::inject::Injector;
 use crate::metrics::{Metrics, RouteState};
 use crate::router;
 use crate::server;
@@ -104,6 +105,87 @@ pub struct App {
     fleet: Option<Arc<Fleet>>,
     /// The routes as the admin listener's `/status` sees them.
     states: Vec<Weak<dyn RouteState>>,
+    /// Token paths made for injecting routes whose token URL no route serves: on no listener.
+    token_only: Vec<Arc<TokenRoute>>,
+}
+
+/// One route's token path and forwarder.
+fn build_route(
+    route: &RouteConfig,
+    config: &Config,
+    metrics: &mut Metrics,
+    process: &Process,
+) -> Result<(Arc<TokenRoute>, Arc<Forwarder>), StartupError> {
+    let route_metrics = metrics.route(&route.name);
+    let upstream = Arc::new(Upstream::new(route).map_err(StartupError::Files)?);
+    let forwarder = Arc::new(Forwarder::new(
+        &route.name,
+        upstream.clone(),
+        route_metrics.clone(),
+    ));
+    let token = TokenRoute::new(
+        route,
+        &config.limits,
+        upstream,
+        forwarder.clone(),
+        route_metrics,
+        process.clone(),
+    );
+    Ok((Arc::new(token), forwarder))
+}
+
+/// Gives each route with `[routes.inject]` its injector. Its bearer comes from the token path of
+/// the route whose upstream and token path are the token URL (so an app sending the same
+/// credentials there shares the token), or else from a token path made for it, returned here.
+fn inject(
+    config: &Config,
+    routes: &mut [router::Route],
+    metrics: &mut Metrics,
+    process: &Process,
+) -> Result<Vec<Arc<TokenRoute>>, StartupError> {
+    let mut made = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let Some(inject) = &route.inject else {
+            continue;
+        };
+        let wanted = crate::path::match_key(&inject.token_path).into_owned();
+        let serving = config.routes.iter().position(|other| {
+            other.upstream == inject.token_origin
+                && other
+                    .token_paths
+                    .iter()
+                    .any(|path| crate::path::match_key(path) == wanted.as_str())
+        });
+        let tokens = match serving {
+            Some(j) => routes[j].token.clone(),
+            None => {
+                let own = token_route_for(route, inject);
+                let (token, _) = build_route(&own, config, metrics, process)?;
+                made.push(token.clone());
+                token
+            }
+        };
+        let injector = Injector::new(&route.name, inject, tokens, config.limits.body_read_timeout);
+        routes[i] = routes[i].clone().injecting(injector);
+    }
+    Ok(made)
+}
+
+/// The route a token path made for `route`'s injection is built from: its token URL, its token
+/// and client settings, named `<route>-inject`.
+fn token_route_for(route: &RouteConfig, inject: &InjectConfig) -> RouteConfig {
+    RouteConfig {
+        name: format!("{}-inject", route.name),
+        listen: route.listen,
+        path_prefix: "/".into(),
+        strip_prefix: false,
+        upstream: inject.token_origin.clone(),
+        token_paths: vec![inject.token_path.clone()],
+        preserve_host: false,
+        token: route.token.clone(),
+        client: route.client.clone(),
+        inject: None,
+    }
 }
 
 /// The route listeners while they serve: what a drain stops and waits for.
@@ -129,43 +211,33 @@ impl App {
             )),
             None => None,
         };
+        let process = Process {
+            tracker: flights.clone(),
+            closed: closed.clone(),
+            fleet: fleet.clone(),
+        };
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let route_metrics = metrics.route(&route.name);
-            let upstream = Arc::new(Upstream::new(route).map_err(StartupError::Files)?);
-            let forwarder = Arc::new(Forwarder::new(
-                &route.name,
-                upstream.clone(),
-                route_metrics.clone(),
-            ));
-            let process = Process {
-                tracker: flights.clone(),
-                closed: closed.clone(),
-                fleet: fleet.clone(),
-            };
-            let token = TokenRoute::new(
-                route,
-                &config.limits,
-                upstream,
-                forwarder.clone(),
-                route_metrics,
-                process,
-            );
+            let (token, forwarder) = build_route(route, config, &mut metrics, &process)?;
             routes.push(router::Route::new(
                 &route.path_prefix,
                 route.strip_prefix,
-                Arc::new(token),
+                token,
                 forwarder,
             ));
         }
+        let token_only = inject(config, &mut routes, &mut metrics, &process)?;
         let states: Vec<Weak<dyn RouteState>> = routes
             .iter()
-            .map(|route| Arc::downgrade(&route.token) as Weak<dyn RouteState>)
+            .map(|route| &route.token)
+            .chain(&token_only)
+            .map(|token| Arc::downgrade(token) as Weak<dyn RouteState>)
             .collect();
         metrics.register_routes(states.clone());
         Ok(App {
             config: config.clone(),
             routes,
+            token_only,
             metrics: Arc::new(metrics),
             flights,
             closed,
@@ -232,6 +304,12 @@ impl App {
                     .clamp(Duration::from_millis(100), Duration::from_secs(5));
                 tokio::spawn(sweep(route.token.clone(), every, serving.stop.clone()));
                 served.push(route.clone());
+            }
+            if address == self.config.routes[0].listen {
+                for token in &self.token_only {
+                    let every = Duration::from_secs(5);
+                    tokio::spawn(sweep(token.clone(), every, serving.stop.clone()));
+                }
             }
             serving.accept_loops.push(tokio::spawn(server::serve(
                 listener,

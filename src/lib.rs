@@ -14,7 +14,8 @@
 //! - [`token`]: the token path (parsing and keys, cache, single flight, cool-downs, rendering);
 //! - [`fleet`]: the optional fleet tier on Redis/Valkey (shared tokens, flights, cool-downs;
 //!   configured by the `[shared]` table);
-//! - [`forward`]: streaming pass-through proxying, upgrades included;
+//! - [`forward`]: streaming pass-through proxying, upgrades included; [`inject`]: a route's
+//!   bearer added to what it forwards, from the token path's machinery, refreshed on 401;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
 //!   pooling, the token exchange), shared by the two above;
 //! - [`admin`]: liveness, readiness, metrics and `/status` endpoints; [`status`]: the `/status`
@@ -33,6 +34,7 @@ pub mod demo;
 pub(crate) mod error;
 pub mod fleet;
 pub(crate) mod forward;
+pub(crate) mod inject;
 pub(crate) mod metrics;
 pub mod path;
 pub(crate) mod router;

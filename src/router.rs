@@ -20,6 +20,7 @@ use tower_http::catch_panic::{CatchPanic, CatchPanicLayer};
 use crate::body::{Body, boxed};
 use crate::error::Error;
 use crate::forward::Forwarder;
+use crate::inject::Injector;
 use crate::token::TokenRoute;
 
 /// One route's running parts, as the dispatcher sees them.
@@ -33,6 +34,8 @@ pub(crate) struct Route {
     strip: bool,
     pub(crate) token: Arc<TokenRoute>,
     forwarder: Arc<Forwarder>,
+    /// The bearer the route adds to what it forwards, with `[routes.inject]`.
+    inject: Option<Arc<Injector>>,
 }
 
 impl Route {
@@ -49,7 +52,14 @@ impl Route {
             strip,
             token,
             forwarder,
+            inject: None,
         }
+    }
+
+    /// The route, injecting with `injector` into what it forwards.
+    pub(crate) fn injecting(mut self, injector: Injector) -> Route {
+        self.inject = Some(Arc::new(injector));
+        self
     }
 }
 
@@ -107,6 +117,9 @@ impl tower::Service<Request<Incoming>> for Dispatch {
         // Two boxes sized for their own path: a token hit does not carry the state of a forward.
         if target.token {
             Box::pin(async move { Ok(routes[target.route].token.handle(request).await) })
+        } else if let Some(injector) = route.inject.clone() {
+            let forwarder = route.forwarder.clone();
+            Box::pin(async move { Ok(injector.forward(&forwarder, request).await) })
         } else {
             let forwarder = route.forwarder.clone();
             Box::pin(async move { Ok(forwarder.forward(request.map(boxed)).await) })

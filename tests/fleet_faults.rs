@@ -21,7 +21,9 @@ async fn a_killed_leader_costs_its_followers_about_a_second() {
     let idp = FakeProvider::start().await;
     idp.set_default(Answer::slow_token(300, PROVIDER));
     let key = fleet_key();
-    let (mut pods, _config) = fleet(&idp, &redis.url(), &key, "", 3).await;
+    // A Redis timeout of 200 ms keeps the lease at its 1 s (it is four timeouts when longer).
+    let toml = "[shared]\ntimeout = \"200ms\"\n";
+    let (mut pods, _config) = fleet(&idp, &redis.url(), &key, toml, 3).await;
     let http = client();
     let leader = {
         let (http, url) = (http.clone(), pods[0].url());

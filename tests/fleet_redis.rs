@@ -42,6 +42,27 @@ async fn admin(pod: &Running, path: &str) -> Reply {
     send(&client(), request).await
 }
 
+/// Waits (bounded) until the server on `port` holds a token of the fleet.
+async fn replicated(port: u16) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    for _ in 0..100 {
+        if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) {
+            let names: Vec<Vec<u8>> = redis::cmd("KEYS")
+                .arg("tsc:*")
+                .query(&mut conn)
+                .unwrap_or_default();
+            if names
+                .iter()
+                .any(|name| name.windows(4).any(|w| w == b"}:t:"))
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("127.0.0.1:{port} did not receive the fleet's token within 10 s");
+}
+
 /// Waits (bounded) until the server on `port` says it is a primary.
 async fn promoted(port: u16) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
@@ -108,7 +129,9 @@ async fn a_redis_stall_during_flights_costs_no_caller_more_than_3_s_after_it() {
     // Tokens served about 1.8 s, so flights are out when the stall comes.
     idp.set_default(Answer::slow_token(2, Duration::from_millis(200)));
     let key = fleet_key();
-    let (pods, _config) = fleet(&idp, &proxy.redis_url(), &key, "", 3).await;
+    // Near the defaults: claims give up after 100 ms, and the lease is 1 s.
+    let toml = "[shared]\ntimeout = \"100ms\"\n";
+    let (pods, _config) = fleet(&idp, &proxy.redis_url(), &key, toml, 3).await;
     let started = Instant::now();
     let (stall_from, stall_for) = (Duration::from_secs(2), Duration::from_millis(2_500));
     let stall_end = started + stall_from + stall_for;
@@ -244,8 +267,8 @@ async fn a_fleet_follows_a_sentinel_failover() {
     let (pods, _config) = fleet(&idp, &urls, &key, &toml, 2).await;
     assert_eq!(herd(&pods, 20, FORM).await, 1);
     assert_eq!(idp.token_calls(), 1);
-    // Give the replica the token before the primary dies.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The replica has the token before the primary dies.
+    replicated(sentinel.replica_port()).await;
     sentinel.kill_primary();
     sentinel.wait_failover(Duration::from_secs(20));
     let failed_over = Instant::now();
@@ -281,10 +304,12 @@ async fn a_fleet_follows_a_sentinel_failover() {
         "sharing resumed on the new primary"
     );
     assert_eq!(reply.status, 200);
+    let late_status = admin(&late[0], "/status").await.json();
     assert_eq!(
         idp.token_calls(),
         before,
-        "the replica kept the fleet's token"
+        "the replica kept the fleet's token; the late pod: {}",
+        late_status["shared"]
     );
 }
 

@@ -15,6 +15,7 @@ mod fleet_faults;
 mod fleet_redis;
 mod forwarding;
 mod genesys_sdks;
+mod inject;
 mod operations;
 mod properties;
 mod routes;

@@ -815,6 +815,7 @@ fn validates(token: &TokenConfig) -> Result<(), String> {
             preserve_host: false,
             token: token.clone(),
             client: ClientConfig::default(),
+            inject: None,
         }],
         shared: None,
     };

@@ -55,6 +55,7 @@ pub(super) struct FileRoute {
     pub(super) preserve_host: Option<bool>,
     pub(super) token: Option<TokenConfig>,
     pub(super) client: Option<ClientConfig>,
+    pub(super) inject: Option<super::inject::FileInject>,
 }
 
 /// A config file as read, before parsing.
@@ -421,7 +422,9 @@ mod tests {
     /// in that table makes serde list the table's fields.
     #[test]
     fn the_hint_tables_match_the_schema() {
-        let nested = ["log", "limits", "token", "client", "routes", "shared"];
+        let nested = [
+            "log", "limits", "token", "client", "routes", "shared", "inject",
+        ];
         for (place, keys) in super::TABLES {
             let file = match *place {
                 "at the top level" => "zz_probe = 1\n".to_owned(),

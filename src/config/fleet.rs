@@ -433,7 +433,10 @@ mod tests {
         );
         assert_eq!(redacted("redis://redis:6379"), "redis://redis:6379");
         // A comma in a password splits nothing, and nothing of it is shown.
-        assert_eq!(urls("redis://u:pa,ss@h:6379/0"), ["redis://u:pa,ss@h:6379/0"]);
+        assert_eq!(
+            urls("redis://u:pa,ss@h:6379/0"),
+            ["redis://u:pa,ss@h:6379/0"]
+        );
         assert_eq!(redacted("redis://u:pa,ss@h:6379/0"), "redis://…@h:6379/0");
         assert_eq!(
             redacted("redis://a:1, rediss://u:p,w@b:2"),

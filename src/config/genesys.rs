@@ -114,6 +114,7 @@ impl Preset {
                 preserve_host: false,
                 token: self.token.clone(),
                 client: self.client.clone(),
+                inject: None,
             };
         let token_path = || vec![DEFAULT_TOKEN_PATH.to_owned()];
         vec![

@@ -17,7 +17,7 @@ use super::error::{ConfigError, Source};
 use super::file::FileConfig;
 use super::fleet::{FileShared, SharedConfig};
 use super::genesys::PresetLayers;
-use super::model::{Config, LogConfig, LogFormat, default_admin};
+use super::model::{Config, LogConfig, LogFormat, RouteConfig, default_admin};
 use super::routes::{RouteLayers, routes};
 
 /// Values given on the command line; `None` where a flag was not given.
@@ -66,7 +66,8 @@ pub(super) fn assemble(
         listen,
         preset: preset_layers(&flags, env, &file),
     };
-    let routes = routes(layers, &file)?;
+    let mut routes = routes(layers, &file)?;
+    inject(&mut routes, &file, env)?;
     let shared = shared(&flags, env, file.shared.unwrap_or_default())?;
     let config = Config {
         admin,
@@ -79,6 +80,24 @@ pub(super) fn assemble(
     };
     config.validate()?;
     Ok(config)
+}
+
+/// The `[routes.inject]` tables, read into the routes the `[[routes]]` tables made (the last
+/// ones); their secrets come from files or `env`.
+fn inject(
+    routes: &mut [RouteConfig],
+    file: &FileConfig,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let first = routes.len() - file.routes.len();
+    for (i, table) in file.routes.iter().enumerate() {
+        if let Some(inject) = &table.inject {
+            let route = &mut routes[first + i];
+            let config = inject.clone().into_config((first + i, &route.name), env)?;
+            route.inject = Some(config);
+        }
+    }
+    Ok(())
 }
 
 /// Worker threads: flag, variable, file, one.

@@ -10,6 +10,7 @@
 //! - `routes.rs`: the route sources (the one-route shortcut, `[[routes]]`) and how they combine;
 //! - [`genesys`]: the Genesys Cloud preset, a region table and the routes a region expands to;
 //! - `fleet.rs`: the `[shared]` table, the fleet secret and [`SharedConfig`] for `crate::fleet`;
+//! - `inject.rs`: a route's `[routes.inject]` table, the credentials it injects with;
 //! - `model.rs`: [`Config`] and its parts with their defaults and their own checks;
 //! - `validate.rs`: [`Config::validate`], the checks across routes and listeners;
 //! - `error.rs`: [`ConfigError`] and the [`KeyPath`] it is about.
@@ -22,6 +23,7 @@ mod error;
 mod file;
 mod fleet;
 pub mod genesys;
+mod inject;
 mod layer;
 mod model;
 mod routes;
@@ -33,6 +35,7 @@ use std::path::{Path, PathBuf};
 pub use error::{ConfigError, KeyPath};
 pub(crate) use fleet::redacted;
 pub use fleet::{ClientCert, FleetSecret, MIN_SECRET_LEN, RedisMode, SharedConfig};
+pub use inject::{AuthMethod, ClientSecret, DEFAULT_RETRY_BODY_LIMIT, InjectConfig};
 pub use layer::Overrides;
 pub use model::{
     ClientConfig, Config, DEFAULT_ADMIN, DEFAULT_LISTEN, DEFAULT_TOKEN_PATH, Limits, LogConfig,

@@ -225,6 +225,8 @@ pub struct RouteConfig {
     pub token: TokenConfig,
     /// HTTP client settings towards the provider.
     pub client: ClientConfig,
+    /// The credentials whose bearer the route adds to what it forwards (`[routes.inject]`).
+    pub inject: Option<super::InjectConfig>,
 }
 
 /// A validated upstream base URL: scheme and authority, no path.

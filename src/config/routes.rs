@@ -147,6 +147,7 @@ fn shortcut(
         preserve_host: file.preserve_host.unwrap_or(false),
         token: top.token.clone(),
         client: top.client.clone(),
+        inject: None,
     })
 }
 
@@ -183,6 +184,7 @@ fn tables(
             preserve_host: route.preserve_host.unwrap_or(false),
             token: route.token.clone().unwrap_or_else(|| top.token.clone()),
             client: route.client.clone().unwrap_or_else(|| top.client.clone()),
+            inject: None,
             name,
         });
     }

@@ -507,9 +507,12 @@ impl Provider {
         }
         let (parts, body) = request.into_parts();
         let body = read(body).await?;
-        self.record(&parts, body);
+        self.record(&parts, body.clone());
         if parts.method == Method::GET && parts.uri.path().ends_with("/api/v2/users/me") {
             return Ok(self.users_me(&parts.headers));
+        }
+        if parts.method == Method::POST && parts.uri.path().ends_with("/api/v2/echo") {
+            return Ok(self.echo(&parts.headers, &body));
         }
         Ok(json(
             StatusCode::NOT_FOUND,
@@ -732,6 +735,26 @@ impl Provider {
 
     /// The API endpoint: 200 with a fake user for `Authorization: Bearer <an issued token>`, else
     /// a 401 in Genesys Cloud's error shape.
+    /// `POST /api/v2/echo`: with a bearer this provider issued, the body's length and SHA-256.
+    fn echo(&self, headers: &HeaderMap, body: &Bytes) -> Response<Full<Bytes>> {
+        if self.users_me(headers).status() != StatusCode::OK {
+            return self.users_me(headers);
+        }
+        let digest: String = <sha2::Sha256 as sha2::Digest>::digest(body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let reply = serde_json::json!({"bytes": body.len(), "sha256": digest});
+        json(StatusCode::OK, reply.to_string())
+    }
+
+    /// Forgets every access token issued so far: the API stand-in answers 401 to them, as a
+    /// resource server does to revoked tokens.
+    pub fn revoke_issued(&self) {
+        let issued = self.script().issued.clone();
+        lock(&issued).clear();
+    }
+
     fn users_me(&self, headers: &HeaderMap) -> Response<Full<Bytes>> {
         let bearer = headers
             .get(header::AUTHORIZATION)

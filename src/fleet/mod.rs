@@ -353,6 +353,18 @@ impl Fleet {
         Ok(())
     }
 
+    /// Deletes a key's stored token and its fresh marker (an API rejected the token).
+    pub(crate) async fn forget(&self, names: &Names) {
+        let delete = |mut conn: Conn| async move {
+            redis::cmd("DEL")
+                .arg(&names.token)
+                .arg(&names.fresh)
+                .query_async::<i64>(&mut conn)
+                .await
+        };
+        let _ = self.call("forget", delete).await;
+    }
+
     /// The value under `name` (a token sealed under the previous secret), if Redis answers.
     pub(crate) async fn peek(&self, name: &str) -> Option<Vec<u8>> {
         let get = |mut conn: Conn| async move {

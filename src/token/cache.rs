@@ -180,6 +180,15 @@ impl Cache {
         (keys, total)
     }
 
+    /// Drops `key`'s cached token whose fingerprint is `fingerprint`, if it is still there (an
+    /// API rejected it): compare-and-drop, so many rejections of one token drop it once. True if
+    /// it was dropped.
+    pub(crate) fn revoke(&self, key: &CacheKey, fingerprint: &[u8; 32]) -> bool {
+        self.entries
+            .get(key)
+            .is_some_and(|entry| entry.revoke(fingerprint))
+    }
+
     /// Number of keys.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()

@@ -99,6 +99,16 @@ impl Entry {
         })
     }
 
+    /// Drops the cached token with `fingerprint`, if there; true if it was.
+    pub(super) fn revoke(&self, fingerprint: &[u8; 32]) -> bool {
+        let mut state = self.lock();
+        let before = state.tokens.len();
+        state
+            .tokens
+            .retain(|token| token.fingerprint != *fingerprint);
+        state.tokens.len() < before
+    }
+
     /// When the entry was last used, in the map's milliseconds.
     pub(super) fn last_used(&self) -> u64 {
         self.last_used_ms.load(Ordering::Relaxed)

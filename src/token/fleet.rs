@@ -291,6 +291,11 @@ impl FleetKeys {
         token
     }
 
+    /// Drops `key`'s stored token (an API rejected it): the next claim leads a new call.
+    pub(crate) async fn forget(&self, key: &FleetKey) {
+        self.fleet.forget(&key.names).await;
+    }
+
     /// Tells the fleet how the flight `lease` led ended: the token, or the hold it started
     /// (none: just free the lock for the next pod to try).
     pub(crate) async fn commit(

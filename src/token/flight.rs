@@ -793,6 +793,7 @@ mod tests {
                     request_timeout,
                     ..ClientConfig::default()
                 },
+                inject: None,
             };
             let upstream = Arc::new(Upstream::new(&route).unwrap());
             let metrics = Metrics::new().route("test");

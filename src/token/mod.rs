@@ -174,6 +174,48 @@ impl TokenRoute {
         }
     }
 
+    /// A token request made inside the sidecar (credential injection, [`crate::inject`]),
+    /// answered exactly as the same request from an app on this route: the same key, cache,
+    /// flight, holds and fleet tier.
+    pub(crate) async fn internal(self: &Arc<Self>, parts: Parts, body: Bytes) -> Response<Body> {
+        match self.answer(parts, body) {
+            Answer::Ready(response) => response,
+            Answer::Pending(later) => later.await,
+        }
+    }
+
+    /// Drops the token `access_token` cached for this request's key, if it is still the one
+    /// there (an API answered 401 to it), here and in the fleet tier: the next request makes one
+    /// call, however many requests were rejected. True if it was dropped.
+    pub(crate) async fn revoke(&self, parts: &Parts, body: &Bytes, access_token: &str) -> bool {
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        let Ok(context) = KeyContext::of(&self.name, parts, self.preserve_host) else {
+            return false;
+        };
+        let Ok(Parsed::Keyed {
+            key,
+            grant,
+            canonical,
+            ..
+        }) = request::parse(&self.keyer, &context, authorization, body)
+        else {
+            return false;
+        };
+        let fingerprint: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(access_token).into();
+        if !self.cache.revoke(&key, &fingerprint) {
+            return false;
+        }
+        if let Some(keys) = self.flights.fleet()
+            && let Some(fleet_key) = keys.key(grant, &canonical)
+        {
+            keys.forget(&fleet_key).await;
+        }
+        true
+    }
+
     /// Answers a request to one of the token paths (see [`Self::token_path`]).
     pub(crate) async fn handle(
         self: &Arc<Self>,

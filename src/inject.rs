@@ -1,0 +1,304 @@
+//! Credential injection (`[routes.inject]`): the route holds a client's credentials and adds
+//! `Authorization: Bearer` to the requests it forwards, so the apps behind it never call the
+//! token endpoint. The token comes from the token path of the route that serves the token URL
+//! (or of a route made for it), through [`TokenRoute::internal`]: the same key as an app sending
+//! those credentials there, and so the same cache, single flight, refresh ahead, holds and fleet
+//! tier. An upstream 401 (or a 403 saying `invalid_token`) drops that token if it is still the
+//! cached one and retries the request once with a new one, when the request can be sent again.
+//! Without a token to be had, the caller gets 429 or 503 with `Retry-After`, and nothing is
+//! forwarded.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use std::sync::Arc;
+use tracing::debug;
+
+use crate::body::{Body, boxed, full};
+use crate::config::{AuthMethod, InjectConfig};
+use crate::forward::Forwarder;
+use crate::token::TokenRoute;
+
+/// One route's injection.
+#[derive(Debug)]
+pub(crate) struct Injector {
+    route: String,
+    /// The token path the bearer comes from.
+    tokens: Arc<TokenRoute>,
+    /// The token request, as an app would send it: its head...
+    head: TokenHead,
+    /// ...and its form.
+    form: Bytes,
+    overwrite: bool,
+    retry_body_limit: usize,
+    /// How long a body kept for a retry may take to arrive (`limits.body_read_timeout`).
+    body_read_timeout: std::time::Duration,
+}
+
+/// What the token request's head is made of (a `Parts` is not `Clone`).
+#[derive(Debug)]
+struct TokenHead {
+    uri: http::Uri,
+    headers: HeaderMap,
+}
+
+impl TokenHead {
+    fn parts(&self) -> Parts {
+        let mut request = Request::new(());
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request.into_parts().0
+    }
+}
+
+/// What form encoding leaves as it is: letters, digits and `-._~`. Encoding no more than needed
+/// keeps the Basic header of plain credentials free of `%`, so the token path keys it like the
+/// same credentials sent in a form (it keys a Basic header with escapes on its raw bytes).
+const FORM: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// RFC 6749 §2.3.1: the id and secret are form-encoded before they are joined for Basic.
+fn form_encode(text: &str) -> String {
+    utf8_percent_encode(text, FORM).to_string()
+}
+
+impl Injector {
+    /// The injection of route `route` with `config`, its tokens from `tokens`; a body kept for a
+    /// retry must arrive within `body_read_timeout`.
+    pub(crate) fn new(
+        route: &str,
+        config: &InjectConfig,
+        tokens: Arc<TokenRoute>,
+        body_read_timeout: std::time::Duration,
+    ) -> Injector {
+        let mut form = vec![("grant_type", "client_credentials".to_owned())];
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        let secret = config.client_secret.expose();
+        match config.auth_method {
+            AuthMethod::Basic => {
+                let pair = format!("{}:{}", form_encode(&config.client_id), form_encode(secret));
+                let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+                let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                    .expect("base64 is a valid header value");
+                value.set_sensitive(true);
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            AuthMethod::Post => {
+                form.push(("client_id", config.client_id.clone()));
+                form.push(("client_secret", secret.to_owned()));
+            }
+        }
+        let mut body = form
+            .iter()
+            .map(|(name, value)| format!("{name}={}", form_encode(value)))
+            .collect::<Vec<_>>();
+        body.extend(
+            config
+                .params
+                .iter()
+                .map(|(name, value)| format!("{}={}", form_encode(name), form_encode(value))),
+        );
+        Injector {
+            route: route.to_owned(),
+            tokens,
+            head: TokenHead {
+                uri: config
+                    .token_path
+                    .parse()
+                    .unwrap_or_else(|_| http::Uri::from_static("/")),
+                headers,
+            },
+            form: Bytes::from(body.join("&")),
+            overwrite: config.overwrite,
+            retry_body_limit: config.retry_body_limit,
+            body_read_timeout,
+        }
+    }
+
+    /// Forwards `request` with the route's bearer (see the module's documentation).
+    pub(crate) async fn forward(
+        &self,
+        forwarder: &Forwarder,
+        request: Request<hyper::body::Incoming>,
+    ) -> Response<Body> {
+        if request.headers().contains_key(header::AUTHORIZATION) && !self.overwrite {
+            return forwarder.forward(request.map(boxed)).await;
+        }
+        let token = match self.bearer().await {
+            Ok(token) => token,
+            Err(refusal) => return refusal,
+        };
+        let (parts, body) = request.into_parts();
+        let (parts, body) = match self.replayable(parts, body).await {
+            Sending::Again(parts, body) => (parts, body),
+            // Sent once, streamed: the first answer is the caller's, 401 or not.
+            Sending::Once(parts, body) => {
+                return forwarder
+                    .forward(with_bearer_and(parts, &token, boxed(body)))
+                    .await;
+            }
+            Sending::Broken(refusal) => return refusal,
+        };
+        let again = copy_head(&parts);
+        let first = forwarder
+            .forward(with_bearer_and(parts, &token, full(body.clone())))
+            .await;
+        if !rejects_token(&first) {
+            return first;
+        }
+        // Compare-and-drop: of many callers rejected with this token, one drops it, and they
+        // all share the one call for the next.
+        self.tokens
+            .revoke(&self.head.parts(), &self.form, &token)
+            .await;
+        let fresh = match self.bearer().await {
+            Ok(fresh) if fresh != token => fresh,
+            _ => return first,
+        };
+        debug!(route = %self.route, "upstream rejected the injected token: retried with a new one");
+        forwarder
+            .forward(with_bearer_and(again, &fresh, full(body)))
+            .await
+    }
+
+    /// The bearer token now, or the caller's refusal: 429 when the provider throttles, else
+    /// 503, with `Retry-After` and a JSON body naming the cause.
+    async fn bearer(&self) -> Result<String, Response<Body>> {
+        let answer = self
+            .tokens
+            .internal(self.head.parts(), self.form.clone())
+            .await;
+        let status = answer.status();
+        let retry_after = answer.headers().get(header::RETRY_AFTER).cloned();
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_default();
+        if status == StatusCode::OK
+            && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body)
+            && let Some(token) = json.get("access_token").and_then(|t| t.as_str())
+        {
+            return Ok(token.to_owned());
+        }
+        Err(refusal(&self.route, status, retry_after))
+    }
+
+    /// The request with its body read whole if it may be sent again after a 401: no upgrade,
+    /// and a body that is empty or declares a length within `retry_body_limit`, which arrives
+    /// within the body read timeout. Otherwise the body is left unread, to stream once.
+    async fn replayable(&self, parts: Parts, body: hyper::body::Incoming) -> Sending {
+        use http_body::Body as _;
+        if parts.headers.contains_key(header::UPGRADE) {
+            return Sending::Once(parts, body);
+        }
+        if body.is_end_stream() {
+            return Sending::Again(parts, Bytes::new());
+        }
+        let fits = body
+            .size_hint()
+            .exact()
+            .is_some_and(|length| length <= self.retry_body_limit as u64);
+        if !fits {
+            return Sending::Once(parts, body);
+        }
+        let read = http_body_util::Limited::new(body, self.retry_body_limit).collect();
+        let read = crate::server::awaiting_body(tokio::time::timeout(self.body_read_timeout, read));
+        match read.await {
+            Ok(Ok(collected)) => Sending::Again(parts, collected.to_bytes()),
+            Ok(Err(_)) => Sending::Broken(
+                crate::error::Error::InvalidRequest("the request body could not be read")
+                    .into_response(),
+            ),
+            Err(_) => Sending::Broken(crate::error::Error::BodyTimeout.into_response()),
+        }
+    }
+}
+
+/// How a request with an injected token is sent.
+enum Sending {
+    /// Its body is here whole: it can be sent again after a 401.
+    Again(Parts, Bytes),
+    /// Streamed, once.
+    Once(Parts, hyper::body::Incoming),
+    /// Its body did not arrive: the caller's answer.
+    Broken(Response<Body>),
+}
+
+/// Whether an upstream answer rejects the bearer it was sent: 401, or 403 whose
+/// `WWW-Authenticate` says `invalid_token` (RFC 6750 §3.1).
+fn rejects_token(response: &Response<Body>) -> bool {
+    match response.status() {
+        StatusCode::UNAUTHORIZED => true,
+        StatusCode::FORBIDDEN => response
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("invalid_token"))),
+        _ => false,
+    }
+}
+
+/// The caller's refusal when no token can be had: the provider's 429 stays a 429, anything else
+/// is a 503; `Retry-After` is the provider's or the sidecar's hold, else 1 s.
+fn refusal(route: &str, status: StatusCode, retry_after: Option<HeaderValue>) -> Response<Body> {
+    let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+    let code = if throttled {
+        StatusCode::TOO_MANY_REQUESTS
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let description = format!(
+        "no token to inject on route {route}: the token endpoint answered {}",
+        status.as_u16()
+    );
+    let body = serde_json::json!({
+        "error": "temporarily_unavailable",
+        "error_description": description,
+    })
+    .to_string();
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = code;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::RETRY_AFTER,
+        retry_after.unwrap_or(HeaderValue::from_static("1")),
+    );
+    response
+}
+
+/// A copy of a request head, to send the request again.
+fn copy_head(parts: &Parts) -> Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
+}
+
+/// `parts` with `Authorization: Bearer token` and `body`.
+fn with_bearer_and(mut parts: Parts, token: &str, body: Body) -> Request<Body> {
+    if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {token}")) {
+        value.set_sensitive(true);
+        parts.headers.insert(header::AUTHORIZATION, value);
+    }
+    Request::from_parts(parts, body)
+}

@@ -1,0 +1,297 @@
+//! Credential injection (`[routes.inject]`) against the real binary on loopback: API calls that
+//! carry no token get the route's bearer from one token call, a token the API stand-in revoked
+//! costs one more call however many callers it rejected, a body is sent again intact after a 401,
+//! a caller's own `Authorization` is kept unless `overwrite`, a throttled provider gives a clear
+//! refusal with nothing forwarded, the secret appears nowhere, and a fleet shares the token.
+use crate::fleet::TempFile;
+use crate::support;
+
+use futures_util::StreamExt as _;
+use std::time::{Duration, Instant};
+use support::process::Running;
+use support::redis::RedisServer;
+use support::{Answer, FakeProvider, Reply, client, send};
+
+const SECRET: &str = "inj-secret-7f3a";
+
+/// The config of one injecting route towards `idp`, with `extra` in its inject table; the
+/// secret's file and the config file.
+fn config(idp: &FakeProvider, extra: &str) -> (TempFile, TempFile) {
+    let secret = TempFile::new("secret", format!("{SECRET}\n").as_bytes());
+    let toml = format!(
+        "[[routes]]\nname = \"api\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://x\"\n[routes.inject]\ntoken_url = \"{}/oauth/token\"\nclient_id = \"inj-app\"\nclient_secret_file = {:?}\n{extra}",
+        idp.url(),
+        secret.path()
+    );
+    (secret, TempFile::new("inject.toml", toml.as_bytes()))
+}
+
+/// A sidecar injecting for `idp` (also the API), ready.
+async fn sidecar(idp: &FakeProvider, config: &TempFile, more: &[&str]) -> Running {
+    let mut args = vec!["--config", config.path()];
+    args.extend_from_slice(more);
+    let pod = Running::start_args(&idp.url(), &args, &[("RUST_LOG", "trace")]);
+    pod.wait_ready().await;
+    pod
+}
+
+async fn get(http: &support::Client, url: &str, authorization: Option<&str>) -> Reply {
+    let mut request = http::Request::get(url);
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    send(http, request).await
+}
+
+/// `n` concurrent `GET /api/v2/users/me` through `pod`, their statuses.
+async fn users_me(pod: &Running, n: usize) -> Vec<u16> {
+    let http = client();
+    let url = format!("{}/api/v2/users/me", pod.url());
+    futures_util::stream::iter(0..n)
+        .map(|_| {
+            let (http, url) = (&http, &url);
+            async move { get(http, url, None).await.status }
+        })
+        .buffer_unordered(n)
+        .collect()
+        .await
+}
+
+/// API requests the provider received (not token calls).
+fn api_requests(idp: &FakeProvider) -> usize {
+    idp.recorded()
+        .iter()
+        .filter(|r| r.path_and_query.contains("/api/"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_calls_without_a_token_get_the_routes_bearer_from_one_call() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    idp.set_default(Answer::slow_token(300, Duration::from_millis(200)));
+    let (_secret, file) = config(&idp, "");
+    let pod = sidecar(&idp, &file, &[]).await;
+    let statuses = users_me(&pod, 200).await;
+    println!(
+        "200 API calls without a token: {} answered 200, {} token call(s)",
+        statuses.iter().filter(|s| **s == 200).count(),
+        idp.token_calls()
+    );
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(idp.token_calls(), 1, "one token call for them all");
+    assert_eq!(api_requests(&idp), 200);
+    // An app sending the same credentials to the route's token path gets the same token, no call.
+    let http = client();
+    let form = format!("grant_type=client_credentials&client_id=inj-app&client_secret={SECRET}");
+    let reply = support::post_form(&http, &format!("{}/oauth/token", pod.url()), &form, None).await;
+    assert_eq!(reply.status, 200);
+    let status = get(
+        &http,
+        &format!("http://127.0.0.1:{}/status", pod.admin),
+        None,
+    )
+    .await
+    .text();
+    assert_eq!(
+        idp.token_calls(),
+        1,
+        "the same key as interception: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_costs_one_more_call_for_fifty_rejected_callers() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let (_secret, file) = config(&idp, "");
+    let pod = sidecar(&idp, &file, &[]).await;
+    assert_eq!(users_me(&pod, 1).await, [200]);
+    assert_eq!(idp.token_calls(), 1);
+    idp.revoke_issued();
+    let statuses = users_me(&pod, 50).await;
+    println!(
+        "a revoked token, 50 concurrent callers: {} answered 200, {} token calls in all",
+        statuses.iter().filter(|s| **s == 200).count(),
+        idp.token_calls()
+    );
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(idp.token_calls(), 2, "exactly one more token call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_is_sent_again_intact_after_a_401() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let (_secret, file) = config(&idp, "");
+    let pod = sidecar(&idp, &file, &[]).await;
+    assert_eq!(users_me(&pod, 1).await, [200]);
+    idp.revoke_issued();
+    let body: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let request = http::Request::post(format!("{}/api/v2/echo", pod.url()))
+        .header("content-type", "application/octet-stream")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+        .unwrap();
+    let reply = send(&client(), request).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let digest: String = <sha2::Sha256 as sha2::Digest>::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(reply.json()["bytes"], 1024);
+    assert_eq!(reply.json()["sha256"], digest.as_str(), "the body, intact");
+    assert_eq!(idp.token_calls(), 2);
+    assert_eq!(
+        api_requests(&idp),
+        3,
+        "the first GET, the rejected POST, its retry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_own_authorization_is_kept_unless_overwrite() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let http = client();
+    let (_secret, file) = config(&idp, "");
+    let pod = sidecar(&idp, &file, &[]).await;
+    let url = format!("{}/api/v2/users/me", pod.url());
+    let kept = get(&http, &url, Some("Bearer the-callers-own")).await;
+    assert_eq!(kept.status, 401, "forwarded as it was: the API rejects it");
+    assert_eq!(idp.token_calls(), 0, "no token fetched for it");
+
+    let (_secret2, file2) = config(&idp, "overwrite = true\n");
+    let overwriting = sidecar(&idp, &file2, &[]).await;
+    let url = format!("{}/api/v2/users/me", overwriting.url());
+    let replaced = get(&http, &url, Some("Bearer the-callers-own")).await;
+    assert_eq!(replaced.status, 200, "{}", replaced.text());
+    assert_eq!(idp.token_calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_provider_gives_a_clear_refusal_and_nothing_is_forwarded() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    idp.set_default(Answer::status(429, Some("30")));
+    let (_secret, file) = config(&idp, "");
+    let pod = sidecar(&idp, &file, &[]).await;
+    let started = Instant::now();
+    let http = client();
+    let reply = get(&http, &format!("{}/api/v2/users/me", pod.url()), None).await;
+    let took = started.elapsed();
+    println!(
+        "throttled provider: {} in {took:?}, Retry-After {:?}: {}",
+        reply.status,
+        reply.header("retry-after"),
+        reply.text()
+    );
+    assert_eq!(reply.status, 429);
+    let retry_after: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    assert!(
+        reply.text().contains("no token to inject"),
+        "{}",
+        reply.text()
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(api_requests(&idp), 0, "nothing forwarded without a token");
+
+    // A provider that is down: 503, nothing forwarded.
+    idp.set_default(Answer::status(500, None));
+    let (_secret2, file2) = config(&idp, "");
+    let down = sidecar(&idp, &file2, &[]).await;
+    let reply = get(&http, &format!("{}/api/v2/users/me", down.url()), None).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(api_requests(&idp), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_secret_appears_in_no_log_metric_or_status() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let (_secret, file) = config(&idp, "");
+    let pod = sidecar(&idp, &file, &[]).await;
+    assert_eq!(users_me(&pod, 3).await, [200, 200, 200]);
+    idp.revoke_issued();
+    assert_eq!(users_me(&pod, 1).await, [200]);
+    let http = client();
+    for path in ["/metrics", "/status"] {
+        let text = get(
+            &http,
+            &format!("http://127.0.0.1:{}{path}", pod.admin),
+            None,
+        )
+        .await
+        .text();
+        assert!(!text.contains(SECRET), "{path}");
+    }
+    pod.terminate();
+    let (_, logs) = pod.wait();
+    assert!(
+        logs.contains("TRACE") || logs.contains("trace"),
+        "logs at trace"
+    );
+    assert!(!logs.contains(SECRET), "the secret is never logged");
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("inj-app:{SECRET}"),
+    );
+    assert!(!logs.contains(&basic), "nor its Basic form");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pods_of_a_fleet_share_one_injected_token() {
+    let redis = RedisServer::start();
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    idp.set_default(Answer::slow_token(300, Duration::from_millis(300)));
+    let (_secret, file) = config(&idp, "");
+    let key = TempFile::new("fleet.key", &rand::random::<[u8; 48]>());
+    let url = redis.url();
+    let args = [
+        "--shared-redis",
+        url.as_str(),
+        "--shared-key-file",
+        key.path(),
+    ];
+    let mut pods = Vec::new();
+    for _ in 0..3 {
+        pods.push(sidecar(&idp, &file, &args).await);
+    }
+    let mut all = Vec::new();
+    for pod in &pods {
+        all.push(users_me(pod, 30));
+    }
+    let statuses: Vec<u16> = futures_util::future::join_all(all)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    println!("3 pods, 90 API calls: {} token call(s)", idp.token_calls());
+    assert_eq!(idp.token_calls(), 1, "one token call for the fleet");
+}
+
+#[tokio::test]
+async fn an_inject_table_without_its_secret_is_exit_64() {
+    let idp = FakeProvider::start().await;
+    let missing = TempFile::new(
+        "missing.toml",
+        format!(
+            "[[routes]]\nname = \"api\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://x\"\n[routes.inject]\ntoken_url = \"{}/oauth/token\"\nclient_id = \"inj-app\"\nclient_secret_file = \"/nonexistent/secret\"\n",
+            idp.url()
+        )
+        .as_bytes(),
+    );
+    let (code, stderr) =
+        support::process::run_to_end(&["--upstream", &idp.url(), "--config", missing.path()], &[]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("inject.client_secret_file") && stderr.contains("/nonexistent/secret"),
+        "{stderr}"
+    );
+}
