@@ -295,3 +295,46 @@ async fn an_inject_table_without_its_secret_is_exit_64() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_genesys_preset_injects_on_its_api_routes() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let secret = TempFile::new("genesys-secret", format!("{SECRET}\n").as_bytes());
+    let url = idp.url();
+    let env = [
+        ("TOKEN_SIDECAR_GENESYS_REGION", "mypurecloud.com"),
+        ("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM", url.as_str()),
+        ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", url.as_str()),
+        ("TOKEN_SIDECAR_GENESYS_CLIENT_ID", "inj-app"),
+        ("TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE", secret.path()),
+    ];
+    let pod = Running::start_bare(&[], &env);
+    pod.wait_ready().await;
+    let http = client();
+    for path in [
+        "/api/v2/users/me",
+        "//api/v2/users/me",
+        "/api/api/v2/users/me",
+    ] {
+        let reply = get(&http, &format!("{}{path}", pod.url()), None).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+    }
+    assert_eq!(idp.token_calls(), 1, "one token for the API routes");
+    // An SDK fetching its own token with the same credentials shares it (interception).
+    let form = format!("grant_type=client_credentials&client_id=inj-app&client_secret={SECRET}");
+    let reply = support::post_form(&http, &format!("{}/oauth/token", pod.url()), &form, None).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(idp.token_calls(), 1, "the login route's token");
+
+    // A client id without its secret's file is exit 64, naming both.
+    let (code, stderr) = support::process::run_to_end(
+        &[],
+        &[
+            ("TOKEN_SIDECAR_GENESYS_REGION", "mypurecloud.com"),
+            ("TOKEN_SIDECAR_GENESYS_CLIENT_ID", "inj-app"),
+        ],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("genesys_client_secret_file"), "{stderr}");
+}

@@ -25,6 +25,11 @@ pub const TOKEN_SIDECAR_GENESYS_REGION: &str = "TOKEN_SIDECAR_GENESYS_REGION";
 pub const TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM: &str = "TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM";
 /// Replaces the Genesys preset's API host (`genesys_api_upstream`).
 pub const TOKEN_SIDECAR_GENESYS_API_UPSTREAM: &str = "TOKEN_SIDECAR_GENESYS_API_UPSTREAM";
+/// The client id the Genesys preset injects with on its API routes (`genesys_client_id`).
+pub const TOKEN_SIDECAR_GENESYS_CLIENT_ID: &str = "TOKEN_SIDECAR_GENESYS_CLIENT_ID";
+/// The file holding that client's secret (`genesys_client_secret_file`).
+pub const TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE: &str =
+    "TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE";
 /// The fleet tier's Redis URL (`--shared-redis`, `shared.redis`).
 pub const TOKEN_SIDECAR_SHARED_REDIS: &str = "TOKEN_SIDECAR_SHARED_REDIS";
 /// The fleet secret's file (`--shared-key-file`, `shared.key_file`).

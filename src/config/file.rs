@@ -30,6 +30,8 @@ pub(super) struct FileConfig {
     pub(super) genesys_region: Option<String>,
     pub(super) genesys_login_upstream: Option<String>,
     pub(super) genesys_api_upstream: Option<String>,
+    pub(super) genesys_client_id: Option<String>,
+    pub(super) genesys_client_secret_file: Option<std::path::PathBuf>,
     // The one-route shortcut, mirrored by the flags.
     pub(super) upstream: Option<String>,
     pub(super) listen: Option<SocketAddr>,
@@ -125,6 +127,8 @@ const TABLES: &[(&str, &[&str])] = &[
             "genesys_region",
             "genesys_login_upstream",
             "genesys_api_upstream",
+            "genesys_client_id",
+            "genesys_client_secret_file",
             "upstream",
             "listen",
             "token_paths",

@@ -181,6 +181,45 @@ impl FileInject {
     }
 }
 
+/// The Genesys preset's injection: `client_id` and the secret in `secret_file`
+/// (`genesys_client_id`, `genesys_client_secret_file` in messages), tokens from `login`'s
+/// `/oauth/token`, Basic, nothing else.
+pub(super) fn preset(
+    login: &UpstreamUrl,
+    client_id: String,
+    secret_file: PathBuf,
+) -> Result<InjectConfig, ConfigError> {
+    let key = |name: &str| {
+        KeyPath::top(match name {
+            "client_secret_file" => "genesys_client_secret_file",
+            "client_id" => "genesys_client_id",
+            other => other,
+        })
+    };
+    if client_id.trim().is_empty() {
+        return Err(ConfigError::at(key("client_id"), " is empty"));
+    }
+    let table = FileInject {
+        token_url: format!("{login}/oauth/token"),
+        client_id,
+        client_secret_file: Some(secret_file),
+        ..FileInject::default()
+    };
+    let client_secret = table.secret(&|_: &str| None, &key)?;
+    let (token_origin, token_path) = split_token_url(&table.token_url)
+        .map_err(|why| ConfigError::new(format!("the Genesys login host {login}: {why}")))?;
+    Ok(InjectConfig {
+        token_origin,
+        token_path,
+        client_id: table.client_id,
+        client_secret,
+        params: Vec::new(),
+        auth_method: AuthMethod::Basic,
+        overwrite: false,
+        retry_body_limit: DEFAULT_RETRY_BODY_LIMIT,
+    })
+}
+
 /// Form parameters the sidecar sets itself.
 const RESERVED: [&str; 5] = [
     "grant_type",

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::env::{
-    TOKEN_SIDECAR_ADMIN, TOKEN_SIDECAR_GENESYS_API_UPSTREAM, TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM,
+    TOKEN_SIDECAR_ADMIN, TOKEN_SIDECAR_GENESYS_API_UPSTREAM, TOKEN_SIDECAR_GENESYS_CLIENT_ID,
+    TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE, TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM,
     TOKEN_SIDECAR_GENESYS_REGION, TOKEN_SIDECAR_LISTEN, TOKEN_SIDECAR_LOG_FORMAT,
     TOKEN_SIDECAR_SHARED_CLUSTER, TOKEN_SIDECAR_SHARED_KEY_FILE, TOKEN_SIDECAR_SHARED_REDIS,
     TOKEN_SIDECAR_SHARED_SENTINEL_MASTER, TOKEN_SIDECAR_UPSTREAM, TOKEN_SIDECAR_WORKERS, env_addr,
@@ -68,6 +69,7 @@ pub(super) fn assemble(
     };
     let mut routes = routes(layers, &file)?;
     inject(&mut routes, &file, env)?;
+    genesys_inject(&mut routes, &file, env)?;
     let shared = shared(&flags, env, file.shared.unwrap_or_default())?;
     let config = Config {
         admin,
@@ -95,6 +97,43 @@ fn inject(
             let route = &mut routes[first + i];
             let config = inject.clone().into_config((first + i, &route.name), env)?;
             route.inject = Some(config);
+        }
+    }
+    Ok(())
+}
+
+/// The Genesys preset's injection on its API routes, when a client id and its secret's file are
+/// given (by `TOKEN_SIDECAR_GENESYS_CLIENT_ID` and `TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE`, or
+/// the file's `genesys_client_id` and `genesys_client_secret_file`): both or neither, and only
+/// with a region. The token comes from the preset's login route, so apps that fetch their own
+/// token with the same credentials share it.
+fn genesys_inject(
+    routes: &mut [RouteConfig],
+    file: &FileConfig,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let id = env(TOKEN_SIDECAR_GENESYS_CLIENT_ID).or(file.genesys_client_id.clone());
+    let secret = env(TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE)
+        .map(PathBuf::from)
+        .or(file.genesys_client_secret_file.clone());
+    let (id, secret) = match (id, secret) {
+        (None, None) => return Ok(()),
+        (Some(id), Some(secret)) => (id, secret),
+        _ => {
+            return Err(ConfigError::new(format!(
+                "genesys_client_id and genesys_client_secret_file ({TOKEN_SIDECAR_GENESYS_CLIENT_ID}, {TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE}) go together: give both or neither"
+            )));
+        }
+    };
+    let Some(login) = routes.iter().find(|r| r.name == "genesys-login") else {
+        return Err(ConfigError::new(format!(
+            "genesys_client_id ({TOKEN_SIDECAR_GENESYS_CLIENT_ID}) needs genesys_region: it injects on the preset's API routes"
+        )));
+    };
+    let config = super::inject::preset(&login.upstream, id, secret)?;
+    for route in routes.iter_mut() {
+        if route.name == "genesys-api" || route.name == "genesys-api-gateway" {
+            route.inject = Some(config.clone());
         }
     }
     Ok(())
