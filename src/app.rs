@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::assertion::Signer;
 use crate::config::{Config, ConfigError, InjectConfig, RouteConfig};
 use crate::fleet::Fleet;
 use crate::forward::Forwarder;
@@ -109,13 +110,14 @@ pub struct App {
     token_only: Vec<Arc<TokenRoute>>,
 }
 
-/// One route's token path and forwarder.
+/// One route's token path (signing its calls' assertions with `signer`, if given) and forwarder.
 fn build_route(
     route: &RouteConfig,
     config: &Config,
     metrics: &mut Metrics,
-    process: &Process,
+    process: (&Process, Option<Signer>),
 ) -> Result<(Arc<TokenRoute>, Arc<Forwarder>), StartupError> {
+    let (process, signer) = process;
     let route_metrics = metrics.route(&route.name);
     let upstream = Arc::new(Upstream::new(route).map_err(StartupError::Files)?);
     let forwarder = Arc::new(Forwarder::new(
@@ -129,7 +131,7 @@ fn build_route(
         upstream,
         forwarder.clone(),
         route_metrics,
-        process.clone(),
+        (process.clone(), signer),
     );
     Ok((Arc::new(token), forwarder))
 }
@@ -156,11 +158,13 @@ fn inject(
                     .iter()
                     .any(|path| crate::path::match_key(path) == wanted.as_str())
         });
-        let tokens = match serving {
+        // A signing token path is never shared: it rewrites every call's form.
+        let signer = signer(inject)?;
+        let tokens = match serving.filter(|_| signer.is_none()) {
             Some(j) => routes[j].token.clone(),
             None => {
                 let own = token_route_for(route, inject);
-                let (token, _) = build_route(&own, config, metrics, process)?;
+                let (token, _) = build_route(&own, config, metrics, (process, signer))?;
                 made.push(token.clone());
                 token
             }
@@ -169,6 +173,22 @@ fn inject(
         routes[i] = routes[i].clone().injecting(injector);
     }
     Ok(made)
+}
+
+/// The assertion signer of an injection with `private_key_jwt`; an unusable key is a bad
+/// configuration.
+fn signer(inject: &InjectConfig) -> Result<Option<Signer>, StartupError> {
+    let Some(key) = &inject.assertion_key else {
+        return Ok(None);
+    };
+    let audience = format!("{}{}", inject.token_origin, inject.token_path);
+    Signer::new(&key.pem, key.kid.clone(), &inject.client_id, &audience)
+        .map(Some)
+        .map_err(|why| {
+            StartupError::Config(ConfigError::new(format!(
+                "inject.assertion_key_file: {why}"
+            )))
+        })
 }
 
 /// The route a token path made for `route`'s injection is built from: its token URL, its token
@@ -218,7 +238,7 @@ impl App {
         };
         let mut routes = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let (token, forwarder) = build_route(route, config, &mut metrics, &process)?;
+            let (token, forwarder) = build_route(route, config, &mut metrics, (&process, None))?;
             routes.push(router::Route::new(
                 &route.path_prefix,
                 route.strip_prefix,

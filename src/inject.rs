@@ -95,7 +95,9 @@ impl Injector {
                 value.set_sensitive(true);
                 headers.insert(header::AUTHORIZATION, value);
             }
-            AuthMethod::Post => {
+            // With private_key_jwt the secret is a stand-in the token path keys by; the flight
+            // sends a fresh assertion in its place (see `crate::assertion`).
+            AuthMethod::Post | AuthMethod::PrivateKeyJwt => {
                 form.push(("client_id", config.client_id.clone()));
                 form.push(("client_secret", secret.to_owned()));
             }

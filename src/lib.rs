@@ -27,6 +27,7 @@
 
 pub(crate) mod admin;
 pub mod app;
+pub(crate) mod assertion;
 pub(crate) mod body;
 pub mod cli;
 pub mod config;

@@ -338,3 +338,80 @@ async fn the_genesys_preset_injects_on_its_api_routes() {
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("genesys_client_secret_file"), "{stderr}");
 }
+
+/// An injecting route with `private_key_jwt` towards `idp`, signing with the PEM key `key`.
+fn jwt_config(idp: &FakeProvider, key: &TempFile) -> TempFile {
+    let toml = format!(
+        "[[routes]]\nname = \"api\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://x\"\n[routes.inject]\ntoken_url = \"{}/oauth/token\"\nclient_id = \"jwt-app\"\nauth_method = \"private_key_jwt\"\nassertion_key_file = {:?}\nassertion_kid = \"k1\"\n",
+        idp.url(),
+        key.path()
+    );
+    TempFile::new("jwt.toml", toml.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_key_jwt_signs_a_fresh_assertion_the_provider_verifies() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("jwt-app", "no-secret-here")]);
+    let key = rcgen::KeyPair::generate().unwrap();
+    idp.set_assertion_key(
+        key.public_key_pem().as_bytes(),
+        &format!("{}/oauth/token", idp.url()),
+    );
+    let key_file = TempFile::new("jwt.pem", key.serialize_pem().as_bytes());
+    let file = jwt_config(&idp, &key_file);
+    let pod = sidecar(&idp, &file, &[]).await;
+    let statuses = users_me(&pod, 50).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        idp.token_calls(),
+        1,
+        "one signed token call for 50 API calls"
+    );
+    let call = idp
+        .recorded()
+        .into_iter()
+        .find(|r| r.path_and_query.ends_with("/oauth/token"))
+        .unwrap();
+    let form = String::from_utf8_lossy(&call.body).into_owned();
+    assert!(
+        form.contains(
+            "client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer"
+        ),
+        "{form}"
+    );
+    assert!(
+        !form.contains("client_secret"),
+        "no secret, no stand-in: {form}"
+    );
+    // A revoked token: the next call carries a new assertion (the provider refuses a jti twice).
+    idp.revoke_issued();
+    assert_eq!(users_me(&pod, 1).await, [200]);
+    assert_eq!(idp.token_calls(), 2);
+
+    // Signed with a key the provider does not know: a clear 503, nothing forwarded.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let other_file = TempFile::new("other.pem", other.serialize_pem().as_bytes());
+    let other_config = jwt_config(&idp, &other_file);
+    let refused_pod = sidecar(&idp, &other_config, &[]).await;
+    let before = api_requests(&idp);
+    let reply = get(
+        &client(),
+        &format!("{}/api/v2/users/me", refused_pod.url()),
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.text().contains("answered 401"), "{}", reply.text());
+    assert_eq!(api_requests(&idp), before, "nothing forwarded");
+
+    // A file that is not a private key is exit 64, naming it.
+    let junk = TempFile::new("junk.pem", b"-----BEGIN NOTHING-----\n");
+    let junk_config = jwt_config(&idp, &junk);
+    let (code, stderr) = support::process::run_to_end(
+        &["--upstream", &idp.url(), "--config", junk_config.path()],
+        &[],
+    );
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("inject.assertion_key_file"), "{stderr}");
+}

@@ -17,6 +17,25 @@ pub enum AuthMethod {
     Basic,
     /// `client_id` and `client_secret` in the form (`client_secret_post`).
     Post,
+    /// A JWT signed with the client's private key (RFC 7523 `private_key_jwt`), fresh for
+    /// every call.
+    PrivateKeyJwt,
+}
+
+/// The private key `private_key_jwt` signs with (PEM, RSA or EC P-256), and its `kid`; never
+/// printed.
+#[derive(Clone)]
+pub struct AssertionKey {
+    pub pem: Vec<u8>,
+    pub kid: Option<String>,
+}
+
+impl std::fmt::Debug for AssertionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssertionKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The client secret, as read; never printed.
@@ -44,7 +63,11 @@ pub struct InjectConfig {
     /// ...and its token path.
     pub token_path: String,
     pub client_id: String,
+    /// The client secret; with `private_key_jwt`, a stand-in the token path keys the client by
+    /// (a digest of the key, never sent: each call carries a fresh assertion instead).
     pub client_secret: ClientSecret,
+    /// The key of `private_key_jwt`.
+    pub assertion_key: Option<AssertionKey>,
     /// Form parameters besides the grant and the credentials (`scope`, `audience`, `resource`,
     /// and the table's `params`), in a stable order.
     pub params: Vec<(String, String)>,
@@ -72,6 +95,8 @@ pub(super) struct FileInject {
     #[serde(default)]
     params: BTreeMap<String, String>,
     auth_method: Option<String>,
+    assertion_key_file: Option<PathBuf>,
+    assertion_kid: Option<String>,
     overwrite: Option<bool>,
     retry_body_limit: Option<usize>,
 }
@@ -90,22 +115,27 @@ impl FileInject {
         if self.client_id.trim().is_empty() {
             return Err(ConfigError::at(key("client_id"), " is empty"));
         }
-        let client_secret = self.secret(env, &key)?;
         let auth_method = match self.auth_method.as_deref().unwrap_or("basic") {
             "basic" => AuthMethod::Basic,
             "post" => AuthMethod::Post,
-            "private_key_jwt" => {
-                return Err(ConfigError::at(
-                    key("auth_method"),
-                    " = \"private_key_jwt\" is not supported by this version: use basic or post",
-                ));
-            }
+            "private_key_jwt" => AuthMethod::PrivateKeyJwt,
             other => {
                 return Err(ConfigError::at(
                     key("auth_method"),
-                    format!(" = {other:?}: use basic (the default) or post"),
+                    format!(" = {other:?}: use basic (the default), post or private_key_jwt"),
                 ));
             }
+        };
+        let (client_secret, assertion_key) = if auth_method == AuthMethod::PrivateKeyJwt {
+            let assertion = self.assertion_key(&key)?;
+            (stand_in(&assertion.pem), Some(assertion))
+        } else if self.assertion_key_file.is_some() {
+            return Err(ConfigError::at(
+                key("assertion_key_file"),
+                " needs auth_method = \"private_key_jwt\"",
+            ));
+        } else {
+            (self.secret(env, &key)?, None)
         };
         let mut params = Vec::new();
         for (name, value) in [
@@ -131,10 +161,49 @@ impl FileInject {
             token_path,
             client_id: self.client_id,
             client_secret,
+            assertion_key,
             params,
             auth_method,
             overwrite: self.overwrite.unwrap_or(false),
             retry_body_limit: self.retry_body_limit.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
+        })
+    }
+
+    /// The `private_key_jwt` key: a PEM file holding an RSA or EC P-256 private key, and no
+    /// client secret besides.
+    fn assertion_key(&self, key: &impl Fn(&str) -> KeyPath) -> Result<AssertionKey, ConfigError> {
+        if self.client_secret_file.is_some() || self.client_secret_env.is_some() {
+            return Err(ConfigError::at(
+                key("client_secret_file"),
+                " or client_secret_env: private_key_jwt signs with assertion_key_file instead",
+            ));
+        }
+        let Some(path) = &self.assertion_key_file else {
+            return Err(ConfigError::at(
+                key("assertion_key_file"),
+                " is required with auth_method = \"private_key_jwt\" (a PEM RSA or EC P-256 private key)",
+            ));
+        };
+        let pem = std::fs::read(path).map_err(|e| {
+            ConfigError::at(
+                key("assertion_key_file"),
+                format!(" {}: {e}", path.display()),
+            )
+        })?;
+        let usable = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).is_ok()
+            || jsonwebtoken::EncodingKey::from_ec_pem(&pem).is_ok();
+        if !usable {
+            return Err(ConfigError::at(
+                key("assertion_key_file"),
+                format!(
+                    " {}: not an RSA or EC (P-256) private key in PEM",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(AssertionKey {
+            pem,
+            kid: self.assertion_kid.clone(),
         })
     }
 
@@ -213,11 +282,19 @@ pub(super) fn preset(
         token_path,
         client_id: table.client_id,
         client_secret,
+        assertion_key: None,
         params: Vec::new(),
         auth_method: AuthMethod::Basic,
         overwrite: false,
         retry_body_limit: DEFAULT_RETRY_BODY_LIMIT,
     })
+}
+
+/// The stand-in secret a `private_key_jwt` client is keyed by: a digest of its key.
+fn stand_in(pem: &[u8]) -> ClientSecret {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(pem);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    ClientSecret(format!("private-key-jwt-{hex}"))
 }
 
 /// Form parameters the sidecar sets itself.

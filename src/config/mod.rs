@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 pub use error::{ConfigError, KeyPath};
 pub(crate) use fleet::redacted;
 pub use fleet::{ClientCert, FleetSecret, MIN_SECRET_LEN, RedisMode, SharedConfig};
-pub use inject::{AuthMethod, ClientSecret, DEFAULT_RETRY_BODY_LIMIT, InjectConfig};
+pub use inject::{AssertionKey, AuthMethod, ClientSecret, DEFAULT_RETRY_BODY_LIMIT, InjectConfig};
 pub use layer::Overrides;
 pub use model::{
     ClientConfig, Config, DEFAULT_ADMIN, DEFAULT_LISTEN, DEFAULT_TOKEN_PATH, Limits, LogConfig,

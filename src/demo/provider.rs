@@ -19,6 +19,7 @@
 //! (`bench/provider.rs`) is another configuration: real-sized tokens, a call log, and a seeded
 //! mix of faults ([`mix`]).
 
+mod assertion;
 mod calls;
 mod form;
 mod limit;
@@ -222,6 +223,8 @@ struct Script {
     clients: Vec<(String, String)>,
     /// The answer to other credentials; `None`: 401 `invalid_client`.
     rejection: Option<Answer>,
+    /// Checks signed client assertions, when set.
+    assertions: Option<assertion::AssertionCheck>,
     /// One-shot answers, consumed first in, first out before `default`; bounded by the script.
     queue: VecDeque<Answer>,
     default: Answer,
@@ -285,6 +288,7 @@ impl Provider {
             rate_limit: None,
             clients: Vec::new(),
             rejection: None,
+            assertions: None,
             queue: VecDeque::new(),
             default: Answer::token(3600),
             refresh_tokens: HashMap::new(),
@@ -376,6 +380,17 @@ impl Provider {
             .iter()
             .map(|(id, secret)| ((*id).to_owned(), (*secret).to_owned()))
             .collect();
+    }
+
+    /// Accepts signed client assertions (`private_key_jwt`) verified with the PEM public key
+    /// `pem` (RSA or EC) for `audience`, each `jti` once, for the ids of
+    /// [`Provider::set_clients`]; a bad assertion is rejected like a wrong secret.
+    pub fn set_assertion_key(&self, pem: &[u8], audience: &str) {
+        self.script().assertions = assertion::AssertionCheck::new(pem, audience);
+        assert!(
+            self.script().assertions.is_some(),
+            "not a PEM RSA or EC public key"
+        );
     }
 
     /// Answers token calls with credentials other than [`Provider::set_clients`]'s with `answer`
@@ -551,7 +566,16 @@ impl Provider {
         let body = read(body).await?;
         self.record(&parts, body.clone());
         let form = parse_form(&body);
-        let presented = presented(&parts.headers, &form);
+        let asserted = self
+            .script()
+            .assertions
+            .as_mut()
+            .and_then(|check| check.verify(&form));
+        let presented = match asserted {
+            Some(Some(id)) => Some((id, assertion::ASSERTED.to_owned())),
+            Some(None) => Some((String::new(), String::new())),
+            None => presented(&parts.headers, &form),
+        };
         let answer = self.token_answer(presented.as_ref(), &form).await;
         let client_id = presented.map(|(id, _)| id);
         let times = (arrived, self.clock());
@@ -621,7 +645,11 @@ impl Provider {
     /// configured).
     fn client_ok(&self, presented: Option<&(String, String)>) -> bool {
         let script = self.script();
-        script.clients.is_empty() || presented.is_some_and(|p| script.clients.contains(p))
+        let asserted = |p: &(String, String)| {
+            p.1 == assertion::ASSERTED && script.clients.iter().any(|(id, _)| *id == p.0)
+        };
+        script.clients.is_empty()
+            || presented.is_some_and(|p| script.clients.contains(p) || asserted(p))
     }
 
     async fn scripted(

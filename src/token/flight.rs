@@ -28,6 +28,7 @@ use super::fleet::{FleetKey, FleetKeys, Step};
 use super::lifetime::{Token, Validated};
 use super::limiter::{Limiter, ProbeSlot, Probes};
 use super::request::Grant;
+use crate::assertion::Signer;
 use crate::config::TokenConfig;
 use crate::error::{Error, HeldBy};
 use crate::fleet::Lease;
@@ -200,6 +201,9 @@ pub(crate) struct Flights {
     proven_clients: dashmap::DashMap<ClientKey, Instant>,
     /// The fleet tier, when it is on.
     fleet: Option<FleetKeys>,
+    /// Signs a fresh client assertion into each call's form (a token path made for an injecting
+    /// route with `private_key_jwt`).
+    signer: Option<Signer>,
     metrics: RouteMetrics,
     /// Flights run here so shutdown can wait for them.
     tracker: TaskTracker,
@@ -231,9 +235,16 @@ impl Flights {
             probes: Probes::new(config.probe_interval, config.max_entries),
             proven_clients: dashmap::DashMap::new(),
             fleet,
+            signer: None,
             metrics,
             tracker,
         }
+    }
+
+    /// These flights, signing a fresh client assertion into each call's form.
+    pub(crate) fn signing(mut self, signer: Option<Signer>) -> Flights {
+        self.signer = signer;
+        self
     }
 
     /// The hold a key of `client` obeys at `now`: a proven key only the holds proven keys
@@ -571,7 +582,13 @@ impl Flights {
     /// keys whose callers hang up cannot hold the table for the request timeout).
     async fn call(&self, flight: &Flight) -> (FlightResult, Call) {
         let (grant, client, proven) = (flight.grant, &flight.client, flight.proven);
-        let (parts, body) = (head(&flight.parts), flight.body.clone());
+        let body = match &self.signer {
+            None => flight.body.clone(),
+            Some(signer) => signer
+                .sign(&flight.body)
+                .unwrap_or_else(|| flight.body.clone()),
+        };
+        let parts = head(&flight.parts);
         self.metrics.upstream_in_flight.inc();
         let sent = Instant::now();
         let exchange = self.upstream.exchange(parts, body, self.max_response);

@@ -104,15 +104,17 @@ pub(crate) struct TokenRoute {
 
 impl TokenRoute {
     /// Builds the token path of a route; its flights call `upstream` and run on the process's
-    /// tracker.
+    /// tracker. With a `signer`, each call carries a fresh client assertion (a token path made
+    /// for an injecting route with `private_key_jwt`).
     pub(crate) fn new(
         route: &RouteConfig,
         limits: &Limits,
         upstream: Arc<Upstream>,
         forwarder: Arc<Forwarder>,
         metrics: RouteMetrics,
-        process: Process,
+        process: (Process, Option<crate::assertion::Signer>),
     ) -> TokenRoute {
+        let (process, signer) = process;
         let Process {
             tracker,
             closed,
@@ -126,7 +128,8 @@ impl TokenRoute {
             fleet_keys(route, fleet),
             metrics.clone(),
             tracker,
-        );
+        )
+        .signing(signer);
         TokenRoute {
             name: route.name.clone(),
             config: route.token.clone(),
