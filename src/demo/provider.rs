@@ -19,6 +19,7 @@
 //! (`bench/provider.rs`) is another configuration: real-sized tokens, a call log, and a seeded
 //! mix of faults ([`mix`]).
 
+mod api;
 mod assertion;
 mod calls;
 mod form;
@@ -759,46 +760,6 @@ impl Provider {
         }
         issued.insert(token.clone());
         token
-    }
-
-    /// The API endpoint: 200 with a fake user for `Authorization: Bearer <an issued token>`, else
-    /// a 401 in Genesys Cloud's error shape.
-    /// `POST /api/v2/echo`: with a bearer this provider issued, the body's length and SHA-256.
-    fn echo(&self, headers: &HeaderMap, body: &Bytes) -> Response<Full<Bytes>> {
-        if self.users_me(headers).status() != StatusCode::OK {
-            return self.users_me(headers);
-        }
-        let digest: String = <sha2::Sha256 as sha2::Digest>::digest(body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let reply = serde_json::json!({"bytes": body.len(), "sha256": digest});
-        json(StatusCode::OK, reply.to_string())
-    }
-
-    /// Forgets every access token issued so far: the API stand-in answers 401 to them, as a
-    /// resource server does to revoked tokens.
-    pub fn revoke_issued(&self) {
-        let issued = self.script().issued.clone();
-        lock(&issued).clear();
-    }
-
-    fn users_me(&self, headers: &HeaderMap) -> Response<Full<Bytes>> {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        let issued = self.script().issued.clone();
-        if bearer.is_some_and(|token| lock(&issued).contains(token)) {
-            let body =
-                serde_json::json!({"id": "fake-user", "name": "Fake User", "state": "active"});
-            json(StatusCode::OK, body.to_string())
-        } else {
-            let body = serde_json::json!({"message": "bad token", "code": "bad.credentials", "status": 401});
-            json(StatusCode::UNAUTHORIZED, body.to_string())
-        }
     }
 }
 
