@@ -320,6 +320,13 @@ impl App {
                     upstream = %config.upstream,
                     "route listening"
                 );
+                if config.inject.is_some() && !address.ip().is_loopback() {
+                    warn!(
+                        route = route.token.name(),
+                        listen = %address,
+                        "this route injects credentials: whoever reaches this address acts as its client (bind it to loopback or a pod-local address)"
+                    );
+                }
                 let every = (config.token.idle_timeout / 4)
                     .clamp(Duration::from_millis(100), Duration::from_secs(5));
                 tokio::spawn(sweep(route.token.clone(), every, serving.stop.clone()));

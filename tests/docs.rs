@@ -71,6 +71,13 @@ fn deployment_keys() -> BTreeSet<String> {
         let prefix = match heading.trim_matches('`') {
             "Top level" => String::new(),
             "[[routes]]" => "routes[].".to_owned(),
+            // A table of a route: `[routes.inject]` documents `routes[].inject.*`.
+            other if other.starts_with("[routes.") => {
+                format!(
+                    "routes[].{}.",
+                    other.trim_matches(['[', ']']).trim_start_matches("routes.")
+                )
+            }
             other => format!("{}.", other.trim_matches(['[', ']'])),
         };
         for row in table.lines().filter(|l| l.starts_with("| `")) {
