@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::assertion::Signer;
+use crate::channels::ChannelWatch;
 use crate::config::{Config, ConfigError, InjectConfig, RouteConfig};
 use crate::fleet::Fleet;
 use crate::forward::Forwarder;
@@ -237,14 +238,17 @@ impl App {
             fleet: fleet.clone(),
         };
         let mut routes = Vec::with_capacity(config.routes.len());
+        let mut channels = None;
         for route in &config.routes {
             let (token, forwarder) = build_route(route, config, &mut metrics, (&process, None))?;
-            routes.push(router::Route::new(
-                &route.path_prefix,
-                route.strip_prefix,
-                token,
-                forwarder,
-            ));
+            let mut built =
+                router::Route::new(&route.path_prefix, route.strip_prefix, token, forwarder);
+            // The Genesys preset's API routes count notification channels.
+            if route.name.starts_with("genesys-api") {
+                let metrics = channels.get_or_insert_with(|| metrics.channels()).clone();
+                built = built.watching_channels(ChannelWatch::new(&route.name, metrics));
+            }
+            routes.push(built);
         }
         let token_only = inject(config, &mut routes, &mut metrics, &process)?;
         let states: Vec<Weak<dyn RouteState>> = routes

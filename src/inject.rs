@@ -34,6 +34,8 @@ pub(crate) struct Injector {
     /// ...and its form.
     form: Bytes,
     overwrite: bool,
+    /// The client's digest, for the Genesys channel count.
+    client: [u8; 4],
     retry_body_limit: usize,
     /// How long a body kept for a retry may take to arrive (`limits.body_read_timeout`).
     body_read_timeout: std::time::Duration,
@@ -124,9 +126,20 @@ impl Injector {
             },
             form: Bytes::from(body.join("&")),
             overwrite: config.overwrite,
+            client: crate::channels::digest(config.client_id.as_bytes()),
             retry_body_limit: config.retry_body_limit,
             body_read_timeout,
         }
+    }
+
+    /// Whether a request with these headers gets the route's bearer.
+    pub(crate) fn injects(&self, headers: &HeaderMap) -> bool {
+        self.overwrite || !headers.contains_key(header::AUTHORIZATION)
+    }
+
+    /// The injected client's digest (see [`crate::channels::digest`]).
+    pub(crate) fn client(&self) -> [u8; 4] {
+        self.client
     }
 
     /// Forwards `request` with the route's bearer (see the module's documentation).
@@ -135,7 +148,7 @@ impl Injector {
         forwarder: &Forwarder,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
-        if request.headers().contains_key(header::AUTHORIZATION) && !self.overwrite {
+        if !self.injects(request.headers()) {
             return forwarder.forward(request.map(boxed)).await;
         }
         let token = match self.bearer().await {

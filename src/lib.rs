@@ -29,6 +29,7 @@ pub(crate) mod admin;
 pub mod app;
 pub(crate) mod assertion;
 pub(crate) mod body;
+pub(crate) mod channels;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -70,6 +70,27 @@ struct FleetOp {
     op: &'static str,
 }
 
+/// The Genesys notification channel metrics, registered only with the preset.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelMetrics {
+    created: Family<RouteLabel, Counter>,
+    most: Family<RouteLabel, Gauge>,
+}
+
+impl ChannelMetrics {
+    /// Counts a channel created through `route`, whose creator has now created `count` in the
+    /// window.
+    pub(crate) fn created(&self, route: &str, most: usize) {
+        let label = RouteLabel {
+            route: route.to_owned(),
+        };
+        self.created.get_or_create(&label).inc();
+        self.most
+            .get_or_create(&label)
+            .set(i64::try_from(most).unwrap_or(i64::MAX));
+    }
+}
+
 /// The fleet tier's metrics, registered only when it is on.
 #[derive(Debug, Clone)]
 pub(crate) struct FleetMetrics {
@@ -206,6 +227,23 @@ impl Metrics {
             forwarded: self.forwarded.clone(),
             holds_absorbed: self.holds_absorbed.get_or_create(&route_label).clone(),
         }
+    }
+
+    /// Registers the Genesys notification channel families (only with the Genesys preset).
+    pub(crate) fn channels(&mut self) -> ChannelMetrics {
+        let created = Family::default();
+        self.registry.register(
+            "genesys_notification_channels_created",
+            "Genesys Cloud notification channels created through the route (POST /api/v2/notifications/channels answered 2xx); Genesys keeps 20 per user and app",
+            created.clone(),
+        );
+        let most = Family::default();
+        self.registry.register(
+            "genesys_notification_channels_max_per_client",
+            "The most notification channels one client (an injected client, or one bearer token) created through the route in the last 24 hours; over 20, Genesys closes the oldest",
+            most.clone(),
+        );
+        ChannelMetrics { created, most }
     }
 
     /// Registers the fleet tier's families (only when it is configured).

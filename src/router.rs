@@ -18,6 +18,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::{CatchPanic, CatchPanicLayer};
 
 use crate::body::{Body, boxed};
+use crate::channels::ChannelWatch;
 use crate::error::Error;
 use crate::forward::Forwarder;
 use crate::inject::Injector;
@@ -36,6 +37,8 @@ pub(crate) struct Route {
     forwarder: Arc<Forwarder>,
     /// The bearer the route adds to what it forwards, with `[routes.inject]`.
     inject: Option<Arc<Injector>>,
+    /// The Genesys notification channels created through the route (the preset's API routes).
+    channels: Option<Arc<ChannelWatch>>,
 }
 
 impl Route {
@@ -53,7 +56,14 @@ impl Route {
             token,
             forwarder,
             inject: None,
+            channels: None,
         }
+    }
+
+    /// The route, counting the Genesys notification channels created through it.
+    pub(crate) fn watching_channels(mut self, watch: ChannelWatch) -> Route {
+        self.channels = Some(Arc::new(watch));
+        self
     }
 
     /// The route, injecting with `injector` into what it forwards.
@@ -117,6 +127,11 @@ impl tower::Service<Request<Incoming>> for Dispatch {
         // Two boxes sized for their own path: a token hit does not carry the state of a forward.
         if target.token {
             Box::pin(async move { Ok(routes[target.route].token.handle(request).await) })
+        } else if let Some(watch) = route.channels.clone()
+            && crate::channels::creates_channel(request.method(), request.uri().path())
+        {
+            let route = route.clone();
+            Box::pin(async move { Ok(route.create_channel(&watch, request).await) })
         } else if let Some(injector) = route.inject.clone() {
             let forwarder = route.forwarder.clone();
             Box::pin(async move { Ok(injector.forward(&forwarder, request).await) })
@@ -124,6 +139,34 @@ impl tower::Service<Request<Incoming>> for Dispatch {
             let forwarder = route.forwarder.clone();
             Box::pin(async move { Ok(forwarder.forward(request.map(boxed)).await) })
         }
+    }
+}
+
+impl Route {
+    /// Forwards a request that creates a Genesys notification channel (injecting if the route
+    /// does), and counts the channel against its client when the API answers 2xx.
+    async fn create_channel(
+        &self,
+        watch: &ChannelWatch,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
+        let client = match &self.inject {
+            Some(injector) if injector.injects(request.headers()) => Some(injector.client()),
+            _ => request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .map(|value| crate::channels::digest(value.as_bytes())),
+        };
+        let response = match &self.inject {
+            Some(injector) => injector.forward(&self.forwarder, request).await,
+            None => self.forwarder.forward(request.map(boxed)).await,
+        };
+        if let Some(client) = client
+            && response.status().is_success()
+        {
+            watch.created(client, tokio::time::Instant::now());
+        }
+        response
     }
 }
 

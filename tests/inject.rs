@@ -415,3 +415,82 @@ async fn private_key_jwt_signs_a_fresh_assertion_the_provider_verifies() {
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("inject.assertion_key_file"), "{stderr}");
 }
+
+/// Issue 23 item 6: Genesys keeps 20 notification channels per user and app and silently closes
+/// the oldest. The preset's API routes count the channels each client creates, in metrics, and
+/// warn once when a client passes 20 within 24 hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_genesys_preset_counts_notification_channels_and_warns_past_twenty() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let secret = TempFile::new("genesys-secret", format!("{SECRET}\n").as_bytes());
+    let url = idp.url();
+    let env = [
+        ("TOKEN_SIDECAR_GENESYS_REGION", "mypurecloud.com"),
+        ("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM", url.as_str()),
+        ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", url.as_str()),
+        ("TOKEN_SIDECAR_GENESYS_CLIENT_ID", "inj-app"),
+        ("TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE", secret.path()),
+    ];
+    let pod = Running::start_bare(&[], &env);
+    pod.wait_ready().await;
+    let http = client();
+    let create = |authorization: Option<String>| {
+        let mut request =
+            http::Request::post(format!("{}/api/v2/notifications/channels", pod.url()));
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        request
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    for _ in 0..22 {
+        let reply = send(&http, create(None)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    // Another client's own bearer: counted apart.
+    let form = format!("grant_type=client_credentials&client_id=inj-app&client_secret={SECRET}");
+    let token = support::post_form(&http, &format!("{}/oauth/token", pod.url()), &form, None)
+        .await
+        .json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..2 {
+        let reply = send(&http, create(Some(format!("Bearer {token}")))).await;
+        assert_eq!(reply.status, 200);
+    }
+    let metrics = get(
+        &http,
+        &format!("http://127.0.0.1:{}/metrics", pod.admin),
+        None,
+    )
+    .await
+    .text();
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("genesys-api\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert_eq!(
+        value("token_sidecar_genesys_notification_channels_created_total"),
+        24.0
+    );
+    assert_eq!(
+        value("token_sidecar_genesys_notification_channels_max_per_client"),
+        22.0
+    );
+    pod.terminate();
+    let (_, logs) = pod.wait();
+    let warnings = logs
+        .lines()
+        .filter(|l| l.contains("notification channels per user and app"))
+        .count();
+    println!("24 channels by 2 clients: {warnings} warning(s)");
+    assert_eq!(warnings, 1, "one warning per client and hour: {logs}");
+    assert!(!logs.contains(SECRET) && !logs.contains(&token));
+}

@@ -530,6 +530,11 @@ impl Provider {
         if parts.method == Method::POST && parts.uri.path().ends_with("/api/v2/echo") {
             return Ok(self.echo(&parts.headers, &body));
         }
+        if parts.method == Method::POST
+            && parts.uri.path().ends_with("/api/v2/notifications/channels")
+        {
+            return Ok(self.channel(&parts.headers));
+        }
         Ok(json(
             StatusCode::NOT_FOUND,
             r#"{"error":"not_found","message":"try POST /oauth/token or GET /api/v2/users/me"}"#,

@@ -22,6 +22,17 @@ impl Provider {
         json(StatusCode::OK, reply.to_string())
     }
 
+    /// `POST /api/v2/notifications/channels`: with a bearer this provider issued, a new channel.
+    pub(super) fn channel(&self, headers: &HeaderMap) -> Response<Full<Bytes>> {
+        let me = self.users_me(headers);
+        if me.status() != StatusCode::OK {
+            return me;
+        }
+        let id = format!("channel-{}", rand::random::<u32>());
+        let reply = serde_json::json!({"id": id, "connectUri": format!("wss://streaming.invalid/channels/{id}")});
+        json(StatusCode::OK, reply.to_string())
+    }
+
     /// Forgets every access token issued so far: the API stand-in answers 401 to them, as a
     /// resource server does to revoked tokens.
     pub fn revoke_issued(&self) {
