@@ -3,7 +3,7 @@ runs the load, reads the counters on both sides, and writes the report.
 
 Scenarios (see bench/README.md): hit path, cold storm, the story (a throttled provider), the
 burst (a provider whose limit is below the cold-key burst), steady state with rotation, the fleet,
-memory and start. References run in the same process tree and, where the scenario allows,
+credential injection's cost per API call, memory and start. References run in the same process tree and, where the scenario allows,
 interleaved with the sidecar, so that only ratios from this one run are compared. The loads are
 wrk and the project's binaries (bench/loads.py runs them and reads their outputs); the provider
 is `bench/provider.rs`, the project's own.
@@ -176,12 +176,18 @@ def token_file(run):
 
 
 class Sidecar:
+    """A sidecar on free loopback ports. `routes`, if given, is a list of `[[routes]]` tables
+    (dicts; a dict value is written as the route's sub-table, e.g. `inject`), each on a listener
+    of its own, instead of `--upstream` and `--listen`; `listens` maps each route's name to its
+    listener and `listen` is the first one."""
+
     def __init__(self, run, name, upstream, binary=SIDECAR, token=None, prefix=(), workers=None,
-                 args=(), grace=None):
+                 args=(), grace=None, routes=None):
         self.listen = "127.0.0.1:%d" % free_port()
         self.admin = "127.0.0.1:%d" % free_port()
         self.config = os.path.join(run.out, name + ".toml")
         token = dict({"max_entries": 200000}, **(token or {}))
+        self.listens = {}
         with open(self.config, "w") as f:
             f.write("# Written by bench/bench.py for the %s scenario.\n" % name)
             if grace is not None:
@@ -189,8 +195,23 @@ class Sidecar:
             f.write("[limits]\nmax_connections = 20000\n\n[token]\n")
             for key, value in token.items():
                 f.write("%s = %s\n" % (key, json.dumps(value)))
-        argv = list(prefix) + [binary, "--upstream", "http://" + upstream, "--listen", self.listen,
-                               "--admin", self.admin, "--config", self.config]
+            for route in routes or ():
+                listen = self.listens[route["name"]] = "127.0.0.1:%d" % free_port()
+                f.write("\n[[routes]]\nlisten = %s\n" % json.dumps(listen))
+                tables = {k: v for k, v in route.items() if isinstance(v, dict)}
+                for key, value in route.items():
+                    if key not in tables:
+                        f.write("%s = %s\n" % (key, json.dumps(value)))
+                for table, values in tables.items():
+                    f.write("[routes.%s]\n" % table)
+                    for key, value in values.items():
+                        f.write("%s = %s\n" % (key, json.dumps(value)))
+        if routes:
+            self.listen = next(iter(self.listens.values()))
+            flags = []
+        else:
+            flags = ["--upstream", "http://" + upstream, "--listen", self.listen]
+        argv = list(prefix) + [binary] + flags + ["--admin", self.admin, "--config", self.config]
         if workers is not None:
             argv += ["--workers", str(workers)]
         argv += list(args)
@@ -830,6 +851,86 @@ def scenario_fleet(run):
     return result
 
 
+INJECT_CLIENT = ("bench-inject", "bench-inject-secret")  # the injecting route's credentials
+
+
+def scenario_inject(run):
+    """The injection's own cost per API call: one sidecar with two routes to the provider's
+    `GET /api/v2/users/me`, each on its own listener: `inject` has a `[routes.inject]` table and
+    is called with no Authorization; `bearer` has none and is called with a bearer fetched from
+    the provider once beforehand. Paired wrk rounds alternate between them (order flipped each
+    round); both send a 1 KiB token upstream, so the difference is what injecting adds."""
+    rounds, seconds = (2, 1) if run.quick else (12, 3)
+    prov, prov_addr = start_provider(run, "inject-provider", lifetime=3600, token_bytes=1024,
+                                     call_log=0)
+    secret = os.path.join(run.out, "inject.secret")
+    with open(secret, "w") as f:
+        f.write(INJECT_CLIENT[1] + "\n")
+    status, _, body = token_request("http://" + prov_addr)
+    assert status == 200, status
+    bearer = os.path.join(run.out, "inject-bearer.txt")  # read by api.lua, kept off command lines
+    with open(bearer, "w") as f:
+        f.write("Bearer %s\n" % json.loads(body)["access_token"])
+    routes = [
+        {"name": "inject", "upstream": "http://" + prov_addr,
+         "inject": {"token_url": "http://%s/oauth/token" % prov_addr,
+                    "client_id": INJECT_CLIENT[0], "client_secret_file": rel(secret)}},
+        {"name": "bearer", "upstream": "http://" + prov_addr},
+    ]
+    sidecar = Sidecar(run, "inject", None, routes=routes)
+    api = "http://%s/api/v2/users/me"
+    targets = {"inject": (api % sidecar.listens["inject"], ()),
+               "bearer": (api % sidecar.listens["bearer"], (rel(bearer),))}
+    # The routes do what they say: the injecting one answers 200 to a bare call, the other only
+    # to the caller's bearer.
+    with open(bearer) as f:
+        caller = {"Authorization": f.read().strip()}
+    checks = {"inject, no Authorization": http("GET", targets["inject"][0])[0],
+              "bearer, caller's bearer": http("GET", targets["bearer"][0], headers=caller)[0],
+              "bearer, no Authorization": http("GET", targets["bearer"][0])[0]}
+    assert list(checks.values()) == [200, 200, 401], checks
+    for name in targets:  # warm both: connections to the provider, allocator, CPU caches
+        wrk(run, targets[name][0], 1, script="api.lua", args=targets[name][1])
+    results = {"inject": [], "bearer": []}
+    pid = sidecar.proc.pid
+    for r in range(rounds):
+        for name in ("inject", "bearer") if r % 2 == 0 else ("bearer", "inject"):
+            url, args = targets[name]
+            before = cpu_seconds(pid)
+            result = wrk(run, url, seconds, script="api.lua", args=args)
+            after = cpu_seconds(pid)
+            n = max(result["requests"], 1)
+            result["user_us"] = (after[0] - before[0]) * 1e6 / n
+            result["sys_us"] = (after[1] - before[1]) * 1e6 / n
+            result["cpu_us"] = result["user_us"] + result["sys_us"]
+            results[name].append(result)
+    token_calls = provider_stats(prov_addr)["issued"] - 1  # less the caller's own, above
+    sidecar.stop()
+    stop(prov)
+
+    def paired(key, how):
+        return [how(i[key], b[key]) for i, b in zip(results["inject"], results["bearer"])]
+
+    keys = ("rps", "p50_us", "p99_us", "max_us", "user_us", "sys_us", "cpu_us")
+    ratio = paired("rps", lambda i, b: i / b)
+    p99 = paired("p99_us", lambda i, b: i / b)
+    cpu = paired("cpu_us", lambda i, b: i / b)
+    cost = paired("cpu_us", lambda i, b: i - b)
+    return {
+        "rounds": rounds, "seconds": seconds, "checks": checks, "runs": results,
+        "summary": {name: {k: statistics.median(x[k] for x in results[name]) for k in keys}
+                    for name in results},
+        "errors": {name: sum(x[k] for x in results[name] for k in x if k.startswith("errors_"))
+                   for name in results},
+        "rps_ratio_per_round": ratio, "p99_ratio_per_round": p99,
+        "cpu_ratio_per_round": cpu, "cost_us_per_round": cost,
+        "rps_ratio": statistics.median(ratio), "p99_ratio": statistics.median(p99),
+        "cpu_ratio": statistics.median(cpu), "cost_us": statistics.median(cost),
+        "requests": {name: sum(x["requests"] for x in results[name]) for name in results},
+        "token_calls": token_calls, "config": rel(sidecar.config),
+    }
+
+
 def scenario_memory(run):
     n = 10_000 if run.quick else 100_000
     starts = 3 if run.quick else 10
@@ -1001,6 +1102,52 @@ def render_disturbance(w, d):
          ", ".join("%s %d" % kv for kv in calls.items())))
 
 
+def render_inject(w, x):
+    """The section on the injection's cost per API call."""
+    w("\n## Injection: the cost per API call\n")
+    w("One sidecar (default runtime: one worker thread) with two routes to the provider's "
+      "`GET /api/v2/users/me`, each on its own listener (`%s`): `inject` carries a "
+      "`[routes.inject]` table (client secret from a file, `auth_method` basic) and is called "
+      "with no `Authorization`; `bearer` has no inject table and is called with "
+      "`Authorization: Bearer <token>`, a token fetched from the provider once beforehand. Both "
+      "send the provider a 1 KiB bearer, which it checks against the tokens it issued. wrk, 1 "
+      "thread, 64 keep-alive connections, `bench/api.lua`, %d rounds of %d s alternating between "
+      "the routes (order flipped each round), nothing pinned. CPU per request is the sidecar's "
+      "user + system time (from /proc) over the requests wrk completed; the injection's own cost "
+      "is the median of the per-round differences (inject − bearer).\n"
+      % (x["config"], x["rounds"], x["seconds"]))
+    w("| route | req/s | p50 | p99 | max | sidecar CPU per request (user + sys) | "
+      "socket/status errors |\n|---|---|---|---|---|---|---|")
+    for name, label in (("inject", "(a) `inject`, no Authorization (injected)"),
+                        ("bearer", "(b) `bearer`, caller-supplied bearer")):
+        y = x["summary"][name]
+        w("| %s | %.0f | %s | %s | %s | %.1f µs (%.1f + %.1f) | %d |"
+          % (label, y["rps"], us(y["p50_us"]), us(y["p99_us"]), us(y["max_us"]), y["cpu_us"],
+             y["user_us"], y["sys_us"], x["errors"][name]))
+    split = {k: statistics.median(i[k] - b[k] for i, b in zip(x["runs"]["inject"],
+                                                              x["runs"]["bearer"]))
+             for k in ("user_us", "sys_us")}
+    w("\nRatios inject/bearer (median of the per-round ratios): req/s **%.2f**, p99 **%.2f**, "
+      "sidecar CPU per request **%.2f**. **The injection's own cost: %+.1f µs of sidecar CPU per "
+      "API call** (per round: %s µs; user %+.1f µs, system %+.1f µs, medians of the per-round "
+      "differences). Per round (req/s, p99): %s. Token calls the injecting route made for its "
+      "%s API calls: %d. Checks before the rounds: %s.\n"
+      % (x["rps_ratio"], x["p99_ratio"], x["cpu_ratio"], x["cost_us"],
+         ", ".join("%+.1f" % c for c in x["cost_us_per_round"]), split["user_us"],
+         split["sys_us"],
+         "; ".join("%.2f, %.2f" % rp for rp in zip(x["rps_ratio_per_round"],
+                                                   x["p99_ratio_per_round"])),
+         "{:,}".format(x["requests"]["inject"]), x["token_calls"],
+         ", ".join("%s → %d" % kv for kv in x["checks"].items())))
+    w("The sidecar, the provider (one thread) and wrk share the machine's cores, so req/s and "
+      "p99 also measure the scheduler; CPU per request is the figure that isolates the "
+      "sidecar's work. What the injecting route does per call besides forwarding "
+      "(`src/inject.rs`): an internal request to its token path, as an app sending those "
+      "credentials would make it (form parsed, key derived, cache looked up, the token JSON "
+      "rendered), that JSON parsed back for its `access_token`, the request's head kept for a "
+      "retry after a 401, and the header added.\n")
+
+
 def render(run, info, results, argv):
     out = []
     w = out.append
@@ -1090,6 +1237,14 @@ def render(run, info, results, argv):
           % (fleet["pods"], a["provider_calls"], sh["provider_calls"], worth,
              a["errors"] + sh["errors"], stalls, fleet["pods"],
              verdict(worth <= 1.5 and a["errors"] + sh["errors"] == 0 and stalls == 0)))
+    inject = results.get("inject")
+    if isinstance(inject, dict):
+        w("| injection (`GET /api/v2/users/me`) | sidecar CPU per API call %+.1f µs injected vs "
+          "caller's bearer (%.1f vs %.1f µs); req/s ratio %.2f, p99 ratio %.2f (median of %d "
+          "paired rounds); %d token call(s) for %s injected calls | — (measured, no target) | — |"
+          % (inject["cost_us"], inject["summary"]["inject"]["cpu_us"],
+             inject["summary"]["bearer"]["cpu_us"], inject["rps_ratio"], inject["p99_ratio"],
+             inject["rounds"], inject["token_calls"], "{:,}".format(inject["requests"]["inject"])))
     mem = results.get("memory")
     if isinstance(mem, dict):
         w("| memory | %.0f bytes per cached key (%d-byte token JSON) | ≤ token + 1024 = %d | %s |"
@@ -1183,6 +1338,9 @@ def render(run, info, results, argv):
           "hit rows are medians of 3 unpaired rounds on a shared machine, so they show only "
           "that the tier made the hit path no slower, not a gain.\n"
           % ", ".join("%s %d" % (k, v) for k, v in sh.get("shared_claims", {}).items()))
+
+    if isinstance(inject, dict):
+        render_inject(w, inject)
 
     if isinstance(storm, dict):
         v, d = storm["via_sidecar"], storm["direct"]
@@ -1366,6 +1524,10 @@ def render(run, info, results, argv):
     w("```toml\n[limits]\nmax_connections = 20000\n\n[token]\nmax_entries = 200000\n```")
     if isinstance(results.get("burst"), dict):
         w("\nThe burst's third sidecar adds `absorb_hold = \"0s\"` to its `[token]` table.")
+    if isinstance(results.get("inject"), dict):
+        w("\nThe injection scenario's sidecar takes no `--upstream` or `--listen`: its config "
+          "adds two `[[routes]]` tables (`%s`, written by `scenario_inject`)."
+          % results["inject"]["config"])
     for k, v in results.items():
         if not isinstance(v, dict):
             w("\n### %s failed to run\n\n```\n%s\n```" % (k, v))
@@ -1377,15 +1539,17 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only",
-                        help="comma-separated scenarios (hit,storm,story,burst,steady,fleet,memory)")
+                        help="comma-separated scenarios "
+                             "(hit,storm,story,burst,steady,fleet,inject,memory)")
     args, _ = parser.parse_known_args()
     out = os.path.join(BENCH, "out")
     run = Run(args.quick, out, args.profile)
-    names = ["hit", "storm", "story", "burst", "steady", "fleet", "memory"] + \
+    names = ["hit", "storm", "story", "burst", "steady", "fleet", "inject", "memory"] + \
         (["profile"] if args.profile else [])
     scenarios = {"hit": scenario_hit, "storm": scenario_storm, "story": scenario_story,
                  "burst": scenario_burst, "steady": scenario_steady, "fleet": scenario_fleet,
-                 "memory": scenario_memory, "profile": scenario_profile}
+                 "inject": scenario_inject, "memory": scenario_memory,
+                 "profile": scenario_profile}
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in scenarios]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point of the benchmark suite.
 #
-#   bash bench/run.sh            full run (about 9 minutes): writes bench/RESULTS.md
+#   bash bench/run.sh            full run (about 10 minutes): writes bench/RESULTS.md
 #   bash bench/run.sh --quick    a few seconds per scenario, small N: writes bench/out/RESULTS.md
 #                                and exits non-zero only if a scenario failed to run
 #   bash bench/run.sh --profile  also profiles the hit path with perf (builds a symbolized copy
