@@ -137,12 +137,21 @@ impl Registry {
 
     /// Asks the connection idle the longest to close; false if none is idle.
     fn close_longest_idle(&self) -> bool {
+        self.close_first(
+            |c| c.active.load(Ordering::Relaxed) == 0,
+            |c| c.idle_since_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Asks the `eligible` connection (not already asked) with the lowest `since` to close;
+    /// false if there is none.
+    fn close_first(&self, eligible: impl Fn(&Conn) -> bool, since: impl Fn(&Conn) -> u64) -> bool {
         let conns = self.lock();
-        let idle = conns
+        let first = conns
             .values()
-            .filter(|c| c.active.load(Ordering::Relaxed) == 0 && !c.close.is_cancelled())
-            .min_by_key(|c| c.idle_since_ms.load(Ordering::Relaxed));
-        match idle {
+            .filter(|c| eligible(c) && !c.close.is_cancelled())
+            .min_by_key(|c| since(c));
+        match first {
             Some(conn) => {
                 conn.close.cancel();
                 true
@@ -154,18 +163,9 @@ impl Registry {
     /// Asks the connection that has waited longest for a request body (and is doing nothing
     /// else) to close; false if there is none.
     fn close_longest_waiting_for_body(&self) -> bool {
-        let conns = self.lock();
-        let waiting = conns
-            .values()
-            .filter(|c| c.only_awaiting_body() && !c.close.is_cancelled())
-            .min_by_key(|c| c.body_since_ms.load(Ordering::Relaxed));
-        match waiting {
-            Some(conn) => {
-                conn.close.cancel();
-                true
-            }
-            None => false,
-        }
+        self.close_first(Conn::only_awaiting_body, |c| {
+            c.body_since_ms.load(Ordering::Relaxed)
+        })
     }
 }
 

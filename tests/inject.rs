@@ -296,10 +296,9 @@ async fn an_inject_table_without_its_secret_is_exit_64() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_genesys_preset_injects_on_its_api_routes() {
-    let idp = FakeProvider::start().await;
-    idp.set_clients(&[("inj-app", SECRET)]);
+/// A sidecar with the Genesys preset, both hosts at `idp`, injecting as `inj-app`; ready. The
+/// secret's file lives as long as the second value.
+async fn genesys_pod(idp: &FakeProvider) -> (Running, TempFile) {
     let secret = TempFile::new("genesys-secret", format!("{SECRET}\n").as_bytes());
     let url = idp.url();
     let env = [
@@ -311,6 +310,14 @@ async fn the_genesys_preset_injects_on_its_api_routes() {
     ];
     let pod = Running::start_bare(&[], &env);
     pod.wait_ready().await;
+    (pod, secret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_genesys_preset_injects_on_its_api_routes() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET)]);
+    let (pod, _secret) = genesys_pod(&idp).await;
     let http = client();
     for path in [
         "/api/v2/users/me",
@@ -423,17 +430,7 @@ async fn private_key_jwt_signs_a_fresh_assertion_the_provider_verifies() {
 async fn the_genesys_preset_counts_notification_channels_and_warns_past_twenty() {
     let idp = FakeProvider::start().await;
     idp.set_clients(&[("inj-app", SECRET)]);
-    let secret = TempFile::new("genesys-secret", format!("{SECRET}\n").as_bytes());
-    let url = idp.url();
-    let env = [
-        ("TOKEN_SIDECAR_GENESYS_REGION", "mypurecloud.com"),
-        ("TOKEN_SIDECAR_GENESYS_LOGIN_UPSTREAM", url.as_str()),
-        ("TOKEN_SIDECAR_GENESYS_API_UPSTREAM", url.as_str()),
-        ("TOKEN_SIDECAR_GENESYS_CLIENT_ID", "inj-app"),
-        ("TOKEN_SIDECAR_GENESYS_CLIENT_SECRET_FILE", secret.path()),
-    ];
-    let pod = Running::start_bare(&[], &env);
-    pod.wait_ready().await;
+    let (pod, _secret) = genesys_pod(&idp).await;
     let http = client();
     let create = |authorization: Option<String>| {
         let mut request =

@@ -40,7 +40,7 @@ use breaker::Breaker;
 use health::Health;
 pub use keys::Entry;
 use link::{Conn, Link};
-use scripts::{Answer, Scripts, parse_claim};
+use scripts::{Scripts, parse_claim};
 
 /// The channel every commit publishes the key's id on.
 const LANDED: &str = "token-sidecar:landed";
@@ -97,9 +97,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// What a claim found.
+/// What a claim found; `L` is what a lead carries (the [`Lease`]; as the script answers, whether
+/// the key is proven).
 #[derive(Debug)]
-pub(crate) enum Claim {
+pub(crate) enum Claim<L = Lease> {
     /// A sealed token, with how long Redis keeps it and how long until the fleet refreshes it
     /// (zero: due now), and the cool-down that postpones the refresh, if one is on.
     Token {
@@ -111,9 +112,31 @@ pub(crate) enum Claim {
     /// The client is on a fleet cool-down, and no token is stored.
     Cooldown(Hold),
     /// This pod took the flight lock: it calls the provider and commits.
-    Lead(Lease),
+    Lead(L),
     /// Another pod holds the lock: wait for its notice.
     Busy,
+}
+
+impl<L> Claim<L> {
+    /// The same claim, its lead turned into `f`'s.
+    fn map_lead<M>(self, f: impl FnOnce(L) -> M) -> Claim<M> {
+        match self {
+            Claim::Token {
+                sealed,
+                serve_left,
+                fresh_left,
+                hold,
+            } => Claim::Token {
+                sealed,
+                serve_left,
+                fresh_left,
+                hold,
+            },
+            Claim::Cooldown(hold) => Claim::Cooldown(hold),
+            Claim::Lead(lead) => Claim::Lead(f(lead)),
+            Claim::Busy => Claim::Busy,
+        }
+    }
 }
 
 /// What a claim passes over: a stored token that did not open (sealed under another key,
@@ -433,25 +456,10 @@ impl Fleet {
             self.metrics.error("claim");
             return Err(Some(lease(proven, None)));
         };
-        let claim = match answer {
-            Answer::Token {
-                sealed,
-                serve_left,
-                fresh_left,
-                hold,
-            } => Claim::Token {
-                sealed,
-                serve_left,
-                fresh_left,
-                hold,
-            },
-            Answer::Cooldown(hold) => Claim::Cooldown(hold),
-            Answer::Lead(proven) => {
-                let renewal = self.keep(names.lock.clone(), owner.clone());
-                Claim::Lead(lease(proven, Some(renewal)))
-            }
-            Answer::Busy => Claim::Busy,
-        };
+        let claim = answer.map_lead(|proven| {
+            let renewal = self.keep(names.lock.clone(), owner.clone());
+            lease(proven, Some(renewal))
+        });
         self.metrics.claim(match &claim {
             Claim::Token { .. } => "hit",
             Claim::Cooldown(_) => "cooldown",

@@ -5,8 +5,8 @@
 use redis::{Script, Value};
 use std::time::Duration;
 
-use super::Hold;
 use super::link::Conn;
+use super::{Claim, Hold};
 
 /// A stored token, its fresh marker and the client's cool-downs decide; else the lock is taken.
 /// KEYS: token, fresh, proven marker, proven cool-down, unproven cool-down, lock. ARGV: owner,
@@ -114,22 +114,9 @@ impl Scripts {
     }
 }
 
-/// A claim script's answer.
-pub(super) enum Answer {
-    Token {
-        sealed: Vec<u8>,
-        serve_left: Duration,
-        fresh_left: Duration,
-        hold: Option<Hold>,
-    },
-    Cooldown(Hold),
-    /// The lock is ours; whether the key is proven in the fleet.
-    Lead(bool),
-    Busy,
-}
-
-/// A claim script's answer; `None` if it is not one (a Redis that is not ours).
-pub(super) fn parse_claim(value: Value) -> Option<Answer> {
+/// A claim script's answer, a lead saying whether the key is proven; `None` if it is not one (a
+/// Redis that is not ours).
+pub(super) fn parse_claim(value: Value) -> Option<Claim<bool>> {
     let Value::Array(items) = value else {
         return None;
     };
@@ -153,20 +140,20 @@ pub(super) fn parse_claim(value: Value) -> Option<Answer> {
                 }),
                 _ => None,
             };
-            Some(Answer::Token {
+            Some(Claim::Token {
                 sealed: bytes(1)?,
                 serve_left: left(2)?,
                 fresh_left,
                 hold,
             })
         }
-        2 => Some(Answer::Cooldown(Hold {
+        2 => Some(Claim::Cooldown(Hold {
             value: bytes(1)?,
             ttl: left(2)?,
             proven: int(4)? == 1,
         })),
-        3 => Some(Answer::Lead(int(1)? == 1)),
-        4 => Some(Answer::Busy),
+        3 => Some(Claim::Lead(int(1)? == 1)),
+        4 => Some(Claim::Busy),
         _ => None,
     }
 }
