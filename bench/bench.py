@@ -392,11 +392,13 @@ def hit_setup(run, setup, body_file, prov_addr, rounds, seconds, cpus=None,
               sidecar_workers=None):
     client_prefix = ["taskset", "-c", cpus[0]] if cpus else []
     server_prefix = ["taskset", "-c", cpus[1]] if cpus else []
-    workers = 1 if cpus else 0
-    ceiling, ceiling_addr = run.spawn("hit-ceiling-" + setup, server_prefix + [
-        CEILING, "127.0.0.1:0", body_file, str(workers)])
     if sidecar_workers is None and cpus:
         sidecar_workers = 1
+    # The ceiling (plain HTTP/1.1) runs the sidecar's worker count: one, on a current-thread
+    # runtime, unless the setup gives the sidecar one per CPU.
+    workers = 0 if sidecar_workers == 0 else 1
+    ceiling, ceiling_addr = run.spawn("hit-ceiling-" + setup, server_prefix + [
+        CEILING, "127.0.0.1:0", body_file, str(workers), "http1"])
     sidecar = Sidecar(run, "hit-" + setup, prov_addr, prefix=server_prefix,
                       workers=sidecar_workers)
     targets = {"ceiling": ("http://" + ceiling_addr + "/oauth/token", ceiling.pid),
@@ -931,6 +933,244 @@ def scenario_inject(run):
     }
 
 
+def nginx_binary():
+    """nginx from PATH or Debian's /usr/sbin (not on a user's PATH), else None."""
+    import shutil
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def wait_listening(addr, proc, timeout=10.0):
+    """Polls a TCP connect to `addr` every 10 ms until it is accepted (for a child that prints no
+    `listening on` line)."""
+    host, port = addr.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("%s exited with %s" % (proc.args[0], proc.returncode))
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError("nothing listening on %s within %.0f s" % (addr, timeout))
+
+
+def child_pids(pid):
+    """The pids whose parent is `pid` (nginx's workers under its master)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def start_nginx(run, name, upstream, h1, h2c):
+    """nginx, one worker (master + worker, as nginx runs in production), `proxy_pass` to
+    `upstream` over a keep-alive pool, HTTP/1.1 callers on `h1` and h2c (prior knowledge) on
+    `h2c`, 127.0.0.1 only; its config, temp files, pid file and logs in bench/out. (process,
+    worker pid): the worker is the process that does the work, so its CPU is the one measured."""
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("the passthrough scenario needs nginx (Debian's nginx package; "
+                           "bench/run.sh installs it)")
+    prefix = os.path.join(run.out, name)
+    os.makedirs(os.path.join(prefix, "tmp"), exist_ok=True)
+    config = os.path.join(run.out, name + ".conf")
+    log = os.path.join(run.out, "logs", name + "-error.log")
+    with open(config, "w") as f:
+        f.write("""# Written by bench/bench.py for the passthrough scenario: nginx's proxy_pass as the peer.
+worker_processes 1;
+daemon off;
+pid %(prefix)s/nginx.pid;
+error_log %(log)s warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path %(prefix)s/tmp/body;
+    proxy_temp_path %(prefix)s/tmp/proxy;
+    fastcgi_temp_path %(prefix)s/tmp/fastcgi;
+    uwsgi_temp_path %(prefix)s/tmp/uwsgi;
+    scgi_temp_path %(prefix)s/tmp/scgi;
+    # A caller's keep-alive connection is not closed after 1,000 requests (the default): the
+    # sidecar does not close them either.
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    upstream backend {
+        server %(upstream)s;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen %(h1)s;
+        listen %(h2c)s http2;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+""" % {"prefix": prefix, "log": log, "upstream": upstream, "h1": h1, "h2c": h2c})
+    proc, _ = run.spawn(name, [binary, "-p", prefix + "/", "-e", log, "-c", config],
+                        announce=False)
+    wait_listening(h1, proc)
+    wait_listening(h2c, proc)
+    deadline = time.monotonic() + 5
+    while not child_pids(proc.pid):
+        if time.monotonic() > deadline:
+            raise RuntimeError("nginx started no worker")
+        time.sleep(0.01)
+    workers = child_pids(proc.pid)
+    assert len(workers) == 1, workers
+    return proc, workers[0], config
+
+
+def h2load(run, url, seconds, post_file=None, connections=64):
+    """h2load (nghttp2-client), h2c with prior knowledge, one thread, `connections` connections
+    with one stream each (as wrk's keep-alive connections carry one request at a time), for
+    `seconds`; the same figures as wrk's summary, the percentiles from its per-request log."""
+    log = os.path.join(run.out, "h2load-requests.tsv")
+    argv = ["h2load", "-t1", "-c%d" % connections, "-m1", "-D%d" % seconds,
+            "--log-file", log, url]
+    if post_file:
+        argv[1:1] = ["-d", post_file, "-H", "content-type: application/octet-stream"]
+    run.note([a if a != log else rel(log) for a in argv])
+    done = subprocess.run(argv, capture_output=True, timeout=seconds + 60, cwd=ROOT)
+    text = done.stdout.decode()
+    counts, rps = None, None
+    for line in text.splitlines():
+        if line.startswith("finished in ") and " req/s" in line:
+            rps = float(line.split(",")[1].split()[0])
+        if line.startswith("requests:"):
+            words = line.replace(",", "").split()
+            counts = {words[i + 1]: int(words[i]) for i in range(1, len(words) - 1, 2)}
+    if done.returncode != 0 or counts is None or rps is None or not counts.get("succeeded"):
+        raise RuntimeError("h2load failed: %s %s" % (text, done.stderr.decode()))
+    latencies = []
+    bad = 0
+    with open(log) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3:
+                latencies.append(int(fields[2]))
+                bad += not fields[1].startswith("2")
+    os.remove(log)
+    latencies.sort()
+    n = len(latencies)
+
+    def pct(p):
+        return latencies[min(n - 1, int(n * p / 100))] if n else 0
+
+    return {"requests": counts.get("succeeded", 0), "duration_s": seconds,
+            "rps": rps, "p50_us": pct(50), "p90_us": pct(90),
+            "p99_us": pct(99), "max_us": latencies[-1] if n else 0,
+            "errors_status": bad, "errors_failed": counts.get("failed", 0),
+            "errors_errored": counts.get("errored", 0),
+            "errors_timeout": counts.get("timeout", 0)}
+
+
+PASS_TARGETS = ("upstream", "sidecar", "nginx")
+PASS_CASES = ("GET h1", "POST h1", "GET h2c", "POST h2c")
+PASS_PATH = "/api/v2/users/me"
+
+
+def scenario_passthrough(run):
+    """Pass-through (issue 24, item 1): the upstream alone (the ceiling, HTTP/1.1, one thread,
+    fixed bytes), the sidecar forwarding to it on a `[[routes]]` route (default runtime, one
+    thread) and nginx's `proxy_pass` to it (one worker, upstream keep-alive). GET and a 4 KiB
+    POST, HTTP/1.1 (wrk) and h2c (h2load) from the caller; nothing pinned. Paired rounds: each
+    case runs on the three targets back to back, order reversed every round, and the
+    sidecar/nginx ratios are taken per round, then the median."""
+    rounds, seconds = (1, 1) if run.quick else (6, 2)
+    upstream, up_addr = run.spawn("pass-upstream", [CEILING, "127.0.0.1:0", "-", "1", "http1"])
+    # The upstream alone over h2c: the same server with hyper-util's auto builder (the proxies
+    # reach the HTTP/1.1 one).
+    upstream_h2, up_h2_addr = run.spawn("pass-upstream-h2c",
+                                        [CEILING, "127.0.0.1:0", "-", "1", "auto"])
+    sidecar = Sidecar(run, "passthrough", None,
+                      routes=[{"name": "pass", "upstream": "http://" + up_addr}])
+    h1, h2c = "127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()
+    _, nginx_worker, nginx_config = start_nginx(run, "passthrough-nginx", up_addr, h1, h2c)
+    post_file = os.path.join(run.out, "pass-body.bin")
+    with open(post_file, "wb") as f:
+        f.write(b"x" * 4096)
+    listen = sidecar.listens["pass"]
+    # (HTTP/1.1 address, h2c address, the pid whose CPU is measured for each)
+    targets = {"upstream": (up_addr, up_h2_addr, (upstream.pid, upstream_h2.pid)),
+               "sidecar": (listen, listen, (sidecar.proc.pid,) * 2),
+               "nginx": (h1, h2c, (nginx_worker,) * 2)}
+    # Each target answers the upstream's bytes to both methods.
+    expected = http("GET", "http://%s%s" % (up_addr, PASS_PATH))[2]
+    checks = {}
+    for name, (addr, _, _) in targets.items():
+        for method, body in (("GET", None), ("POST", b"x" * 4096)):
+            status, _, got = http(method, "http://%s%s" % (addr, PASS_PATH), body)
+            checks["%s %s" % (name, method)] = status
+            assert status == 200 and got == expected, (name, method, status, got[:200])
+
+    def load(name, case, secs):
+        h1_addr, h2_addr, _ = targets[name]
+        method, protocol = case.split()
+        if protocol == "h1":
+            return wrk(run, "http://" + h1_addr + PASS_PATH, secs, script="pass.lua",
+                       args=["post"] if method == "POST" else ())
+        return h2load(run, "http://" + h2_addr + PASS_PATH, secs,
+                      post_file if method == "POST" else None)
+
+    for name in PASS_TARGETS:  # warm all: connections to the upstream, allocator, CPU caches
+        load(name, "GET h1", 1)
+        if not run.quick:
+            load(name, "GET h2c", 1)
+    results = {case: {name: [] for name in PASS_TARGETS} for case in PASS_CASES}
+    for r in range(rounds):
+        order = PASS_TARGETS if r % 2 == 0 else tuple(reversed(PASS_TARGETS))
+        for case in PASS_CASES:
+            for name in order:
+                pid = targets[name][2][case.endswith("h2c")]
+                before = cpu_seconds(pid)
+                result = load(name, case, seconds)
+                after = cpu_seconds(pid)
+                n = max(result["requests"], 1)
+                if not result["requests"]:
+                    raise RuntimeError("no answers: %s, %s: %s" % (name, case, result))
+                result["user_us"] = (after[0] - before[0]) * 1e6 / n
+                result["sys_us"] = (after[1] - before[1]) * 1e6 / n
+                result["cpu_us"] = result["user_us"] + result["sys_us"]
+                results[case][name].append(result)
+    run.stop_all()
+
+    keys = ("rps", "p50_us", "p99_us", "max_us", "user_us", "sys_us", "cpu_us")
+    cases = {}
+    for case, runs in results.items():
+        def paired(key, of="sidecar", to="nginx", runs=runs):
+            return [a[key] / max(b[key], 1e-9) for a, b in zip(runs[of], runs[to])]
+        cases[case] = {
+            "summary": {name: {k: statistics.median(x[k] for x in runs[name]) for k in keys}
+                        for name in runs},
+            "errors": {name: sum(x[k] for x in runs[name] for k in x if k.startswith("errors_"))
+                       for name in runs},
+            "rps_ratio_per_round": paired("rps"), "p99_ratio_per_round": paired("p99_us"),
+            "rps_ratio": statistics.median(paired("rps")),
+            "p99_ratio": statistics.median(paired("p99_us")),
+            "cpu_ratio": statistics.median(paired("cpu_us")),
+            "sidecar_of_upstream": statistics.median(paired("rps", to="upstream")),
+            "nginx_of_upstream": statistics.median(paired("rps", "nginx", "upstream")),
+        }
+    return {"rounds": rounds, "seconds": seconds, "checks": checks, "cases": cases,
+            "runs": results, "upstream_body_bytes": len(expected),
+            "config": rel(sidecar.config), "nginx_config": rel(nginx_config),
+            "nginx_version": subprocess.run([nginx_binary(), "-v"], capture_output=True)
+            .stderr.decode().strip()}
+
+
 def scenario_memory(run):
     n = 10_000 if run.quick else 100_000
     starts = 3 if run.quick else 10
@@ -1148,6 +1388,48 @@ def render_inject(w, x):
       "retry after a 401, and the header added.\n")
 
 
+def render_passthrough(w, x):
+    """The pass-through section: per case, the three targets and the sidecar/nginx ratios."""
+    w("\n## Pass-through against nginx\n")
+    w("The upstream is the ceiling (`bench/ceiling.rs`: plain HTTP/1.1, one thread, the same "
+      "%d bytes to every request, the request body read to the end; for the h2c rows of the "
+      "upstream alone, the same server with hyper-util's auto builder). In front of it, the sidecar "
+      "on a `[[routes]]` route (`%s`: default runtime, one thread, no token path involved) and "
+      "%s with `proxy_pass` over an upstream keep-alive pool (`%s`: one worker, "
+      "`keepalive 64`). Callers: `GET %s` and a `POST` of 4 KiB to the same path; HTTP/1.1 from "
+      "wrk (1 thread, 64 keep-alive connections, `bench/pass.lua`), h2c with prior knowledge "
+      "from h2load (1 thread, 64 connections, one stream each; p99 from its per-request log). "
+      "%d round(s) of %d s: each round runs every case on the three targets back to back, the "
+      "order reversed every round; nothing pinned, so the caller, the proxy and the upstream "
+      "share the cores. Tables show medians over rounds; ratios are medians of the per-round "
+      "ratios. CPU per request is the proxy's (for the upstream alone: the upstream's) user + "
+      "system time from /proc over the requests answered; for nginx it is the worker's.\n"
+      % (x["upstream_body_bytes"], x["config"], x["nginx_version"].replace("nginx version: ", ""),
+         x["nginx_config"], PASS_PATH, x["rounds"], x["seconds"]))
+    w("| path | target | req/s | p50 | p99 | max | CPU per request (user + sys) | errors |\n"
+      "|---|---|---|---|---|---|---|---|")
+    for case, c in x["cases"].items():
+        for name in PASS_TARGETS:
+            y = c["summary"][name]
+            w("| %s | %s | %.0f | %s | %s | %s | %.1f + %.1f µs | %d |"
+              % (case, {"upstream": "upstream alone", "sidecar": "sidecar",
+                        "nginx": "nginx"}[name], y["rps"], us(y["p50_us"]), us(y["p99_us"]),
+                 us(y["max_us"]), y["user_us"], y["sys_us"], c["errors"][name]))
+    w("\n| path | sidecar/nginx req/s (target ≥ 1.0) | sidecar/nginx p99 (target ≤ 1.2) | "
+      "sidecar/nginx CPU per request | sidecar, nginx req/s of the upstream alone | "
+      "per round (req/s, p99) |\n|---|---|---|---|---|---|")
+    for case, c in x["cases"].items():
+        w("| %s | **%.2f** | **%.2f** | %.2f | %.2f, %.2f | %s |"
+          % (case, c["rps_ratio"], c["p99_ratio"], c["cpu_ratio"], c["sidecar_of_upstream"],
+             c["nginx_of_upstream"],
+             "; ".join("%.2f, %.2f" % rp for rp in zip(c["rps_ratio_per_round"],
+                                                       c["p99_ratio_per_round"]))))
+    w("\nChecks before the rounds (status of a GET and a 4 KiB POST through each target, each "
+      "answering the upstream's bytes): %s. No optimisation of the forward path yet: these "
+      "are the figures issue 24 starts from.\n"
+      % ", ".join("%s %d" % kv for kv in x["checks"].items()))
+
+
 def render(run, info, results, argv):
     out = []
     w = out.append
@@ -1245,6 +1527,14 @@ def render(run, info, results, argv):
           % (inject["cost_us"], inject["summary"]["inject"]["cpu_us"],
              inject["summary"]["bearer"]["cpu_us"], inject["rps_ratio"], inject["p99_ratio"],
              inject["rounds"], inject["token_calls"], "{:,}".format(inject["requests"]["inject"])))
+    passthrough = results.get("passthrough")
+    if isinstance(passthrough, dict):
+        for case, c in passthrough["cases"].items():
+            w("| pass-through, %s | sidecar/nginx req/s = %.2f, p99 = %.2f (median of %d paired "
+              "rounds); CPU per request %.1f vs %.1f µs | req/s ≥ 1.0, p99 ≤ 1.2 | %s |"
+              % (case, c["rps_ratio"], c["p99_ratio"], passthrough["rounds"],
+                 c["summary"]["sidecar"]["cpu_us"], c["summary"]["nginx"]["cpu_us"],
+                 verdict(c["rps_ratio"] >= 1.0 and c["p99_ratio"] <= 1.2)))
     mem = results.get("memory")
     if isinstance(mem, dict):
         w("| memory | %.0f bytes per cached key (%d-byte token JSON) | ≤ token + 1024 = %d | %s |"
@@ -1271,9 +1561,9 @@ def render(run, info, results, argv):
                         "argument) pinned to one CPU with `taskset`, and wrk is pinned to another, "
                         "so client and server never compete for a core.",
             "shared": "Default worker counts (the sidecar's default of 1 on a current-thread "
-                      "runtime; the ceiling one per CPU), nothing pinned: wrk's thread and the "
+                      "runtime; the ceiling the same), nothing pinned: wrk's thread and the "
                       "servers' workers share the cores as the scheduler decides.",
-            "shared-percpu": "As shared, but the sidecar runs one worker per CPU "
+            "shared-percpu": "As shared, but the sidecar and the ceiling run one worker per CPU "
                              "(`--workers 0`), as before the one-thread default.",
         }
         for setup, h in hit["setups"].items():
@@ -1284,7 +1574,7 @@ def render(run, info, results, argv):
             for name in ("ceiling", "sidecar"):
                 x = h["summary"][name]
                 w("| %s | %.0f | %s | %s | %s | %s | %.1f + %.1f µs | %d |" % (
-                    {"ceiling": "(a) ceiling (`bench/ceiling.rs`)",
+                    {"ceiling": "(a) ceiling (`bench/ceiling.rs`, HTTP/1.1)",
                      "sidecar": "(b) sidecar, warm cache"}[name],
                     x["rps"], us(x["p50_us"]), us(x["p90_us"]), us(x["p99_us"]), us(x["max_us"]),
                     x["user_us"], x["sys_us"], h["errors"][name]))
@@ -1341,6 +1631,9 @@ def render(run, info, results, argv):
 
     if isinstance(inject, dict):
         render_inject(w, inject)
+
+    if isinstance(passthrough, dict):
+        render_passthrough(w, passthrough)
 
     if isinstance(storm, dict):
         v, d = storm["via_sidecar"], storm["direct"]
@@ -1528,6 +1821,10 @@ def render(run, info, results, argv):
         w("\nThe injection scenario's sidecar takes no `--upstream` or `--listen`: its config "
           "adds two `[[routes]]` tables (`%s`, written by `scenario_inject`)."
           % results["inject"]["config"])
+    if isinstance(results.get("passthrough"), dict):
+        w("\nThe pass-through scenario's sidecar has one `[[routes]]` table (`%s`); nginx's "
+          "config is `%s`, both written by `scenario_passthrough`."
+          % (results["passthrough"]["config"], results["passthrough"]["nginx_config"]))
     for k, v in results.items():
         if not isinstance(v, dict):
             w("\n### %s failed to run\n\n```\n%s\n```" % (k, v))
@@ -1540,15 +1837,17 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only",
                         help="comma-separated scenarios "
-                             "(hit,storm,story,burst,steady,fleet,inject,memory)")
+                             "(hit,storm,story,burst,steady,fleet,inject,passthrough,memory)")
     args, _ = parser.parse_known_args()
     out = os.path.join(BENCH, "out")
     run = Run(args.quick, out, args.profile)
-    names = ["hit", "storm", "story", "burst", "steady", "fleet", "inject", "memory"] + \
+    names = ["hit", "storm", "story", "burst", "steady", "fleet", "inject", "passthrough",
+             "memory"] + \
         (["profile"] if args.profile else [])
     scenarios = {"hit": scenario_hit, "storm": scenario_storm, "story": scenario_story,
                  "burst": scenario_burst, "steady": scenario_steady, "fleet": scenario_fleet,
-                 "inject": scenario_inject, "memory": scenario_memory,
+                 "inject": scenario_inject, "passthrough": scenario_passthrough,
+                 "memory": scenario_memory,
                  "profile": scenario_profile}
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]

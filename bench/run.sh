@@ -8,23 +8,52 @@
 #                                of the sidecar in target/bench-profile first; slow the first time)
 #   --only hit,storm,...         run some scenarios only (output goes to bench/out/)
 #
-# Everything runs on 127.0.0.1. Needs cargo, python3 (stdlib only) and wrk (installed from the
-# distribution's packages if missing). See bench/README.md.
+# Everything runs on 127.0.0.1. Needs cargo, python3 (stdlib only), wrk, and for the pass-through
+# scenario nginx and h2load (each installed from the distribution's packages if missing). See
+# bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=0
+only=""
+next_is_only=0
 for arg in "$@"; do
+  if [ "$next_is_only" = 1 ]; then only="$arg"; next_is_only=0; continue; fi
   case "$arg" in
     --profile) profile=1 ;;
+    --only) next_is_only=1 ;;
+    --only=*) only="${arg#--only=}" ;;
   esac
 done
+# The pass-through scenario's peer (nginx) and h2c caller (h2load); no other scenario needs them.
+passthrough=0
+case ",$only," in
+  ,,|*,passthrough,*) passthrough=1 ;;
+esac
 
-if ! command -v wrk >/dev/null 2>&1; then
-  echo "bench: installing wrk" >&2
+# Debian packages the suite needs, installed when missing. A policy-rc.d that refuses is put in
+# place for the install if there is none, so that installing nginx starts no system-wide server
+# (the suite runs its own, on 127.0.0.1, with a config in bench/out).
+packages=""
+command -v wrk >/dev/null 2>&1 || packages="wrk"
+if [ "$passthrough" = 1 ]; then
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || packages="$packages nginx"
+  command -v h2load >/dev/null 2>&1 || packages="$packages nghttp2-client"
+fi
+if [ -n "$packages" ]; then
+  packages="${packages# }"
+  echo "bench: installing $packages" >&2
   if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+  fi
   $sudo apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk >/dev/null
+  # shellcheck disable=SC2086 # a list of package names
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $packages >/dev/null
+  if [ -n "$policy" ]; then $sudo rm -f "$policy"; fi
 fi
 command -v python3 >/dev/null 2>&1 || { echo "bench: python3 is required" >&2; exit 1; }
 if [ "$profile" = 1 ] && ! command -v perf >/dev/null 2>&1; then
