@@ -34,6 +34,10 @@ pub(crate) struct Injector {
     /// ...and its form.
     form: Bytes,
     overwrite: bool,
+    /// Swap a caller's own Basic client credentials for that client's bearer.
+    from_basic: bool,
+    /// The token request's form without credentials, for a caller's Basic ones.
+    bare_form: Bytes,
     /// The client's digest, for the Genesys channel count.
     client: [u8; 4],
     retry_body_limit: usize,
@@ -67,6 +71,37 @@ const FORM: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// How the route's client authenticates its token requests: the headers (a Basic
+/// `Authorization`) and the form parameters (`client_id` and `client_secret`) it takes.
+fn credentials(config: &InjectConfig) -> (HeaderMap, Vec<String>) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    let secret = config.client_secret.expose();
+    match config.auth_method {
+        AuthMethod::Basic => {
+            let pair = format!("{}:{}", form_encode(&config.client_id), form_encode(secret));
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+                .expect("base64 is a valid header value");
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+            (headers, Vec::new())
+        }
+        // With private_key_jwt the secret is a stand-in the token path keys by; the flight sends
+        // a fresh assertion in its place (see `crate::assertion`).
+        AuthMethod::Post | AuthMethod::PrivateKeyJwt => {
+            let form = vec![
+                format!("client_id={}", form_encode(&config.client_id)),
+                format!("client_secret={}", form_encode(secret)),
+            ];
+            (headers, form)
+        }
+    }
+}
+
 /// RFC 6749 §2.3.1: the id and secret are form-encoded before they are joined for Basic.
 fn form_encode(text: &str) -> String {
     utf8_percent_encode(text, FORM).to_string()
@@ -81,41 +116,34 @@ impl Injector {
         tokens: Arc<TokenRoute>,
         body_read_timeout: std::time::Duration,
     ) -> Injector {
-        let mut form = vec![("grant_type", "client_credentials".to_owned())];
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        let secret = config.client_secret.expose();
-        match config.auth_method {
-            AuthMethod::Basic => {
-                let pair = format!("{}:{}", form_encode(&config.client_id), form_encode(secret));
-                let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-                let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
-                    .expect("base64 is a valid header value");
-                value.set_sensitive(true);
-                headers.insert(header::AUTHORIZATION, value);
-            }
-            // With private_key_jwt the secret is a stand-in the token path keys by; the flight
-            // sends a fresh assertion in its place (see `crate::assertion`).
-            AuthMethod::Post | AuthMethod::PrivateKeyJwt => {
-                form.push(("client_id", config.client_id.clone()));
-                form.push(("client_secret", secret.to_owned()));
-            }
-        }
-        let mut body = form
+        let (headers, credentials) = credentials(config);
+        let params: Vec<String> = config
+            .params
             .iter()
-            .map(|(name, value)| format!("{name}={}", form_encode(value)))
-            .collect::<Vec<_>>();
-        body.extend(
-            config
-                .params
-                .iter()
-                .map(|(name, value)| format!("{}={}", form_encode(name), form_encode(value))),
+            .map(|(name, value)| format!("{}={}", form_encode(name), form_encode(value)))
+            .collect();
+        let grant = "grant_type=client_credentials".to_owned();
+        let join = |parts: Vec<&String>| {
+            Bytes::from(
+                parts
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join("&"),
+            )
+        };
+        let form = join(
+            std::iter::once(&grant)
+                .chain(&credentials)
+                .chain(&params)
+                .collect(),
         );
+        // For a caller's own Basic credentials (`from_basic`): the same, without the route's.
+        let bare_form = join(std::iter::once(&grant).chain(&params).collect());
         Injector {
             route: route.to_owned(),
+            from_basic: config.from_basic,
+            bare_form,
             tokens,
             head: TokenHead {
                 uri: config
@@ -124,7 +152,7 @@ impl Injector {
                     .unwrap_or_else(|_| http::Uri::from_static("/")),
                 headers,
             },
-            form: Bytes::from(body.join("&")),
+            form,
             overwrite: config.overwrite,
             client: crate::channels::digest(config.client_id.as_bytes()),
             retry_body_limit: config.retry_body_limit,
@@ -135,6 +163,40 @@ impl Injector {
     /// Whether a request with these headers gets the route's bearer.
     pub(crate) fn injects(&self, headers: &HeaderMap) -> bool {
         self.overwrite || !headers.contains_key(header::AUTHORIZATION)
+    }
+
+    /// The token request for a request with these headers: the caller's own Basic client
+    /// credentials (with `from_basic`), the route's (when it injects), or none (forwarded as it
+    /// is).
+    fn credentials(&self, headers: &HeaderMap) -> Option<TokenCall> {
+        let authorization = headers.get(header::AUTHORIZATION);
+        let basic = authorization.filter(|value| {
+            value
+                .as_bytes()
+                .get(..6)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case(b"basic "))
+        });
+        match basic {
+            Some(basic) if self.from_basic => {
+                let mut headers = self.head.headers.clone();
+                headers.insert(header::AUTHORIZATION, basic.clone());
+                let head = TokenHead {
+                    uri: self.head.uri.clone(),
+                    headers,
+                };
+                Some(TokenCall::Callers(Box::new(head), self.bare_form.clone()))
+            }
+            _ if self.injects(headers) => Some(TokenCall::Routes),
+            _ => None,
+        }
+    }
+
+    /// The head and form of `call`.
+    fn token_request(&self, call: &TokenCall) -> (Parts, Bytes) {
+        match call {
+            TokenCall::Routes => (self.head.parts(), self.form.clone()),
+            TokenCall::Callers(head, form) => (head.parts(), form.clone()),
+        }
     }
 
     /// The injected client's digest (see [`crate::channels::digest`]).
@@ -148,10 +210,10 @@ impl Injector {
         forwarder: &Forwarder,
         request: Request<hyper::body::Incoming>,
     ) -> Response<Body> {
-        if !self.injects(request.headers()) {
+        let Some(call) = self.credentials(request.headers()) else {
             return forwarder.forward(request.map(boxed)).await;
-        }
-        let token = match self.bearer().await {
+        };
+        let token = match self.bearer(&call).await {
             Ok(token) => token,
             Err(refusal) => return refusal,
         };
@@ -175,10 +237,9 @@ impl Injector {
         }
         // Compare-and-drop: of many callers rejected with this token, one drops it, and they
         // all share the one call for the next.
-        self.tokens
-            .revoke(&self.head.parts(), &self.form, &token)
-            .await;
-        let fresh = match self.bearer().await {
+        let (head, form) = self.token_request(&call);
+        self.tokens.revoke(&head, &form, &token).await;
+        let fresh = match self.bearer(&call).await {
             Ok(fresh) if fresh != token => fresh,
             _ => return first,
         };
@@ -188,13 +249,12 @@ impl Injector {
             .await
     }
 
-    /// The bearer token now, or the caller's refusal: 429 when the provider throttles, else
-    /// 503, with `Retry-After` and a JSON body naming the cause.
-    async fn bearer(&self) -> Result<String, Response<Body>> {
-        let answer = self
-            .tokens
-            .internal(self.head.parts(), self.form.clone())
-            .await;
+    /// The bearer token now, or the caller's refusal: 429 when the provider throttles, 401 when
+    /// it refuses a caller's own credentials, else 503, with `Retry-After` and a JSON body naming
+    /// the cause.
+    async fn bearer(&self, call: &TokenCall) -> Result<String, Response<Body>> {
+        let (head, form) = self.token_request(call);
+        let answer = self.tokens.internal(head, form).await;
         let status = answer.status();
         let retry_after = answer.headers().get(header::RETRY_AFTER).cloned();
         let body = answer
@@ -208,6 +268,9 @@ impl Injector {
             && let Some(token) = json.get("access_token").and_then(|t| t.as_str())
         {
             return Ok(token.to_owned());
+        }
+        if matches!(call, TokenCall::Callers(..)) && matches!(status.as_u16(), 400 | 401 | 403) {
+            return Err(caller_refused());
         }
         Err(refusal(&self.route, status, retry_after))
     }
@@ -241,6 +304,14 @@ impl Injector {
             Err(_) => Sending::Broken(crate::error::Error::BodyTimeout.into_response()),
         }
     }
+}
+
+/// Whose credentials a request's token is fetched with.
+enum TokenCall {
+    /// The route's (`[routes.inject]`).
+    Routes,
+    /// The caller's own Basic ones (`from_basic`): the token request's head and form.
+    Callers(Box<TokenHead>, Bytes),
 }
 
 /// How a request with an injected token is sent.
@@ -295,6 +366,28 @@ fn refusal(route: &str, status: StatusCode, retry_after: Option<HeaderValue>) ->
     headers.insert(
         header::RETRY_AFTER,
         retry_after.unwrap_or(HeaderValue::from_static("1")),
+    );
+    response
+}
+
+/// The answer to a caller whose own client credentials the token endpoint refused (RFC 6749
+/// §5.2): 401 `invalid_client`.
+fn caller_refused() -> Response<Body> {
+    let body = serde_json::json!({
+        "error": "invalid_client",
+        "error_description": "the token endpoint refused the client credentials of this request's Authorization",
+    })
+    .to_string();
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"token-sidecar\""),
     );
     response
 }

@@ -491,3 +491,58 @@ async fn the_genesys_preset_counts_notification_channels_and_warns_past_twenty()
     assert_eq!(warnings, 1, "one warning per client and hour: {logs}");
     assert!(!logs.contains(SECRET) && !logs.contains(&token));
 }
+
+/// Issue 23 item 5: with `from_basic`, an app sends its own client credentials as Basic on its
+/// API calls and the sidecar swaps them for that client's bearer, keyed and cached like an app's
+/// token request; a client the provider refuses gets 401 `invalid_client`, nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_basic_swaps_a_callers_own_credentials_for_its_bearer() {
+    let idp = FakeProvider::start().await;
+    idp.set_clients(&[("inj-app", SECRET), ("other-app", "other-secret")]);
+    let (_secret, file) = config(&idp, "from_basic = true\n");
+    let pod = sidecar(&idp, &file, &[]).await;
+    let http = client();
+    let url = format!("{}/api/v2/users/me", pod.url());
+    let basic = |id: &str, secret: &str| {
+        let pair = format!("{id}:{secret}");
+        format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair)
+        )
+    };
+    for _ in 0..3 {
+        let reply = get(&http, &url, Some(&basic("other-app", "other-secret"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let calls: Vec<String> = idp
+        .recorded()
+        .iter()
+        .filter(|r| r.path_and_query.ends_with("/oauth/token"))
+        .map(|r| format!("{:?}", r.headers.get("authorization")))
+        .collect();
+    assert_eq!(
+        calls.len(),
+        1,
+        "one token call for the caller's client: {calls:?}"
+    );
+    // An app asking the token path with the same credentials shares that token.
+    let form = "grant_type=client_credentials";
+    let reply = support::post_form(
+        &http,
+        &format!("{}/oauth/token", pod.url()),
+        form,
+        Some(("other-app", "other-secret")),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(idp.token_calls(), 1);
+    // No Authorization: the route's own client, a call of its own.
+    assert_eq!(get(&http, &url, None).await.status, 200);
+    assert_eq!(idp.token_calls(), 2);
+    // Wrong credentials: 401 invalid_client, and the API never sees the request.
+    let before = api_requests(&idp);
+    let reply = get(&http, &url, Some(&basic("other-app", "wrong"))).await;
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert!(reply.text().contains("invalid_client"), "{}", reply.text());
+    assert_eq!(api_requests(&idp), before, "nothing forwarded");
+}

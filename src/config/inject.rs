@@ -74,6 +74,9 @@ pub struct InjectConfig {
     pub auth_method: AuthMethod,
     /// Replace an `Authorization` the caller sent; by default such a request goes as it is.
     pub overwrite: bool,
+    /// A caller's own `Authorization: Basic` client credentials are swapped for that client's
+    /// bearer (keyed and cached as if the caller had asked the token path).
+    pub from_basic: bool,
     /// The largest request body kept to send again after a 401.
     pub retry_body_limit: usize,
 }
@@ -98,6 +101,7 @@ pub(super) struct FileInject {
     assertion_key_file: Option<PathBuf>,
     assertion_kid: Option<String>,
     overwrite: Option<bool>,
+    from_basic: Option<bool>,
     retry_body_limit: Option<usize>,
 }
 
@@ -165,6 +169,7 @@ impl FileInject {
             params,
             auth_method,
             overwrite: self.overwrite.unwrap_or(false),
+            from_basic: self.from_basic.unwrap_or(false),
             retry_body_limit: self.retry_body_limit.unwrap_or(DEFAULT_RETRY_BODY_LIMIT),
         })
     }
@@ -286,6 +291,7 @@ pub(super) fn preset(
         params: Vec::new(),
         auth_method: AuthMethod::Basic,
         overwrite: false,
+        from_basic: false,
         retry_body_limit: DEFAULT_RETRY_BODY_LIMIT,
     })
 }
