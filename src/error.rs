@@ -140,20 +140,8 @@ impl Error {
 
     /// Renders the error as an OAuth-style JSON response.
     pub fn into_response(self) -> Response<Body> {
-        let status = self.status();
-        let body = serde_json::json!({
-            "error": self.code(),
-            "error_description": self.to_string(),
-        });
-        let mut response = Response::new(full(Bytes::from(body.to_string())));
-        *response.status_mut() = status;
+        let mut response = oauth_json(self.status(), self.code(), &self.to_string());
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
         match self {
             Error::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -170,6 +158,25 @@ impl Error {
         }
         response
     }
+}
+
+/// An OAuth-style JSON error (RFC 6749 §5.2): `status`, `{"error": code, "error_description":
+/// description}`, never stored by caches.
+pub(crate) fn oauth_json(status: StatusCode, code: &str, description: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": code,
+        "error_description": description,
+    });
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// Token request parameters whose names are safe to repeat back to a caller.

@@ -20,6 +20,7 @@ use tracing::debug;
 
 use crate::body::{Body, boxed, full};
 use crate::config::{AuthMethod, InjectConfig};
+use crate::error::oauth_json;
 use crate::forward::Forwarder;
 use crate::token::TokenRoute;
 
@@ -351,19 +352,8 @@ fn refusal(route: &str, status: StatusCode, retry_after: Option<HeaderValue>) ->
         "no token to inject on route {route}: the token endpoint answered {}",
         status.as_u16()
     );
-    let body = serde_json::json!({
-        "error": "temporarily_unavailable",
-        "error_description": description,
-    })
-    .to_string();
-    let mut response = Response::new(full(Bytes::from(body)));
-    *response.status_mut() = code;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(
+    let mut response = oauth_json(code, "temporarily_unavailable", &description);
+    response.headers_mut().insert(
         header::RETRY_AFTER,
         retry_after.unwrap_or(HeaderValue::from_static("1")),
     );
@@ -373,19 +363,12 @@ fn refusal(route: &str, status: StatusCode, retry_after: Option<HeaderValue>) ->
 /// The answer to a caller whose own client credentials the token endpoint refused (RFC 6749
 /// §5.2): 401 `invalid_client`.
 fn caller_refused() -> Response<Body> {
-    let body = serde_json::json!({
-        "error": "invalid_client",
-        "error_description": "the token endpoint refused the client credentials of this request's Authorization",
-    })
-    .to_string();
-    let mut response = Response::new(full(Bytes::from(body)));
-    *response.status_mut() = StatusCode::UNAUTHORIZED;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+    let mut response = oauth_json(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        "the token endpoint refused the client credentials of this request's Authorization",
     );
-    headers.insert(
+    response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Basic realm=\"token-sidecar\""),
     );
