@@ -43,6 +43,32 @@ impl Drop for TempFile {
     }
 }
 
+/// A TLS redis-server's files from `pki` (certificate, key, CA), and its arguments, asking
+/// clients for a certificate when `client_certs`.
+pub(crate) fn tls_server(
+    pki: &support::tls::Pki,
+    client_certs: bool,
+) -> ([TempFile; 3], Vec<String>) {
+    let files = [
+        TempFile::new("redis.crt", pki.server_cert.as_bytes()),
+        TempFile::new("redis.key", pki.server_key.as_bytes()),
+        TempFile::new("ca.crt", pki.ca.as_bytes()),
+    ];
+    let args = [
+        "--tls-cert-file",
+        files[0].path(),
+        "--tls-key-file",
+        files[1].path(),
+        "--tls-ca-cert-file",
+        files[2].path(),
+        "--tls-auth-clients",
+        if client_certs { "yes" } else { "no" },
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    (files, args)
+}
+
 /// A fresh fleet secret of 48 random bytes.
 pub(crate) fn fleet_key() -> TempFile {
     TempFile::new("key", &rand::random::<[u8; 48]>())
@@ -511,20 +537,8 @@ async fn cold_herd(redis: &RedisServer, url: &str, toml: &str, pods: usize, per:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_an_acl_user_in_the_url_shares_tokens() {
     let pki = support::tls::test_pki();
-    let files = [
-        TempFile::new("redis.crt", pki.server_cert.as_bytes()),
-        TempFile::new("redis.key", pki.server_key.as_bytes()),
-        TempFile::new("ca.crt", pki.ca.as_bytes()),
-    ];
-    let args = [
-        "--tls-cert-file",
-        files[0].path(),
-        "--tls-key-file",
-        files[1].path(),
-        "--tls-ca-cert-file",
-        files[2].path(),
-        "--tls-auth-clients",
-        "no",
+    let (files, mut args) = tls_server(&pki, false);
+    let acl = [
         // The least an ACL user of the fleet tier needs: its keys, its channel, scripts.
         "--user",
         "default",
@@ -552,11 +566,9 @@ async fn rediss_with_an_acl_user_in_the_url_shares_tokens() {
         // Not for the sidecar: for this test's look at what Redis holds.
         "+scan",
     ];
-    let redis = RedisServer::start_with(
-        args.iter().map(|a| (*a).to_owned()).collect(),
-        Some(pki.ca.clone()),
-        Some("sidecar:s3cret-pw".into()),
-    );
+    args.extend(acl.map(str::to_owned));
+    let redis =
+        RedisServer::start_with(args, Some(pki.ca.clone()), Some("sidecar:s3cret-pw".into()));
     let toml = format!(
         "[shared]\nca_file = {:?}\ntimeout = \"1s\"\n",
         files[2].path()

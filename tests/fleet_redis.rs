@@ -2,7 +2,7 @@
 //! a real Redis Cluster of three masters, a primary with a replica and a Sentinel through a
 //! failover, mutual TLS, and a TCP proxy between the pods and Redis that adds latency, stalls and
 //! loses bytes. Each test counts provider calls against sidecar processes on loopback.
-use crate::fleet::{FORM, TempFile, fleet, fleet_key, token};
+use crate::fleet::{FORM, TempFile, fleet, fleet_key, tls_server, token};
 use crate::support;
 
 use futures_util::StreamExt as _;
@@ -317,25 +317,13 @@ async fn a_fleet_follows_a_sentinel_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_client_certificate_shares_tokens() {
     let pki = support::tls::test_pki();
-    let files = [
-        TempFile::new("redis.crt", pki.server_cert.as_bytes()),
-        TempFile::new("redis.key", pki.server_key.as_bytes()),
-        TempFile::new("ca.crt", pki.ca.as_bytes()),
+    let (server, args) = tls_server(&pki, true);
+    let client = [
         TempFile::new("client.crt", pki.client_cert.as_bytes()),
         TempFile::new("client.key", pki.client_key.as_bytes()),
     ];
-    let args = [
-        "--tls-cert-file",
-        files[0].path(),
-        "--tls-key-file",
-        files[1].path(),
-        "--tls-ca-cert-file",
-        files[2].path(),
-        "--tls-auth-clients",
-        "yes",
-    ];
     let redis = RedisServer::start_tls(
-        args.iter().map(|a| (*a).to_owned()).collect(),
+        args,
         Some(pki.ca.clone()),
         None,
         Some((pki.client_cert.clone(), pki.client_key.clone())),
@@ -345,9 +333,9 @@ async fn mutual_tls_with_a_client_certificate_shares_tokens() {
     let key = fleet_key();
     let with_cert = format!(
         "[shared]\nca_file = {:?}\ncert_file = {:?}\ncert_key_file = {:?}\ntimeout = \"1s\"\nrequired = true\n",
-        files[2].path(),
-        files[3].path(),
-        files[4].path()
+        server[2].path(),
+        client[0].path(),
+        client[1].path()
     );
     let (pods, _config) = fleet(&idp, &redis.url(), &key, &with_cert, 2).await;
     assert_eq!(herd(&pods, 20, FORM).await, 1);
@@ -357,7 +345,7 @@ async fn mutual_tls_with_a_client_certificate_shares_tokens() {
     // timeout, and with `required` the pod never says it is ready.
     let without = format!(
         "[shared]\nca_file = {:?}\ntimeout = \"1s\"\nrequired = true\n",
-        files[2].path()
+        server[2].path()
     );
     let config = TempFile::new("config.toml", without.as_bytes());
     let args = [
