@@ -36,6 +36,7 @@ SIDECAR = os.path.join(TARGET, "release", "token-sidecar")
 CEILING = os.path.join(TARGET, "release", "examples", "ceiling")
 PROVIDER = os.path.join(TARGET, "release", "examples", "provider")
 STORM = os.path.join(TARGET, "release", "examples", "storm")
+FLOOR = os.path.join(TARGET, "release", "examples", "floor")
 PROFILE_SIDECAR = os.path.join(ROOT, "target", "bench-profile", "release", "token-sidecar")
 
 sys.dont_write_bytecode = True  # no __pycache__ in bench/
@@ -44,22 +45,25 @@ import loads  # noqa: E402  (running the loads and reading their outputs)
 
 
 def check_binaries():
-    """Fails loudly when a binary the run needs is missing or older than the sources: a stale
-    build would measure other code than the tree's."""
-    newest = 0.0
-    for folder in ("src", "bench"):
-        for base, _, files in os.walk(os.path.join(ROOT, folder)):
-            for name in files:
-                if name.endswith(".rs"):
-                    newest = max(newest, os.path.getmtime(os.path.join(base, name)))
-    for name in ("Cargo.toml", "Cargo.lock"):
-        newest = max(newest, os.path.getmtime(os.path.join(ROOT, name)))
-    for binary in (SIDECAR, CEILING, PROVIDER, STORM):
+    """Fails loudly when a binary the run needs is missing or older than its Rust sources (the
+    sidecar's: src/; an example's: src/ and its own file in bench/): a stale build would measure
+    other code than the tree's. Cargo.toml is left out: an edit that changes no binary relinks
+    none."""
+    found = 0.0
+    for base, _, files in os.walk(os.path.join(ROOT, "src")):
+        for name in files:
+            if name.endswith(".rs"):
+                found = max(found, os.path.getmtime(os.path.join(base, name)))
+    sources = {SIDECAR: found}
+    for binary in (CEILING, PROVIDER, STORM, FLOOR):
+        own = os.path.join(BENCH, os.path.basename(binary) + ".rs")
+        sources[binary] = max(found, os.path.getmtime(own))
+    for binary, newest_source in sources.items():
         if not os.path.exists(binary):
             sys.exit("bench: %s is missing: build with `cargo build --release --bin token-sidecar` "
                      "then `cargo build --release --example ceiling --example provider --example "
-                     "storm` (CARGO_TARGET_DIR=%s)" % (binary, TARGET))
-        if os.path.getmtime(binary) < newest:
+                     "storm --example floor` (CARGO_TARGET_DIR=%s)" % (binary, TARGET))
+        if os.path.getmtime(binary) < newest_source:
             sys.exit("bench: %s is older than the sources: rebuild it (bench/run.sh does)" % binary)
 
 
@@ -1077,7 +1081,9 @@ def h2load(run, url, seconds, post_file=None, connections=64):
             "errors_timeout": counts.get("timeout", 0)}
 
 
-PASS_TARGETS = ("upstream", "sidecar", "nginx")
+PASS_TARGETS = ("upstream", "sidecar", "nginx", "floor")
+PASS_LABELS = {"upstream": "upstream alone", "sidecar": "sidecar", "nginx": "nginx",
+               "floor": "hyper floor"}
 PASS_CASES = ("GET h1", "POST h1", "GET h2c", "POST h2c")
 PASS_PATH = "/api/v2/users/me"
 
@@ -1097,6 +1103,8 @@ def scenario_passthrough(run):
                                         [CEILING, "127.0.0.1:0", "-", "1", "auto"])
     sidecar = Sidecar(run, "passthrough", None,
                       routes=[{"name": "pass", "upstream": "http://" + up_addr}])
+    # The stack's own limit for an HTTP/1.1 proxy (bench/floor.rs); it has no h2c listener.
+    floor, floor_addr = run.spawn("pass-floor", [FLOOR, "127.0.0.1:0", up_addr])
     h1, h2c = "127.0.0.1:%d" % free_port(), "127.0.0.1:%d" % free_port()
     _, nginx_worker, nginx_config = start_nginx(run, "passthrough-nginx", up_addr, h1, h2c)
     post_file = os.path.join(run.out, "pass-body.bin")
@@ -1106,7 +1114,11 @@ def scenario_passthrough(run):
     # (HTTP/1.1 address, h2c address, the pid whose CPU is measured for each)
     targets = {"upstream": (up_addr, up_h2_addr, (upstream.pid, upstream_h2.pid)),
                "sidecar": (listen, listen, (sidecar.proc.pid,) * 2),
-               "nginx": (h1, h2c, (nginx_worker,) * 2)}
+               "nginx": (h1, h2c, (nginx_worker,) * 2),
+               "floor": (floor_addr, None, (floor.pid, None))}
+
+    def serves(name, case):
+        return not (name == "floor" and case.endswith("h2c"))
     # Each target answers the upstream's bytes to both methods.
     expected = http("GET", "http://%s%s" % (up_addr, PASS_PATH))[2]
     checks = {}
@@ -1127,13 +1139,16 @@ def scenario_passthrough(run):
 
     for name in PASS_TARGETS:  # warm all: connections to the upstream, allocator, CPU caches
         load(name, "GET h1", 1)
-        if not run.quick:
+        if not run.quick and serves(name, "GET h2c"):
             load(name, "GET h2c", 1)
-    results = {case: {name: [] for name in PASS_TARGETS} for case in PASS_CASES}
+    results = {case: {name: [] for name in PASS_TARGETS if serves(name, case)}
+               for case in PASS_CASES}
     for r in range(rounds):
         order = PASS_TARGETS if r % 2 == 0 else tuple(reversed(PASS_TARGETS))
         for case in PASS_CASES:
             for name in order:
+                if not serves(name, case):
+                    continue
                 pid = targets[name][2][case.endswith("h2c")]
                 before = cpu_seconds(pid)
                 result = load(name, case, seconds)
@@ -1152,7 +1167,13 @@ def scenario_passthrough(run):
     for case, runs in results.items():
         def paired(key, of="sidecar", to="nginx", runs=runs):
             return [a[key] / max(b[key], 1e-9) for a, b in zip(runs[of], runs[to])]
+        floor_ratios = {}
+        if "floor" in runs:
+            floor_ratios = {"sidecar_of_floor": statistics.median(paired("rps", to="floor")),
+                            "floor_of_nginx": statistics.median(paired("rps", "floor")),
+                            "floor_cpu_of_nginx": statistics.median(paired("cpu_us", "floor"))}
         cases[case] = {
+            **floor_ratios,
             "summary": {name: {k: statistics.median(x[k] for x in runs[name]) for k in keys}
                         for name in runs},
             "errors": {name: sum(x[k] for x in runs[name] for k in x if k.startswith("errors_"))
@@ -1406,27 +1427,35 @@ def render_passthrough(w, x):
       "system time from /proc over the requests answered; for nginx it is the worker's.\n"
       % (x["upstream_body_bytes"], x["config"], x["nginx_version"].replace("nginx version: ", ""),
          x["nginx_config"], PASS_PATH, x["rounds"], x["seconds"]))
+    w("The hyper floor (`bench/floor.rs`, HTTP/1.1 rows only) is the least a proxy on the "
+      "sidecar's own stack can do: hyper's HTTP/1.1 server and client connections on a "
+      "current-thread runtime, each caller connection with an upstream connection of its own, "
+      "nothing else (no pool, routing, header rewriting or timeouts).\n")
     w("| path | target | req/s | p50 | p99 | max | CPU per request (user + sys) | errors |\n"
       "|---|---|---|---|---|---|---|---|")
     for case, c in x["cases"].items():
         for name in PASS_TARGETS:
+            if name not in c["summary"]:
+                continue
             y = c["summary"][name]
             w("| %s | %s | %.0f | %s | %s | %s | %.1f + %.1f µs | %d |"
-              % (case, {"upstream": "upstream alone", "sidecar": "sidecar",
-                        "nginx": "nginx"}[name], y["rps"], us(y["p50_us"]), us(y["p99_us"]),
+              % (case, PASS_LABELS[name], y["rps"], us(y["p50_us"]), us(y["p99_us"]),
                  us(y["max_us"]), y["user_us"], y["sys_us"], c["errors"][name]))
     w("\n| path | sidecar/nginx req/s (target ≥ 1.0) | sidecar/nginx p99 (target ≤ 1.2) | "
       "sidecar/nginx CPU per request | sidecar, nginx req/s of the upstream alone | "
-      "per round (req/s, p99) |\n|---|---|---|---|---|---|")
+      "hyper floor/nginx req/s, CPU per request | sidecar/hyper floor req/s | "
+      "per round (req/s, p99) |\n|---|---|---|---|---|---|---|---|")
     for case, c in x["cases"].items():
-        w("| %s | **%.2f** | **%.2f** | %.2f | %.2f, %.2f | %s |"
+        floor = ("%.2f, %.2f" % (c["floor_of_nginx"], c["floor_cpu_of_nginx"])
+                 if "floor_of_nginx" in c else "—")
+        w("| %s | **%.2f** | **%.2f** | %.2f | %.2f, %.2f | %s | %s | %s |"
           % (case, c["rps_ratio"], c["p99_ratio"], c["cpu_ratio"], c["sidecar_of_upstream"],
-             c["nginx_of_upstream"],
+             c["nginx_of_upstream"], floor,
+             "%.2f" % c["sidecar_of_floor"] if "sidecar_of_floor" in c else "—",
              "; ".join("%.2f, %.2f" % rp for rp in zip(c["rps_ratio_per_round"],
                                                        c["p99_ratio_per_round"]))))
     w("\nChecks before the rounds (status of a GET and a 4 KiB POST through each target, each "
-      "answering the upstream's bytes): %s. No optimisation of the forward path yet: these "
-      "are the figures issue 24 starts from.\n"
+      "answering the upstream's bytes): %s.\n"
       % ", ".join("%s %d" % kv for kv in x["checks"].items()))
 
 

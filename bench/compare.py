@@ -3,8 +3,11 @@
 the base revision.
 
     python3 bench/compare.py --base BINARY --new BINARY [--rounds N] [--seconds S] [--out FILE]
+                             [--path hit|pass|pass-post]
 
-Both builds serve the same cached key from the same provider. In each setup (isolated: one worker
+With `--path hit` (the default) both builds serve the same cached key from the same provider;
+with `pass` they forward `GET /api/v2/users/me` on a `[[routes]]` route to the same upstream (the
+ceiling, as in the pass-through scenario), with `pass-post` a 4 KiB POST to it. In each setup (isolated: one worker
 pinned to a CPU and wrk pinned to another; shared: default workers, nothing pinned) the rounds
 alternate between the builds, flipping the order every round, and each round's new/base ratio is
 kept. The verdict per figure: `gain` or `loss` when the middle half of the per-round ratios (the
@@ -37,28 +40,46 @@ def verdict(ratios, higher_is_better):
     return "noise"
 
 
-def setup_rounds(run, setup, prov_addr, binaries, rounds, seconds, cpus):
+def start_servers(run, setup, path, prov_addr, binaries, server_prefix, workers):
+    """Each build, ready for `path`'s load: (servers, urls, wrk options)."""
+    if path == "hit":
+        servers = {name: bench.Sidecar(run, "compare-%s-%s" % (setup, name), prov_addr,
+                                       binary=binary, prefix=server_prefix, workers=workers)
+                   for name, binary in binaries.items()}
+        urls = {}
+        for name, sidecar in servers.items():
+            url = "http://" + sidecar.listen
+            for _ in range(2):  # the first request fills the cache, the second must be a hit
+                status, headers, _ = bench.token_request(url)
+                assert status == 200, (name, status)
+            assert "hit" in headers.get("cache-status", ""), (name, headers)
+            urls[name] = url + "/oauth/token"
+        return servers, urls, {}
+    servers = {name: bench.Sidecar(run, "compare-%s-%s" % (setup, name), None, binary=binary,
+                                   prefix=server_prefix, workers=workers,
+                                   routes=[{"name": "pass", "upstream": "http://" + prov_addr}])
+               for name, binary in binaries.items()}
+    urls = {name: "http://" + s.listens["pass"] + bench.PASS_PATH for name, s in servers.items()}
+    for name, url in urls.items():
+        status, _, _ = bench.http("GET", url)
+        assert status == 200, (name, status)
+    return servers, urls, {"script": "pass.lua", "args": ["post"] if path == "pass-post" else ()}
+
+
+def setup_rounds(run, setup, path, prov_addr, binaries, rounds, seconds, cpus):
     client_prefix = ["taskset", "-c", cpus[0]] if cpus else []
     server_prefix = ["taskset", "-c", cpus[1]] if cpus else []
     workers = 1 if cpus else 0
-    servers = {name: bench.Sidecar(run, "compare-%s-%s" % (setup, name), prov_addr, binary=path,
-                                   prefix=server_prefix, workers=workers)
-               for name, path in binaries.items()}
-    urls = {}
-    for name, sidecar in servers.items():
-        url = "http://" + sidecar.listen
-        for _ in range(2):  # the first request fills the cache, the second must be a hit
-            status, headers, _ = bench.token_request(url)
-            assert status == 200, (name, status)
-        assert "hit" in headers.get("cache-status", ""), (name, headers)
-        urls[name] = url + "/oauth/token"
-        bench.wrk(run, urls[name], 1, prefix=client_prefix)  # warm connections and caches
+    servers, urls, load = start_servers(run, setup, path, prov_addr, binaries, server_prefix,
+                                        workers)
+    for url in urls.values():
+        bench.wrk(run, url, 1, prefix=client_prefix, **load)  # warm connections and caches
     runs = {name: [] for name in servers}
     for r in range(rounds):
         for name in (["base", "new"] if r % 2 == 0 else ["new", "base"]):
             pid = servers[name].proc.pid
             before = bench.cpu_seconds(pid)
-            result = bench.wrk(run, urls[name], seconds, prefix=client_prefix)
+            result = bench.wrk(run, urls[name], seconds, prefix=client_prefix, **load)
             after = bench.cpu_seconds(pid)
             result["cpu_us"] = (sum(after) - sum(before)) * 1e6 / max(result["requests"], 1)
             runs[name].append(result)
@@ -85,8 +106,8 @@ def report(setups, args):
             lines.append("| %s | %s | %.0f | %.0f | %.3f | %.2f–%.2f | %.3f–%.3f | %s |" % (
                 setup, names[key], f["base"], f["new"], f["ratio"], f["min"], f["max"],
                 f["iqr"][0], f["iqr"][1], f["verdict"]))
-    head = "%d paired rounds of %d s per setup; base %s, new %s\n\n" % (
-        args.rounds, args.seconds, bench.rel(args.base), bench.rel(args.new))
+    head = "%d paired rounds of %d s per setup, path %s; base %s, new %s\n\n" % (
+        args.rounds, args.seconds, args.path, bench.rel(args.base), bench.rel(args.new))
     return head + "\n".join(lines) + "\n"
 
 
@@ -97,6 +118,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(bench.BENCH, "out", "COMPARE.md"))
+    parser.add_argument("--path", choices=("hit", "pass", "pass-post"), default="hit",
+                        help="the cache-hit path, or pass-through (GET, or a 4 KiB POST)")
     args = parser.parse_args()
     for path in (args.base, args.new):
         if not os.access(path, os.X_OK):
@@ -107,14 +130,18 @@ def main():
     run.scenario = "compare"
     setups = {}
     try:
-        prov, prov_addr = bench.start_provider(run, "compare-provider", lifetime=3600, call_log=0,
-                                               token_bytes=1024)
+        if args.path == "hit":
+            prov, prov_addr = bench.start_provider(run, "compare-provider", lifetime=3600,
+                                                   call_log=0, token_bytes=1024)
+        else:  # the pass-through scenario's upstream: the ceiling, HTTP/1.1, one thread
+            prov, prov_addr = run.spawn("compare-upstream",
+                                        [bench.CEILING, "127.0.0.1:0", "-", "1", "http1"])
         binaries = {"base": args.base, "new": args.new}
         cpus = bench.isolation_cpus()
         if cpus:
-            setups["isolated"] = setup_rounds(run, "isolated", prov_addr, binaries,
+            setups["isolated"] = setup_rounds(run, "isolated", args.path, prov_addr, binaries,
                                               args.rounds, args.seconds, cpus)
-        setups["shared"] = setup_rounds(run, "shared", prov_addr, binaries,
+        setups["shared"] = setup_rounds(run, "shared", args.path, prov_addr, binaries,
                                         args.rounds, args.seconds, None)
         bench.stop(prov)
     finally:

@@ -2,7 +2,7 @@
 # Paired hit-path rounds of the working tree's build against another revision's, in one run: what
 # a hit-path change must show before it stays (bench/README.md, "The rule for the hit path").
 #
-#   bash bench/compare.sh BASE_REV [--rounds N] [--seconds S]
+#   bash bench/compare.sh BASE_REV [--rounds N] [--seconds S] [--path hit|pass|pass-post]
 #
 # Builds the working tree (cargo build --release, then the provider example) and BASE_REV (in a
 # detached git worktree under $CARGO_TARGET_DIR/compare, with its own target directory), then runs
@@ -24,8 +24,9 @@ fi
 target=${CARGO_TARGET_DIR:-target}
 case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 cargo build --release --bin token-sidecar
-# The provider both builds are served by, built apart so the binary keeps its own features.
-cargo build --release --example provider
+# The provider (hit path) or upstream (pass-through) both builds are served by, built apart so the
+# binary keeps its own features.
+cargo build --release --example provider --example ceiling
 new_bin="$target/release/token-sidecar"
 
 work="$target/compare"
