@@ -94,7 +94,7 @@ impl Forwarder {
     /// connection's `slot` under the listener's cap while it lasts.
     fn splice(
         &self,
-        mut response: Response<hyper::body::Incoming>,
+        mut response: Response<crate::pool::PooledBody>,
         client: hyper::upgrade::OnUpgrade,
         slot: Option<ConnectionSlot>,
     ) -> Response<Body> {

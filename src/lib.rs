@@ -17,7 +17,7 @@
 //! - [`forward`]: streaming pass-through proxying, upgrades included; [`inject`]: a route's
 //!   bearer added to what it forwards, from the token path's machinery, refreshed on 401;
 //! - [`upstream`]: the HTTP client towards the provider (request rewriting, TLS, timeouts,
-//!   pooling, the token exchange), shared by the two above;
+//!   the token exchange), shared by the two above, over [`pool`]'s keep-alive connections;
 //! - [`admin`]: liveness, readiness, metrics and `/status` endpoints; [`status`]: the `/status`
 //!   document's types, which the token path fills and [`cli::status`] prints;
 //! - [`metrics`], [`telemetry`]: observability, free of secrets;
@@ -39,6 +39,7 @@ pub(crate) mod forward;
 pub(crate) mod inject;
 pub(crate) mod metrics;
 pub mod path;
+pub(crate) mod pool;
 pub(crate) mod router;
 pub(crate) mod server;
 pub mod status;

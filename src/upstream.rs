@@ -11,11 +11,8 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -25,6 +22,7 @@ use std::time::Duration;
 use crate::body::{Body, full};
 use crate::config::{ClientConfig, RouteConfig, UpstreamUrl};
 use crate::error::Error;
+use crate::pool::{Pool, PooledBody};
 
 /// Why an upstream exchange produced no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +113,7 @@ pub(crate) struct Upstream {
     pub request_timeout: Duration,
     /// Send the caller's `Host` instead of [`Self::host`].
     preserve_host: bool,
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    pool: Pool,
 }
 
 impl Upstream {
@@ -137,14 +135,20 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            // What a pass-through stream may buffer from the provider while its caller reads
-            // slowly (hyper's default grows to about 400 KiB per connection).
-            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-            .http2_initial_stream_window_size(UPSTREAM_READ_BUFFER as u32)
-            .pool_idle_timeout(route.client.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let target = Uri::builder()
+            .scheme(route.upstream.scheme.clone())
+            .authority(route.upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("route {}: upstream: {e}", route.name))?;
+        // What a pass-through stream may buffer from the provider while its caller reads slowly
+        // (hyper's default grows to about 400 KiB per connection).
+        let pool = Pool::new(
+            connector,
+            target,
+            route.client.pool_idle_timeout,
+            UPSTREAM_READ_BUFFER,
+        );
         Ok(Upstream {
             host: HeaderValue::from_str(route.upstream.authority.as_str()).map_err(|_| {
                 format!("route {}: upstream host is not a valid header", route.name)
@@ -152,18 +156,19 @@ impl Upstream {
             url: route.upstream.clone(),
             request_timeout: route.client.request_timeout,
             preserve_host: route.preserve_host,
-            client,
+            pool,
         })
     }
 
     /// Rewrites a local request's head for the provider: hop-by-hop headers dropped, `Host`
-    /// set (unless preserved), the provider's scheme and authority, HTTP/1.1.
+    /// set (unless preserved), the URI in origin form (the path and query: the connection is the
+    /// provider's), HTTP/1.1.
     pub(crate) fn outbound(&self, mut parts: Parts, body: Body) -> Request<Body> {
         strip_hop_by_hop(&mut parts.headers);
         if !self.preserve_host || !parts.headers.contains_key(header::HOST) {
             parts.headers.insert(header::HOST, self.host.clone());
         }
-        parts.uri = self.uri(parts.uri.path_and_query());
+        parts.uri = origin_form(parts.uri);
         parts.version = Version::HTTP_11;
         Request::from_parts(parts, body)
     }
@@ -211,29 +216,29 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a local request's path and query.
-    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.url.scheme.clone());
-        parts.authority = Some(self.url.authority.clone());
-        parts.path_and_query = Some(
-            path_and_query
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        // `from_parts` refuses only a scheme without an authority, or an authority without a
-        // path: all three parsed values are here.
-        Uri::from_parts(parts).unwrap_or_else(|_| unreachable!("scheme, authority and path"))
-    }
-
     /// Sends a request and waits up to the request timeout for the response head.
-    pub(crate) async fn send(&self, request: Request<Body>) -> Result<Response<Incoming>, Failure> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+    pub(crate) async fn send(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<PooledBody>, Failure> {
+        match tokio::time::timeout(self.request_timeout, self.pool.send(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(Failure::Unavailable(describe(&e))),
+            Ok(Err(e)) => Err(Failure::Unavailable(describe(e.source_error()))),
             Err(_) => Err(Failure::Timeout),
         }
     }
+}
+
+/// `uri` in origin form: its path and query (`/` when it has none).
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some() {
+        return uri;
+    }
+    let path_and_query = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(path_and_query)
 }
 
 /// Most bytes read ahead from the provider per connection (HTTP/1.1) or stream (HTTP/2).

@@ -1,0 +1,441 @@
+//! Keep-alive HTTP/1.1 connections to one provider. A request takes the connection that went idle
+//! last (the one most likely still open), or opens one; the connection goes back to the pool when
+//! its response body has been read to the end, and is closed when the body is dropped before that,
+//! when it answered `101` (an upgrade owns it from then on), or when it has been idle for the
+//! pool's idle timeout. A request that a reused connection closed under before writing it is sent
+//! once more on a new connection, as hyper-util's pooled client does.
+//!
+//! hyper's own connection API under a lock-guarded stack: per request, no hash of the host, no
+//! spawned task to watch for the connection's return, no boxed connect future (what hyper-util's
+//! legacy client spends on every call; the pass-through floor in bench/ shows the difference).
+
+use bytes::Bytes;
+use http::uri::Uri;
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::body::{Body, BoxError};
+
+/// A connection that waits for its next request.
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+struct Inner {
+    connector: HttpsConnector<HttpConnector>,
+    /// The provider's scheme and authority: what the connector dials.
+    target: Uri,
+    idle: Mutex<Vec<Idle>>,
+    idle_timeout: Duration,
+    /// Most bytes read ahead from the provider per connection.
+    read_buffer: usize,
+    /// Whether the task that closes connections idle too long runs.
+    reaping: std::sync::atomic::AtomicBool,
+}
+
+/// The connections to one provider.
+#[derive(Clone)]
+pub(crate) struct Pool(Arc<Inner>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.0.target)
+            .field("idle_timeout", &self.0.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// Connecting (TCP or TLS) failed.
+    Connect(BoxError),
+    /// The exchange on an open connection failed.
+    Exchange(hyper::Error),
+}
+
+impl SendError {
+    /// The error as a chain, for [`crate::upstream`]'s one-line description.
+    pub(crate) fn source_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            SendError::Connect(e) => e.as_ref(),
+            SendError::Exchange(e) => e,
+        }
+    }
+}
+
+impl Pool {
+    /// A pool dialling `target` (scheme and authority) with `connector`.
+    pub(crate) fn new(
+        connector: HttpsConnector<HttpConnector>,
+        target: Uri,
+        idle_timeout: Duration,
+        read_buffer: usize,
+    ) -> Pool {
+        Pool(Arc::new(Inner {
+            connector,
+            target,
+            idle: Mutex::new(Vec::new()),
+            idle_timeout,
+            read_buffer,
+            reaping: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Sends `request` and waits for the response head. Its URI is written as it is: origin form
+    /// (path and query) is the caller's to make.
+    pub(crate) async fn send(
+        &self,
+        mut request: Request<Body>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.returning(sender, response)),
+                Err(mut failed) => match failed.take_message() {
+                    // The connection closed before the request was written: a new one gets it.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(SendError::Exchange(failed.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The idle connection used last, ready for a request; `None` when there is none.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let idle = self
+                .0
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()?;
+            if idle.since.elapsed() >= self.0.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            let mut sender = idle.sender;
+            // Usually ready at once; a connection put back as its body ended may still be
+            // finishing that response.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    /// Opens a connection and runs it on a task of its own.
+    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+        self.reap_idle();
+        let io = self
+            .0
+            .connector
+            .clone()
+            .call(self.0.target.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(self.0.read_buffer)
+            .handshake(io)
+            .await
+            .map_err(SendError::Exchange)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection closed with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The response, its body handing the connection back once read to the end.
+    fn returning(
+        &self,
+        sender: SendRequest<Body>,
+        response: Response<Incoming>,
+    ) -> Response<PooledBody> {
+        // An upgraded connection is the tunnel's.
+        let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| (sender, Arc::downgrade(&self.0)));
+        response.map(|body| PooledBody {
+            body,
+            back,
+            ended: false,
+        })
+    }
+
+    /// Starts, once, the task that closes connections idle past the timeout (every quarter of
+    /// it); the task ends with the pool.
+    fn reap_idle(&self) {
+        use std::sync::atomic::Ordering;
+        if self.0.reaping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(&self.0);
+        let every = (self.0.idle_timeout / 4).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let timeout = pool.idle_timeout;
+                pool.idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|idle| idle.since.elapsed() < timeout && !idle.sender.is_closed());
+            }
+        });
+    }
+}
+
+impl Inner {
+    fn put_back(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let idle = Idle {
+            sender,
+            since: Instant::now(),
+        };
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(idle);
+    }
+}
+
+/// A provider's response body; its connection goes back to the pool when it has been read to the
+/// end (and is closed if it is dropped before).
+pub(crate) struct PooledBody {
+    body: Incoming,
+    back: Option<(SendRequest<Body>, Weak<Inner>)>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    fn end(&mut self) {
+        self.ended = true;
+        if let Some((sender, pool)) = self.back.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            pool.put_back(sender);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            None => self.end(),
+            Some(Ok(_)) if self.body.is_end_stream() => self.end(),
+            Some(Ok(_)) => {}
+            // A broken body: the connection is not reused.
+            Some(Err(_)) => self.back = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body with nothing in it may never be polled.
+        if !self.ended && self.body.is_end_stream() {
+            self.end();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A provider on loopback answering `hello` to everything and counting the connections it
+    /// accepted; with `keep_alive` false it closes each connection after one answer.
+    async fn provider(keep_alive: bool) -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_request| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"hello"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}/").parse().unwrap(), accepted)
+    }
+
+    fn pool(target: Uri, idle_timeout: Duration) -> Pool {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Pool::new(connector, target, idle_timeout, 64 * 1024)
+    }
+
+    fn get(uri: &Uri) -> Request<Body> {
+        Request::builder()
+            .uri("/x")
+            .header(http::header::HOST, uri.authority().unwrap().as_str())
+            .body(crate::body::empty())
+            .unwrap()
+    }
+
+    async fn read(pool: &Pool, uri: &Uri) -> Bytes {
+        let response = pool.send(get(uri)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    fn idle(pool: &Pool) -> usize {
+        pool.0.idle.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_to_the_end_is_used_again() {
+        let (uri, accepted) = provider(true).await;
+        let pool = pool(uri.clone(), Duration::from_secs(90));
+        for _ in 0..20 {
+            assert_eq!(read(&pool, &uri).await, "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(idle(&pool), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_open_connections_that_all_come_back() {
+        let (uri, accepted) = provider(true).await;
+        let pool = pool(uri.clone(), Duration::from_secs(90));
+        for _ in 0..3 {
+            let calls: Vec<_> = (0..10)
+                .map(|_| {
+                    let (pool, uri) = (pool.clone(), uri.clone());
+                    tokio::spawn(async move { read(&pool, &uri).await })
+                })
+                .collect();
+            for call in calls {
+                assert_eq!(call.await.unwrap(), "hello");
+            }
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=10).contains(&opened),
+            "{opened} connections for 10 at a time"
+        );
+        assert_eq!(idle(&pool), opened, "every connection is back");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_closes_its_connection() {
+        let (uri, accepted) = provider(true).await;
+        let pool = pool(uri.clone(), Duration::from_secs(90));
+        let response = pool.send(get(&uri)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        drop(response);
+        assert_eq!(idle(&pool), 0);
+        assert_eq!(read(&pool, &uri).await, "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_provider_closed_is_not_used() {
+        let (uri, accepted) = provider(false).await;
+        let pool = pool(uri.clone(), Duration::from_secs(90));
+        for _ in 0..5 {
+            assert_eq!(read(&pool, &uri).await, "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (uri, accepted) = provider(true).await;
+        let pool = pool(uri.clone(), Duration::from_millis(200));
+        assert_eq!(read(&pool, &uri).await, "hello");
+        assert_eq!(idle(&pool), 1);
+        // The reaper runs every 100 ms here: the connection is gone within a few of its rounds.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while idle(&pool) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the idle connection was never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(read(&pool, &uri).await, "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_is_down_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(listener);
+        let error = pool(uri.clone(), Duration::from_secs(90))
+            .send(get(&uri))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SendError::Connect(_)), "{error:?}");
+    }
+}
