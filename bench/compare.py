@@ -3,11 +3,13 @@
 the base revision.
 
     python3 bench/compare.py --base BINARY --new BINARY [--rounds N] [--seconds S] [--out FILE]
-                             [--path hit|pass|pass-post]
+                             [--path hit|pass|pass-post|inject]
 
 With `--path hit` (the default) both builds serve the same cached key from the same provider;
 with `pass` they forward `GET /api/v2/users/me` on a `[[routes]]` route to the same upstream (the
-ceiling, as in the pass-through scenario), with `pass-post` a 4 KiB POST to it. In each setup (isolated: one worker
+ceiling, as in the pass-through scenario), with `pass-post` a 4 KiB POST to it; with `inject` they
+forward the provider's `GET /api/v2/users/me` on a route that injects its bearer (the inject
+scenario's `inject` route). In each setup (isolated: one worker
 pinned to a CPU and wrk pinned to another; shared: default workers, nothing pinned) the rounds
 alternate between the builds, flipping the order every round, and each round's new/base ratio is
 kept. The verdict per figure: `gain` or `loss` when the middle half of the per-round ratios (the
@@ -55,15 +57,24 @@ def start_servers(run, setup, path, prov_addr, binaries, server_prefix, workers)
             assert "hit" in headers.get("cache-status", ""), (name, headers)
             urls[name] = url + "/oauth/token"
         return servers, urls, {}
+    route = {"name": "pass", "upstream": "http://" + prov_addr}
+    script = "pass.lua"
+    if path == "inject":
+        secret = os.path.join(run.out, "compare-inject.secret")
+        with open(secret, "w") as f:
+            f.write(bench.INJECT_CLIENT[1] + "\n")
+        route["inject"] = {"token_url": "http://%s/oauth/token" % prov_addr,
+                           "client_id": bench.INJECT_CLIENT[0],
+                           "client_secret_file": bench.rel(secret)}
+        script = "api.lua"
     servers = {name: bench.Sidecar(run, "compare-%s-%s" % (setup, name), None, binary=binary,
-                                   prefix=server_prefix, workers=workers,
-                                   routes=[{"name": "pass", "upstream": "http://" + prov_addr}])
+                                   prefix=server_prefix, workers=workers, routes=[route])
                for name, binary in binaries.items()}
     urls = {name: "http://" + s.listens["pass"] + bench.PASS_PATH for name, s in servers.items()}
     for name, url in urls.items():
         status, _, _ = bench.http("GET", url)
         assert status == 200, (name, status)
-    return servers, urls, {"script": "pass.lua", "args": ["post"] if path == "pass-post" else ()}
+    return servers, urls, {"script": script, "args": ["post"] if path == "pass-post" else ()}
 
 
 def setup_rounds(run, setup, path, prov_addr, binaries, rounds, seconds, cpus):
@@ -118,8 +129,9 @@ def main():
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(bench.BENCH, "out", "COMPARE.md"))
-    parser.add_argument("--path", choices=("hit", "pass", "pass-post"), default="hit",
-                        help="the cache-hit path, or pass-through (GET, or a 4 KiB POST)")
+    parser.add_argument("--path", choices=("hit", "pass", "pass-post", "inject"), default="hit",
+                        help="the cache-hit path, pass-through (GET, or a 4 KiB POST), or an "
+                        "injecting route")
     args = parser.parse_args()
     for path in (args.base, args.new):
         if not os.access(path, os.X_OK):
@@ -130,7 +142,7 @@ def main():
     run.scenario = "compare"
     setups = {}
     try:
-        if args.path == "hit":
+        if args.path in ("hit", "inject"):
             prov, prov_addr = bench.start_provider(run, "compare-provider", lifetime=3600,
                                                    call_log=0, token_bytes=1024)
         else:  # the pass-through scenario's upstream: the ceiling, HTTP/1.1, one thread

@@ -2,7 +2,7 @@
 # Paired hit-path rounds of the working tree's build against another revision's, in one run: what
 # a hit-path change must show before it stays (bench/README.md, "The rule for the hit path").
 #
-#   bash bench/compare.sh BASE_REV [--rounds N] [--seconds S] [--path hit|pass|pass-post]
+#   bash bench/compare.sh BASE_REV [--rounds N] [--seconds S] [--path hit|pass|pass-post|inject]
 #
 # Builds the working tree (cargo build --release, then the provider example) and BASE_REV (in a
 # detached git worktree under $CARGO_TARGET_DIR/compare, with its own target directory), then runs

@@ -6,7 +6,8 @@
 //! tier. An upstream 401 (or a 403 saying `invalid_token`) drops that token if it is still the
 //! cached one and retries the request once with a new one, when the request can be sent again.
 //! Without a token to be had, the caller gets 429 or 503 with `Retry-After`, and nothing is
-//! forwarded.
+//! forwarded. The route's own bearer is kept for up to [`MEMO`] (never past half the token's
+//! remaining life) so that a busy route asks its token path once a second, not once a call.
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -15,7 +16,9 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::body::{Body, boxed, full};
@@ -44,6 +47,63 @@ pub(crate) struct Injector {
     retry_body_limit: usize,
     /// How long a body kept for a retry may take to arrive (`limits.body_read_timeout`).
     body_read_timeout: std::time::Duration,
+    /// The route's bearer as the token path last gave it, while it may be used without asking.
+    memo: BearerMemo,
+}
+
+/// Longest a bearer is used without asking the token path again: a token the cache dropped (a
+/// 401 elsewhere, a new one from the fleet) stops being sent within this.
+const MEMO: Duration = Duration::from_secs(1);
+
+/// The route's last bearer and until when it may be used without asking the token path.
+#[derive(Debug, Default)]
+struct BearerMemo(Mutex<Option<(Bearer, Instant)>>);
+
+impl BearerMemo {
+    /// The bearer, if it may still be used at `now`.
+    fn get(&self, now: Instant) -> Option<Bearer> {
+        let memo = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        memo.as_ref()
+            .filter(|(_, until)| now < *until)
+            .map(|(bearer, _)| bearer.clone())
+    }
+
+    /// Keeps `bearer` from `now` for [`MEMO`], or half the token's remaining life
+    /// (`expires_in`, seconds) if that is shorter; not at all without one.
+    fn put(&self, bearer: &Bearer, expires_in: Option<u64>, now: Instant) {
+        let life = expires_in.map_or(Duration::ZERO, |s| Duration::from_secs(s) / 2);
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((bearer.clone(), now + life.min(MEMO)));
+    }
+
+    /// Forgets the bearer if it is `rejected` (an API refused it).
+    fn forget(&self, rejected: &Bearer) {
+        let mut memo = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if memo
+            .as_ref()
+            .is_some_and(|(bearer, _)| bearer.token == rejected.token)
+        {
+            *memo = None;
+        }
+    }
+}
+
+/// A token and its `Authorization` value.
+#[derive(Debug, Clone)]
+struct Bearer {
+    token: Arc<str>,
+    header: HeaderValue,
+}
+
+impl Bearer {
+    fn new(token: &str) -> Option<Bearer> {
+        let mut header = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        header.set_sensitive(true);
+        Some(Bearer {
+            token: Arc::from(token),
+            header,
+        })
+    }
 }
 
 /// What the token request's head is made of (a `Parts` is not `Clone`).
@@ -158,6 +218,7 @@ impl Injector {
             client: crate::channels::digest(config.client_id.as_bytes()),
             retry_body_limit: config.retry_body_limit,
             body_read_timeout,
+            memo: BearerMemo::default(),
         }
     }
 
@@ -238,10 +299,11 @@ impl Injector {
         }
         // Compare-and-drop: of many callers rejected with this token, one drops it, and they
         // all share the one call for the next.
+        self.memo.forget(&token);
         let (head, form) = self.token_request(&call);
-        self.tokens.revoke(&head, &form, &token).await;
+        self.tokens.revoke(&head, &form, &token.token).await;
         let fresh = match self.bearer(&call).await {
-            Ok(fresh) if fresh != token => fresh,
+            Ok(fresh) if fresh.token != token.token => fresh,
             _ => return first,
         };
         debug!(route = %self.route, "upstream rejected the injected token: retried with a new one");
@@ -253,7 +315,11 @@ impl Injector {
     /// The bearer token now, or the caller's refusal: 429 when the provider throttles, 401 when
     /// it refuses a caller's own credentials, else 503, with `Retry-After` and a JSON body naming
     /// the cause.
-    async fn bearer(&self, call: &TokenCall) -> Result<String, Response<Body>> {
+    async fn bearer(&self, call: &TokenCall) -> Result<Bearer, Response<Body>> {
+        let memo = matches!(call, TokenCall::Routes);
+        if memo && let Some(bearer) = self.memo.get(Instant::now()) {
+            return Ok(bearer);
+        }
         let (head, form) = self.token_request(call);
         let answer = self.tokens.internal(head, form).await;
         let status = answer.status();
@@ -267,8 +333,13 @@ impl Injector {
         if status == StatusCode::OK
             && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body)
             && let Some(token) = json.get("access_token").and_then(|t| t.as_str())
+            && let Some(bearer) = Bearer::new(token)
         {
-            return Ok(token.to_owned());
+            if memo {
+                let expires_in = json.get("expires_in").and_then(serde_json::Value::as_u64);
+                self.memo.put(&bearer, expires_in, Instant::now());
+            }
+            return Ok(bearer);
         }
         if matches!(call, TokenCall::Callers(..)) && matches!(status.as_u16(), 400 | 401 | 403) {
             return Err(caller_refused());
@@ -386,10 +457,51 @@ fn copy_head(parts: &Parts) -> Parts {
 }
 
 /// `parts` with `Authorization: Bearer token` and `body`.
-fn with_bearer_and(mut parts: Parts, token: &str, body: Body) -> Request<Body> {
-    if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {token}")) {
-        value.set_sensitive(true);
-        parts.headers.insert(header::AUTHORIZATION, value);
-    }
+fn with_bearer_and(mut parts: Parts, bearer: &Bearer, body: Body) -> Request<Body> {
+    parts
+        .headers
+        .insert(header::AUTHORIZATION, bearer.header.clone());
     Request::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(token: &str) -> Bearer {
+        Bearer::new(token).unwrap()
+    }
+
+    #[test]
+    fn a_bearer_is_kept_a_second_at_most_and_half_its_life_at_most() {
+        let (memo, now) = (BearerMemo::default(), Instant::now());
+        memo.put(&bearer("a"), Some(3600), now);
+        assert_eq!(&*memo.get(now).unwrap().token, "a");
+        assert!(memo.get(now + Duration::from_millis(999)).is_some());
+        assert!(memo.get(now + MEMO).is_none(), "asked again after a second");
+        memo.put(&bearer("b"), Some(1), now);
+        assert!(memo.get(now + Duration::from_millis(499)).is_some());
+        assert!(memo.get(now + Duration::from_millis(500)).is_none());
+        for short in [Some(0), None] {
+            memo.put(&bearer("c"), short, now);
+            assert!(memo.get(now).is_none(), "{short:?}: not kept");
+        }
+    }
+
+    #[test]
+    fn only_the_rejected_bearer_is_forgotten() {
+        let (memo, now) = (BearerMemo::default(), Instant::now());
+        memo.put(&bearer("new"), Some(3600), now);
+        memo.forget(&bearer("old"));
+        assert_eq!(&*memo.get(now).unwrap().token, "new", "a newer one stays");
+        memo.forget(&bearer("new"));
+        assert!(memo.get(now).is_none());
+    }
+
+    #[test]
+    fn the_bearer_header_is_sensitive() {
+        let header = bearer("t").header;
+        assert_eq!(header, "Bearer t");
+        assert!(header.is_sensitive());
+    }
 }
