@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::Weak;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 /// The help of `token_sidecar_token_requests_total`; it names every outcome label (a test in
@@ -225,6 +225,7 @@ impl Metrics {
             flight_waiters: self.flight_waiters.get_or_create(&route_label).clone(),
             evictions: self.evictions.clone(),
             forwarded: self.forwarded.clone(),
+            forwarded_by_status: CACHED_STATUSES.map(|_| OnceLock::new()).collect(),
             holds_absorbed: self.holds_absorbed.get_or_create(&route_label).clone(),
         }
     }
@@ -300,8 +301,14 @@ pub(crate) struct RouteMetrics {
     flight_waiters: Histogram,
     evictions: Family<ReasonLabels, Counter>,
     forwarded: Family<StatusLabels, Counter>,
+    /// This route's `forwarded` counters by status (100 to 599), each resolved on first use:
+    /// counting a forwarded request is then one atomic add, not two allocations and a lookup.
+    forwarded_by_status: Arc<[OnceLock<Counter>]>,
     holds_absorbed: Counter,
 }
+
+/// The statuses whose `forwarded` counters a route keeps at hand: 100 to 599.
+const CACHED_STATUSES: std::ops::Range<u16> = 100..600;
 
 impl RouteMetrics {
     /// Counts one hold waited out for waiting callers.
@@ -346,12 +353,21 @@ impl RouteMetrics {
 
     /// Counts one forwarded request.
     pub(crate) fn forwarded(&self, status: u16) {
-        self.forwarded
-            .get_or_create(&StatusLabels {
-                route: self.route.clone(),
-                status: status.to_string(),
-            })
-            .inc();
+        let counter = || {
+            self.forwarded
+                .get_or_create(&StatusLabels {
+                    route: self.route.clone(),
+                    status: status.to_string(),
+                })
+                .clone()
+        };
+        match self
+            .forwarded_by_status
+            .get(usize::from(status.wrapping_sub(CACHED_STATUSES.start)))
+        {
+            Some(cached) => cached.get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
     }
 }
 
@@ -412,5 +428,30 @@ impl Collector for StateCollector {
         )?;
         cooldown_left.encode(m)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_requests_are_counted_by_route_and_status() {
+        let metrics = Metrics::new();
+        let (api, other) = (metrics.route("api"), metrics.route("other"));
+        for status in [200, 200, 404, 999] {
+            api.forwarded(status);
+        }
+        api.clone().forwarded(200);
+        other.forwarded(200);
+        let text = metrics.encode();
+        for line in [
+            r#"token_sidecar_forwarded_requests_total{route="api",status="200"} 3"#,
+            r#"token_sidecar_forwarded_requests_total{route="api",status="404"} 1"#,
+            r#"token_sidecar_forwarded_requests_total{route="api",status="999"} 1"#,
+            r#"token_sidecar_forwarded_requests_total{route="other",status="200"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
     }
 }
