@@ -73,7 +73,8 @@ struct Conn {
     served: AtomicU64,
     /// The connection speaks HTTP/2.
     h2: std::sync::atomic::AtomicBool,
-    /// Asks the connection to close.
+    /// Asks the connection to close; a child of the listener's drain, so that the connection
+    /// waits on one signal for both.
     close: CancellationToken,
 }
 
@@ -90,7 +91,7 @@ impl Registry {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn add(&self) -> (u64, Arc<Conn>) {
+    fn add(&self, drain: &CancellationToken) -> (u64, Arc<Conn>) {
         let conn = Arc::new(Conn {
             epoch: self.epoch,
             active: AtomicUsize::new(0),
@@ -99,7 +100,7 @@ impl Registry {
             idle_since_ms: AtomicU64::new(self.now_ms()),
             served: AtomicU64::new(0),
             h2: std::sync::atomic::AtomicBool::new(false),
-            close: CancellationToken::new(),
+            close: drain.child_token(),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(id, conn.clone());
@@ -294,7 +295,10 @@ pub(crate) async fn serve<S, B>(
             _permit: Arc::new(permit),
             tunnel_idle: limits.tunnel_idle_timeout,
         };
-        let (id, conn) = registry.add();
+        // A child token per connection: each polls its own signal, not one shared by every
+        // connection of the process.
+        let drain = stop.child_token();
+        let (id, conn) = registry.add(&drain);
         let task = connection(ConnectionTask {
             builder: builder.clone(),
             io: TokioIo::new(stream),
@@ -303,9 +307,7 @@ pub(crate) async fn serve<S, B>(
             conn,
             registry: registry.clone(),
             limits: limits.clone(),
-            // A child token per connection: each polls its own signal, not one shared by every
-            // connection of the process.
-            drain: stop.child_token(),
+            drain,
         });
         let registry = registry.clone();
         connections.spawn(async move {
@@ -418,25 +420,26 @@ where
         tokio::select! {
             biased;
             served = connection.as_mut() => return served,
-            () = drain.cancelled(), if closing.is_none() => {
-                // The app's shutdown grace bounds what follows. A connection accepted while
-                // draining has sent nothing yet either: it gets the same moment.
-                if !conn.h2.load(Ordering::Relaxed) {
-                    // Answers now carry `Connection: close`; an idle connection gets a moment
-                    // for the request its client may be sending.
-                    tokio::select! {
-                        served = connection.as_mut() => return served,
-                        () = tokio::time::sleep(DRAIN_IDLE_DELAY) => {}
-                    }
-                }
-                if conn.never_served() {
-                    // Still nothing sent: nothing to finish, and no reason to hold the drain.
-                    return Ok(());
-                }
-                connection.as_mut().graceful_shutdown();
-                return connection.await;
-            }
+            // Cancelled by the drain too (a child of it): one signal to wait on.
             () = conn.close.cancelled(), if closing.is_none() => {
+                if drain.is_cancelled() {
+                    // The app's shutdown grace bounds what follows. A connection accepted while
+                    // draining has sent nothing yet either: it gets the same moment.
+                    if !conn.h2.load(Ordering::Relaxed) {
+                        // Answers now carry `Connection: close`; an idle connection gets a
+                        // moment for the request its client may be sending.
+                        tokio::select! {
+                            served = connection.as_mut() => return served,
+                            () = tokio::time::sleep(DRAIN_IDLE_DELAY) => {}
+                        }
+                    }
+                    if conn.never_served() {
+                        // Still nothing sent: nothing to finish, and no reason to hold the drain.
+                        return Ok(());
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    return connection.await;
+                }
                 // Nothing to finish: nothing sent yet, or a body that is not coming.
                 if conn.never_served() || conn.only_awaiting_body() {
                     return Ok(());
