@@ -125,8 +125,11 @@ impl Running {
         }
     }
 
+    /// Waits for `/readyz` to answer 200: up to 15 s, which a loaded two-core machine running
+    /// the whole suite needs for several pods starting at once (each connects to Redis first).
     pub async fn wait_ready(&self) {
-        for _ in 0..500 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.admin)).is_ok() {
                 let reply = get(&format!("http://127.0.0.1:{}/readyz", self.admin)).await;
                 if reply.status == 200 {
