@@ -37,6 +37,7 @@ CEILING = os.path.join(TARGET, "release", "examples", "ceiling")
 PROVIDER = os.path.join(TARGET, "release", "examples", "provider")
 STORM = os.path.join(TARGET, "release", "examples", "storm")
 FLOOR = os.path.join(TARGET, "release", "examples", "floor")
+DELAY = os.path.join(TARGET, "release", "examples", "delay")
 PROFILE_SIDECAR = os.path.join(ROOT, "target", "bench-profile", "release", "token-sidecar")
 
 sys.dont_write_bytecode = True  # no __pycache__ in bench/
@@ -55,14 +56,14 @@ def check_binaries():
             if name.endswith(".rs"):
                 found = max(found, os.path.getmtime(os.path.join(base, name)))
     sources = {SIDECAR: found}
-    for binary in (CEILING, PROVIDER, STORM, FLOOR):
+    for binary in (CEILING, PROVIDER, STORM, FLOOR, DELAY):
         own = os.path.join(BENCH, os.path.basename(binary) + ".rs")
         sources[binary] = max(found, os.path.getmtime(own))
     for binary, newest_source in sources.items():
         if not os.path.exists(binary):
             sys.exit("bench: %s is missing: build with `cargo build --release --bin token-sidecar` "
                      "then `cargo build --release --example ceiling --example provider --example "
-                     "storm --example floor` (CARGO_TARGET_DIR=%s)" % (binary, TARGET))
+                     "storm --example floor --example delay` (CARGO_TARGET_DIR=%s)" % (binary, TARGET))
         if os.path.getmtime(binary) < newest_source:
             sys.exit("bench: %s is older than the sources: rebuild it (bench/run.sh does)" % binary)
 
@@ -857,6 +858,98 @@ def scenario_fleet(run):
     return result
 
 
+def redis_commands(addr):
+    """Commands redis-server at `addr` (host:port) has run so far, from `INFO commandstats`:
+    {command: calls}."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            head, _, rest = data.partition(b"\r\n")
+            if head.startswith(b"$") and len(rest) >= int(head[1:]) + 2:
+                break
+    calls = {}
+    for line in data.decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line[len("cmdstat_"):].partition(":")
+            calls[name] = int(dict(f.split("=") for f in fields.split(","))["calls"])
+    return calls
+
+
+def redis_rtt_ms(addr, n=50):
+    """The median time of `n` PINGs, one at a time on one connection, to `addr` (host:port):
+    the round trip through a delay proxy as the sidecar sees it, its timer rounding included."""
+    host, port = addr.rsplit(":", 1)
+    times = []
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(n):
+            started = time.perf_counter()
+            sock.sendall(b"PING\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(64)
+                if not chunk:
+                    raise RuntimeError("redis closed the connection during PING")
+                reply += chunk
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def scenario_fleetcold(run):
+    """The fleet's cold path (issue 24, item 3): one sidecar, N sequential cold misses (a new
+    key each, one connection), alone and with the tier on a real redis-server behind a TCP proxy
+    adding 1 ms and 5 ms each way (bench/delay.rs), and reached directly (0 ms). Per cold miss: the latency the caller sees
+    (the difference to the sidecar alone is what the tier adds) and the commands Redis ran, from
+    its INFO commandstats (no pipelining: a command is a round trip)."""
+    n = 20 if run.quick else 200
+    redis_proc, redis = redis_server(run)
+    redis_addr = redis.split("//", 1)[1].split("/", 1)[0]
+    prov, prov_addr = start_provider(run, "fleetcold-provider", latency_ms=20, lifetime=3600)
+    result = {"keys": n, "provider_latency_ms": 20, "runs": {}}
+    # 0 ms: Redis reached directly, the tier's own cost.
+    legs = [("alone", None)] + [("%d ms" % ms, ms) for ms in (0, 1, 5)]
+    for leg, delay_ms in legs:
+        args = []
+        if delay_ms is not None:
+            proxy = redis_addr
+            if delay_ms:
+                _, proxy = run.spawn("fleetcold-delay-%d" % delay_ms,
+                                     [DELAY, "127.0.0.1:0", redis_addr, str(delay_ms)])
+            key_file = os.path.join(run.out, "fleetcold-%d.key" % delay_ms)  # new names per leg
+            with open(key_file, "wb") as f:
+                f.write(os.urandom(48))
+            args = ["--shared-redis", "redis://%s/0" % proxy, "--shared-key-file", key_file]
+        rtt = redis_rtt_ms(proxy) if delay_ms is not None else None
+        sidecar = Sidecar(run, "fleetcold-%s" % leg.replace(" ", ""), prov_addr, args=args)
+        before = redis_commands(redis_addr)
+        cold, _ = fill_keys(run, "fleetcold-%s" % leg.replace(" ", ""), sidecar, n, 1)
+        assert cold["errors_status"] == 0, cold
+        # The last commit may still be on its way: give it the time of a few round trips.
+        time.sleep(0.2)
+        after = redis_commands(redis_addr)
+        commands = {c: after.get(c, 0) - before.get(c, 0) for c in after
+                    if after.get(c, 0) != before.get(c, 0)}
+        result["runs"][leg] = {"delay_ms": delay_ms, "rtt_ms": rtt, "p50_ms": cold["p50_us"] / 1000,
+                               "p90_ms": cold["p90_us"] / 1000, "p99_ms": cold["p99_us"] / 1000,
+                               "mean_ms": cold["mean_us"] / 1000,
+                               "commands": commands,
+                               "commands_per_miss": sum(commands.values()) / n}
+        sidecar.stop()
+    stop(prov, redis_proc)
+    alone = result["runs"]["alone"]
+    for leg, x in result["runs"].items():
+        if x["delay_ms"] is not None:
+            x["added_p50_ms"] = x["p50_ms"] - alone["p50_ms"]
+            x["added_mean_ms"] = x["mean_ms"] - alone["mean_ms"]
+    return result
+
+
 INJECT_CLIENT = ("bench-inject", "bench-inject-secret")  # the injecting route's credentials
 
 
@@ -1363,6 +1456,34 @@ def render_disturbance(w, d):
          ", ".join("%s %d" % kv for kv in calls.items())))
 
 
+def render_fleetcold(w, x):
+    """The fleet's cold path: latency per cold miss alone and with Redis near and far."""
+    w("\n## The fleet's cold path\n")
+    w("One sidecar, %d cold misses one after another (a new client id each, `fill.lua`, one "
+      "connection), the provider answering after %d ms; alone, then with the tier on a real "
+      "redis-server reached directly and behind `bench/delay.rs` set to 1 ms and 5 ms each way "
+      "(a new fleet key each leg, so every miss is cold in Redis too). The round trip is "
+      "measured through the proxy (median of 50 PINGs): tokio's millisecond timer rounds each "
+      "delay up, so it is more than twice the setting. Commands are Redis's own count "
+      "(`INFO commandstats`) over the leg; those a script runs are counted as well, so the "
+      "round trips are the EVALSHA calls: a claim before the call and a commit after it.\n"
+      % (x["keys"], x["provider_latency_ms"]))
+    w("| leg | round trip | p50 | p90 | p99 | added p50 | commands per miss | EVALSHA per miss |\n"
+      "|---|---|---|---|---|---|---|---|")
+    for leg, r in x["runs"].items():
+        w("| %s | %s | %.1f ms | %.1f ms | %.1f ms | %s | %.1f | %.1f |"
+          % ("alone" if r["delay_ms"] is None else "Redis %s" % ("direct" if not r["delay_ms"]
+                                                                 else leg + " each way"),
+             "—" if r["rtt_ms"] is None else "%.2f ms" % r["rtt_ms"], r["p50_ms"], r["p90_ms"],
+             r["p99_ms"], "—" if "added_p50_ms" not in r else "+%.2f ms" % r["added_p50_ms"],
+             r["commands_per_miss"], r["commands"].get("evalsha", 0) / x["keys"]))
+    w("\nThe caller waits for the claim only: the flight answers its callers, then commits "
+      "(`src/token/flight.rs`, `land`). The sidecar's Redis connections set `TCP_NODELAY`; "
+      "without it (before issue 24) a claim written while the last commit's answer was on its "
+      "way waited for that answer's acknowledgement, one round trip more: +9.0 ms at the 1 ms "
+      "setting and +24.7 ms at 5 ms, against +4.6 and +13.2 ms now (one quick run each).\n")
+
+
 def render_inject(w, x):
     """The section on the injection's cost per API call."""
     w("\n## Injection: the cost per API call\n")
@@ -1564,6 +1685,17 @@ def render(run, info, results, argv):
               % (case, c["rps_ratio"], c["p99_ratio"], passthrough["rounds"],
                  c["summary"]["sidecar"]["cpu_us"], c["summary"]["nginx"]["cpu_us"],
                  verdict(c["rps_ratio"] >= 1.0 and c["p99_ratio"] <= 1.2)))
+    cold = results.get("fleetcold")
+    if isinstance(cold, dict):
+        for leg, x in cold["runs"].items():
+            if x["delay_ms"]:
+                w("| fleet cold path, Redis %s away each way (round trip %.1f ms) | +%.1f ms per "
+                  "cold miss (p50, against the sidecar alone); %.1f commands, %.1f EVALSHA per "
+                  "miss | at most 2 round trips, nothing past the claim's on the caller's path | "
+                  "%s |" % (leg, x["rtt_ms"], x["added_p50_ms"], x["commands_per_miss"],
+                            x["commands"].get("evalsha", 0) / cold["keys"],
+                            verdict(x["commands"].get("evalsha", 0) <= 2 * cold["keys"]
+                                    and x["added_p50_ms"] <= x["rtt_ms"] + 1.0)))
     mem = results.get("memory")
     if isinstance(mem, dict):
         w("| memory | %.0f bytes per cached key (%d-byte token JSON) | ≤ token + 1024 = %d | %s |"
@@ -1653,10 +1785,14 @@ def render(run, info, results, argv):
           "once per lifetime; what matters is the shared row against a quarter of the alone "
           "row.")
         w("\nShared-tier round trips, all pods: %s. The cold path's added latency is the claim "
-          "and the commit (two Redis round trips on loopback); a hit never touches Redis. The "
+          "(one Redis round trip on loopback; the commit follows once the callers have their "
+          "answer, see the fleet's cold path below); a hit never touches Redis. The "
           "hit rows are medians of 3 unpaired rounds on a shared machine, so they show only "
           "that the tier made the hit path no slower, not a gain.\n"
           % ", ".join("%s %d" % (k, v) for k, v in sh.get("shared_claims", {}).items()))
+
+    if isinstance(results.get("fleetcold"), dict):
+        render_fleetcold(w, results["fleetcold"])
 
     if isinstance(inject, dict):
         render_inject(w, inject)
@@ -1866,15 +2002,16 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--only",
                         help="comma-separated scenarios "
-                             "(hit,storm,story,burst,steady,fleet,inject,passthrough,memory)")
+                             "(hit,storm,story,burst,steady,fleet,fleetcold,inject,passthrough,memory)")
     args, _ = parser.parse_known_args()
     out = os.path.join(BENCH, "out")
     run = Run(args.quick, out, args.profile)
-    names = ["hit", "storm", "story", "burst", "steady", "fleet", "inject", "passthrough",
-             "memory"] + \
+    names = ["hit", "storm", "story", "burst", "steady", "fleet", "fleetcold", "inject",
+             "passthrough", "memory"] + \
         (["profile"] if args.profile else [])
     scenarios = {"hit": scenario_hit, "storm": scenario_storm, "story": scenario_story,
                  "burst": scenario_burst, "steady": scenario_steady, "fleet": scenario_fleet,
+                 "fleetcold": scenario_fleetcold,
                  "inject": scenario_inject, "passthrough": scenario_passthrough,
                  "memory": scenario_memory,
                  "profile": scenario_profile}
