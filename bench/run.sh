@@ -66,7 +66,7 @@ fi
 # `cargo build --release` gives users. The examples: the loopback ceiling, the pass-through floor, the fake provider
 # (the project's own, src/demo/provider.rs) and the cold storm's client.
 cargo build --release --bin token-sidecar
-cargo build --release --example ceiling --example provider --example storm --example floor --example delay
+cargo build --release --example ceiling --example provider --example storm --example floor --example delay --example hold
 if [ "$profile" = 1 ]; then
   # Same source and profile, but with symbols and line tables, in a separate target directory so
   # the measured binary stays exactly the release one. Cargo.toml is not touched.
