@@ -3,7 +3,7 @@
 //! its response body has been read to the end, and is closed when the body is dropped before that,
 //! when it answered `101` (an upgrade owns it from then on), or when it has been idle for the
 //! pool's idle timeout. A request that a reused connection closed under before writing it is sent
-//! once more on a new connection, as hyper-util's pooled client does.
+//! once more, on a new connection (hyper-util's pooled client retries such requests too).
 //!
 //! hyper's own connection API under a lock-guarded stack: per request, no hash of the host, no
 //! spawned task to watch for the connection's return, no boxed connect future (what hyper-util's
@@ -100,8 +100,10 @@ impl Pool {
         &self,
         mut request: Request<Body>,
     ) -> Result<Response<PooledBody>, SendError> {
+        let mut reuse = true;
         loop {
-            let (mut sender, reused) = match self.checkout().await {
+            let idle = if reuse { self.checkout().await } else { None };
+            let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
@@ -109,7 +111,7 @@ impl Pool {
                 Ok(response) => return Ok(self.returning(sender, response)),
                 Err(mut failed) => match failed.take_message() {
                     // The connection closed before the request was written: a new one gets it.
-                    Some(unsent) if reused => request = unsent,
+                    Some(unsent) if reused => (request, reuse) = (unsent, false),
                     _ => return Err(SendError::Exchange(failed.into_error())),
                 },
             }
@@ -140,10 +142,10 @@ impl Pool {
     /// Opens a connection and runs it on a task of its own.
     async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
         self.reap_idle();
-        let io = self
-            .0
-            .connector
-            .clone()
+        let mut connector = self.0.connector.clone();
+        let io = tower::ServiceExt::ready(&mut connector)
+            .await
+            .map_err(SendError::Connect)?
             .call(self.0.target.clone())
             .await
             .map_err(SendError::Connect)?;
@@ -202,10 +204,31 @@ impl Pool {
 }
 
 impl Inner {
-    fn put_back(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    /// Keeps a connection whose answer has been read for the next request. One still busy (an
+    /// answer that came before the request body was all sent, which hyper keeps sending) joins
+    /// the idle list only once it is ready, so no request waits behind an upload.
+    fn put_back(self: Arc<Self>, mut sender: SendRequest<Body>) {
+        if sender.is_closed() || self.idle_timeout.is_zero() {
             return;
         }
+        if sender.is_ready() {
+            self.push(sender);
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (pool, timeout) = (Arc::downgrade(&self), self.idle_timeout);
+        runtime.spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(timeout, sender.ready()).await
+                && let Some(pool) = pool.upgrade()
+            {
+                pool.push(sender);
+            }
+        });
+    }
+
+    fn push(&self, sender: SendRequest<Body>) {
         let idle = Idle {
             sender,
             since: Instant::now(),
@@ -255,7 +278,8 @@ impl http_body::Body for PooledBody {
         let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
         match &frame {
             None => self.end(),
-            Some(Ok(_)) if self.body.is_end_stream() => self.end(),
+            // A chunked body's trailers are its last frame; hyper does not poll for more.
+            Some(Ok(frame)) if frame.is_trailers() || self.body.is_end_stream() => self.end(),
             Some(Ok(_)) => {}
             // A broken body: the connection is not reused.
             Some(Err(_)) => self.back = None,
@@ -299,10 +323,15 @@ mod tests {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_request| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"hello"),
-                        )))
+                    // Answers at once, and reads the request body on after answering, as a
+                    // server that refuses an upload early does.
+                    let service = hyper::service::service_fn(|request: Request<Incoming>| {
+                        tokio::spawn(request.into_body().collect());
+                        async {
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"hello"),
+                            )))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(keep_alive)
@@ -423,6 +452,69 @@ mod tests {
         }
         assert_eq!(read(&pool, &uri).await, "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_body_waits_before_it_is_reused() {
+        let (uri, accepted) = provider(true).await;
+        let pool = pool(uri.clone(), Duration::from_secs(90));
+        // An upload that never ends, answered before the provider reads it.
+        let endless = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, BoxError>,
+        >());
+        let upload = Request::post("/upload")
+            .header(http::header::HOST, uri.authority().unwrap().as_str())
+            .body(http_body_util::BodyExt::boxed_unsync(endless))
+            .unwrap();
+        let early = pool.send(upload).await.unwrap();
+        assert_eq!(
+            early.into_body().collect().await.unwrap().to_bytes(),
+            "hello"
+        );
+        assert_eq!(idle(&pool), 0, "busy sending: not idle");
+        // The next request does not queue behind the upload (it would wait for ever).
+        let next = tokio::time::timeout(Duration::from_secs(5), read(&pool, &uri)).await;
+        assert_eq!(next.expect("not stuck behind the upload"), "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_with_trailers_gives_its_connection_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_request: Request<Incoming>| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-checksum", http::HeaderValue::from_static("1"));
+                let frames = futures_util::stream::iter([
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"hi"))),
+                    Ok(Frame::trailers(trailers)),
+                ]);
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::StreamBody::new(
+                    frames,
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+        let pool = pool(uri.clone(), Duration::from_secs(90));
+        let mut request = get(&uri);
+        request
+            .headers_mut()
+            .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        let mut body = pool.send(request).await.unwrap().into_body();
+        // Read as hyper's server does: up to the trailers, and not once more.
+        while let Some(frame) = body.frame().await {
+            if frame.unwrap().is_trailers() {
+                break;
+            }
+        }
+        drop(body);
+        assert_eq!(idle(&pool), 1, "the connection is back");
     }
 
     #[tokio::test]
