@@ -55,36 +55,51 @@ pub(crate) struct Injector {
 /// 401 elsewhere, a new one from the fleet) stops being sent within this.
 const MEMO: Duration = Duration::from_secs(1);
 
-/// The route's last bearer and until when it may be used without asking the token path.
+/// The route's last bearer and until when it may be used without asking the token path, and the
+/// last bearer an API rejected, which is never kept again (a caller that fetched it just before
+/// the cache dropped it would otherwise keep it for another second).
 #[derive(Debug, Default)]
-struct BearerMemo(Mutex<Option<(Bearer, Instant)>>);
+struct BearerMemo(Mutex<Memo>);
+
+#[derive(Debug, Default)]
+struct Memo {
+    kept: Option<(Bearer, Instant)>,
+    rejected: Option<Arc<str>>,
+}
 
 impl BearerMemo {
     /// The bearer, if it may still be used at `now`.
     fn get(&self, now: Instant) -> Option<Bearer> {
         let memo = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        memo.as_ref()
+        memo.kept
+            .as_ref()
             .filter(|(_, until)| now < *until)
             .map(|(bearer, _)| bearer.clone())
     }
 
     /// Keeps `bearer` from `now` for [`MEMO`], or half the token's remaining life
-    /// (`expires_in`, seconds) if that is shorter; not at all without one.
+    /// (`expires_in`, seconds) if that is shorter; not at all without one, nor if an API
+    /// rejected it.
     fn put(&self, bearer: &Bearer, expires_in: Option<u64>, now: Instant) {
         let life = expires_in.map_or(Duration::ZERO, |s| Duration::from_secs(s) / 2);
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((bearer.clone(), now + life.min(MEMO)));
+        let mut memo = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if memo.rejected.as_ref() == Some(&bearer.token) {
+            return;
+        }
+        memo.kept = Some((bearer.clone(), now + life.min(MEMO)));
     }
 
-    /// Forgets the bearer if it is `rejected` (an API refused it).
+    /// Forgets `rejected` (an API refused it) and never keeps it again.
     fn forget(&self, rejected: &Bearer) {
         let mut memo = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if memo
+            .kept
             .as_ref()
             .is_some_and(|(bearer, _)| bearer.token == rejected.token)
         {
-            *memo = None;
+            memo.kept = None;
         }
+        memo.rejected = Some(rejected.token.clone());
     }
 }
 
@@ -496,6 +511,18 @@ mod tests {
         assert_eq!(&*memo.get(now).unwrap().token, "new", "a newer one stays");
         memo.forget(&bearer("new"));
         assert!(memo.get(now).is_none());
+    }
+
+    #[test]
+    fn a_rejected_bearer_fetched_again_by_a_racing_caller_is_not_kept() {
+        let (memo, now) = (BearerMemo::default(), Instant::now());
+        memo.put(&bearer("t"), Some(3600), now);
+        memo.forget(&bearer("t"));
+        // Another caller got "t" from the cache before it was dropped there.
+        memo.put(&bearer("t"), Some(3600), now);
+        assert!(memo.get(now).is_none(), "the rejected token is not kept");
+        memo.put(&bearer("t2"), Some(3600), now);
+        assert_eq!(&*memo.get(now).unwrap().token, "t2");
     }
 
     #[test]
