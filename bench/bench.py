@@ -1621,10 +1621,9 @@ def render_inject(w, x):
     w("The sidecar, the provider (one thread) and wrk share the machine's cores, so req/s and "
       "p99 also measure the scheduler; CPU per request is the figure that isolates the "
       "sidecar's work. What the injecting route does per call besides forwarding "
-      "(`src/inject.rs`): an internal request to its token path, as an app sending those "
-      "credentials would make it (form parsed, key derived, cache looked up, the token JSON "
-      "rendered), that JSON parsed back for its `access_token`, the request's head kept for a "
-      "retry after a 401, and the header added.\n")
+      "(`src/inject.rs`): takes the bearer it keeps (at most 1 s, then it asks its token path "
+      "again, as an app sending those credentials would), keeps the request's head for a retry "
+      "after a 401, and adds the header.\n")
 
 
 def render_passthrough(w, x):
