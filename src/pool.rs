@@ -344,20 +344,8 @@ mod tests {
     }
 
     fn pool(target: Uri, idle_timeout: Duration) -> Pool {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector =
+            crate::upstream::connector(&crate::config::ClientConfig::default(), false).unwrap();
         Pool::new(connector, target, idle_timeout, 64 * 1024)
     }
 

@@ -11,7 +11,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper_rustls::HttpsConnectorBuilder;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
@@ -126,22 +126,11 @@ pub(crate) struct Upstream {
 impl Upstream {
     /// Builds the client for a route. Errors name the file or setting at fault.
     pub(crate) fn new(route: &RouteConfig) -> Result<Upstream, String> {
-        let tls = tls_config(
+        let connector = connector(
             &route.client,
             route.upstream.scheme == http::uri::Scheme::HTTPS,
         )
         .map_err(|e| format!("route {}: {e}", route.name))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(route.client.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        // HTTP/1.1 only: token calls are few, and upgrades (WebSocket) need HTTP/1.1 end to end.
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
         let target = Uri::builder()
             .scheme(route.upstream.scheme.clone())
             .authority(route.upstream.authority.clone())
@@ -246,6 +235,26 @@ fn origin_form(uri: Uri) -> Uri {
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     Uri::from(path_and_query)
+}
+
+/// How a route's connections to its provider are made: TCP (no delay, the connect timeout,
+/// keep-alive probes) and TLS for `https://` (`https` true) with the client settings. HTTP/1.1
+/// only: token calls are few, and upgrades (WebSocket) need HTTP/1.1 end to end.
+pub(crate) fn connector(
+    client: &ClientConfig,
+    https: bool,
+) -> Result<HttpsConnector<HttpConnector>, String> {
+    let tls = tls_config(client, https)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(client.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http))
 }
 
 /// Most bytes read ahead from the provider per connection (HTTP/1.1) or stream (HTTP/2).
