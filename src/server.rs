@@ -512,12 +512,13 @@ where
                     http::HeaderValue::from_static("close"),
                 );
             }
-            // In progress until the body is done: a streaming answer is not idle.
+            // In progress until the body is done: a streaming answer is not idle. The wrapper
+            // must pass on the body's size: without it hyper frames an answer of known length
+            // (a hit, an error) as chunked, or as close-delimited to an HTTP/1.0 caller.
             response.map(|response| {
                 response.map(|body| {
-                    http_body_util::BodyExt::map_frame(body, move |frame| {
+                    http_body_util::BodyExt::inspect_frame(body, move |_| {
                         let _in_progress = &in_progress;
-                        frame
                     })
                 })
             })

@@ -862,6 +862,49 @@ async fn a_body_over_16_kib_is_413() {
     fx.sidecar.stop().await.unwrap();
 }
 
+/// The sidecar's own answers (a cached token, an OAuth error) state their length: an HTTP/1.1
+/// caller gets `Content-Length`, not chunked framing, and an HTTP/1.0 caller a body it can read
+/// without waiting for the connection to close.
+#[tokio::test]
+async fn the_sidecars_own_answers_carry_content_length() {
+    let fx = Fixture::start("").await;
+    let form = cc("app", "s3cret");
+    assert_eq!(fx.post_token(&form).await.status, 200);
+    let bad = format!("{CC}&client_id=a&client_id=a&client_secret=s");
+    for (what, version, body, status) in [
+        ("hit", "1.1", &form, 200),
+        ("hit", "1.0", &form, 200),
+        ("error", "1.1", &bad, 400),
+    ] {
+        let request = format!(
+            "POST /oauth/token HTTP/{version}\r\nhost: {addr}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n{body}",
+            addr = fx.sidecar.addr,
+            len = body.len(),
+        );
+        let raw = raw_exchange(fx.sidecar.addr, request.as_bytes()).await;
+        let (head, payload) = raw.split_once("\r\n\r\n").expect("a whole response");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!(" {status} ")),
+            "{what} {version}: {head}"
+        );
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", payload.len())),
+            "{what} over HTTP/{version} must state its length: {head}"
+        );
+        assert!(
+            !head.contains("transfer-encoding"),
+            "{what} {version}: {head}"
+        );
+    }
+    assert_eq!(
+        fx.idp.requests(),
+        1,
+        "the answers above were a hit and an error"
+    );
+    fx.sidecar.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn malformed_form_duplicate_parameter_and_bad_basic_header_are_400_invalid_request() {
     let fx = Fixture::start("").await;
