@@ -73,8 +73,11 @@ struct Conn {
     served: AtomicU64,
     /// The connection speaks HTTP/2.
     h2: std::sync::atomic::AtomicBool,
-    /// Asks the connection to close; a child of the listener's drain, so that the connection
-    /// waits on one signal for both.
+    /// The listener's drain, as this connection's own child token of it: answers on HTTP/1.1
+    /// carry `Connection: close` once it fires.
+    drain: CancellationToken,
+    /// Asks the connection to close; a child of `drain`, so that the connection waits on one
+    /// signal for both.
     close: CancellationToken,
 }
 
@@ -91,7 +94,7 @@ impl Registry {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn add(&self, drain: &CancellationToken) -> (u64, Arc<Conn>) {
+    fn add(&self, drain: CancellationToken) -> (u64, Arc<Conn>) {
         let conn = Arc::new(Conn {
             epoch: self.epoch,
             active: AtomicUsize::new(0),
@@ -101,6 +104,7 @@ impl Registry {
             served: AtomicU64::new(0),
             h2: std::sync::atomic::AtomicBool::new(false),
             close: drain.child_token(),
+            drain,
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(id, conn.clone());
@@ -297,8 +301,7 @@ pub(crate) async fn serve<S, B>(
         };
         // A child token per connection: each polls its own signal, not one shared by every
         // connection of the process.
-        let drain = stop.child_token();
-        let (id, conn) = registry.add(&drain);
+        let (id, conn) = registry.add(stop.child_token());
         let task = connection(ConnectionTask {
             builder: builder.clone(),
             io: TokioIo::new(stream),
@@ -307,7 +310,6 @@ pub(crate) async fn serve<S, B>(
             conn,
             registry: registry.clone(),
             limits: limits.clone(),
-            drain,
         });
         let registry = registry.clone();
         connections.spawn(async move {
@@ -385,7 +387,6 @@ struct ConnectionTask<S> {
     conn: Arc<Conn>,
     registry: Arc<Registry>,
     limits: Limits,
-    drain: CancellationToken,
 }
 
 /// Serves one connection until it ends, closing it when it has been idle too long, when the
@@ -409,9 +410,8 @@ where
         conn,
         registry,
         limits,
-        drain,
     } = task;
-    let service = tracked(service, slot, &conn, &drain);
+    let service = tracked(service, slot, &conn);
     let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let mut connection = pin!(connection);
     let mut closing: Option<Instant> = None;
@@ -422,7 +422,7 @@ where
             served = connection.as_mut() => return served,
             // Cancelled by the drain too (a child of it): one signal to wait on.
             () = conn.close.cancelled(), if closing.is_none() => {
-                if drain.is_cancelled() {
+                if conn.drain.is_cancelled() {
                     // The app's shutdown grace bounds what follows. A connection accepted while
                     // draining has sent nothing yet either: it gets the same moment.
                     if !conn.h2.load(Ordering::Relaxed) {
@@ -466,7 +466,6 @@ fn tracked<S, B>(
     service: S,
     slot: ConnectionSlot,
     conn: &Arc<Conn>,
-    drain: &CancellationToken,
 ) -> impl tower::Service<
     Request<Incoming>,
     Response = Response<
@@ -486,7 +485,7 @@ where
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
 {
-    let (conn, drain) = (conn.clone(), drain.clone());
+    let conn = conn.clone();
     tower::service_fn(move |mut request: Request<Incoming>| {
         let in_progress = InProgress::start(&conn);
         let http1 = request.version() < http::Version::HTTP_2;
@@ -499,14 +498,17 @@ where
             request.extensions_mut().insert(slot.clone());
         }
         let mut service = service.clone();
-        let drain = drain.clone();
         async move {
             let call = tower::Service::call(&mut service, request);
             let mut call = pin!(CONNECTION.scope(in_progress, call));
             let mut response = call.as_mut().await;
             let in_progress = call.as_mut().take_value();
             // Draining: tell a keep-alive client to come back on a new connection.
-            if let (Ok(response), true) = (&mut response, http1 && drain.is_cancelled()) {
+            let draining = |p: &InProgress| p.conn.drain.is_cancelled();
+            if let (Ok(response), true) = (
+                &mut response,
+                http1 && in_progress.as_ref().is_some_and(draining),
+            ) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
