@@ -98,8 +98,21 @@ impl std::fmt::Display for CacheStatus {
 
 impl CacheStatus {
     fn header(self) -> HeaderValue {
+        let text = match self {
+            // The hit path's, on every hit: written without the formatting machinery.
+            CacheStatus::Hit { ttl } => {
+                const HIT: &str = "token-sidecar; hit; ttl=";
+                let mut digits = itoa::Buffer::new();
+                let digits = digits.format(ttl);
+                let mut text = String::with_capacity(HIT.len() + digits.len());
+                text.push_str(HIT);
+                text.push_str(digits);
+                text
+            }
+            other => other.to_string(),
+        };
         // Every rendering is ASCII (the test below renders each); a bare name if one were not.
-        HeaderValue::from_maybe_shared(Bytes::from(self.to_string()))
+        HeaderValue::from_maybe_shared(Bytes::from(text))
             .unwrap_or_else(|_| HeaderValue::from_static("token-sidecar"))
     }
 }
