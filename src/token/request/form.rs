@@ -82,8 +82,17 @@ pub fn parse_form(body: &[u8]) -> Result<Form<'_>, Error> {
     if memchr::memchr2(b'%', b'+', body).is_none()
         && let Ok(text) = std::str::from_utf8(body)
     {
-        for pair in text.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'&', body).chain([body.len()]) {
+            let pair = &text[start..end];
+            start = end + 1;
+            if pair.is_empty() {
+                continue;
+            }
+            let (name, value) = match memchr::memchr(b'=', pair.as_bytes()) {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, ""),
+            };
             push_param(&mut params, Cow::Borrowed(name), Cow::Borrowed(value))?;
         }
         return Ok(params);
