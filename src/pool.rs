@@ -8,10 +8,6 @@
 //! hyper's own connection API and a mutex-guarded last-in first-out list: per request, no hash of
 //! the host, no spawned task to watch for the connection's return, no boxed connect future (what
 //! hyper-util's legacy client spends on every call; bench/floor.rs shows the difference).
-//!
-//! Each connection carries the timer that bounds its request's wait for an answer (the caller's
-//! deadline): moving one timer to a later deadline is an atomic store, where a timer per request
-//! is a trip into tokio's timer wheel and out again.
 
 use bytes::Bytes;
 use http::uri::Uri;
@@ -25,29 +21,14 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tower::Service;
 
 use crate::body::{Body, BoxError};
 
-/// A connection, lent to one request at a time, with the timer for that request's deadline.
-struct Lease {
-    sender: SendRequest<Body>,
-    timer: Pin<Box<Sleep>>,
-}
-
-/// `what`, unless `timer` (a lease's) fires first.
-async fn within<T>(timer: Pin<&mut Sleep>, what: impl Future<Output = T>) -> Result<T, SendError> {
-    tokio::select! {
-        biased;
-        done = what => Ok(done),
-        () = timer => Err(SendError::TimedOut),
-    }
-}
-
 /// A connection that waits for its next request.
 struct Idle {
-    lease: Lease,
+    sender: SendRequest<Body>,
     since: Instant,
 }
 
@@ -83,8 +64,16 @@ pub(crate) enum SendError {
     Connect(BoxError),
     /// The exchange on an open connection failed.
     Exchange(hyper::Error),
-    /// No response head by the deadline.
-    TimedOut,
+}
+
+impl SendError {
+    /// The error as a chain, for [`crate::upstream`]'s one-line description.
+    pub(crate) fn source_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            SendError::Connect(e) => e.as_ref(),
+            SendError::Exchange(e) => e,
+        }
+    }
 }
 
 impl Pool {
@@ -105,27 +94,21 @@ impl Pool {
         }))
     }
 
-    /// Sends `request` and waits for the response head until `deadline`. Its URI is written as
-    /// it is: origin form (path and query) is the caller's to make.
+    /// Sends `request` and waits for the response head. Its URI is written as it is: origin form
+    /// (path and query) is the caller's to make.
     pub(crate) async fn send(
         &self,
         mut request: Request<Body>,
-        deadline: Instant,
     ) -> Result<Response<PooledBody>, SendError> {
         let mut reuse = true;
         loop {
-            let idle = if reuse {
-                self.checkout(deadline).await?
-            } else {
-                None
+            let idle = if reuse { self.checkout().await } else { None };
+            let (mut sender, reused) = match idle {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
             };
-            let (mut lease, reused) = match idle {
-                Some(lease) => (lease, true),
-                None => (self.connect(deadline).await?, false),
-            };
-            let sending = lease.sender.try_send_request(request);
-            match within(lease.timer.as_mut(), sending).await? {
-                Ok(response) => return Ok(self.returning(lease, response)),
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.returning(sender, response)),
                 Err(mut failed) => match failed.take_message() {
                     // The connection closed before the request was written: a new one gets it.
                     Some(unsent) if reused => (request, reuse) = (unsent, false),
@@ -135,69 +118,59 @@ impl Pool {
         }
     }
 
-    /// The idle connection used last, ready for a request and timed to `deadline`; `None` when
-    /// there is none.
-    async fn checkout(&self, deadline: Instant) -> Result<Option<Lease>, SendError> {
+    /// The idle connection used last, ready for a request; `None` when there is none.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
-            let Some(idle) = self
+            let idle = self
                 .0
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .pop()
-            else {
-                return Ok(None);
-            };
-            if idle.since.elapsed() >= self.0.idle_timeout || idle.lease.sender.is_closed() {
+                .pop()?;
+            if idle.since.elapsed() >= self.0.idle_timeout || idle.sender.is_closed() {
                 continue;
             }
-            let mut lease = idle.lease;
-            lease.timer.as_mut().reset(deadline);
+            let mut sender = idle.sender;
             // Usually ready at once; a connection put back as its body ended may still be
             // finishing that response.
-            if within(lease.timer.as_mut(), lease.sender.ready())
-                .await?
-                .is_ok()
-            {
-                return Ok(Some(lease));
+            if sender.ready().await.is_ok() {
+                return Some(sender);
             }
         }
     }
 
-    /// Opens a connection, by `deadline`, and runs it on a task of its own.
-    async fn connect(&self, deadline: Instant) -> Result<Lease, SendError> {
+    /// Opens a connection and runs it on a task of its own.
+    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
         self.reap_idle();
-        let connect = async {
-            let mut connector = self.0.connector.clone();
-            let io = tower::ServiceExt::ready(&mut connector)
-                .await
-                .map_err(SendError::Connect)?
-                .call(self.0.target.clone())
-                .await
-                .map_err(SendError::Connect)?;
-            http1::Builder::new()
-                .max_buf_size(self.0.read_buffer)
-                .handshake(io)
-                .await
-                .map_err(SendError::Exchange)
-        };
-        let (sender, connection) = tokio::time::timeout_at(deadline, connect)
+        let mut connector = self.0.connector.clone();
+        let io = tower::ServiceExt::ready(&mut connector)
             .await
-            .map_err(|_| SendError::TimedOut)??;
+            .map_err(SendError::Connect)?
+            .call(self.0.target.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(self.0.read_buffer)
+            .handshake(io)
+            .await
+            .map_err(SendError::Exchange)?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");
             }
         });
-        let timer = Box::pin(tokio::time::sleep_until(deadline));
-        Ok(Lease { sender, timer })
+        Ok(sender)
     }
 
     /// The response, its body handing the connection back once read to the end.
-    fn returning(&self, lease: Lease, response: Response<Incoming>) -> Response<PooledBody> {
+    fn returning(
+        &self,
+        sender: SendRequest<Body>,
+        response: Response<Incoming>,
+    ) -> Response<PooledBody> {
         // An upgraded connection is the tunnel's.
         let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| (lease, Arc::downgrade(&self.0)));
+            .then(|| (sender, Arc::downgrade(&self.0)));
         response.map(|body| PooledBody {
             body,
             back,
@@ -224,9 +197,7 @@ impl Pool {
                 pool.idle
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .retain(|idle| {
-                        idle.since.elapsed() < timeout && !idle.lease.sender.is_closed()
-                    });
+                    .retain(|idle| idle.since.elapsed() < timeout && !idle.sender.is_closed());
             }
         });
     }
@@ -236,12 +207,12 @@ impl Inner {
     /// Keeps a connection whose answer has been read for the next request. One still busy (an
     /// answer that came before the request body was all sent, which hyper keeps sending) joins
     /// the idle list only once it is ready, so no request waits behind an upload.
-    fn put_back(self: Arc<Self>, mut lease: Lease) {
-        if lease.sender.is_closed() || self.idle_timeout.is_zero() {
+    fn put_back(self: Arc<Self>, mut sender: SendRequest<Body>) {
+        if sender.is_closed() || self.idle_timeout.is_zero() {
             return;
         }
-        if lease.sender.is_ready() {
-            self.push(lease);
+        if sender.is_ready() {
+            self.push(sender);
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -249,17 +220,17 @@ impl Inner {
         };
         let (pool, timeout) = (Arc::downgrade(&self), self.idle_timeout);
         runtime.spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(timeout, lease.sender.ready()).await
+            if let Ok(Ok(())) = tokio::time::timeout(timeout, sender.ready()).await
                 && let Some(pool) = pool.upgrade()
             {
-                pool.push(lease);
+                pool.push(sender);
             }
         });
     }
 
-    fn push(&self, lease: Lease) {
+    fn push(&self, sender: SendRequest<Body>) {
         let idle = Idle {
-            lease,
+            sender,
             since: Instant::now(),
         };
         self.idle
@@ -273,7 +244,7 @@ impl Inner {
 /// end (and is closed if it is dropped before).
 pub(crate) struct PooledBody {
     body: Incoming,
-    back: Option<(Lease, Weak<Inner>)>,
+    back: Option<(SendRequest<Body>, Weak<Inner>)>,
     ended: bool,
 }
 
@@ -288,10 +259,10 @@ impl std::fmt::Debug for PooledBody {
 impl PooledBody {
     fn end(&mut self) {
         self.ended = true;
-        if let Some((lease, pool)) = self.back.take()
+        if let Some((sender, pool)) = self.back.take()
             && let Some(pool) = pool.upgrade()
         {
-            pool.put_back(lease);
+            pool.put_back(sender);
         }
     }
 }
@@ -378,11 +349,6 @@ mod tests {
         Pool::new(connector, target, idle_timeout, 64 * 1024)
     }
 
-    /// A deadline no test request comes near.
-    fn soon() -> Instant {
-        Instant::now() + Duration::from_secs(10)
-    }
-
     fn get(uri: &Uri) -> Request<Body> {
         Request::builder()
             .uri("/x")
@@ -392,7 +358,7 @@ mod tests {
     }
 
     async fn read(pool: &Pool, uri: &Uri) -> Bytes {
-        let response = pool.send(get(uri), soon()).await.unwrap();
+        let response = pool.send(get(uri)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         response.into_body().collect().await.unwrap().to_bytes()
     }
@@ -439,7 +405,7 @@ mod tests {
     async fn a_body_dropped_unread_closes_its_connection() {
         let (uri, accepted) = provider(true).await;
         let pool = pool(uri.clone(), Duration::from_secs(90));
-        let response = pool.send(get(&uri), soon()).await.unwrap();
+        let response = pool.send(get(&uri)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         drop(response);
         assert_eq!(idle(&pool), 0);
@@ -488,7 +454,7 @@ mod tests {
             .header(http::header::HOST, uri.authority().unwrap().as_str())
             .body(http_body_util::BodyExt::boxed_unsync(endless))
             .unwrap();
-        let early = pool.send(upload, soon()).await.unwrap();
+        let early = pool.send(upload).await.unwrap();
         assert_eq!(
             early.into_body().collect().await.unwrap().to_bytes(),
             "hello"
@@ -528,7 +494,7 @@ mod tests {
         request
             .headers_mut()
             .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-        let mut body = pool.send(request, soon()).await.unwrap().into_body();
+        let mut body = pool.send(request).await.unwrap().into_body();
         // Read as hyper's server does: up to the trailers, and not once more.
         while let Some(frame) = body.frame().await {
             if frame.unwrap().is_trailers() {
@@ -547,88 +513,9 @@ mod tests {
             .unwrap();
         drop(listener);
         let error = pool(uri.clone(), Duration::from_secs(90))
-            .send(get(&uri), soon())
+            .send(get(&uri))
             .await
             .unwrap_err();
         assert!(matches!(error, SendError::Connect(_)), "{error:?}");
-    }
-
-    /// A provider on one keep-alive connection that answers `hello`, except to `/hang`, which it
-    /// never answers.
-    async fn hanging_provider() -> (Uri, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    if request.uri().path() == "/hang" {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"hello",
-                    ))))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
-            }
-        });
-        (uri, accepted)
-    }
-
-    /// Sends `/hang` on the pool's idle connection with a deadline 150 ms away; it must give up
-    /// at that deadline, not before and not long after.
-    async fn times_out_at_its_deadline(pool: &Pool, uri: &Uri) {
-        let mut hang = get(uri);
-        *hang.uri_mut() = Uri::from_static("/hang");
-        let started = Instant::now();
-        let error = pool
-            .send(hang, started + Duration::from_millis(150))
-            .await
-            .unwrap_err();
-        let waited = started.elapsed();
-        assert!(matches!(error, SendError::TimedOut), "{error:?}");
-        assert!(
-            waited >= Duration::from_millis(150),
-            "gave up early: {waited:?}"
-        );
-        assert!(waited < Duration::from_secs(5), "gave up late: {waited:?}");
-    }
-
-    #[tokio::test]
-    async fn a_reused_connection_keeps_each_requests_own_deadline() {
-        let (uri, accepted) = hanging_provider().await;
-        let pool = pool(uri.clone(), Duration::from_secs(90));
-        // The connection's timer, left at a later deadline by this request, moves earlier.
-        assert_eq!(read(&pool, &uri).await, "hello");
-        times_out_at_its_deadline(&pool, &uri).await;
-        // The hung connection is not reused: a new one answers, and its timer, fired while
-        // the connection sat idle, neither cuts the next request short nor misses its deadline.
-        let answered = pool
-            .send(get(&uri), Instant::now() + Duration::from_millis(50))
-            .await
-            .unwrap();
-        assert_eq!(
-            answered.into_body().collect().await.unwrap().to_bytes(),
-            "hello"
-        );
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(
-            read(&pool, &uri).await,
-            "hello",
-            "a fired timer is re-armed"
-        );
-        times_out_at_its_deadline(&pool, &uri).await;
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "the second connection was reused"
-        );
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use crate::body::{Body, full};
 use crate::config::{ClientConfig, RouteConfig, UpstreamUrl};
 use crate::error::Error;
-use crate::pool::{Pool, PooledBody, SendError};
+use crate::pool::{Pool, PooledBody};
 
 /// Why an upstream exchange produced no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,7 +185,7 @@ impl Upstream {
         // caller accepts (a gzipped token would otherwise be an unusable answer).
         headers.remove(header::ACCEPT_ENCODING);
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let response = self.send_until(outbound, deadline).await?;
+        let response = self.send(outbound).await?;
         let (parts, body) = response.into_parts();
         let read = tokio::time::timeout_at(deadline, Limited::new(body, limit).collect()).await;
         let body = match read {
@@ -217,21 +217,10 @@ impl Upstream {
         &self,
         request: Request<Body>,
     ) -> Result<Response<PooledBody>, Failure> {
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
-        self.send_until(request, deadline).await
-    }
-
-    /// Sends a request and waits until `deadline` for the response head.
-    async fn send_until(
-        &self,
-        request: Request<Body>,
-        deadline: tokio::time::Instant,
-    ) -> Result<Response<PooledBody>, Failure> {
-        match self.pool.send(request, deadline).await {
-            Ok(response) => Ok(response),
-            Err(SendError::TimedOut) => Err(Failure::Timeout),
-            Err(SendError::Connect(e)) => Err(Failure::Unavailable(describe(e.as_ref()))),
-            Err(SendError::Exchange(e)) => Err(Failure::Unavailable(describe(&e))),
+        match tokio::time::timeout(self.request_timeout, self.pool.send(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(Failure::Unavailable(describe(e.source_error()))),
+            Err(_) => Err(Failure::Timeout),
         }
     }
 }
