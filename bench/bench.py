@@ -1672,6 +1672,18 @@ def render_passthrough(w, x):
       % ", ".join("%s %d" % kv for kv in x["checks"].items()))
 
 
+def hit_cpu_row(h):
+    """The headline row for a hit setup's CPU per request (user + system), sidecar/ceiling,
+    paired round by round."""
+    cpu = lambda x: x["user_us"] + x["sys_us"]  # noqa: E731
+    ratios = [cpu(s) / cpu(c) for s, c in zip(h["runs"]["sidecar"], h["runs"]["ceiling"])]
+    median = statistics.median(ratios)
+    return ("| hit path, isolated | sidecar/ceiling CPU per request = %.2f (median of %d paired "
+            "rounds: %s) | ≤ 1.3 | %s |" % (median, len(ratios),
+                                            ", ".join("%.2f" % r for r in ratios),
+                                            verdict(median <= 1.3)))
+
+
 def render(run, info, results, argv):
     out = []
     w = out.append
@@ -1706,6 +1718,8 @@ def render(run, info, results, argv):
             w("| hit path, %s | sidecar/ceiling p99 = %.2f (rounds: %s) | ≤ %.1f | %s |"
               % (setup, h["p99_ratio"], ", ".join("%.2f" % r for r in h["p99_ratio_per_round"]),
                  p99_target, verdict(h["p99_ratio"] <= p99_target)))
+            if setup == "isolated":  # issue 24: CPU per hit within 1.3x the ceiling's, pinned
+                w(hit_cpu_row(h))
     storm = results.get("storm")
     if isinstance(storm, dict):
         v = storm["via_sidecar"]
