@@ -76,7 +76,7 @@ pub(crate) struct Reply {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1, plus the proxy
 /// headers that are meant for this hop).
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -85,15 +85,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one look at each name says so, where removing each would hash
     // nine names.
-    let hop_by_hop =
-        |name: &HeaderName| HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHENTICATE;
-    if !headers.keys().any(hop_by_hop) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -106,7 +105,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    headers.remove(header::PROXY_AUTHENTICATE);
 }
 
 /// One provider and the pooled client that reaches it.
@@ -345,5 +343,32 @@ fn tls_config(client: &ClientConfig, https: bool) -> Result<rustls::ClientConfig
                 .map_err(|e| format!("client.client_cert_file: {e}"))
         }
         _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        for name in &HOP_BY_HOP {
+            headers.insert(name, HeaderValue::from_static("x"));
+        }
+        headers.insert(header::CONNECTION, HeaderValue::from_static("x-hop, close"));
+        headers.insert("x-hop", HeaderValue::from_static("dropped"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
+
+        // A message with none is left as it is.
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        plain.insert("x-hop", HeaderValue::from_static("kept"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain, before);
     }
 }
