@@ -504,11 +504,12 @@ where
             let mut response = call.as_mut().await;
             let in_progress = call.as_mut().take_value();
             // Draining: tell a keep-alive client to come back on a new connection.
-            let draining = |p: &InProgress| p.conn.drain.is_cancelled();
-            if let (Ok(response), true) = (
-                &mut response,
-                http1 && in_progress.as_ref().is_some_and(draining),
-            ) {
+            if http1
+                && in_progress
+                    .as_ref()
+                    .is_some_and(|p| p.conn.drain.is_cancelled())
+                && let Ok(response) = &mut response
+            {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
