@@ -312,11 +312,17 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
+    /// A listener on a free loopback port, and the provider URI that reaches it.
+    async fn listen() -> (TcpListener, Uri) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}/", listener.local_addr().unwrap());
+        (listener, uri.parse().unwrap())
+    }
+
     /// A provider on loopback answering `hello` to everything and counting the connections it
     /// accepted; with `keep_alive` false it closes each connection after one answer.
     async fn provider(keep_alive: bool) -> (Uri, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (listener, uri) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -340,7 +346,7 @@ mod tests {
                 });
             }
         });
-        (format!("http://{addr}/").parse().unwrap(), accepted)
+        (uri, accepted)
     }
 
     fn pool(target: Uri, idle_timeout: Duration) -> Pool {
@@ -468,10 +474,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunked_answer_with_trailers_gives_its_connection_back() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, uri) = listen().await;
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let service = hyper::service::service_fn(|_request: Request<Incoming>| async {
@@ -507,10 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_provider_that_is_down_is_a_connect_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: Uri = format!("http://{}/", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, uri) = listen().await;
         drop(listener);
         let error = pool(uri.clone(), Duration::from_secs(90))
             .send(get(&uri))
