@@ -5,7 +5,9 @@
 //! - the **normal form** ([`normalise`]): RFC 3986 §6.2.2 (percent-encoded unreserved characters
 //!   decoded, other escapes in upper case, `.` and `..` segments resolved) and repeated slashes
 //!   collapsed. It is what a matched route forwards. An encoded `/` or `\` (which servers disagree
-//!   on) and a `..` that climbs above the root cannot be normalised safely and are refused;
+//!   on), a `%` not followed by two hex digits (invalid in a URI; decoding what follows it could
+//!   make a new escape, even an encoded `/`) and a `..` that climbs above the root cannot be
+//!   normalised safely and are refused;
 //! - the **match key** ([`match_key`]): the normal form without `;params`, without a trailing
 //!   slash, in ASCII lower case. Route prefixes and token paths are compared by it.
 //!
@@ -62,7 +64,8 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// `path` with each `%XX` of an unreserved character decoded and other escapes in upper case; an
-/// encoded `/` or `\` is refused. A `%` not followed by two hex digits is kept as it is.
+/// encoded `/` or `\`, and a `%` not followed by two hex digits, are refused (kept, the `%` of
+/// `/%%32%66` would meet the decoded `2f` and make the `%2f` the first rule refuses).
 fn decode_unreserved(path: &str) -> Result<String, Unsafe> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
@@ -81,6 +84,9 @@ fn decode_unreserved(path: &str) -> Result<String, Unsafe> {
             Some(c) => {
                 out.push_str(&format!("%{c:02X}"));
                 i += 3;
+            }
+            None if bytes[i] == b'%' => {
+                return Err("a % in the path is not followed by two hex digits");
             }
             None => {
                 // `path` is a valid URI path: ASCII, so every byte is a char.
@@ -180,7 +186,6 @@ mod tests {
         assert_eq!(normal("/a/b/.."), "/a/");
         assert_eq!(normal("/a/.."), "/");
         assert_eq!(normal("/%7euser/%c3%a9"), "/~user/%C3%A9");
-        assert_eq!(normal("/100%"), "/100%");
     }
 
     #[test]
@@ -202,6 +207,11 @@ mod tests {
             "/api%2fv2/users/me",
             "/api%2Fv2",
             "/a%5cb",
+            // A bare `%`: decoding after it would make new escapes, an encoded slash among them.
+            "/api/%%32%66etc",
+            "/%%61A",
+            "/100%",
+            "/a%zz",
             "/..",
             "/a/../../oauth/token",
         ] {

@@ -298,6 +298,8 @@ async fn the_preset_routes_every_spelling_of_an_api_path_to_the_api_host() {
         "/api%2fv2/users/me",
         "/api/%2F../oauth/token",
         "/../api/v2/users/me",
+        // A bare `%`: decoding the `%32%66` after it would hand the API host a `%2f`.
+        "/api/%%32%66v2/users/me",
     ] {
         let reply = send(&client(), get(format!("{}{path}", sidecar.url()))).await;
         assert_eq!(reply.status, 400, "{path}");
