@@ -55,12 +55,16 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, Unsafe> {
 /// trailing one, no `.` or `..` segment.
 fn is_normal(path: &str) -> bool {
     let bytes = path.as_bytes();
-    if bytes.contains(&b'%') {
+    if memchr::memchr(b'%', bytes).is_some() {
         return false;
     }
-    let body = &path[1..];
-    let body = body.strip_suffix('/').unwrap_or(body);
-    body.is_empty() || body.split('/').all(|s| !matches!(s, "" | "." | ".."))
+    let body = &bytes[1..];
+    let body = body.strip_suffix(b"/").unwrap_or(body);
+    // Split on bytes, not chars: every request's path passes here.
+    body.is_empty()
+        || body
+            .split(|&b| b == b'/')
+            .all(|s| !matches!(s, b"" | b"." | b".."))
 }
 
 /// `path` with each `%XX` of an unreserved character decoded and other escapes in upper case; an
