@@ -105,7 +105,9 @@ impl Pool {
             let idle = if reuse { self.checkout().await } else { None };
             let (mut sender, reused) = match idle {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: connecting (TLS included) is rare, and its state inline would make
+                // every request's future (moved into place on each) kilobytes larger.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.returning(sender, response)),
