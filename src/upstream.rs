@@ -215,10 +215,14 @@ impl Upstream {
         &self,
         request: Request<Body>,
     ) -> Result<Response<PooledBody>, Failure> {
-        match tokio::time::timeout(self.request_timeout, self.pool.send(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(Failure::Unavailable(describe(e.source_error()))),
-            Err(_) => Err(Failure::Timeout),
+        // Pinned in place rather than wrapped by `tokio::time::timeout`, which moves the
+        // kilobyte-sized send future twice on every request.
+        let sent = std::pin::pin!(self.pool.send(request));
+        let deadline = std::pin::pin!(tokio::time::sleep(self.request_timeout));
+        tokio::select! {
+            biased;
+            sent = sent => sent.map_err(|e| Failure::Unavailable(describe(e.source_error()))),
+            () = deadline => Err(Failure::Timeout),
         }
     }
 }
