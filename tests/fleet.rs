@@ -129,6 +129,31 @@ pub(crate) async fn token(
     send(http, request).await
 }
 
+/// `per` cold callers on each pod at once (caller `n` on pod `n % pods.len()`); their replies.
+pub(crate) async fn herd(pods: &[Running], per: usize, form: &str) -> Vec<Reply> {
+    let http = client();
+    let total = pods.len() * per;
+    futures_util::stream::iter((0..total).map(|n| {
+        let (http, index) = (&http, n % pods.len());
+        async move { token(http, &pods[index], index, form).await }
+    }))
+    .buffer_unordered(total)
+    .collect()
+    .await
+}
+
+/// How many distinct access tokens `replies` carry; every reply must be a 200.
+pub(crate) fn distinct_tokens(replies: &[Reply]) -> usize {
+    let tokens: std::collections::HashSet<String> = replies
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["access_token"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    tokens.len()
+}
+
 /// Provider calls made by pod `index`.
 pub(crate) fn calls_by(idp: &FakeProvider, index: usize) -> usize {
     idp.recorded()
@@ -188,21 +213,7 @@ async fn four_sidecars_with_a_hundred_cold_callers_each_make_one_provider_call()
     idp.set_default(Answer::slow_token(300, Duration::from_millis(300)));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, &redis.url(), &key, "", 4).await;
-    let http = client();
-    let replies: Vec<Reply> = futures_util::stream::iter((0..400).map(|n| {
-        let (http, pod) = (&http, &pods[n % 4]);
-        async move { token(http, pod, n % 4, FORM).await }
-    }))
-    .buffer_unordered(400)
-    .collect()
-    .await;
-    let tokens: std::collections::HashSet<String> = replies
-        .iter()
-        .map(|r| {
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.json()["access_token"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let replies = herd(&pods, 100, FORM).await;
     println!(
         "fleet herd: 400 callers on 4 pods, {} provider call(s)",
         idp.token_calls()
@@ -212,7 +223,11 @@ async fn four_sidecars_with_a_hundred_cold_callers_each_make_one_provider_call()
         1,
         "one provider call for the whole fleet"
     );
-    assert_eq!(tokens.len(), 1, "every caller got the same token");
+    assert_eq!(
+        distinct_tokens(&replies),
+        1,
+        "every caller got the same token"
+    );
     // The other pods' callers are told their token came from the fleet, not the provider.
     let status = |r: &Reply| r.header("cache-status").unwrap_or_default();
     let from_fleet = replies

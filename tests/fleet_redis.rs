@@ -2,37 +2,14 @@
 //! a real Redis Cluster of three masters, a primary with a replica and a Sentinel through a
 //! failover, mutual TLS, and a TCP proxy between the pods and Redis that adds latency, stalls and
 //! loses bytes. Each test counts provider calls against sidecar processes on loopback.
-use crate::fleet::{FORM, TempFile, fleet, fleet_key, tls_server, token};
+use crate::fleet::{FORM, TempFile, distinct_tokens, fleet, fleet_key, herd, tls_server, token};
 use crate::support;
 
-use futures_util::StreamExt as _;
 use std::time::{Duration, Instant};
 use support::latency::TcpProxy;
 use support::process::Running;
 use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 use support::{Answer, FakeProvider, Reply, client, send};
-
-/// `per` cold callers on each pod at once, all answered 200; returns how many distinct tokens
-/// they got.
-async fn herd(pods: &[Running], per: usize, form: &str) -> usize {
-    let http = client();
-    let total = pods.len() * per;
-    let replies: Vec<Reply> = futures_util::stream::iter((0..total).map(|n| {
-        let (http, pod, index) = (&http, &pods[n % pods.len()], n % pods.len());
-        async move { token(http, pod, index, form).await }
-    }))
-    .buffer_unordered(total)
-    .collect()
-    .await;
-    let tokens: std::collections::HashSet<String> = replies
-        .iter()
-        .map(|r| {
-            assert_eq!(r.status, 200, "{}", r.text());
-            r.json()["access_token"].as_str().unwrap().to_owned()
-        })
-        .collect();
-    tokens.len()
-}
 
 /// An admin endpoint's reply.
 async fn admin(pod: &Running, path: &str) -> Reply {
@@ -108,7 +85,7 @@ async fn a_cold_fleet_behind_a_distant_redis_makes_one_call() {
     // The slack is for a CI machine running the whole suite on two cores.
     let toml = "[shared]\ntimeout = \"200ms\"\n";
     let (pods, _config) = fleet(&idp, &proxy.redis_url(), &key, toml, 3).await;
-    let tokens = herd(&pods, 100, FORM).await;
+    let tokens = distinct_tokens(&herd(&pods, 100, FORM).await);
     println!(
         "cold fleet, Redis 25 ms away each way: 300 callers on 3 pods, {} provider call(s)",
         idp.token_calls()
@@ -194,12 +171,12 @@ async fn a_connection_that_lost_bytes_is_replaced_and_sharing_resumes() {
     idp.set_default(Answer::slow_token(300, Duration::from_millis(300)));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, &proxy.redis_url(), &key, "", 2).await;
-    assert_eq!(herd(&pods, 20, FORM).await, 1);
+    assert_eq!(distinct_tokens(&herd(&pods, 20, FORM).await), 1);
     assert_eq!(idp.token_calls(), 1);
     // The next replies from Redis lose a few bytes each way they go.
     proxy.drop_bytes(7);
     let scoped = format!("{FORM}&scope=after-loss");
-    let _ = herd(&pods, 5, &scoped).await;
+    let _ = distinct_tokens(&herd(&pods, 5, &scoped).await);
     let after_loss = idp.token_calls();
     // Reconnected within a few seconds at most (each pod's breaker and reconnect backoff).
     let mut shared = false;
@@ -207,7 +184,11 @@ async fn a_connection_that_lost_bytes_is_replaced_and_sharing_resumes() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = idp.token_calls();
         let form = format!("{FORM}&scope=round-{round}");
-        assert_eq!(herd(&pods, 20, &form).await, 1, "one token per key");
+        assert_eq!(
+            distinct_tokens(&herd(&pods, 20, &form).await),
+            1,
+            "one token per key"
+        );
         if idp.token_calls() == before + 1 {
             shared = true;
             break;
@@ -237,7 +218,11 @@ async fn a_fleet_on_a_redis_cluster_makes_one_call_per_key() {
     // Three clients, so that their names land in different slots and masters.
     for client_id in ["fleet-app", "second-app", "third-app"] {
         let form = FORM.replace("fleet-app", client_id);
-        assert_eq!(herd(&pods, 30, &form).await, 1, "{client_id}");
+        assert_eq!(
+            distinct_tokens(&herd(&pods, 30, &form).await),
+            1,
+            "{client_id}"
+        );
     }
     let status = admin(&pods[0], "/status").await.json();
     println!(
@@ -265,7 +250,7 @@ async fn a_fleet_follows_a_sentinel_failover() {
     );
     let urls = sentinel.sentinel_urls().join(",");
     let (pods, _config) = fleet(&idp, &urls, &key, &toml, 2).await;
-    assert_eq!(herd(&pods, 20, FORM).await, 1);
+    assert_eq!(distinct_tokens(&herd(&pods, 20, FORM).await), 1);
     assert_eq!(idp.token_calls(), 1);
     // The replica has the token before the primary dies.
     replicated(sentinel.replica_port()).await;
@@ -280,7 +265,7 @@ async fn a_fleet_follows_a_sentinel_failover() {
         let before = idp.token_calls();
         let form = format!("{scoped}-{round}");
         // Until a pod has found the new primary it goes alone: a token of its own.
-        let tokens = herd(&pods, 20, &form).await;
+        let tokens = distinct_tokens(&herd(&pods, 20, &form).await);
         if tokens == 1 && idp.token_calls() == before + 1 {
             calls_for_new_key = Some(round);
             break;
@@ -338,7 +323,7 @@ async fn mutual_tls_with_a_client_certificate_shares_tokens() {
         client[1].path()
     );
     let (pods, _config) = fleet(&idp, &redis.url(), &key, &with_cert, 2).await;
-    assert_eq!(herd(&pods, 20, FORM).await, 1);
+    assert_eq!(distinct_tokens(&herd(&pods, 20, FORM).await), 1);
     assert_eq!(idp.token_calls(), 1, "one call for the fleet");
 
     // Without the certificate the server refuses the handshake: the cause says TLS, not a
@@ -428,7 +413,7 @@ async fn a_wrong_typed_value_at_one_key_costs_only_that_key() {
     idp.set_default(Answer::slow_token(300, Duration::from_millis(200)));
     let key = fleet_key();
     let (pods, _config) = fleet(&idp, &redis.url(), &key, "", 2).await;
-    assert_eq!(herd(&pods, 5, FORM).await, 1);
+    assert_eq!(distinct_tokens(&herd(&pods, 5, FORM).await), 1);
     let names: Vec<Vec<u8>> = redis
         .dump()
         .into_iter()
@@ -453,7 +438,7 @@ async fn a_wrong_typed_value_at_one_key_costs_only_that_key() {
     let all: Vec<Running> = pods.into_iter().chain(late).collect();
     let before = idp.token_calls();
     let other = format!("{FORM}&scope=other");
-    assert_eq!(herd(&all, 20, &other).await, 1);
+    assert_eq!(distinct_tokens(&herd(&all, 20, &other).await), 1);
     let status = admin(&all[2], "/status").await.json();
     println!(
         "a hash under one key's name: the other key cost {} call(s) on 3 pods; {}",
