@@ -68,8 +68,8 @@ fn is_normal(path: &str) -> bool {
 }
 
 /// `path` with each `%XX` of an unreserved character decoded and other escapes in upper case; an
-/// encoded `/` or `\`, and a `%` not followed by two hex digits, are refused (kept, the `%` of
-/// `/%%32%66` would meet the decoded `2f` and make the `%2f` the first rule refuses).
+/// encoded `/` or `\`, and a `%` not followed by two hex digits, are refused. Were such a `%`
+/// kept, `/%%32%66` would decode to `/%2f`: the encoded slash the first rule refuses.
 fn decode_unreserved(path: &str) -> Result<String, Unsafe> {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
